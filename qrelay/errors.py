@@ -1,0 +1,97 @@
+"""qrelay's exception hierarchy, one class per gRPC status code.
+
+Logic raises these and never imports grpc; `qrelay.rpc` turns them into a
+status at the servicer edge, and the client SDK turns a status back into the
+same class, so `except qrelay.errors.NotFound` works on both sides of the wire.
+Codes are google.rpc.Code numbers (equal to grpc.StatusCode values).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class QRelayError(Exception):
+    """Base class; `code` is the google.rpc.Code the error travels as."""
+
+    code: ClassVar[int] = 2  # UNKNOWN
+    code_name: ClassVar[str] = "UNKNOWN"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class Cancelled(QRelayError):
+    code, code_name = 1, "CANCELLED"
+
+
+class InvalidArgument(QRelayError):
+    code, code_name = 3, "INVALID_ARGUMENT"
+
+
+class DeadlineExceeded(QRelayError):
+    code, code_name = 4, "DEADLINE_EXCEEDED"
+
+
+class NotFound(QRelayError):
+    code, code_name = 5, "NOT_FOUND"
+
+
+class AlreadyExists(QRelayError):
+    code, code_name = 6, "ALREADY_EXISTS"
+
+
+class PermissionDenied(QRelayError):
+    code, code_name = 7, "PERMISSION_DENIED"
+
+
+class ResourceExhausted(QRelayError):
+    code, code_name = 8, "RESOURCE_EXHAUSTED"
+
+
+class FailedPrecondition(QRelayError):
+    code, code_name = 9, "FAILED_PRECONDITION"
+
+
+class Aborted(QRelayError):
+    code, code_name = 10, "ABORTED"
+
+
+class Internal(QRelayError):
+    code, code_name = 13, "INTERNAL"
+
+
+class Unavailable(QRelayError):
+    code, code_name = 14, "UNAVAILABLE"
+
+
+class Unauthenticated(QRelayError):
+    code, code_name = 16, "UNAUTHENTICATED"
+
+
+_BY_CODE: dict[int, type[QRelayError]] = {
+    cls.code: cls
+    for cls in (
+        Cancelled,
+        InvalidArgument,
+        DeadlineExceeded,
+        NotFound,
+        AlreadyExists,
+        PermissionDenied,
+        ResourceExhausted,
+        FailedPrecondition,
+        Aborted,
+        Internal,
+        Unavailable,
+        Unauthenticated,
+    )
+}
+
+
+def error_for_code(code: int, message: str) -> QRelayError:
+    """The exception for a google.rpc.Code number (QRelayError for UNKNOWN and others)."""
+    return _BY_CODE.get(code, QRelayError)(message)
