@@ -1,0 +1,75 @@
+"""`make demo`: start `qrelay dev`, run the examples against it, shut down.
+
+Everything a new user would do by hand, in one command: a real broker and
+executor in their own process on a free loopback port, SQLite under .qrelay/.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rich.console import Console
+
+from examples import estimator_sweep, sampler_ghz
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_serving(address: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise SystemExit(f"qrelay dev exited with {proc.returncode}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                    return
+            except grpc.RpcError:
+                time.sleep(0.2)
+    raise SystemExit(f"qrelay dev did not start within {timeout:.0f}s")
+
+
+def main() -> int:
+    console = Console()
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    console.rule("[bold]qrelay demo")
+    console.print(f"starting [cyan]qrelay dev --port {port}[/] (broker + executor: aer, fake_manila)")
+    env = {**os.environ, "QRELAY_LOG_LEVEL": os.environ.get("QRELAY_LOG_LEVEL", "warning")}
+    dev = subprocess.Popen([sys.executable, "-m", "qrelay", "dev", "--port", str(port)], env=env)
+    try:
+        _wait_serving(address, dev)
+        console.rule("Sampler: GHZ on an ideal and a noisy device")
+        sampler_ghz.main(address)
+        console.rule("Estimator: a parameter sweep in one job")
+        estimator_sweep.main(address)
+        extra = os.path.join(os.path.dirname(__file__), "vqe", "run_program.py")
+        if os.path.exists(extra):
+            from examples.vqe import run_program
+
+            console.rule("Program: VQE running beside the backend, streamed live")
+            run_program.main(address)
+    finally:
+        dev.send_signal(signal.SIGINT)
+        try:
+            dev.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            dev.kill()
+    console.rule(f"[green]done[/] (qrelay dev exited with {dev.returncode})")
+    return 0 if dev.returncode == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""`python -m qrelay ...` is the `qrelay` command."""
+
+from qrelay.cli import app
+
+app()
