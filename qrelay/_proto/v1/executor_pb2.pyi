@@ -355,11 +355,16 @@ class ProgramBundle(_message.Message):
     ARCHIVE_FIELD_NUMBER: _builtins.int
     ENTRY_POINT_FIELD_NUMBER: _builtins.int
     REQUIREMENTS_FIELD_NUMBER: _builtins.int
+    INPUT_SCHEMA_JSON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     archive: _builtins.bytes
     """Deterministic tar.gz of the program directory."""
     entry_point: _builtins.str
+    input_schema_json: _builtins.str
+    """The program's JSON Schema for its inputs (empty for none); the executor
+    validates inputs against it before starting the sandbox.
+    """
     @_builtins.property
     def requirements(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -370,10 +375,11 @@ class ProgramBundle(_message.Message):
         archive: _builtins.bytes = ...,
         entry_point: _builtins.str = ...,
         requirements: _abc.Iterable[_builtins.str] | None = ...,
+        input_schema_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["archive", b"archive", "entry_point", b"entry_point", "id", b"id", "name", b"name", "requirements", b"requirements"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["archive", b"archive", "entry_point", b"entry_point", "id", b"id", "input_schema_json", b"input_schema_json", "name", b"name", "requirements", b"requirements"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
