@@ -1,0 +1,165 @@
+"""One gRPC channel to a broker: stubs, credentials, retries and error mapping.
+
+Every call the SDK makes goes through `Connection.unary` or `Connection.watch`,
+so the bearer token, the per-call deadline, the UNAVAILABLE retry policy and
+the grpc-status → `qrelay.errors` translation live in exactly one place.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio
+import grpc
+import structlog
+
+from qrelay._proto.v1 import (
+    backends_pb2_grpc,
+    jobs_pb2,
+    jobs_pb2_grpc,
+    programs_pb2_grpc,
+    sessions_pb2_grpc,
+    types_pb2,
+)
+from qrelay.errors import QRelayError, Unavailable
+from qrelay.rpc import error_from_rpc
+
+log = structlog.get_logger(__name__)
+
+Resp = TypeVar("Resp")
+
+_MAX_MESSAGE_BYTES = 128 * 1024 * 1024
+
+#: Channel options: large messages (results of big sweeps), fast reconnects
+#: after a dropped connection (the defaults back off for up to two minutes),
+#: and keepalive at the server's default minimum interval so that a silently
+#: vanished broker is noticed on a long Watch without provoking GOAWAY.
+_CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.keepalive_time_ms", 300_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter for calls that failed with UNAVAILABLE.
+
+    Only transport-level unavailability is retried: every other status is an
+    answer. Submit is safe to retry because each run carries one idempotency
+    key for all its attempts.
+    """
+
+    max_attempts: int = 6
+    initial_backoff_s: float = 0.05
+    max_backoff_s: float = 2.0
+    multiplier: float = 2.0
+
+    def backoff(self, attempt: int) -> float:
+        """Sleep before retry number `attempt` (1-based): uniform in [0, capped exponential]."""
+        ceiling = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (attempt - 1))
+        return random.uniform(0.0, ceiling)
+
+
+#: Watch stream failures after which the SDK reconnects and resumes.
+_RESUMABLE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED}
+)
+
+
+def is_resumable(exc: grpc.RpcError) -> bool:
+    """True for stream failures caused by the connection rather than by the request."""
+    code = exc.code() if hasattr(exc, "code") else None
+    return code in _RESUMABLE
+
+
+class Connection:
+    """A grpc.aio channel plus the stubs of every qrelay service.
+
+    Must be created on the event loop that will use it (grpc.aio channels
+    belong to one loop).
+    """
+
+    def __init__(
+        self,
+        address: str,
+        token: str | None,
+        *,
+        timeout: float,
+        retry: RetryPolicy,
+    ) -> None:
+        if not address:
+            raise ValueError("address must be 'host:port'")
+        self.address = address
+        self.timeout = timeout
+        self.retry = retry
+        self.metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token}"),) if token else ()
+        )
+        self.channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self.jobs = jobs_pb2_grpc.JobServiceStub(self.channel)
+        self.backends = backends_pb2_grpc.BackendServiceStub(self.channel)
+        self.programs = programs_pb2_grpc.ProgramServiceStub(self.channel)
+        self.sessions = sessions_pb2_grpc.SessionServiceStub(self.channel)
+        self._closed = False
+
+    async def unary(
+        self,
+        method: Callable[..., Awaitable[Resp]],
+        request: Any,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - a gRPC deadline, not a wait
+    ) -> Resp:
+        """Call a unary method, retrying UNAVAILABLE; failures raise `qrelay.errors`."""
+        budget = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + budget
+        attempt = 0
+        while True:
+            attempt += 1
+            remaining = deadline - time.monotonic()
+            try:
+                return await method(request, metadata=self.metadata, timeout=max(remaining, 0.001))
+            except grpc.aio.AioRpcError as exc:
+                error = error_from_rpc(exc)
+                if not isinstance(error, Unavailable) or attempt >= self.retry.max_attempts:
+                    raise error from None
+                pause = self.retry.backoff(attempt)
+                if time.monotonic() + pause >= deadline:
+                    raise error from None
+                log.debug(
+                    "rpc.retried", address=self.address, attempt=attempt, pause_s=round(pause, 3)
+                )
+                await anyio.sleep(pause)
+
+    def watch(self, job_id: str, after_seq: int) -> grpc.aio.UnaryStreamCall[Any, Any]:
+        """Open a Watch stream (no deadline: a job may run for hours; keepalive guards it)."""
+        request = jobs_pb2.WatchRequest(job_id=job_id, after_seq=after_seq)
+        call: grpc.aio.UnaryStreamCall[jobs_pb2.WatchRequest, types_pb2.JobEvent] = self.jobs.Watch(
+            request, metadata=self.metadata
+        )
+        return call
+
+    async def close(self) -> None:
+        """Close the channel, cancelling calls still in flight. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        await self.channel.close(grace=None)
+
+
+def map_rpc_error(exc: BaseException) -> BaseException:
+    """The qrelay exception for a grpc failure; anything else unchanged."""
+    if isinstance(exc, grpc.RpcError):
+        return error_from_rpc(exc)
+    return exc
+
+
+__all__ = ["Connection", "QRelayError", "RetryPolicy", "is_resumable", "map_rpc_error"]

@@ -1,0 +1,286 @@
+"""`Sampler` and `Estimator`: Qiskit V2 primitives that run on a qrelay broker.
+
+Drop-in for `qiskit_ibm_runtime.SamplerV2` / `EstimatorV2`: same `mode=`,
+same options names, same `run(pubs, shots=...)` / `run(pubs, precision=...)`.
+`run` coerces the PUBs with Qiskit's own coercion and encodes them with the
+codec the executor decodes with, so bad input raises `InvalidArgument` in
+the caller's thread before anything is sent; then it submits once under a
+fresh idempotency key (retries on UNAVAILABLE reuse it, so a lost response
+never duplicates the job) and returns a `RuntimeJob`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from numbers import Integral, Real
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from qiskit.primitives import BaseEstimatorV2, BaseSamplerV2
+from qiskit.primitives.containers.estimator_pub import EstimatorPub, EstimatorPubLike
+from qiskit.primitives.containers.sampler_pub import SamplerPub, SamplerPubLike
+
+from qrelay._proto.v1 import types_pb2
+from qrelay.client.backend import QRelayBackend
+from qrelay.client.job import RuntimeJob
+from qrelay.client.service import QRelayService
+from qrelay.errors import InvalidArgument, QRelayError
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from qrelay.options import EstimatorOptions, SamplerOptions
+
+OptionsT = TypeVar("OptionsT", bound="BaseModel")
+
+
+@dataclass(frozen=True)
+class SubmitTarget:
+    """Where a primitive's jobs go: a service, a backend and (later) a session or batch."""
+
+    service: QRelayService
+    backend: QRelayBackend
+    session_id: str = ""
+
+
+class ModeLike(Protocol):
+    """Anything that can say where jobs go (Session and Batch will implement this)."""
+
+    def _qrelay_target(self) -> SubmitTarget: ...
+
+
+_default_lock = threading.Lock()
+_default_service: QRelayService | None = None
+
+
+def default_service() -> QRelayService:
+    """The service named by QRELAY_BROKER (and QRELAY_TOKEN), like Runtime's saved account."""
+    global _default_service
+    with _default_lock:
+        if _default_service is None or _default_service.closed:
+            address = os.environ.get("QRELAY_BROKER", "")
+            if not address:
+                raise InvalidArgument(
+                    "a backend name needs a service: pass service=QRelayService(...), "
+                    "pass a backend from service.backend(name), or set QRELAY_BROKER"
+                )
+            _default_service = QRelayService(address, os.environ.get("QRELAY_TOKEN") or None)
+        return _default_service
+
+
+def resolve_mode(
+    mode: QRelayBackend | str | ModeLike, service: QRelayService | None
+) -> SubmitTarget:
+    """Turn `mode=` (backend object, backend name, or session/batch) into a submit target."""
+    if isinstance(mode, QRelayBackend):
+        owner = mode.service or service
+        if owner is None:
+            raise InvalidArgument(
+                f"backend {mode.name!r} came from AsyncQRelayService; the blocking primitives "
+                "need a backend from QRelayService (or pass service=...)"
+            )
+        return SubmitTarget(owner, mode)
+    if isinstance(mode, str):
+        owner = service or default_service()
+        return SubmitTarget(owner, owner.backend(mode))
+    hook = getattr(mode, "_qrelay_target", None)
+    if callable(hook):
+        target = hook()
+        if isinstance(target, SubmitTarget):
+            return target
+    raise InvalidArgument(
+        f"mode must be a QRelayBackend or a backend name, got {type(mode).__name__}"
+    )
+
+
+def _make_options(
+    kind: str, cls: type[OptionsT], options: OptionsT | Mapping[str, Any] | None
+) -> OptionsT:
+    from qrelay.options import options_from_wire
+
+    if options is None:
+        return cls()
+    if isinstance(options, cls):
+        return options.model_copy(deep=True)
+    if isinstance(options, Mapping):
+        made = options_from_wire(kind, dict(options))  # type: ignore[arg-type]
+        if not isinstance(made, cls):
+            raise InvalidArgument(f"{kind} options expected, got {type(made).__name__}")
+        return made
+    raise InvalidArgument(
+        f"options must be a {cls.__name__} or a dict, got {type(options).__name__}"
+    )
+
+
+def _options_struct(spec: types_pb2.JobSpec, options: BaseModel) -> None:
+    from qrelay.options import options_to_wire
+
+    wire = options_to_wire(options)  # type: ignore[arg-type]
+    if wire:
+        spec.options.update(wire)
+
+
+def _pub_list(pubs: Any, example: str) -> list[Any]:
+    """The PUBs as a list, with the hint Qiskit users need when they forget the brackets."""
+    from qiskit.circuit import QuantumCircuit
+
+    if isinstance(pubs, QuantumCircuit | SamplerPub | EstimatorPub) or (
+        isinstance(pubs, tuple) and pubs and isinstance(pubs[0], QuantumCircuit)
+    ):
+        raise InvalidArgument(f"pubs must be a list of PUBs, e.g. run([{example}]), not one PUB")
+    if isinstance(pubs, str | bytes) or not isinstance(pubs, Iterable):
+        raise InvalidArgument(f"pubs must be a list of PUBs, got {type(pubs).__name__}")
+    items = list(pubs)
+    if not items:
+        raise InvalidArgument("pubs must contain at least one PUB")
+    return items
+
+
+def _coerce_each(items: list[Any], coerce: Callable[[Any], Any]) -> list[Any]:
+    out = []
+    for i, pub in enumerate(items):
+        try:
+            out.append(coerce(pub))
+        except QRelayError as exc:
+            raise InvalidArgument(f"pub {i}: {exc.message}") from None
+        except (ValueError, TypeError, KeyError, IndexError) as exc:
+            raise InvalidArgument(f"pub {i}: {exc}") from None
+    return out
+
+
+def sampler_spec(
+    target: SubmitTarget, pubs: Iterable[SamplerPubLike], shots: int | None, options: BaseModel
+) -> types_pb2.JobSpec:
+    """Validate and encode a Sampler run; raises InvalidArgument, sends nothing."""
+    from qrelay.codec import encode_sampler_task
+
+    if shots is not None and (
+        not isinstance(shots, Integral) or isinstance(shots, bool) or shots <= 0
+    ):
+        raise InvalidArgument(f"shots must be a positive integer, got {shots!r}")
+    coerced: list[SamplerPub] = _coerce_each(
+        _pub_list(pubs, "circuit"), lambda p: SamplerPub.coerce(p, shots)
+    )
+    task = encode_sampler_task(coerced, shots)
+    spec = types_pb2.JobSpec(
+        backend=target.backend.name, sampler=task, session_id=target.session_id
+    )
+    _options_struct(spec, options)
+    return spec
+
+
+def estimator_spec(
+    target: SubmitTarget,
+    pubs: Iterable[EstimatorPubLike],
+    precision: float | None,
+    options: BaseModel,
+) -> types_pb2.JobSpec:
+    """Validate and encode an Estimator run; raises InvalidArgument, sends nothing."""
+    from qrelay.codec import encode_estimator_task
+
+    if precision is not None and (
+        not isinstance(precision, Real) or isinstance(precision, bool) or not precision > 0
+    ):
+        raise InvalidArgument(f"precision must be a number > 0, got {precision!r}")
+
+    def coerce(pub: Any) -> EstimatorPub:
+        coerced = EstimatorPub.coerce(pub, precision)
+        if coerced.precision is not None and not coerced.precision > 0:
+            raise InvalidArgument(f"precision must be > 0, got {coerced.precision}")
+        return coerced
+
+    coerced: list[EstimatorPub] = _coerce_each(_pub_list(pubs, "(circuit, observable)"), coerce)
+    task = encode_estimator_task(coerced, precision)
+    spec = types_pb2.JobSpec(
+        backend=target.backend.name, estimator=task, session_id=target.session_id
+    )
+    _options_struct(spec, options)
+    return spec
+
+
+class _Primitive:
+    """What Sampler and Estimator share: where to submit and how."""
+
+    _target: SubmitTarget
+
+    @property
+    def mode(self) -> QRelayBackend:
+        return self._target.backend
+
+    def backend(self) -> QRelayBackend:
+        """The backend jobs run on (as Runtime's primitives offer)."""
+        return self._target.backend
+
+    @property
+    def service(self) -> QRelayService:
+        return self._target.service
+
+    def _submit(self, spec: types_pb2.JobSpec) -> RuntimeJob:
+        # One key per run: every retry of this Submit names the same job.
+        return self._target.service.submit(spec, idempotency_key=uuid.uuid4().hex)
+
+
+class Sampler(_Primitive, BaseSamplerV2):  # type: ignore[misc]
+    """A `BaseSamplerV2` whose jobs run on a qrelay executor.
+
+    `mode` is a `QRelayBackend` (from `service.backend(name)`) or a backend
+    name (with `service=` or QRELAY_BROKER set). `options` is a
+    `SamplerOptions` or a dict of the same names.
+    """
+
+    def __init__(
+        self,
+        mode: QRelayBackend | str | ModeLike,
+        options: SamplerOptions | Mapping[str, Any] | None = None,
+        *,
+        service: QRelayService | None = None,
+    ) -> None:
+        from qrelay.options import SamplerOptions
+
+        self._options: SamplerOptions = _make_options("sampler", SamplerOptions, options)
+        self._target = resolve_mode(mode, service)
+
+    def __repr__(self) -> str:
+        return f"<Sampler backend={self._target.backend.name!r}>"
+
+    @property
+    def options(self) -> SamplerOptions:
+        """Settable as attributes: `sampler.options.default_shots = 4000`."""
+        return self._options
+
+    def run(self, pubs: Iterable[SamplerPubLike], *, shots: int | None = None) -> RuntimeJob:
+        """Validate, submit and return the job; `result()` gives a `PrimitiveResult`."""
+        return self._submit(sampler_spec(self._target, pubs, shots, self._options))
+
+
+class Estimator(_Primitive, BaseEstimatorV2):  # type: ignore[misc]
+    """A `BaseEstimatorV2` whose jobs run on a qrelay executor (see `Sampler` for `mode`)."""
+
+    def __init__(
+        self,
+        mode: QRelayBackend | str | ModeLike,
+        options: EstimatorOptions | Mapping[str, Any] | None = None,
+        *,
+        service: QRelayService | None = None,
+    ) -> None:
+        from qrelay.options import EstimatorOptions
+
+        self._options: EstimatorOptions = _make_options("estimator", EstimatorOptions, options)
+        self._target = resolve_mode(mode, service)
+
+    def __repr__(self) -> str:
+        return f"<Estimator backend={self._target.backend.name!r}>"
+
+    @property
+    def options(self) -> EstimatorOptions:
+        """Settable as attributes: `estimator.options.resilience_level = 2`."""
+        return self._options
+
+    def run(
+        self, pubs: Iterable[EstimatorPubLike], *, precision: float | None = None
+    ) -> RuntimeJob:
+        """Validate, submit and return the job; `result()` gives a `PrimitiveResult`."""
+        return self._submit(estimator_spec(self._target, pubs, precision, self._options))
