@@ -10,6 +10,7 @@ comparisons are ratios taken within one run because machines are noisy.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -273,3 +274,26 @@ class Report:
         path = self.write(plot)
         Console().print(f"  wrote {path}" + (f" and {self.png_path.name}" if plot else ""))
         return path
+
+
+def arg_parser(name: str, description: str | None) -> argparse.ArgumentParser:
+    """The common benchmark CLI: `--tiny` (alias `--quick`) and `--results-dir`."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m bench {name}",
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--tiny",
+        "--quick",
+        dest="tiny",
+        action="store_true",
+        help="tiny sizes: proves the benchmark runs end to end (tests); figures meaningless",
+    )
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        default=None,
+        help="where to write JSON and PNG (default $QRELAY_BENCH_RESULTS or bench/results)",
+    )
+    return parser
