@@ -1,0 +1,581 @@
+"""The executor's link to the broker: one outbound stream, jobs run beside it.
+
+An `Executor` opens `ExecutorService.Connect` (outbound, so it works behind
+NAT), says Hello with its backends, slots and the leases it still holds, then
+heartbeats at the broker's interval while it receives Assignment, CancelJob
+and UpdateRejected messages. When the stream breaks it reconnects with
+exponential backoff and full jitter, forever; jobs keep running meanwhile and
+their updates wait in an outbox, so a broker restart costs no work.
+
+Concurrency: `run()` owns one task group for jobs (they outlive a connection)
+and, per connection, a task group for the reader, the sender and the
+heartbeat. Every write to the stream goes through one lock, job updates
+through one ordered outbox; primitive work runs in a worker thread so a slow
+circuit never delays a heartbeat.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.abc
+import grpc
+import structlog
+
+import qrelay
+from qrelay._proto.v1 import backends_pb2, executor_pb2, executor_pb2_grpc, types_pb2
+from qrelay.errors import DeadlineExceeded, QRelayError
+from qrelay.executor.settings import ExecutorSettings
+from qrelay.rpc import error_from_rpc
+
+log = structlog.get_logger(__name__)
+
+UNIMPLEMENTED = 12
+RESOURCE_EXHAUSTED = 8
+INTERNAL = 13
+INVALID_ARGUMENT = 3
+# Non-final updates (logs, interim values) kept while the broker is away;
+# beyond this the oldest are dropped so a chatty program cannot eat memory.
+MAX_BUFFERED_UPDATES = 10_000
+
+RunJob = Callable[["_Job", executor_pb2.Assignment], Awaitable[types_pb2.JobResult]]
+
+
+class StreamClosed(Exception):
+    """The broker ended the stream (EOF or an error status); reconnect."""
+
+
+@dataclass
+class _Job:
+    """One accepted assignment, from Assignment until its final update is written."""
+
+    job_id: str
+    lease_id: str
+    attempt: int
+    kind: str
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    # Set on CancelJob/UpdateRejected: the job's result is dropped, nothing more is sent.
+    dropped: bool = False
+    # True while the job holds a slot and runs.
+    running: bool = False
+
+
+@dataclass
+class _Outgoing:
+    job_id: str
+    lease_id: str
+    message: executor_pb2.ExecutorMessage
+    final: bool
+
+
+def backoff_delay(attempt: int, initial_s: float, max_s: float) -> float:
+    """Full-jitter exponential backoff: uniform in [0, min(max, initial * 2**attempt)]."""
+    ceiling = min(max_s, initial_s * (2 ** min(attempt, 30)))
+    return random.uniform(0.0, ceiling)
+
+
+class Executor:
+    """One executor process's connection to the broker and its running jobs."""
+
+    def __init__(self, settings: ExecutorSettings) -> None:
+        self.settings = settings
+        self._log = log.bind(executor_id=settings.executor_id)
+        self._jobs: dict[str, _Job] = {}
+        self._outbox: deque[_Outgoing] = deque()
+        self._outbox_wakeup = anyio.Event()
+        self._connected = anyio.Event()
+        self._is_connected = False
+        self._slots = anyio.Semaphore(settings.slots)
+        self._write_lock = anyio.Lock()
+        self._pipelines: dict[str, Any] = {}
+        self._backend_infos: list[backends_pb2.BackendInfo] = []
+        self._program_runner: Any = None
+        self._job_tg: anyio.abc.TaskGroup | None = None
+        self._max_update_bytes = 0
+        self._peak_running = 0
+        self._in_slots = 0
+        self._heartbeat_interval_s = 1.0
+        self._connections = 0
+        self.broker_id = ""
+
+    # -- properties for tests and the CLI ---------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """True between the broker's Welcome and the stream breaking."""
+        return self._is_connected
+
+    @property
+    def running_jobs(self) -> list[str]:
+        """Ids of jobs that currently run here and whose result is still wanted."""
+        return [j.job_id for j in self._jobs.values() if j.running and not j.dropped]
+
+    @property
+    def busy_slots(self) -> int:
+        """Slots in use, counting cancelled jobs whose thread has not ended yet."""
+        return self._in_slots
+
+    @property
+    def held_leases(self) -> list[executor_pb2.HeldLease]:
+        """Leases this executor still answers for (running or final update not yet sent)."""
+        return [
+            executor_pb2.HeldLease(job_id=j.job_id, lease_id=j.lease_id)
+            for j in self._jobs.values()
+            if not j.dropped
+        ]
+
+    @property
+    def peak_running(self) -> int:
+        """Most jobs that ever ran at once (bounded by `slots`)."""
+        return self._peak_running
+
+    @property
+    def connections(self) -> int:
+        """How many times a Welcome was received (1 + successful reconnects)."""
+        return self._connections
+
+    async def wait_connected(self, timeout: float) -> None:  # noqa: ASYNC109 - public API
+        """Return once connected; DeadlineExceeded after `timeout` seconds."""
+        with anyio.move_on_after(timeout):
+            await self._connected.wait()
+            return
+        raise DeadlineExceeded(
+            f"executor {self.settings.executor_id} not connected to {self.settings.broker} "
+            f"after {timeout:g}s"
+        )
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until cancelled: load backends, then connect, and reconnect, forever."""
+        await self._load_backends()
+        async with anyio.create_task_group() as jobs:
+            self._job_tg = jobs
+            try:
+                await self._connect_forever()
+            finally:
+                self._job_tg = None
+                jobs.cancel_scope.cancel()
+                await self._close_program_runner()
+
+    async def _load_backends(self) -> None:
+        from qrelay.executor.backends import load_backend
+        from qrelay.executor.pipeline import PrimitivePipeline
+        from qrelay.executor.transpile import TranspileCache
+
+        cache = TranspileCache(self.settings.transpile_cache_size)
+        for name in self.settings.backends:
+            backend = await anyio.to_thread.run_sync(load_backend, name)
+            self._pipelines[name] = PrimitivePipeline(backend, cache)
+            self._backend_infos.append(backend.info())
+        await self._start_program_runner()
+        self._log.info(
+            "executor.started", backends=self.settings.backends, slots=self.settings.slots
+        )
+
+    async def _start_program_runner(self) -> None:
+        """Programs run only where the sandbox runner exists; otherwise they fail UNIMPLEMENTED."""
+        self._program_runner = None
+
+    async def _close_program_runner(self) -> None:
+        if self._program_runner is not None:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                await self._program_runner.aclose()
+
+    async def _connect_forever(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self._connect_once()
+            except Exception as exc:  # noqa: BLE001 - any broken link means: log, back off, reconnect
+                self._log.warning(
+                    "connection.lost",
+                    broker=self.settings.broker,
+                    reason=_reason(exc),
+                    exc_info=exc if _unexpected(exc) else None,
+                )
+            finally:
+                if self._is_connected:
+                    self._is_connected = False
+                    self._connected = anyio.Event()
+                    attempt = 0
+            delay = backoff_delay(
+                attempt, self.settings.reconnect_initial_s, self.settings.reconnect_max_s
+            )
+            attempt += 1
+            self._log.info("reconnect.scheduled", attempt=attempt, delay_s=round(delay, 3))
+            await anyio.sleep(delay)
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        md: list[tuple[str, str]] = [("x-qrelay-executor-id", self.settings.executor_id)]
+        if self.settings.token:
+            md.append(("authorization", f"Bearer {self.settings.token}"))
+        return tuple(md)
+
+    async def _connect_once(self) -> None:
+        options = [
+            ("grpc.max_send_message_length", self.settings.max_message_bytes),
+            ("grpc.max_receive_message_length", self.settings.max_message_bytes),
+        ]
+        timeout = self.settings.connect_timeout_s
+        async with grpc.aio.insecure_channel(self.settings.broker, options=options) as channel:
+            try:
+                with anyio.fail_after(timeout):
+                    await channel.channel_ready()
+            except TimeoutError:
+                raise StreamClosed(
+                    f"could not reach {self.settings.broker} within {timeout:g}s"
+                ) from None
+            stub = executor_pb2_grpc.ExecutorServiceStub(channel)
+            call = stub.Connect(metadata=self._metadata())
+            try:
+                await self._handshake(call)
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._sender, call)
+                    tg.start_soon(self._heartbeats, call)
+                    await self._reader(call)
+                    tg.cancel_scope.cancel()
+            finally:
+                call.cancel()
+
+    async def _handshake(self, call: Any) -> None:
+        timeout = self.settings.connect_timeout_s
+        held = self.held_leases
+        hello = executor_pb2.Hello(
+            executor_id=self.settings.executor_id,
+            backends=self._backend_infos,
+            slots=self.settings.slots,
+            version=qrelay.__version__,
+            capabilities=["program"] if self._program_runner is not None else [],
+            held=held,
+        )
+        try:
+            with anyio.fail_after(timeout):
+                await call.write(executor_pb2.ExecutorMessage(hello=hello))
+                reply = await call.read()
+        except TimeoutError:
+            raise StreamClosed(
+                f"no Welcome from {self.settings.broker} within {timeout:g}s"
+            ) from None
+        except grpc.aio.AioRpcError as exc:
+            err = error_from_rpc(exc)
+            self._log.error("connection.refused", code=err.code_name, reason=err.message)
+            raise StreamClosed(f"{err.code_name}: {err.message}") from None
+        if reply is grpc.aio.EOF or reply.WhichOneof("message") != "welcome":
+            raise StreamClosed("broker did not answer Hello with Welcome")
+        welcome = reply.welcome
+        self.broker_id = welcome.broker_id
+        self._heartbeat_interval_s = max(welcome.heartbeat_interval_ms, 10) / 1000.0
+        self._max_update_bytes = welcome.max_update_bytes
+        self._is_connected = True
+        self._connections += 1
+        self._connected.set()
+        self._outbox_wakeup.set()
+        self._log.info(
+            "executor.connected",
+            broker=self.settings.broker,
+            broker_id=welcome.broker_id,
+            held=len(held),
+            heartbeat_interval_ms=welcome.heartbeat_interval_ms,
+        )
+
+    async def _write(self, call: Any, message: executor_pb2.ExecutorMessage) -> None:
+        async with self._write_lock:
+            with anyio.fail_after(self.settings.connect_timeout_s):
+                await call.write(message)
+
+    async def _heartbeats(self, call: Any) -> None:
+        while True:
+            leases = [j.lease_id for j in self._jobs.values() if not j.dropped]
+            await self._write(
+                call,
+                executor_pb2.ExecutorMessage(heartbeat=executor_pb2.Heartbeat(lease_ids=leases)),
+            )
+            await anyio.sleep(self._heartbeat_interval_s)
+
+    async def _sender(self, call: Any) -> None:
+        """Write the outbox in order; an item leaves the outbox only once written."""
+        while True:
+            self._outbox_wakeup = anyio.Event()
+            while self._outbox:
+                item = self._outbox[0]
+                job = self._jobs.get(item.job_id)
+                if (
+                    job is None
+                    or job.lease_id != item.lease_id
+                    or (job.dropped and not _is_released(item))
+                ):
+                    self._outbox.popleft()
+                    continue
+                message = self._fit(item)
+                if message is not None:
+                    await self._write(call, message)
+                self._outbox.popleft()
+                if item.final and self._jobs.get(item.job_id) is job:
+                    del self._jobs[item.job_id]
+            await self._outbox_wakeup.wait()
+
+    def _fit(self, item: _Outgoing) -> executor_pb2.ExecutorMessage | None:
+        """The message, or a RESOURCE_EXHAUSTED error for a final result over the broker's limit."""
+        limit = self._max_update_bytes
+        size = item.message.ByteSize()
+        if limit <= 0 or size <= limit:
+            return item.message
+        self._log.warning("update.too_large", job_id=item.job_id, bytes=size, limit=limit)
+        if not item.final:
+            return None
+        return _update(
+            item.job_id,
+            item.lease_id,
+            error=types_pb2.JobError(
+                code=RESOURCE_EXHAUSTED,
+                message=f"the job result is {size} bytes, over the broker limit of {limit} bytes",
+            ),
+        )
+
+    def _enqueue(self, item: _Outgoing) -> None:
+        if not item.final:
+            buffered = sum(1 for o in self._outbox if not o.final)
+            if buffered >= MAX_BUFFERED_UPDATES:
+                self._log.warning("update.dropped", job_id=item.job_id, reason="outbox full")
+                return
+        self._outbox.append(item)
+        self._outbox_wakeup.set()
+
+    async def _reader(self, call: Any) -> None:
+        while True:
+            message = await call.read()
+            if message is grpc.aio.EOF:
+                raise StreamClosed("broker closed the stream")
+            kind = message.WhichOneof("message")
+            if kind == "assignment":
+                self._on_assignment(message.assignment)
+            elif kind == "cancel":
+                self._on_cancel(message.cancel)
+            elif kind == "rejected":
+                self._on_rejected(message.rejected)
+            else:
+                self._log.warning("message.ignored", kind=kind)
+
+    # -- jobs ----------------------------------------------------------------
+
+    def _on_assignment(self, assignment: executor_pb2.Assignment) -> None:
+        job_id = assignment.job_id
+        existing = self._jobs.get(job_id)
+        if existing is not None and existing.lease_id == assignment.lease_id:
+            return  # a repeated assignment of a job already running here
+        if existing is not None:
+            # A new lease supersedes the old one: the old run's result is stale.
+            self._drop(existing)
+        is_program = assignment.spec.WhichOneof("work") == "program" or bool(assignment.program.id)
+        kind = "program" if is_program else "primitive"
+        job = _Job(
+            job_id=job_id, lease_id=assignment.lease_id, attempt=assignment.attempt, kind=kind
+        )
+        self._jobs[job_id] = job
+        assert self._job_tg is not None
+        self._job_tg.start_soon(self._run_job, job, assignment, name=f"job {job_id}")
+        self._log.info(
+            "job.assigned",
+            job_id=job_id,
+            lease_id=job.lease_id,
+            attempt=job.attempt,
+            tenant=assignment.tenant,
+            backend=assignment.spec.backend,
+            kind=kind,
+        )
+
+    def _on_cancel(self, cancel: executor_pb2.CancelJob) -> None:
+        job = self._jobs.get(cancel.job_id)
+        if job is None or (cancel.lease_id and cancel.lease_id != job.lease_id):
+            self._log.info("cancel.ignored", job_id=cancel.job_id, lease_id=cancel.lease_id)
+            return
+        self._drop(job)
+        reason = cancel.reason or "cancelled"
+        self._enqueue(
+            _Outgoing(
+                job.job_id,
+                job.lease_id,
+                _update(job.job_id, job.lease_id, released=executor_pb2.Released(reason=reason)),
+                final=True,
+            )
+        )
+        self._log.info("job.released", job_id=job.job_id, lease_id=job.lease_id, reason=reason)
+
+    def _on_rejected(self, rejected: executor_pb2.UpdateRejected) -> None:
+        job = self._jobs.get(rejected.job_id)
+        self._log.warning(
+            "update.rejected",
+            job_id=rejected.job_id,
+            lease_id=rejected.lease_id,
+            code=rejected.code,
+            reason=rejected.message,
+        )
+        if job is not None and (not rejected.lease_id or rejected.lease_id == job.lease_id):
+            self._drop(job)
+            if not job.running:
+                self._jobs.pop(job.job_id, None)
+
+    def _drop(self, job: _Job) -> None:
+        """Stop a job and forget its result: the thread sees `cancelled`, the task its scope."""
+        job.dropped = True
+        job.cancelled.set()
+        if job.kind == "program":
+            # A program's task kills its sandbox when cancelled. A primitive's
+            # thread cannot be interrupted: it sees `cancelled` and its task
+            # keeps the slot until the CPU is really free.
+            job.scope.cancel()
+
+    async def _run_job(self, job: _Job, assignment: executor_pb2.Assignment) -> None:
+        jlog = self._log.bind(job_id=job.job_id, lease_id=job.lease_id)
+        try:
+            async with self._slots:
+                if job.dropped:
+                    return
+                job.running = True
+                self._in_slots += 1
+                self._peak_running = max(self._peak_running, self._in_slots)
+                try:
+                    started = time.perf_counter()
+                    outcome: types_pb2.JobResult | types_pb2.JobError | None = None
+                    with job.scope:
+                        outcome = await self._execute(job, assignment, jlog)
+                finally:
+                    self._in_slots -= 1
+                    job.running = False
+                if job.dropped or outcome is None:
+                    jlog.info("job.dropped")
+                    return
+                if isinstance(outcome, types_pb2.JobResult):
+                    message = _update(job.job_id, job.lease_id, result=outcome)
+                    jlog.info("job.succeeded", seconds=round(time.perf_counter() - started, 3))
+                else:
+                    message = _update(job.job_id, job.lease_id, error=outcome)
+                    jlog.info("job.failed", code=outcome.code, reason=outcome.message)
+                self._enqueue(_Outgoing(job.job_id, job.lease_id, message, final=True))
+        finally:
+            if job.dropped and self._jobs.get(job.job_id) is job and not self._has_pending(job):
+                del self._jobs[job.job_id]
+
+    def _has_pending(self, job: _Job) -> bool:
+        return any(o.job_id == job.job_id and o.lease_id == job.lease_id for o in self._outbox)
+
+    async def _execute(
+        self, job: _Job, assignment: executor_pb2.Assignment, jlog: Any
+    ) -> types_pb2.JobResult | types_pb2.JobError:
+        """Run the job; any failure becomes a JobError (never executor internals)."""
+        try:
+            if job.kind == "program":
+                return await self._execute_program(job, assignment)
+            return await self._execute_primitive(job, assignment.spec)
+        except _JobFailed as exc:
+            return exc.error
+        except QRelayError as exc:
+            return types_pb2.JobError(code=exc.code, message=exc.message)
+        except Exception as exc:  # noqa: BLE001 - reported as INTERNAL, traceback stays here
+            incident = uuid.uuid4().hex[:12]
+            jlog.error("job.crashed", incident=incident, exc_info=exc)
+            return types_pb2.JobError(
+                code=INTERNAL, message=f"internal error on the executor (incident {incident})"
+            )
+
+    async def _execute_primitive(self, job: _Job, spec: types_pb2.JobSpec) -> types_pb2.JobResult:
+        pipeline = self._pipelines.get(spec.backend)
+        if pipeline is None:
+            return_error = types_pb2.JobError(
+                code=INVALID_ARGUMENT,
+                message=f"backend {spec.backend!r} is not served by executor "
+                f"{self.settings.executor_id} (it serves {', '.join(self.settings.backends)})",
+            )
+            raise _JobFailed(return_error)
+        return await _in_thread(pipeline.run, spec, job.cancelled)
+
+    async def _run_primitive_spec(
+        self, spec: types_pb2.JobSpec, cancelled: threading.Event | None = None
+    ) -> types_pb2.JobResult:
+        """Primitive calls of a running program go through the same local pipeline."""
+        pipeline = self._pipelines.get(spec.backend)
+        if pipeline is None:
+            from qrelay.errors import InvalidArgument
+
+            raise InvalidArgument(f"backend {spec.backend!r} is not served by this executor")
+        return await _in_thread(pipeline.run, spec, cancelled or threading.Event())
+
+    async def _execute_program(
+        self, job: _Job, assignment: executor_pb2.Assignment
+    ) -> types_pb2.JobResult:
+        raise _JobFailed(
+            types_pb2.JobError(code=UNIMPLEMENTED, message="this executor does not run programs")
+        )
+
+
+class _JobFailed(QRelayError):
+    """Carries a ready JobError out of the execution path."""
+
+    def __init__(self, error: types_pb2.JobError) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.code = error.code  # type: ignore[misc]
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+def _reason(exc: BaseException) -> str:
+    """A one-line reason for a broken connection (task groups wrap errors in groups)."""
+    parts = []
+    for leaf in _leaves(exc):
+        if isinstance(leaf, grpc.aio.AioRpcError):
+            parts.append(f"{leaf.code().name}: {leaf.details()}")
+        else:
+            parts.append(str(leaf) or type(leaf).__name__)
+    return "; ".join(parts)
+
+
+def _unexpected(exc: BaseException) -> bool:
+    """True unless a failure is a plain network/stream event (then no traceback is logged)."""
+    expected = (StreamClosed, grpc.aio.AioRpcError, TimeoutError, OSError)
+    return not all(isinstance(leaf, expected) for leaf in _leaves(exc))
+
+
+def _is_released(item: _Outgoing) -> bool:
+    return item.message.update.WhichOneof("update") == "released"
+
+
+def _update(job_id: str, lease_id: str, **payload: Any) -> executor_pb2.ExecutorMessage:
+    return executor_pb2.ExecutorMessage(
+        update=executor_pb2.JobUpdate(job_id=job_id, lease_id=lease_id, **payload)
+    )
+
+
+async def _in_thread(fn: Callable[..., types_pb2.JobResult], *args: Any) -> types_pb2.JobResult:
+    """Blocking work in a worker thread; abandoned (left to finish alone) only at shutdown."""
+    return await anyio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
+
+
+@asynccontextmanager
+async def running_executor(
+    settings: ExecutorSettings, *, connect_timeout: float = 60.0
+) -> AsyncIterator[Executor]:
+    """Run an executor in a task group until the block exits; yields once it is connected."""
+    executor = Executor(settings)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(executor.run, name=f"executor {settings.executor_id}")
+        await executor.wait_connected(connect_timeout)
+        try:
+            yield executor
+        finally:
+            tg.cancel_scope.cancel()

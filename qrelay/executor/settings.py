@@ -1,0 +1,84 @@
+"""Settings of one executor process.
+
+Every field is also an environment variable with the prefix `QRELAY_EXECUTOR_`
+(`QRELAY_EXECUTOR_SLOTS=4`, `QRELAY_EXECUTOR_TOKEN=...`) and a flag of
+`qrelay executor serve`. The prefix differs from the broker's `QRELAY_` so a
+host running both never confuses the two; `QRELAY_EXECUTOR_TOKEN` is the same
+variable the broker reads as its `executor_token`, so one secret serves both.
+List fields accept JSON (`["aer","fake_manila"]`) or a comma-separated string.
+Sandbox settings for program jobs nest with `__`, e.g.
+`QRELAY_EXECUTOR_SANDBOX__TIMEOUT_S=600`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def default_executor_id() -> str:
+    """A stable-enough id for this process: host name and pid."""
+    return f"e-{socket.gethostname()}-{os.getpid()}"
+
+
+class ExecutorSettings(BaseSettings):
+    """What an executor serves and how it talks to the broker."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="QRELAY_EXECUTOR_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    broker: str = Field("127.0.0.1:50051", description="Broker address HOST:PORT to connect to.")
+    backends: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["aer"], description="Backend names this executor serves."
+    )
+    slots: int = Field(2, ge=1, le=1024, description="Jobs run at once.")
+    executor_id: str = Field(
+        default_factory=default_executor_id, min_length=1, description="Stable executor id."
+    )
+    token: str | None = Field(
+        None, description="Executor token, sent as 'authorization: Bearer <token>'."
+    )
+    optimization_level: int = Field(1, ge=0, le=3, description="Transpiler optimization level.")
+    transpile_cache_size: int = Field(256, ge=0, description="Transpiled circuits kept in memory.")
+    reconnect_initial_s: float = Field(
+        0.5, gt=0, description="First reconnect backoff; doubles up to reconnect_max_s."
+    )
+    reconnect_max_s: float = Field(15.0, gt=0, description="Cap of the reconnect backoff.")
+    connect_timeout_s: float = Field(
+        10.0, gt=0, description="Deadline for connecting and for the broker's Welcome."
+    )
+    max_message_bytes: int = Field(
+        256 * 1024 * 1024, gt=0, description="Largest gRPC message sent or received."
+    )
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port; 0 for none.")
+    sandbox: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Program sandbox settings (fields of SandboxSettings), nested with '__'.",
+    )
+
+    @field_validator("backends", mode="before")
+    @classmethod
+    def _split_backends(cls, value: Any) -> Any:
+        """Accept 'aer,fake_manila' and a JSON list, as env vars arrive as strings."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("backends")
+    @classmethod
+    def _nonempty_unique(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("an executor must serve at least one backend")
+        if len(set(value)) != len(value):
+            raise ValueError(f"backend names must be unique, got {value}")
+        return value
