@@ -32,30 +32,36 @@ class ExecutorSettings(BaseSettings):
         env_prefix="QRELAY_EXECUTOR_", env_nested_delimiter="__", extra="forbid"
     )
 
-    broker: str = Field("127.0.0.1:50051", description="Broker address HOST:PORT to connect to.")
+    broker: str = Field(
+        default="127.0.0.1:50051", description="Broker address HOST:PORT to connect to."
+    )
     backends: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["aer"], description="Backend names this executor serves."
     )
-    slots: int = Field(2, ge=1, le=1024, description="Jobs run at once.")
+    slots: int = Field(default=2, ge=1, le=1024, description="Jobs run at once.")
     executor_id: str = Field(
         default_factory=default_executor_id, min_length=1, description="Stable executor id."
     )
     token: str | None = Field(
-        None, description="Executor token, sent as 'authorization: Bearer <token>'."
+        default=None, description="Executor token, sent as 'authorization: Bearer <token>'."
     )
-    optimization_level: int = Field(1, ge=0, le=3, description="Transpiler optimization level.")
-    transpile_cache_size: int = Field(256, ge=0, description="Transpiled circuits kept in memory.")
+    optimization_level: int = Field(
+        default=1, ge=0, le=3, description="Transpiler optimization level."
+    )
+    transpile_cache_size: int = Field(
+        default=256, ge=0, description="Transpiled circuits kept in memory."
+    )
     reconnect_initial_s: float = Field(
-        0.5, gt=0, description="First reconnect backoff; doubles up to reconnect_max_s."
+        default=0.5, gt=0, description="First reconnect backoff; doubles up to reconnect_max_s."
     )
-    reconnect_max_s: float = Field(15.0, gt=0, description="Cap of the reconnect backoff.")
+    reconnect_max_s: float = Field(default=15.0, gt=0, description="Cap of the reconnect backoff.")
     connect_timeout_s: float = Field(
-        10.0, gt=0, description="Deadline for connecting and for the broker's Welcome."
+        default=10.0, gt=0, description="Deadline for connecting and for the broker's Welcome."
     )
     max_message_bytes: int = Field(
-        256 * 1024 * 1024, gt=0, description="Largest gRPC message sent or received."
+        default=256 * 1024 * 1024, gt=0, description="Largest gRPC message sent or received."
     )
-    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port; 0 for none.")
+    metrics_port: int = Field(default=0, ge=0, le=65535, description="Prometheus port; 0 for none.")
     sandbox: dict[str, Any] = Field(
         default_factory=dict,
         description="Program sandbox settings (fields of SandboxSettings), nested with '__'.",

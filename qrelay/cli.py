@@ -1,0 +1,575 @@
+"""The `qrelay` command: run a broker or an executor, or a whole dev stack; inspect jobs.
+
+Servers (`broker serve`, `executor serve`, `dev`) run until SIGINT/SIGTERM and
+then shut down cleanly with exit code 0. Client commands (`backends`, `jobs
+...`) take `--broker` (env QRELAY_BROKER) and `--token` (env QRELAY_TOKEN)
+and speak through the client SDK. Errors print `CODE: message` and exit 1;
+bad settings exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
+
+import anyio
+import structlog
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from qrelay.errors import QRelayError
+from qrelay.logging import configure_logging
+
+if TYPE_CHECKING:
+    from qrelay._proto.v1 import jobs_pb2, types_pb2
+    from qrelay.client import AsyncQRelayService
+
+log = structlog.get_logger(__name__)
+console = Console()
+err_console = Console(stderr=True)
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="qrelay",
+    help="qrelay: a durable gRPC job broker for Qiskit work.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+broker_app = typer.Typer(help="Run a broker.", no_args_is_help=True)
+executor_app = typer.Typer(help="Run an executor beside its backends.", no_args_is_help=True)
+jobs_app = typer.Typer(help="List, inspect, cancel and follow jobs.", no_args_is_help=True)
+app.add_typer(broker_app, name="broker")
+app.add_typer(executor_app, name="executor")
+app.add_typer(jobs_app, name="jobs")
+
+BrokerAddr = Annotated[
+    str, typer.Option("--broker", envvar="QRELAY_BROKER", help="Broker address HOST:PORT.")
+]
+Token = Annotated[
+    str | None,
+    typer.Option("--token", envvar="QRELAY_TOKEN", help="Bearer token naming your tenant."),
+]
+
+_STATE_NAMES = {1: "QUEUED", 2: "RUNNING", 3: "DONE", 4: "FAILED", 5: "CANCELLED"}
+_STATE_STYLE = {
+    "QUEUED": "yellow",
+    "RUNNING": "cyan",
+    "DONE": "green",
+    "FAILED": "red",
+    "CANCELLED": "magenta",
+}
+_KIND_NAMES = {1: "sampler", 2: "estimator", 3: "program"}
+
+
+@app.callback()
+def main(
+    log_level: Annotated[
+        str, typer.Option(envvar="QRELAY_LOG_LEVEL", help="debug, info, warning or error.")
+    ] = "info",
+    log_json: Annotated[
+        bool | None,
+        typer.Option(
+            "--log-json/--log-pretty",
+            help="Log format; default JSON unless stderr is a terminal (env QRELAY_LOG_JSON).",
+        ),
+    ] = None,
+) -> None:
+    """Configure logging once for whichever command runs."""
+    configure_logging(log_level, log_json)
+
+
+# -- helpers -------------------------------------------------------------------
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    err_console.print(f"[red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+@contextmanager
+def _reported_errors() -> Iterator[None]:
+    """Turn qrelay errors and bad settings into one line and an exit code."""
+    try:
+        yield
+    except (QRelayError, ValidationError, BaseExceptionGroup) as exc:
+        for leaf in _leaves(exc):
+            if isinstance(leaf, QRelayError):
+                _fail(f"{leaf.code_name}: {leaf.message}")
+            if isinstance(leaf, ValidationError):
+                problems = "; ".join(
+                    f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}"
+                    for e in leaf.errors()
+                )
+                _fail(f"invalid settings: {problems}", 2)
+        raise
+
+
+def _run(fn: Callable[[], Awaitable[T]]) -> T:
+    with _reported_errors():
+        return anyio.run(fn, backend="asyncio")
+
+
+async def _until_signal(serve: Callable[[], Awaitable[None]]) -> None:
+    """Run `serve` until it returns or SIGINT/SIGTERM arrives, then cancel it cleanly."""
+    async with anyio.create_task_group() as tg:
+
+        async def watch_signals() -> None:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    log.info("shutdown.requested", signal=signal.Signals(signum).name)
+                    tg.cancel_scope.cancel()
+                    return
+
+        tg.start_soon(watch_signals)
+        await serve()
+        tg.cancel_scope.cancel()
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    """Only the flags the user gave, so environment variables and defaults still apply."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _service(broker: str, token: str | None) -> AsyncQRelayService:
+    from qrelay.client import AsyncQRelayService
+
+    return AsyncQRelayService(broker, token, timeout=15.0)
+
+
+def _state(state: int) -> str:
+    return _STATE_NAMES.get(state, "UNSPECIFIED")
+
+
+def _styled_state(state: int) -> str:
+    name = _state(state)
+    return f"[{_STATE_STYLE.get(name, 'white')}]{name}[/]"
+
+
+def _ts(value: Any) -> str:
+    """A protobuf Timestamp as local 'YYYY-MM-DD HH:MM:SS', '' when unset."""
+    if value is None or (value.seconds == 0 and value.nanos == 0):
+        return ""
+    return datetime.fromtimestamp(value.seconds + value.nanos / 1e9).strftime("%Y-%m-%d %H:%M:%S")
+
+
+# -- servers -------------------------------------------------------------------
+
+
+@broker_app.command("serve")
+def broker_serve(
+    listen: Annotated[str | None, typer.Option(help="Address to listen on, HOST:PORT.")] = None,
+    db: Annotated[Path | None, typer.Option(help="SQLite database file.")] = None,
+    lease_ttl: Annotated[
+        float | None, typer.Option(help="Seconds a lease lives without a heartbeat.")
+    ] = None,
+    heartbeat_interval: Annotated[
+        float | None, typer.Option(help="Seconds between executor heartbeats.")
+    ] = None,
+    max_attempts: Annotated[
+        int | None, typer.Option(help="Attempts before a job whose executors vanish FAILS.")
+    ] = None,
+    tokens: Annotated[
+        str | None, typer.Option(help="Client tokens, 'token=tenant,token2=tenant2'.")
+    ] = None,
+    executor_token: Annotated[
+        str | None, typer.Option(help="Token executors must present.")
+    ] = None,
+    default_tenant: Annotated[
+        str | None, typer.Option(help="Tenant of callers when no tokens are configured.")
+    ] = None,
+    max_job_bytes: Annotated[int | None, typer.Option(help="Largest job accepted.")] = None,
+    max_queued_per_tenant: Annotated[
+        int | None, typer.Option(help="Queued jobs allowed per tenant.")
+    ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Prometheus metrics port; 0 for none.")
+    ] = None,
+) -> None:
+    """Run a broker until SIGINT/SIGTERM. Every flag is also QRELAY_<NAME> in the environment."""
+    from qrelay.broker.server import running_broker
+    from qrelay.broker.settings import BrokerSettings
+
+    with _reported_errors():
+        settings = BrokerSettings(
+            **_given(
+                listen=listen,
+                db_path=db,
+                lease_ttl_s=lease_ttl,
+                heartbeat_interval_s=heartbeat_interval,
+                max_attempts=max_attempts,
+                tokens=tokens,
+                executor_token=executor_token,
+                default_tenant=default_tenant,
+                max_job_bytes=max_job_bytes,
+                max_queued_per_tenant=max_queued_per_tenant,
+                metrics_port=metrics_port,
+            )
+        )
+
+    async def serve() -> None:
+        async with running_broker(settings) as broker:
+            log.info("broker.serving", address=broker.address, db=str(settings.db_path))
+            await anyio.sleep_forever()
+
+    _run(lambda: _until_signal(serve))
+
+
+def _executor_settings(**flags: Any) -> Any:
+    from qrelay.executor.settings import ExecutorSettings
+
+    values = _given(**flags)
+    if (
+        "broker" not in values
+        and "QRELAY_EXECUTOR_BROKER" not in os.environ
+        and os.environ.get("QRELAY_BROKER")
+    ):
+        values["broker"] = os.environ["QRELAY_BROKER"]
+    return ExecutorSettings(**values)
+
+
+@executor_app.command("serve")
+def executor_serve(
+    broker: Annotated[
+        str | None,
+        typer.Option(
+            help="Broker address HOST:PORT (env QRELAY_EXECUTOR_BROKER or QRELAY_BROKER)."
+        ),
+    ] = None,
+    backend: Annotated[
+        list[str] | None, typer.Option(help="Backend to serve (repeat for several).")
+    ] = None,
+    slots: Annotated[int | None, typer.Option(help="Jobs run at once.")] = None,
+    executor_id: Annotated[str | None, typer.Option(help="Stable executor id.")] = None,
+    token: Annotated[
+        str | None, typer.Option(help="Executor token (env QRELAY_EXECUTOR_TOKEN).")
+    ] = None,
+    optimization_level: Annotated[
+        int | None, typer.Option(help="Transpiler optimization level 0-3.")
+    ] = None,
+    transpile_cache_size: Annotated[
+        int | None, typer.Option(help="Transpiled circuits kept in memory.")
+    ] = None,
+    reconnect_initial: Annotated[
+        float | None, typer.Option(help="First reconnect backoff in seconds.")
+    ] = None,
+    reconnect_max: Annotated[float | None, typer.Option(help="Reconnect backoff cap.")] = None,
+    connect_timeout: Annotated[
+        float | None, typer.Option(help="Deadline for connecting and for the Welcome.")
+    ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Prometheus metrics port; 0 for none.")
+    ] = None,
+) -> None:
+    """Run an executor until SIGINT/SIGTERM. Every flag is also QRELAY_EXECUTOR_<NAME>."""
+    from qrelay.executor.agent import Executor
+
+    with _reported_errors():
+        settings = _executor_settings(
+            broker=broker,
+            backends=backend or None,
+            slots=slots,
+            executor_id=executor_id,
+            token=token,
+            optimization_level=optimization_level,
+            transpile_cache_size=transpile_cache_size,
+            reconnect_initial_s=reconnect_initial,
+            reconnect_max_s=reconnect_max,
+            connect_timeout_s=connect_timeout,
+            metrics_port=metrics_port,
+        )
+    executor = Executor(settings)
+    _run(lambda: _until_signal(executor.run))
+
+
+@app.command()
+def dev(
+    port: Annotated[
+        int, typer.Option(help="Broker port on 127.0.0.1; 0 picks a free one.")
+    ] = 50051,
+    directory: Annotated[
+        Path, typer.Option("--dir", help="Where the SQLite database lives.")
+    ] = Path(".qrelay"),
+    backend: Annotated[
+        list[str] | None, typer.Option(help="Backends of the executor (default: aer, fake_manila).")
+    ] = None,
+    slots: Annotated[int, typer.Option(help="Executor slots.")] = 2,
+) -> None:
+    """A broker and one executor in this process, until Ctrl-C."""
+    from qrelay.broker.server import running_broker
+    from qrelay.broker.settings import BrokerSettings
+    from qrelay.executor.agent import running_executor
+    from qrelay.executor.settings import ExecutorSettings
+
+    backends = backend or ["aer", "fake_manila"]
+
+    async def serve() -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        broker_settings = BrokerSettings(
+            listen=f"127.0.0.1:{port}", db_path=directory / "broker.db"
+        )
+        async with running_broker(broker_settings) as broker:
+            executor_settings = ExecutorSettings(
+                broker=broker.address, backends=backends, slots=slots
+            )
+            async with running_executor(executor_settings):
+                console.print(
+                    f"qrelay dev: broker on [bold cyan]{broker.address}[/] "
+                    f"(executor {executor_settings.executor_id}: {', '.join(backends)}; "
+                    f"db {broker_settings.db_path}); Ctrl-C to stop",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+                await anyio.sleep_forever()
+
+    _run(lambda: _until_signal(serve))
+    console.print("qrelay dev: stopped")
+
+
+# -- client commands -------------------------------------------------------------
+
+
+@app.command()
+def backends(broker: BrokerAddr = "127.0.0.1:50051", token: Token = None) -> None:
+    """The backends executors have announced, online or not."""
+
+    async def fetch() -> list[Any]:
+        async with _service(broker, token) as service:
+            return [b.proto for b in await service.backends()]
+
+    found = _run(fetch)
+    table = Table(title=f"backends at {broker}")
+    for column in ("name", "online", "executors", "queued", "qubits", "simulator", "description"):
+        table.add_column(
+            column, justify="right" if column in ("executors", "queued", "qubits") else "left"
+        )
+    for b in found:
+        table.add_row(
+            b.info.name,
+            "[green]yes[/]" if b.online else "[red]no[/]",
+            str(b.online_executors),
+            str(b.queue_length),
+            str(b.info.num_qubits),
+            "yes" if b.info.simulator else "no",
+            b.info.description,
+        )
+    console.print(table)
+    if not found:
+        console.print("no executor has announced a backend yet")
+
+
+@jobs_app.command("list")
+def jobs_list(
+    broker: BrokerAddr = "127.0.0.1:50051",
+    token: Token = None,
+    state: Annotated[
+        list[str] | None, typer.Option(help="Only these states (queued, running, done, ...).")
+    ] = None,
+    backend: Annotated[str | None, typer.Option(help="Only jobs for this backend.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many jobs, newest first.")] = 20,
+) -> None:
+    """Your newest jobs."""
+
+    async def fetch() -> list[jobs_pb2.Job]:
+        async with _service(broker, token) as service:
+            found = await service.jobs(limit, state=state or None, backend=backend)
+            return [j.last_known for j in found]
+
+    found = _run(fetch)
+    table = Table(title=f"jobs at {broker}")
+    for column in ("id", "state", "kind", "backend", "attempts", "created", "executor"):
+        table.add_column(column)
+    for job in found:
+        table.add_row(
+            job.id,
+            _styled_state(job.state),
+            _KIND_NAMES.get(job.kind, "?"),
+            job.backend,
+            str(job.attempts),
+            _ts(job.created_at),
+            job.executor_id,
+        )
+    console.print(table)
+
+
+@jobs_app.command("show")
+def jobs_show(
+    job_id: Annotated[str, typer.Argument(help="The job's id.")],
+    broker: BrokerAddr = "127.0.0.1:50051",
+    token: Token = None,
+) -> None:
+    """One job's state, timing and error or result summary."""
+
+    async def fetch() -> tuple[jobs_pb2.Job, Any]:
+        async with _service(broker, token) as service:
+            handle = await service.job(job_id)
+            job = handle.last_known
+            result = await handle.result() if job.state == 3 else None
+            return job, result
+
+    job, result = _run(fetch)
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("id", job.id),
+        ("state", _styled_state(job.state)),
+        ("kind", _KIND_NAMES.get(job.kind, "?")),
+        ("backend", job.backend),
+        ("attempts", str(job.attempts)),
+        ("created", _ts(job.created_at)),
+        ("started", _ts(job.started_at)),
+        ("finished", _ts(job.finished_at)),
+        ("executor", job.executor_id),
+        ("pubs", str(job.num_pubs)),
+    ]
+    if job.queue_position:
+        rows.append(("queue position", str(job.queue_position)))
+    if job.session_id:
+        rows.append(("session", job.session_id))
+    if job.tags:
+        rows.append(("tags", ", ".join(f"{k}={v}" for k, v in sorted(job.tags.items()))))
+    if job.HasField("error"):
+        rows.append(("error", f"[red]{_code_name(job.error.code)}[/]: {job.error.message}"))
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+    if result is not None:
+        _print_result(result)
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(
+    job_id: Annotated[str, typer.Argument(help="The job's id.")],
+    broker: BrokerAddr = "127.0.0.1:50051",
+    token: Token = None,
+    reason: Annotated[str, typer.Option(help="Recorded in the CANCELLED event.")] = "",
+) -> None:
+    """Cancel a job in any state (a finished job stays as it is)."""
+
+    async def cancel() -> jobs_pb2.Job:
+        async with _service(broker, token) as service:
+            handle = await service.job(job_id)
+            await handle.cancel(reason or "cancelled from the qrelay CLI")
+            return handle.last_known
+
+    job = _run(cancel)
+    console.print(f"{job.id}: {_styled_state(job.state)}", highlight=False)
+
+
+@jobs_app.command("watch")
+def jobs_watch(
+    job_id: Annotated[str, typer.Argument(help="The job's id.")],
+    broker: BrokerAddr = "127.0.0.1:50051",
+    token: Token = None,
+    after_seq: Annotated[int, typer.Option(help="Show only events after this seq.")] = 0,
+) -> None:
+    """Follow a job live: state changes, interim values, logs, then the result.
+
+    Exits 0 when the job is DONE, 1 when it FAILED or was CANCELLED.
+    """
+
+    async def follow() -> int:
+        final = 0
+        async with _service(broker, token) as service:
+            handle = await service.job(job_id)
+            with console.status(f"{job_id}: waiting for events") as status:
+                async for event in handle.stream(after_seq):
+                    raw = event.raw
+                    if raw is None:
+                        continue
+                    _print_event(raw, event.data)
+                    if event.kind == "state":
+                        final = raw.state.state
+                        status.update(f"{job_id}: {_state(final)}")
+        return final
+
+    final = _run(follow)
+    raise typer.Exit(0 if final == 3 else 1)
+
+
+def _code_name(code: int) -> str:
+    from qrelay.errors import error_for_code
+
+    cls = type(error_for_code(code, ""))
+    return cls.code_name if cls is not QRelayError else f"code {code}"
+
+
+def _print_event(raw: types_pb2.JobEvent, data: Any) -> None:
+    when = _ts(raw.time)[11:] if raw.HasField("time") else ""
+    head = f"[dim]{raw.seq:>4} {when}[/]"
+    which = raw.WhichOneof("payload")
+    if which == "state":
+        extra = f" attempt {raw.state.attempt}" if raw.state.attempt else ""
+        on = f" on {raw.state.executor_id}" if raw.state.executor_id else ""
+        why = f"  {raw.state.message}" if raw.state.message else ""
+        console.print(f"{head} {_styled_state(raw.state.state)}{extra}{on}{why}", highlight=False)
+    elif which == "interim":
+        console.print(f"{head} [blue]interim[/] {_short(data)}", highlight=False)
+    elif which == "log":
+        console.print(f"{head} [dim]{raw.log.stream or 'log'}[/] {raw.log.text}", highlight=False)
+    elif which == "error":
+        console.print(
+            f"{head} [red]error[/] {_code_name(raw.error.code)}: {raw.error.message}",
+            highlight=False,
+        )
+        for line in raw.error.traceback:
+            console.print(f"       {line}", highlight=False, markup=False)
+    elif which == "result":
+        console.print(f"{head} [green]result[/]", highlight=False)
+        _print_result(data)
+
+
+def _short(value: Any, limit: int = 160) -> str:
+    try:
+        text = json.dumps(value, default=str)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _print_result(result: Any) -> None:
+    """A summary: top counts per register for Sampler, evs/stds for Estimator, else the value."""
+    pubs = getattr(result, "_pub_results", None)
+    if pubs is None:
+        try:
+            pubs = list(result) if hasattr(result, "metadata") else None
+        except TypeError:
+            pubs = None
+    if pubs is None:
+        console.print(f"       value: {_short(result, 400)}", highlight=False, markup=False)
+        return
+    for index, pub in enumerate(pubs):
+        data = pub.data
+        names = list(data.keys()) if hasattr(data, "keys") else []
+        for name in names:
+            field = data[name]
+            if hasattr(field, "get_counts"):
+                counts = field.get_counts()
+                top = sorted(counts.items(), key=lambda kv: -kv[1])[:8]
+                shown = ", ".join(f"{k}: {v}" for k, v in top)
+                more = f" (+{len(counts) - len(top)} more)" if len(counts) > len(top) else ""
+                console.print(
+                    f"       pub {index} {name}: {field.num_shots} shots  {shown}{more}",
+                    highlight=False,
+                )
+            else:
+                values = field.tolist() if hasattr(field, "tolist") else field
+                console.print(
+                    f"       pub {index} {name}: {_short(values)}",
+                    highlight=False,
+                    markup=False,
+                )
