@@ -25,7 +25,7 @@ from qrelay._proto.v1 import (
     sessions_pb2_grpc,
     types_pb2,
 )
-from qrelay.errors import QRelayError, Unavailable
+from qrelay.errors import Unavailable
 from qrelay.rpc import error_from_rpc
 
 log = structlog.get_logger(__name__)
@@ -129,11 +129,14 @@ class Connection:
                 return await method(request, metadata=self.metadata, timeout=max(remaining, 0.001))
             except grpc.aio.AioRpcError as exc:
                 error = error_from_rpc(exc)
-                if not isinstance(error, Unavailable) or attempt >= self.retry.max_attempts:
+                if not isinstance(error, Unavailable):
                     raise error from None
                 pause = self.retry.backoff(attempt)
-                if time.monotonic() + pause >= deadline:
-                    raise error from None
+                if attempt >= self.retry.max_attempts or time.monotonic() + pause >= deadline:
+                    raise Unavailable(
+                        f"broker at {self.address} unavailable after {attempt} attempts "
+                        f"({budget:g} s budget): {error.message}"
+                    ) from None
                 log.debug(
                     "rpc.retried", address=self.address, attempt=attempt, pause_s=round(pause, 3)
                 )
@@ -153,13 +156,3 @@ class Connection:
             return
         self._closed = True
         await self.channel.close(grace=None)
-
-
-def map_rpc_error(exc: BaseException) -> BaseException:
-    """The qrelay exception for a grpc failure; anything else unchanged."""
-    if isinstance(exc, grpc.RpcError):
-        return error_from_rpc(exc)
-    return exc
-
-
-__all__ = ["Connection", "QRelayError", "RetryPolicy", "is_resumable", "map_rpc_error"]

@@ -26,7 +26,6 @@ from qrelay.client._connection import is_resumable
 from qrelay.errors import (
     Cancelled,
     DeadlineExceeded,
-    FailedPrecondition,
     Internal,
     QRelayError,
     Unavailable,
@@ -452,7 +451,6 @@ class RuntimeJob(BasePrimitiveJob[Any, JobStatus]):  # type: ignore[misc]
 
 __all__ = [
     "AsyncRuntimeJob",
-    "FailedPrecondition",
     "JobEvent",
     "RuntimeJob",
     "decode_event",

@@ -155,7 +155,7 @@ def sampler_spec(
     target: SubmitTarget, pubs: Iterable[SamplerPubLike], shots: int | None, options: BaseModel
 ) -> types_pb2.JobSpec:
     """Validate and encode a Sampler run; raises InvalidArgument, sends nothing."""
-    from qrelay.codec import encode_sampler_task
+    from qrelay.codec import check_sampler_task, encode_sampler_task
 
     if shots is not None and (
         not isinstance(shots, Integral) or isinstance(shots, bool) or shots <= 0
@@ -165,6 +165,7 @@ def sampler_spec(
         _pub_list(pubs, "circuit"), lambda p: SamplerPub.coerce(p, shots)
     )
     task = encode_sampler_task(coerced, shots)
+    check_sampler_task(task)  # the checks the broker and executor apply
     spec = types_pb2.JobSpec(
         backend=target.backend.name, sampler=task, session_id=target.session_id
     )
@@ -179,7 +180,7 @@ def estimator_spec(
     options: BaseModel,
 ) -> types_pb2.JobSpec:
     """Validate and encode an Estimator run; raises InvalidArgument, sends nothing."""
-    from qrelay.codec import encode_estimator_task
+    from qrelay.codec import check_estimator_task, encode_estimator_task
 
     if precision is not None and (
         not isinstance(precision, Real) or isinstance(precision, bool) or not precision > 0
@@ -194,6 +195,7 @@ def estimator_spec(
 
     coerced: list[EstimatorPub] = _coerce_each(_pub_list(pubs, "(circuit, observable)"), coerce)
     task = encode_estimator_task(coerced, precision)
+    check_estimator_task(task)  # the checks the broker and executor apply
     spec = types_pb2.JobSpec(
         backend=target.backend.name, estimator=task, session_id=target.session_id
     )
