@@ -1,0 +1,1 @@
+"""The broker: durable job store, scheduler, leases and the gRPC services."""

@@ -1,0 +1,180 @@
+"""JobService and BackendService logic on plain values, testable without a socket."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+import structlog
+
+from qrelay._proto.v1 import backends_pb2, types_pb2
+from qrelay.broker import validation
+from qrelay.broker.events import EventHub, HubClosed, follow
+from qrelay.broker.scheduler import Scheduler
+from qrelay.broker.settings import MIB, BrokerSettings
+from qrelay.broker.store import JobRecord, JobState, JobStore, NewJob, StoredEvent
+from qrelay.broker.store.base import JobPage
+from qrelay.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    error_for_code,
+)
+
+log = structlog.get_logger(__name__)
+
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 50
+
+
+class Jobs:
+    """Submit, inspect, cancel and follow jobs of one tenant at a time."""
+
+    def __init__(
+        self, store: JobStore, hub: EventHub, scheduler: Scheduler, settings: BrokerSettings
+    ) -> None:
+        self.store = store
+        self.hub = hub
+        self.scheduler = scheduler
+        self.settings = settings
+
+    async def submit(
+        self, tenant: str, spec: types_pb2.JobSpec, idempotency_key: str = ""
+    ) -> tuple[JobRecord, bool]:
+        """Validate, store durably, queue; returns (job, created)."""
+        validation.check_idempotency_key(idempotency_key)
+        size = spec.ByteSize()
+        if size > self.settings.max_job_bytes:
+            raise ResourceExhausted(
+                f"job is {size / MIB:.1f} MiB; this broker accepts at most "
+                f"{self.settings.max_job_bytes / MIB:.1f} MiB per job (QRELAY_MAX_JOB_BYTES)"
+            )
+        known = spec.backend in self.scheduler.known_backends
+        kind = validation.validate_spec(spec, known, sorted(self.scheduler.known_backends))
+        job, created = await self.store.submit(
+            NewJob(
+                tenant=tenant,
+                backend=spec.backend,
+                kind=kind,
+                spec=spec.SerializeToString(),
+                num_pubs=validation.num_pubs(spec),
+                session_id=spec.session_id,
+                tags=dict(spec.tags),
+                idempotency_key=idempotency_key,
+            ),
+            max_queued_per_tenant=self.settings.max_queued_per_tenant,
+        )
+        if created:
+            log.info("job.submitted", job_id=job.id, tenant=tenant, backend=job.backend)
+            self.scheduler.wake()
+        else:
+            log.info("job.resubmitted", job_id=job.id, tenant=tenant, key=idempotency_key)
+        return job, created
+
+    async def get(self, tenant: str, job_id: str) -> JobRecord:
+        if not job_id:
+            raise InvalidArgument("job_id is required")
+        return await self.store.get(job_id, tenant)
+
+    async def list(
+        self,
+        tenant: str,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        states: Sequence[int] = (),
+        backend: str = "",
+        session_id: str = "",
+    ) -> JobPage:
+        if page_size < 0:
+            raise InvalidArgument(f"page_size must be >= 0, got {page_size}")
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        try:
+            wanted = [JobState(s) for s in states]
+        except ValueError:
+            raise InvalidArgument(f"states has an unknown state in {list(states)}") from None
+        return await self.store.list_jobs(
+            tenant,
+            states=wanted,
+            backend=backend,
+            session_id=session_id,
+            page_size=size,
+            page_token=page_token,
+        )
+
+    async def cancel(self, tenant: str, job_id: str, reason: str = "") -> JobRecord:
+        if not job_id:
+            raise InvalidArgument("job_id is required")
+        outcome = await self.store.cancel(job_id, tenant, reason)
+        if outcome.events:
+            self.hub.publish(outcome.events)
+            self.scheduler.job_finished(outcome.job)
+            log.info("job.cancelled", job_id=job_id, tenant=tenant, was=outcome.previous_state.name)
+        if outcome.lease_id:
+            self.scheduler.send_cancel(
+                outcome.executor_id,
+                job_id,
+                outcome.lease_id,
+                f"cancelled: {reason}" if reason else "cancelled by the client",
+            )
+        return outcome.job
+
+    async def watch(self, tenant: str, job_id: str, after_seq: int) -> AsyncIterator[StoredEvent]:
+        """Events after after_seq, replayed then live, until the terminal event."""
+        if after_seq < 0:
+            raise InvalidArgument(f"after_seq must be >= 0, got {after_seq}")
+        job = await self.get(tenant, job_id)
+        terminal_seq = job.last_seq if job.state.terminal else None
+        last = after_seq
+        try:
+            async for event in follow(
+                self.store, self.hub, job_id, after_seq, terminal_seq=terminal_seq
+            ):
+                last = event.seq
+                yield event
+        except HubClosed:
+            raise Unavailable(
+                f"broker is shutting down; resume with Watch(job_id={job_id!r}, after_seq={last})"
+            ) from None
+
+    async def result(self, tenant: str, job_id: str) -> bytes:
+        job = await self.get(tenant, job_id)
+        if job.state is JobState.DONE:
+            result = await self.store.get_result(job_id)
+            if result is None:
+                raise FailedPrecondition(f"job {job_id} is DONE but has no stored result")
+            return result
+        if job.state is JobState.FAILED:
+            error = types_pb2.JobError.FromString(job.error or b"")
+            raise error_for_code(error.code, error.message or "job failed")
+        if job.state is JobState.CANCELLED:
+            raise FailedPrecondition(f"job {job_id} was cancelled; it has no result")
+        raise FailedPrecondition(
+            f"job {job_id} is {job.state.name}; its result is not ready (Watch it or poll Get)"
+        )
+
+
+class Backends:
+    """What executors announced, with live availability."""
+
+    def __init__(self, store: JobStore, scheduler: Scheduler) -> None:
+        self.store = store
+        self.scheduler = scheduler
+
+    async def list(self) -> list[backends_pb2.Backend]:
+        lengths = await self.store.queue_lengths()
+        return [
+            self.scheduler.backend_proto(record, lengths.get(record.name, 0))
+            for record in await self.store.list_backends()
+        ]
+
+    async def get(self, name: str) -> backends_pb2.Backend:
+        if not name:
+            raise InvalidArgument("name is required")
+        record = await self.store.get_backend(name)
+        if record is None:
+            known = ", ".join(sorted(self.scheduler.known_backends)) or "none yet"
+            raise NotFound(f"unknown backend {name!r}; known: {known}")
+        lengths = await self.store.queue_lengths()
+        return self.scheduler.backend_proto(record, lengths.get(name, 0))

@@ -1,0 +1,301 @@
+"""Matching queued jobs to connected executors' free slots.
+
+One dispatcher task wakes when something can change the match (a submit, a
+freed slot, an executor connecting, a lease expiring) and claims, per
+executor with free slots, the oldest queued jobs of the backends it serves.
+No job is polled for. The in-memory registry counts slots; the store decides
+who holds which job (leases), so a lost registry costs nothing but time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import structlog
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from qrelay._proto.v1 import backends_pb2, executor_pb2, types_pb2
+from qrelay.broker.events import EventHub
+from qrelay.broker.metrics import BrokerMetrics
+from qrelay.broker.settings import BrokerSettings
+from qrelay.broker.store import BackendRecord, JobRecord, JobStore, LeaseGrant, UpdateKind
+from qrelay.errors import InvalidArgument
+
+log = structlog.get_logger(__name__)
+
+FAILED_PRECONDITION = 9
+# Resolves a program job's bundle at assignment time (set by the programs module).
+ProgramResolver = Callable[[types_pb2.JobSpec, str], Awaitable[executor_pb2.ProgramBundle | None]]
+
+
+@dataclass(eq=False)
+class ExecutorLink:
+    """One connected executor stream, as the scheduler sees it."""
+
+    executor_id: str
+    backends: tuple[str, ...]
+    slots: int
+    capabilities: frozenset[str]
+    inflight: dict[str, str] = field(default_factory=dict)  # lease_id -> job_id
+    outbox: asyncio.Queue[executor_pb2.BrokerMessage | None] = field(default_factory=asyncio.Queue)
+    closed: bool = False
+
+    @property
+    def free(self) -> int:
+        return 0 if self.closed else max(self.slots - len(self.inflight), 0)
+
+    def send(self, message: executor_pb2.BrokerMessage) -> None:
+        if not self.closed:
+            self.outbox.put_nowait(message)
+
+    def close(self) -> None:
+        """Ask the stream handler to end (replaced by a newer stream, or shutdown)."""
+        if not self.closed:
+            self.closed = True
+            self.outbox.put_nowait(None)
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+class Scheduler:
+    """Registry of executors plus the dispatcher that hands out leases."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        hub: EventHub,
+        settings: BrokerSettings,
+        metrics: BrokerMetrics,
+    ) -> None:
+        self.store = store
+        self.hub = hub
+        self.settings = settings
+        self.metrics = metrics
+        self.executors: dict[str, ExecutorLink] = {}
+        self.known_backends: set[str] = set()
+        self.program_resolver: ProgramResolver | None = None
+        self._wake = asyncio.Event()
+
+    async def load(self) -> None:
+        """Remember every backend ever announced (submit checks names against it)."""
+        self.known_backends = {b.name for b in await self.store.list_backends()}
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # --- executors ------------------------------------------------------------
+    async def attach(self, hello: executor_pb2.Hello) -> tuple[ExecutorLink, list[tuple[str, str]]]:
+        """Register an executor after its Hello; returns its link and the held
+        leases it must cancel (already queued as CancelJob on the link)."""
+        if not hello.executor_id:
+            raise InvalidArgument("Hello.executor_id is required")
+        if hello.slots <= 0:
+            raise InvalidArgument(f"Hello.slots must be > 0, got {hello.slots}")
+        if not hello.backends:
+            raise InvalidArgument("Hello.backends must name at least one backend")
+        names = [b.name for b in hello.backends]
+        if any(not n for n in names):
+            raise InvalidArgument("every BackendInfo in Hello needs a name")
+        now = time.time()
+        await self.store.upsert_backends(
+            [BackendRecord(b.name, b.SerializeToString(), now) for b in hello.backends]
+        )
+        self.known_backends.update(names)
+        held = [(h.job_id, h.lease_id) for h in hello.held]
+        check = await self.store.check_held(hello.executor_id, held, self.settings.lease_ttl_s)
+        link = ExecutorLink(
+            executor_id=hello.executor_id,
+            backends=tuple(dict.fromkeys(names)),
+            slots=hello.slots,
+            capabilities=frozenset(hello.capabilities),
+            inflight={lease: job for job, lease in check.valid},
+        )
+        old = self.executors.get(hello.executor_id)
+        if old is not None:
+            old.close()
+        self.executors[hello.executor_id] = link
+        for job_id, lease_id in check.invalid:
+            link.send(
+                executor_pb2.BrokerMessage(
+                    cancel=executor_pb2.CancelJob(
+                        job_id=job_id,
+                        lease_id=lease_id,
+                        reason="lease is no longer valid (expired, cancelled or finished)",
+                    )
+                )
+            )
+        log.info(
+            "executor.connected",
+            executor_id=hello.executor_id,
+            backends=list(link.backends),
+            slots=link.slots,
+            kept=len(check.valid),
+            cancelled=len(check.invalid),
+        )
+        self._gauge()
+        self.wake()
+        return link, check.invalid
+
+    async def detach(self, link: ExecutorLink) -> None:
+        link.close()
+        if self.executors.get(link.executor_id) is link:
+            del self.executors[link.executor_id]
+        await self.store.touch_backends(list(link.backends), time.time())
+        log.info("executor.disconnected", executor_id=link.executor_id, inflight=len(link.inflight))
+        self._gauge()
+
+    def close_all(self) -> None:
+        for link in list(self.executors.values()):
+            link.close()
+
+    def online_executors(self, backend: str) -> int:
+        return sum(1 for link in self.executors.values() if backend in link.backends)
+
+    def send_cancel(self, executor_id: str, job_id: str, lease_id: str, reason: str) -> None:
+        link = self.executors.get(executor_id)
+        if link is not None and lease_id in link.inflight:
+            link.send(
+                executor_pb2.BrokerMessage(
+                    cancel=executor_pb2.CancelJob(job_id=job_id, lease_id=lease_id, reason=reason)
+                )
+            )
+
+    # --- stream traffic --------------------------------------------------------
+    async def heartbeat(self, link: ExecutorLink, lease_ids: list[str]) -> None:
+        extended = await self.store.extend_leases(lease_ids, self.settings.lease_ttl_s)
+        for lease_id in lease_ids:
+            if lease_id not in extended and lease_id in link.inflight:
+                job_id = link.inflight[lease_id]
+                link.send(
+                    executor_pb2.BrokerMessage(
+                        cancel=executor_pb2.CancelJob(
+                            job_id=job_id,
+                            lease_id=lease_id,
+                            reason="lease is no longer valid (expired, cancelled or finished)",
+                        )
+                    )
+                )
+
+    async def update(self, link: ExecutorLink, update: executor_pb2.JobUpdate) -> None:
+        which = update.WhichOneof("update")
+        if which is None:
+            link.send(self._rejected(update, 3, "JobUpdate carries no update"))
+            return
+        kind = UpdateKind(which)
+        payload = getattr(update, which).SerializeToString()
+        outcome = await self.store.apply_update(update.job_id, update.lease_id, kind, payload)
+        if kind.final and link.inflight.pop(update.lease_id, None) is not None:
+            self._gauge()
+            self.wake()
+        if not outcome.accepted:
+            log.info(
+                "update.rejected",
+                executor_id=link.executor_id,
+                job_id=update.job_id,
+                lease_id=update.lease_id,
+                reason=outcome.message,
+            )
+            link.send(self._rejected(update, FAILED_PRECONDITION, outcome.message))
+            return
+        self.hub.publish(outcome.events)
+        job = outcome.job
+        if job is not None and kind.final and job.state.terminal and outcome.events:
+            self.job_finished(job)
+            log.info(
+                "job.finished", job_id=job.id, state=job.state.name, executor_id=link.executor_id
+            )
+        elif job is not None and outcome.events and kind is UpdateKind.RELEASED:
+            self.wake()
+
+    def job_finished(self, job: JobRecord) -> None:
+        if job.finished_at is not None:
+            self.metrics.job_latency.labels(job.backend, job.state.name).observe(
+                max(job.finished_at - job.created_at, 0.0)
+            )
+
+    @staticmethod
+    def _rejected(
+        update: executor_pb2.JobUpdate, code: int, message: str
+    ) -> executor_pb2.BrokerMessage:
+        return executor_pb2.BrokerMessage(
+            rejected=executor_pb2.UpdateRejected(
+                job_id=update.job_id, lease_id=update.lease_id, code=code, message=message
+            )
+        )
+
+    # --- dispatch ---------------------------------------------------------------
+    async def run(self) -> None:
+        """The dispatcher loop; runs until cancelled."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self.dispatch()
+
+    async def dispatch(self) -> int:
+        """Lease queued jobs to executors with free slots until none fits; returns count."""
+        total = 0
+        progress = True
+        while progress:
+            progress = False
+            for link in sorted(self.executors.values(), key=lambda lk: -lk.free):
+                free = link.free
+                if free <= 0:
+                    continue
+                grants = await self.store.claim(
+                    link.backends, link.executor_id, self.settings.lease_ttl_s, free
+                )
+                for grant in grants:
+                    await self._assign(link, grant)
+                if grants:
+                    total += len(grants)
+                    progress = True
+        if total:
+            self._gauge()
+        return total
+
+    async def _assign(self, link: ExecutorLink, grant: LeaseGrant) -> None:
+        job = grant.job
+        self.hub.publish(grant.events)
+        spec = types_pb2.JobSpec.FromString(grant.spec)
+        assignment = executor_pb2.Assignment(
+            job_id=job.id,
+            lease_id=job.lease_id,
+            attempt=job.attempts,
+            tenant=job.tenant,
+            spec=spec,
+            lease_expires_at=_timestamp(job.lease_expires_at or time.time()),
+        )
+        if spec.WhichOneof("work") == "program" and self.program_resolver is not None:
+            bundle = await self.program_resolver(spec, job.tenant)
+            if bundle is not None:
+                assignment.program.CopyFrom(bundle)
+        if link.closed:
+            # The stream went away between claim and send: the lease will
+            # expire and the job will be requeued; nothing else to do.
+            log.info("lease.orphaned", job_id=job.id, executor_id=link.executor_id)
+            return
+        link.inflight[job.lease_id] = job.id
+        link.send(executor_pb2.BrokerMessage(assignment=assignment))
+        log.debug("job.assigned", job_id=job.id, executor_id=link.executor_id, attempt=job.attempts)
+
+    def _gauge(self) -> None:
+        self.metrics.executors.set(len(self.executors))
+        self.metrics.slots_total.set(sum(link.slots for link in self.executors.values()))
+        self.metrics.slots_busy.set(sum(len(link.inflight) for link in self.executors.values()))
+
+    def backend_proto(self, record: BackendRecord, queue_length: int) -> backends_pb2.Backend:
+        online = self.online_executors(record.name)
+        return backends_pb2.Backend(
+            info=backends_pb2.BackendInfo.FromString(record.info),
+            online=online > 0,
+            online_executors=online,
+            queue_length=queue_length,
+            last_seen=_timestamp(time.time() if online else record.last_seen),
+        )

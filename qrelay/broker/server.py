@@ -1,0 +1,179 @@
+"""Running a broker: store, scheduler, reaper and the gRPC server, with graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import uuid
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
+from typing import Any
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from qrelay._proto.v1 import (
+    backends_pb2,
+    backends_pb2_grpc,
+    executor_pb2,
+    executor_pb2_grpc,
+    jobs_pb2,
+    jobs_pb2_grpc,
+)
+from qrelay.broker.auth import Authenticator
+from qrelay.broker.events import EventHub
+from qrelay.broker.jobs import Backends, Jobs
+from qrelay.broker.leases import LeaseReaper
+from qrelay.broker.metrics import BrokerMetrics
+from qrelay.broker.scheduler import Scheduler
+from qrelay.broker.service import (
+    BackendServicer,
+    ExecutorServicer,
+    JobServicer,
+    max_message_bytes,
+)
+from qrelay.broker.settings import BrokerSettings
+from qrelay.broker.store.sqlite import SQLiteJobStore
+
+log = structlog.get_logger(__name__)
+
+SERVICE_NAMES = (
+    jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
+    backends_pb2.DESCRIPTOR.services_by_name["BackendService"].full_name,
+    executor_pb2.DESCRIPTOR.services_by_name["ExecutorService"].full_name,
+)
+METRICS_REFRESH_S = 2.0
+
+
+class Broker:
+    """A running broker; built and torn down by `running_broker`."""
+
+    def __init__(self, settings: BrokerSettings) -> None:
+        self.settings = settings
+        self.broker_id = f"b-{uuid.uuid4().hex[:12]}"
+        self.store = SQLiteJobStore(settings.db_path, synchronous=settings.sqlite_synchronous)
+        self.hub = EventHub()
+        self.metrics = BrokerMetrics()
+        self.scheduler = Scheduler(self.store, self.hub, settings, self.metrics)
+        self.reaper = LeaseReaper(self.store, self.hub, self.scheduler, settings)
+        self.auth = Authenticator(settings.tokens, settings.default_tenant)
+        self.jobs = Jobs(self.store, self.hub, self.scheduler, settings)
+        self.backends = Backends(self.store, self.scheduler)
+        self.health = health.aio.HealthServicer()
+        self.address = ""
+        self._server: grpc.aio.Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = False
+
+    async def start(self) -> None:
+        await self.store.open()
+        renewed = await self.store.renew_running_leases(self.settings.lease_ttl_s)
+        await self.scheduler.load()
+        limit = max_message_bytes(self.settings)
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+            ]
+        )
+        jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.jobs, self.auth), server)
+        backends_pb2_grpc.add_BackendServiceServicer_to_server(
+            BackendServicer(self.backends, self.auth), server
+        )
+        executor_pb2_grpc.add_ExecutorServiceServicer_to_server(
+            ExecutorServicer(self.scheduler, self.settings, self.broker_id), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        port = server.add_insecure_port(self.settings.listen)
+        host = self.settings.listen.rsplit(":", 1)[0]
+        if host in ("", "0.0.0.0", "[::]", "::"):
+            host = "127.0.0.1"
+        self.address = f"{host}:{port}"
+        await server.start()
+        self._server = server
+        self._spawn(self.scheduler.run())
+        self._spawn(self.reaper.run())
+        if self.settings.metrics_port:
+            self.metrics.serve(self.settings.metrics_port)
+            self._spawn(self._refresh_metrics())
+        for name in (*SERVICE_NAMES, ""):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.scheduler.wake()
+        log.info(
+            "broker.started",
+            address=self.address,
+            broker_id=self.broker_id,
+            db=str(self.settings.db_path),
+            leases_renewed=renewed,
+        )
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        task.add_done_callback(self._task_done)
+        self._tasks.append(task)
+
+    @staticmethod
+    def _task_done(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("broker.task_failed", task=task.get_name(), exc_info=task.exception())
+
+    async def _refresh_metrics(self) -> None:
+        while True:
+            await self.metrics.refresh(self.store)
+            await asyncio.sleep(METRICS_REFRESH_S)
+
+    async def shutdown(self) -> None:
+        """NOT_SERVING, end long streams, drain calls (grace), stop tasks, close the store."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.health.enter_graceful_shutdown()
+        # Long-lived streams never end on their own: ask them to, so that the
+        # grace period is spent on unary calls in flight.
+        self.scheduler.close_all()
+        self.hub.close()
+        if self._server is not None:
+            await self._server.stop(self.settings.shutdown_grace_s)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        self.metrics.stop()
+        await self.store.close()
+        log.info("broker.stopped", broker_id=self.broker_id)
+
+
+@asynccontextmanager
+async def running_broker(settings: BrokerSettings) -> AsyncIterator[Broker]:
+    """A started broker, shut down gracefully on exit."""
+    broker = Broker(settings)
+    try:
+        await broker.start()
+        yield broker
+    finally:
+        await broker.shutdown()
+
+
+async def serve_forever(settings: BrokerSettings) -> None:
+    """Run until SIGINT or SIGTERM (the CLI's `qrelay broker serve`)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with running_broker(settings):
+            await stop.wait()
+            log.info("broker.stopping")
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,223 @@
+"""gRPC servicers: authenticate, decode, call the logic in jobs.py/scheduler.py, encode."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any, TypeAlias
+
+import structlog
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from qrelay._proto.v1 import (
+    backends_pb2,
+    backends_pb2_grpc,
+    executor_pb2,
+    executor_pb2_grpc,
+    jobs_pb2,
+    jobs_pb2_grpc,
+    types_pb2,
+)
+from qrelay.broker.auth import Authenticator, check_executor_token
+from qrelay.broker.events import to_proto
+from qrelay.broker.jobs import Backends, Jobs
+from qrelay.broker.scheduler import ExecutorLink, Scheduler
+from qrelay.broker.settings import BrokerSettings
+from qrelay.broker.store import JobRecord
+from qrelay.errors import InvalidArgument
+from qrelay.rpc import grpc_errors
+
+log = structlog.get_logger(__name__)
+
+# grpc ships no type hints; servicer contexts are grpc.aio.ServicerContext.
+Context: TypeAlias = Any
+
+
+def _ts(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def job_to_proto(job: JobRecord) -> jobs_pb2.Job:
+    message = jobs_pb2.Job(
+        id=job.id,
+        backend=job.backend,
+        kind=types_pb2.JobKind.ValueType(int(job.kind)),
+        state=types_pb2.JobState.ValueType(int(job.state)),
+        attempts=job.attempts,
+        created_at=_ts(job.created_at),
+        session_id=job.session_id,
+        executor_id=job.executor_id,
+        last_seq=job.last_seq,
+        tags=job.tags,
+        idempotency_key=job.idempotency_key,
+        num_pubs=job.num_pubs,
+        queue_position=job.queue_position,
+    )
+    if job.started_at is not None:
+        message.started_at.CopyFrom(_ts(job.started_at))
+    if job.finished_at is not None:
+        message.finished_at.CopyFrom(_ts(job.finished_at))
+    if job.error:
+        message.error.ParseFromString(job.error)
+    return message
+
+
+class JobServicer(jobs_pb2_grpc.JobServiceServicer):
+    def __init__(self, jobs: Jobs, auth: Authenticator) -> None:
+        self.jobs = jobs
+        self.auth = auth
+
+    def _tenant(self, context: Context) -> str:
+        return self.auth.tenant(context.invocation_metadata())
+
+    @grpc_errors
+    async def Submit(self, request: jobs_pb2.SubmitRequest, context: Context) -> jobs_pb2.Job:
+        tenant = self._tenant(context)
+        job, _ = await self.jobs.submit(tenant, request.spec, request.idempotency_key)
+        return job_to_proto(job)
+
+    @grpc_errors
+    async def Get(self, request: jobs_pb2.GetJobRequest, context: Context) -> jobs_pb2.Job:
+        return job_to_proto(await self.jobs.get(self._tenant(context), request.job_id))
+
+    @grpc_errors
+    async def List(
+        self, request: jobs_pb2.ListJobsRequest, context: Context
+    ) -> jobs_pb2.ListJobsResponse:
+        page = await self.jobs.list(
+            self._tenant(context),
+            page_size=request.page_size,
+            page_token=request.page_token,
+            states=list(request.states),
+            backend=request.backend,
+            session_id=request.session_id,
+        )
+        return jobs_pb2.ListJobsResponse(
+            jobs=[job_to_proto(j) for j in page.jobs], next_page_token=page.next_page_token
+        )
+
+    @grpc_errors
+    async def Cancel(self, request: jobs_pb2.CancelJobRequest, context: Context) -> jobs_pb2.Job:
+        job = await self.jobs.cancel(self._tenant(context), request.job_id, request.reason)
+        return job_to_proto(job)
+
+    @grpc_errors
+    async def Watch(
+        self, request: jobs_pb2.WatchRequest, context: Context
+    ) -> AsyncIterator[types_pb2.JobEvent]:
+        events = self.jobs.watch(self._tenant(context), request.job_id, request.after_seq)
+        try:
+            async for event in events:
+                yield to_proto(event)
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+
+    @grpc_errors
+    async def GetResult(
+        self, request: jobs_pb2.GetResultRequest, context: Context
+    ) -> types_pb2.JobResult:
+        data = await self.jobs.result(self._tenant(context), request.job_id)
+        return types_pb2.JobResult.FromString(data)
+
+
+class BackendServicer(backends_pb2_grpc.BackendServiceServicer):
+    def __init__(self, backends: Backends, auth: Authenticator) -> None:
+        self.backends = backends
+        self.auth = auth
+
+    @grpc_errors
+    async def List(
+        self, request: backends_pb2.ListBackendsRequest, context: Context
+    ) -> backends_pb2.ListBackendsResponse:
+        self.auth.tenant(context.invocation_metadata())
+        return backends_pb2.ListBackendsResponse(backends=await self.backends.list())
+
+    @grpc_errors
+    async def Get(
+        self, request: backends_pb2.GetBackendRequest, context: Context
+    ) -> backends_pb2.Backend:
+        self.auth.tenant(context.invocation_metadata())
+        return await self.backends.get(request.name)
+
+
+class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
+    """One long-lived stream per executor: Hello, then heartbeats/updates in, work out."""
+
+    def __init__(self, scheduler: Scheduler, settings: BrokerSettings, broker_id: str) -> None:
+        self.scheduler = scheduler
+        self.settings = settings
+        self.broker_id = broker_id
+
+    @property
+    def _silence_limit(self) -> float:
+        return 3 * self.settings.heartbeat_interval_s
+
+    @grpc_errors
+    async def Connect(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[executor_pb2.ExecutorMessage], context: Context
+    ) -> None:
+        check_executor_token(self.settings.executor_token, context.invocation_metadata())
+        incoming = aiter(request_iterator)
+        try:
+            first = await asyncio.wait_for(anext(incoming), self._silence_limit)
+        except (TimeoutError, StopAsyncIteration):
+            raise InvalidArgument("executor stream must start with Hello") from None
+        if first.WhichOneof("message") != "hello":
+            raise InvalidArgument(
+                f"executor stream must start with Hello, got {first.WhichOneof('message')}"
+            )
+        link, _ = await self.scheduler.attach(first.hello)
+        try:
+            await context.write(
+                executor_pb2.BrokerMessage(
+                    welcome=executor_pb2.Welcome(
+                        broker_id=self.broker_id,
+                        heartbeat_interval_ms=int(self.settings.heartbeat_interval_s * 1000),
+                        lease_ttl_ms=int(self.settings.lease_ttl_s * 1000),
+                        max_update_bytes=max_message_bytes(self.settings),
+                    )
+                )
+            )
+            async with asyncio.TaskGroup() as tg:
+                reader = tg.create_task(self._read(link, incoming))
+                writer = tg.create_task(self._write(link, context))
+                await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+                reader.cancel()
+                writer.cancel()
+        finally:
+            await self.scheduler.detach(link)
+
+    async def _read(
+        self, link: ExecutorLink, incoming: AsyncIterator[executor_pb2.ExecutorMessage]
+    ) -> None:
+        log_ = log.bind(executor_id=link.executor_id)
+        while True:
+            try:
+                message = await asyncio.wait_for(anext(incoming), self._silence_limit)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                log_.warning("executor.timed_out", silent_s=self._silence_limit)
+                return
+            which = message.WhichOneof("message")
+            if which == "heartbeat":
+                await self.scheduler.heartbeat(link, list(message.heartbeat.lease_ids))
+            elif which == "update":
+                await self.scheduler.update(link, message.update)
+            else:
+                log_.warning("executor.unexpected_message", kind=which)
+
+    async def _write(self, link: ExecutorLink, context: Context) -> None:
+        while True:
+            message = await link.outbox.get()
+            if message is None:
+                return
+            await context.write(message)
+
+
+def max_message_bytes(settings: BrokerSettings) -> int:
+    """gRPC receive limit: several times max_job_bytes, so our own size check
+    (with its clear message) is what callers just above the limit meet."""
+    return 4 * settings.max_job_bytes + 1024 * 1024

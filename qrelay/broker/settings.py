@@ -1,0 +1,81 @@
+"""Broker configuration: one pydantic-settings object, every field also `QRELAY_<NAME>`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MIB = 1024 * 1024
+
+
+def parse_tokens(value: str) -> dict[str, str]:
+    """`"tok1=tenantA,tok2=tenantB"` -> {"tok1": "tenantA", "tok2": "tenantB"}."""
+    tokens: dict[str, str] = {}
+    for item in value.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        token, sep, tenant = item.partition("=")
+        if not sep or not token.strip() or not tenant.strip():
+            raise ValueError(f"QRELAY_TOKENS entry {item!r} is not of the form token=tenant")
+        tokens[token.strip()] = tenant.strip()
+    return tokens
+
+
+class BrokerSettings(BaseSettings):
+    """Settings of one broker process; defaults work on a laptop.
+
+    Durability: the store runs SQLite in WAL mode. `sqlite_synchronous="NORMAL"`
+    (default) keeps every committed job across a process crash (kill -9), since
+    the WAL is written before Submit returns; only an OS crash or power loss
+    can drop the last transactions. `"FULL"` fsyncs every commit and survives
+    power loss too, at a lower submit rate.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="QRELAY_", extra="ignore")
+
+    listen: str = "127.0.0.1:50051"
+    db_path: Path = Path(".qrelay/broker.db")
+    lease_ttl_s: float = 10.0
+    heartbeat_interval_s: float = 2.0
+    max_attempts: int = 3
+    max_job_bytes: int = 8 * MIB
+    max_queued_per_tenant: int = 10_000
+    tokens: Annotated[dict[str, str], NoDecode] = {}
+    executor_token: str | None = None
+    default_tenant: str = "default"
+    metrics_port: int = 0
+    shutdown_grace_s: float = 10.0
+    sqlite_synchronous: str = "NORMAL"
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _tokens_from_text(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return parse_tokens(value)
+        return value
+
+    @field_validator("sqlite_synchronous")
+    @classmethod
+    def _known_synchronous(cls, value: str) -> str:
+        upper = value.upper()
+        if upper not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+            raise ValueError("sqlite_synchronous must be one of OFF, NORMAL, FULL, EXTRA")
+        return upper
+
+    @field_validator("lease_ttl_s", "heartbeat_interval_s", "shutdown_grace_s")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError("must be > 0")
+        return value
+
+    @field_validator("max_attempts", "max_job_bytes", "max_queued_per_tenant")
+    @classmethod
+    def _positive_int(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be >= 1")
+        return value

@@ -1,0 +1,327 @@
+"""The `JobStore` interface and the plain domain values it speaks.
+
+The store persists jobs, their events and the backends executors announced.
+Specs, results, errors and event payloads travel as protobuf bytes, so a
+store implementation never needs to understand them (nor qiskit). Every
+method is one atomic transaction. Event payloads are serialized `JobEvent`
+messages with only the payload oneof set; the store adds `seq` and time.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from qrelay._proto.v1 import types_pb2
+
+
+class JobState(enum.IntEnum):
+    """Lifecycle state, numbered as qrelay.v1.JobState."""
+
+    QUEUED = 1
+    RUNNING = 2
+    DONE = 3
+    FAILED = 4
+    CANCELLED = 5
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+
+
+class JobKind(enum.IntEnum):
+    """Kind of work, numbered as qrelay.v1.JobKind."""
+
+    SAMPLER = 1
+    ESTIMATOR = 2
+    PROGRAM = 3
+
+
+class UpdateKind(enum.Enum):
+    """What an executor's JobUpdate carries."""
+
+    INTERIM = "interim"
+    LOG = "log"
+    RESULT = "result"
+    ERROR = "error"
+    RELEASED = "released"
+
+    @property
+    def final(self) -> bool:
+        return self in (UpdateKind.RESULT, UpdateKind.ERROR, UpdateKind.RELEASED)
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A validated submission."""
+
+    tenant: str
+    backend: str
+    kind: JobKind
+    spec: bytes
+    num_pubs: int
+    session_id: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
+    idempotency_key: str = ""
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A job's row, without its (possibly large) spec and result."""
+
+    id: str
+    tenant: str
+    backend: str
+    kind: JobKind
+    state: JobState
+    attempts: int
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    error: bytes | None  # serialized JobError when FAILED
+    session_id: str
+    executor_id: str
+    lease_id: str  # empty unless RUNNING
+    lease_expires_at: float | None
+    last_seq: int
+    tags: dict[str, str]
+    idempotency_key: str
+    num_pubs: int
+    queue_position: int = 0  # 1 = next for its backend; 0 when not queued
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """One persisted job event: `payload` is a JobEvent with only its payload set."""
+
+    job_id: str
+    seq: int
+    time: float
+    payload: bytes
+    terminal: bool  # the job's terminal StateChange
+
+
+@dataclass(frozen=True)
+class LeaseGrant:
+    """A job claimed for an executor under a fresh lease."""
+
+    job: JobRecord
+    spec: bytes
+    events: list[StoredEvent]
+
+
+@dataclass(frozen=True)
+class UpdateOutcome:
+    """Result of a fenced update. `accepted` False means it changed nothing."""
+
+    accepted: bool
+    message: str
+    job: JobRecord | None
+    events: list[StoredEvent]
+
+
+@dataclass(frozen=True)
+class ExpiredLease:
+    """A lease the reaper ended: the job is QUEUED again or FAILED (attempts used up)."""
+
+    job: JobRecord
+    lease_id: str
+    executor_id: str
+    events: list[StoredEvent]
+
+
+@dataclass(frozen=True)
+class CancelOutcome:
+    """Cancel's effect: `lease_id`/`executor_id` name the run to stop, if one was running."""
+
+    job: JobRecord
+    previous_state: JobState
+    lease_id: str
+    executor_id: str
+    events: list[StoredEvent]
+
+
+@dataclass(frozen=True)
+class HeldCheck:
+    """Which leases an executor reported on reconnect are still the jobs' current ones."""
+
+    valid: list[tuple[str, str]]  # (job_id, lease_id), lease extended
+    invalid: list[tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class BackendRecord:
+    """A backend some executor announced: `info` is a serialized BackendInfo."""
+
+    name: str
+    info: bytes
+    last_seen: float
+
+
+@dataclass(frozen=True)
+class JobPage:
+    jobs: list[JobRecord]
+    next_page_token: str
+
+
+class JobStore(ABC):
+    """Durable state of the broker. Implementations: SQLite (here), PostgreSQL (later).
+
+    `tenant=None` on reads means "any tenant" (internal callers); a tenant's
+    view of another tenant's job raises NotFound so existence never leaks.
+    """
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Create or migrate the schema; safe to call on an existing store."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    # --- jobs -------------------------------------------------------------
+    @abstractmethod
+    async def submit(self, job: NewJob, *, max_queued_per_tenant: int) -> tuple[JobRecord, bool]:
+        """Insert a QUEUED job with its first event, or return the tenant's job
+        with the same idempotency key (created=False). Raises ResourceExhausted
+        when the tenant already has `max_queued_per_tenant` queued jobs."""
+
+    @abstractmethod
+    async def get(self, job_id: str, tenant: str | None = None) -> JobRecord:
+        """Raises NotFound."""
+
+    @abstractmethod
+    async def get_spec(self, job_id: str) -> bytes: ...
+
+    @abstractmethod
+    async def get_result(self, job_id: str) -> bytes | None:
+        """Serialized JobResult of a DONE job, else None."""
+
+    @abstractmethod
+    async def list_jobs(
+        self,
+        tenant: str,
+        *,
+        states: Sequence[JobState] = (),
+        backend: str = "",
+        session_id: str = "",
+        page_size: int = 50,
+        page_token: str = "",
+    ) -> JobPage:
+        """Newest first."""
+
+    @abstractmethod
+    async def events_after(self, job_id: str, after_seq: int) -> list[StoredEvent]: ...
+
+    # --- scheduling and leases -------------------------------------------
+    @abstractmethod
+    async def claim(
+        self, backends: Sequence[str], executor_id: str, lease_ttl_s: float, limit: int
+    ) -> list[LeaseGrant]:
+        """Lease up to `limit` of the oldest QUEUED jobs for these backends to
+        the executor: RUNNING, attempts + 1, a new lease id, a StateChange event."""
+
+    @abstractmethod
+    async def extend_leases(self, lease_ids: Sequence[str], lease_ttl_s: float) -> set[str]:
+        """Push expiry of these current leases to now + ttl; returns the ones extended."""
+
+    @abstractmethod
+    async def check_held(
+        self, executor_id: str, held: Sequence[tuple[str, str]], lease_ttl_s: float
+    ) -> HeldCheck: ...
+
+    @abstractmethod
+    async def apply_update(
+        self, job_id: str, lease_id: str, kind: UpdateKind, payload: bytes
+    ) -> UpdateOutcome:
+        """Fenced by lease: only the job's current lease may change it.
+
+        `payload` is the serialized Interim / LogLine / JobResult / JobError /
+        Released message. A RELEASED for a job already CANCELLED is accepted
+        as a no-op (the executor confirms the stop)."""
+
+    @abstractmethod
+    async def expire_leases(self, now: float, max_attempts: int) -> list[ExpiredLease]: ...
+
+    @abstractmethod
+    async def next_lease_expiry(self) -> float | None: ...
+
+    @abstractmethod
+    async def renew_running_leases(self, lease_ttl_s: float) -> int:
+        """At start-up: give every RUNNING lease at least one TTL from now, so
+        executors reconnecting after a broker restart can keep their jobs."""
+
+    @abstractmethod
+    async def cancel(self, job_id: str, tenant: str | None, reason: str) -> CancelOutcome: ...
+
+    # --- backends and statistics -----------------------------------------
+    @abstractmethod
+    async def upsert_backends(self, backends: Sequence[BackendRecord]) -> None: ...
+
+    @abstractmethod
+    async def touch_backends(self, names: Sequence[str], now: float) -> None: ...
+
+    @abstractmethod
+    async def list_backends(self) -> list[BackendRecord]: ...
+
+    @abstractmethod
+    async def get_backend(self, name: str) -> BackendRecord | None: ...
+
+    @abstractmethod
+    async def queue_lengths(self) -> dict[str, int]:
+        """QUEUED jobs per backend."""
+
+    @abstractmethod
+    async def count_by_state(self) -> dict[JobState, int]: ...
+
+
+# --- event payload helpers (shared by every implementation) ---------------
+
+
+def state_payload(state: JobState, message: str, attempt: int, executor_id: str = "") -> bytes:
+    """Serialized JobEvent payload for a StateChange."""
+    return types_pb2.JobEvent(
+        state=types_pb2.StateChange(
+            state=types_pb2.JobState.ValueType(state),
+            message=message,
+            attempt=attempt,
+            executor_id=executor_id,
+        )
+    ).SerializeToString()
+
+
+_PAYLOAD_FIELD = {
+    UpdateKind.INTERIM: 5,
+    UpdateKind.LOG: 6,
+    UpdateKind.RESULT: 7,
+    UpdateKind.ERROR: 8,
+}
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def update_payload(kind: UpdateKind, payload: bytes) -> bytes:
+    """Serialized JobEvent payload for an executor update (interim/log/result/error).
+
+    Built by framing the already-serialized message as JobEvent's oneof field
+    (protobuf wire format), so a large result is not parsed again.
+    """
+    if kind not in _PAYLOAD_FIELD:
+        raise ValueError(f"{kind} has no event payload")
+    tag = (_PAYLOAD_FIELD[kind] << 3) | 2
+    return _varint(tag) + _varint(len(payload)) + payload
+
+
+def job_error(code: int, message: str) -> bytes:
+    return types_pb2.JobError(code=code, message=message).SerializeToString()

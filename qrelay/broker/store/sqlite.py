@@ -1,0 +1,668 @@
+"""SQLite `JobStore`: one file, WAL, every operation one transaction.
+
+All sqlite3 calls run on one dedicated worker thread that owns the
+connection, so the event loop never blocks and transactions never interleave.
+Commits in WAL mode with synchronous=NORMAL do not fsync (only checkpoints
+do) yet survive a process crash, which keeps submit→result throughput high.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+
+from qrelay.broker.store.base import (
+    BackendRecord,
+    CancelOutcome,
+    ExpiredLease,
+    HeldCheck,
+    JobKind,
+    JobPage,
+    JobRecord,
+    JobState,
+    JobStore,
+    LeaseGrant,
+    NewJob,
+    StoredEvent,
+    UpdateKind,
+    UpdateOutcome,
+    job_error,
+    state_payload,
+    update_payload,
+)
+from qrelay.errors import InvalidArgument, NotFound, ResourceExhausted
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+UNAVAILABLE = 14
+
+# Schema migrations by target version; programs/sessions tables arrive as version 2+.
+_MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE jobs (
+        qseq INTEGER PRIMARY KEY AUTOINCREMENT,  -- FIFO order, also the page cursor
+        id TEXT NOT NULL UNIQUE,
+        tenant TEXT NOT NULL,
+        backend TEXT NOT NULL,
+        kind INTEGER NOT NULL,
+        state INTEGER NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        error BLOB,
+        session_id TEXT NOT NULL DEFAULT '',
+        executor_id TEXT NOT NULL DEFAULT '',
+        lease_id TEXT NOT NULL DEFAULT '',
+        lease_expires_at REAL,
+        last_seq INTEGER NOT NULL DEFAULT 0,
+        tags TEXT NOT NULL DEFAULT '{}',
+        idempotency_key TEXT,
+        num_pubs INTEGER NOT NULL DEFAULT 0,
+        spec BLOB NOT NULL,
+        result BLOB
+    );
+    CREATE UNIQUE INDEX jobs_idempotency ON jobs(tenant, idempotency_key);
+    CREATE INDEX jobs_queued ON jobs(backend, qseq) WHERE state = 1;
+    CREATE INDEX jobs_tenant_queued ON jobs(tenant) WHERE state = 1;
+    CREATE INDEX jobs_lease ON jobs(lease_id) WHERE lease_id != '';
+    CREATE INDEX jobs_lease_expiry ON jobs(lease_expires_at) WHERE state = 2;
+    CREATE INDEX jobs_tenant ON jobs(tenant, qseq);
+    CREATE TABLE events (
+        job_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        time REAL NOT NULL,
+        payload BLOB NOT NULL,
+        terminal INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (job_id, seq)
+    );
+    CREATE TABLE backends (
+        name TEXT PRIMARY KEY,
+        info BLOB NOT NULL,
+        last_seen REAL NOT NULL
+    );
+    """,
+}
+
+_JOB_COLUMNS = (
+    "id, tenant, backend, kind, state, attempts, created_at, started_at, finished_at, error, "
+    "session_id, executor_id, lease_id, lease_expires_at, last_seq, tags, idempotency_key, "
+    "num_pubs, qseq"
+)
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class SQLiteJobStore(JobStore):
+    """The embedded default store (see module docstring)."""
+
+    def __init__(self, path: Path, *, synchronous: str = "NORMAL") -> None:
+        self.path = Path(path)
+        self.synchronous = synchronous.upper()
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qrelay-sqlite")
+        self._conn: sqlite3.Connection | None = None
+
+    # --- plumbing ----------------------------------------------------------
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` in one transaction on the store's thread."""
+
+        def work() -> T:
+            conn = self._conn
+            if conn is None:
+                raise RuntimeError("store is not open")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                value = fn(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return value
+
+        # If the caller is cancelled before the thread picks this up, the
+        # transaction never runs; once running it commits or rolls back whole.
+        return await asyncio.wrap_future(self._thread.submit(work))
+
+    async def open(self) -> None:
+        def connect() -> None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            conn.execute("PRAGMA busy_timeout=5000")
+            conn.execute("PRAGMA foreign_keys=ON")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                conn.close()
+                raise RuntimeError(
+                    f"{self.path} has schema version {version}; this qrelay knows up to "
+                    f"{SCHEMA_VERSION} (upgrade qrelay)"
+                )
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                conn.executescript(
+                    f"BEGIN IMMEDIATE; {_MIGRATIONS[target]}; PRAGMA user_version={target}; COMMIT;"
+                )
+            self._conn = conn
+
+        await asyncio.wrap_future(self._thread.submit(connect))
+        log.info("store.opened", path=str(self.path), synchronous=self.synchronous)
+
+    async def close(self) -> None:
+        def disconnect() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        await asyncio.wrap_future(self._thread.submit(disconnect))
+        self._thread.shutdown(wait=True)
+
+    # --- helpers run on the store thread -----------------------------------
+    @staticmethod
+    def _record(row: Sequence[Any], queue_position: int = 0) -> JobRecord:
+        return JobRecord(
+            id=row[0],
+            tenant=row[1],
+            backend=row[2],
+            kind=JobKind(row[3]),
+            state=JobState(row[4]),
+            attempts=row[5],
+            created_at=row[6],
+            started_at=row[7],
+            finished_at=row[8],
+            error=row[9],
+            session_id=row[10],
+            executor_id=row[11],
+            lease_id=row[12],
+            lease_expires_at=row[13],
+            last_seq=row[14],
+            tags=json.loads(row[15]),
+            idempotency_key=row[16] or "",
+            num_pubs=row[17],
+            queue_position=queue_position,
+        )
+
+    def _load(self, conn: sqlite3.Connection, job_id: str, tenant: str | None = None) -> JobRecord:
+        row = conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None or (tenant is not None and row[1] != tenant):
+            raise NotFound(f"job {job_id!r} not found")
+        position = 0
+        if row[4] == JobState.QUEUED:
+            position = conn.execute(
+                "SELECT COUNT(*) FROM jobs WHERE state = 1 AND backend = ? AND qseq <= ?",
+                (row[2], row[18]),
+            ).fetchone()[0]
+        return self._record(row, position)
+
+    @staticmethod
+    def _append(
+        conn: sqlite3.Connection,
+        job_id: str,
+        last_seq: int,
+        payloads: Sequence[tuple[bytes, bool]],
+        now: float,
+    ) -> list[StoredEvent]:
+        """Append events after `last_seq` and move the job's last_seq along."""
+        events = [
+            StoredEvent(job_id, last_seq + i + 1, now, payload, terminal)
+            for i, (payload, terminal) in enumerate(payloads)
+        ]
+        conn.executemany(
+            "INSERT INTO events (job_id, seq, time, payload, terminal) VALUES (?, ?, ?, ?, ?)",
+            [(e.job_id, e.seq, e.time, e.payload, int(e.terminal)) for e in events],
+        )
+        conn.execute("UPDATE jobs SET last_seq = ? WHERE id = ?", (events[-1].seq, job_id))
+        return events
+
+    # --- jobs --------------------------------------------------------------
+    async def submit(self, job: NewJob, *, max_queued_per_tenant: int) -> tuple[JobRecord, bool]:
+        def tx(conn: sqlite3.Connection) -> tuple[JobRecord, bool]:
+            if job.idempotency_key:
+                row = conn.execute(
+                    "SELECT id FROM jobs WHERE tenant = ? AND idempotency_key = ?",
+                    (job.tenant, job.idempotency_key),
+                ).fetchone()
+                if row is not None:
+                    return self._load(conn, row[0]), False
+            queued = conn.execute(
+                "SELECT COUNT(*) FROM jobs WHERE tenant = ? AND state = 1", (job.tenant,)
+            ).fetchone()[0]
+            if queued >= max_queued_per_tenant:
+                raise ResourceExhausted(
+                    f"tenant {job.tenant!r} already has {queued} queued jobs; this broker "
+                    f"queues at most {max_queued_per_tenant} per tenant "
+                    "(QRELAY_MAX_QUEUED_PER_TENANT); wait for some to finish"
+                )
+            now = time.time()
+            job_id = _new_id("j")
+            conn.execute(
+                "INSERT INTO jobs (id, tenant, backend, kind, state, created_at, session_id, "
+                "tags, idempotency_key, num_pubs, spec) VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?)",
+                (
+                    job_id,
+                    job.tenant,
+                    job.backend,
+                    int(job.kind),
+                    now,
+                    job.session_id,
+                    json.dumps(job.tags, sort_keys=True),
+                    job.idempotency_key or None,
+                    job.num_pubs,
+                    job.spec,
+                ),
+            )
+            self._append(
+                conn, job_id, 0, [(state_payload(JobState.QUEUED, "submitted", 0), False)], now
+            )
+            return self._load(conn, job_id), True
+
+        return await self._run(tx)
+
+    async def get(self, job_id: str, tenant: str | None = None) -> JobRecord:
+        return await self._run(lambda conn: self._load(conn, job_id, tenant))
+
+    async def get_spec(self, job_id: str) -> bytes:
+        def tx(conn: sqlite3.Connection) -> bytes:
+            row = conn.execute("SELECT spec FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"job {job_id!r} not found")
+            return bytes(row[0])
+
+        return await self._run(tx)
+
+    async def get_result(self, job_id: str) -> bytes | None:
+        def tx(conn: sqlite3.Connection) -> bytes | None:
+            row = conn.execute("SELECT result FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"job {job_id!r} not found")
+            return None if row[0] is None else bytes(row[0])
+
+        return await self._run(tx)
+
+    async def list_jobs(
+        self,
+        tenant: str,
+        *,
+        states: Sequence[JobState] = (),
+        backend: str = "",
+        session_id: str = "",
+        page_size: int = 50,
+        page_token: str = "",
+    ) -> JobPage:
+        where = ["tenant = ?"]
+        params: list[Any] = [tenant]
+        if page_token:
+            try:
+                cursor = int(page_token)
+            except ValueError:
+                raise InvalidArgument(
+                    f"page_token {page_token!r} is not one this broker issued"
+                ) from None
+            where.append("qseq < ?")
+            params.append(cursor)
+        if states:
+            where.append(f"state IN ({','.join('?' * len(states))})")
+            params.extend(int(s) for s in states)
+        if backend:
+            where.append("backend = ?")
+            params.append(backend)
+        if session_id:
+            where.append("session_id = ?")
+            params.append(session_id)
+
+        def tx(conn: sqlite3.Connection) -> JobPage:
+            rows = conn.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE {' AND '.join(where)} "
+                "ORDER BY qseq DESC LIMIT ?",
+                (*params, page_size + 1),
+            ).fetchall()
+            more = len(rows) > page_size
+            rows = rows[:page_size]
+            jobs = []
+            for row in rows:
+                position = 0
+                if row[4] == JobState.QUEUED:
+                    position = conn.execute(
+                        "SELECT COUNT(*) FROM jobs WHERE state = 1 AND backend = ? AND qseq <= ?",
+                        (row[2], row[18]),
+                    ).fetchone()[0]
+                jobs.append(self._record(row, position))
+            return JobPage(jobs, str(rows[-1][18]) if more else "")
+
+        return await self._run(tx)
+
+    async def events_after(self, job_id: str, after_seq: int) -> list[StoredEvent]:
+        def tx(conn: sqlite3.Connection) -> list[StoredEvent]:
+            rows = conn.execute(
+                "SELECT seq, time, payload, terminal FROM events WHERE job_id = ? AND seq > ? "
+                "ORDER BY seq",
+                (job_id, after_seq),
+            ).fetchall()
+            return [StoredEvent(job_id, r[0], r[1], bytes(r[2]), bool(r[3])) for r in rows]
+
+        return await self._run(tx)
+
+    # --- scheduling and leases ----------------------------------------------
+    async def claim(
+        self, backends: Sequence[str], executor_id: str, lease_ttl_s: float, limit: int
+    ) -> list[LeaseGrant]:
+        if not backends or limit <= 0:
+            return []
+
+        def tx(conn: sqlite3.Connection) -> list[LeaseGrant]:
+            rows = conn.execute(
+                f"SELECT id, attempts, last_seq, spec FROM jobs WHERE state = 1 AND backend IN "
+                f"({','.join('?' * len(backends))}) ORDER BY qseq LIMIT ?",
+                (*backends, limit),
+            ).fetchall()
+            now = time.time()
+            grants = []
+            for job_id, attempts, last_seq, spec in rows:
+                lease_id = _new_id("l")
+                conn.execute(
+                    "UPDATE jobs SET state = 2, attempts = ?, started_at = ?, executor_id = ?, "
+                    "lease_id = ?, lease_expires_at = ? WHERE id = ?",
+                    (attempts + 1, now, executor_id, lease_id, now + lease_ttl_s, job_id),
+                )
+                events = self._append(
+                    conn,
+                    job_id,
+                    last_seq,
+                    [
+                        (
+                            state_payload(
+                                JobState.RUNNING,
+                                f"running on executor {executor_id}",
+                                attempts + 1,
+                                executor_id,
+                            ),
+                            False,
+                        )
+                    ],
+                    now,
+                )
+                grants.append(LeaseGrant(self._load(conn, job_id), bytes(spec), events))
+            return grants
+
+        return await self._run(tx)
+
+    async def extend_leases(self, lease_ids: Sequence[str], lease_ttl_s: float) -> set[str]:
+        if not lease_ids:
+            return set()
+
+        def tx(conn: sqlite3.Connection) -> set[str]:
+            expires = time.time() + lease_ttl_s
+            extended = set()
+            for lease_id in lease_ids:
+                cur = conn.execute(
+                    "UPDATE jobs SET lease_expires_at = ? WHERE lease_id = ? AND state = 2",
+                    (expires, lease_id),
+                )
+                if cur.rowcount:
+                    extended.add(lease_id)
+            return extended
+
+        return await self._run(tx)
+
+    async def check_held(
+        self, executor_id: str, held: Sequence[tuple[str, str]], lease_ttl_s: float
+    ) -> HeldCheck:
+        def tx(conn: sqlite3.Connection) -> HeldCheck:
+            expires = time.time() + lease_ttl_s
+            valid: list[tuple[str, str]] = []
+            invalid: list[tuple[str, str]] = []
+            for job_id, lease_id in held:
+                cur = conn.execute(
+                    "UPDATE jobs SET lease_expires_at = ?, executor_id = ? "
+                    "WHERE id = ? AND lease_id = ? AND state = 2",
+                    (expires, executor_id, job_id, lease_id),
+                )
+                (valid if cur.rowcount else invalid).append((job_id, lease_id))
+            return HeldCheck(valid, invalid)
+
+        return await self._run(tx)
+
+    async def apply_update(
+        self, job_id: str, lease_id: str, kind: UpdateKind, payload: bytes
+    ) -> UpdateOutcome:
+        def tx(conn: sqlite3.Connection) -> UpdateOutcome:
+            row = conn.execute(
+                "SELECT state, lease_id, last_seq, attempts, executor_id FROM jobs WHERE id = ?",
+                (job_id,),
+            ).fetchone()
+            if row is None:
+                return UpdateOutcome(False, f"unknown job {job_id!r}", None, [])
+            state, current_lease, last_seq, attempts, executor_id = row
+            state = JobState(state)
+            if kind is UpdateKind.RELEASED and state is JobState.CANCELLED:
+                return UpdateOutcome(True, "already cancelled", self._load(conn, job_id), [])
+            if not lease_id or lease_id != current_lease or state is not JobState.RUNNING:
+                why = (
+                    f"job is {state.name}"
+                    if state is not JobState.RUNNING
+                    else "it was re-leased after this lease expired"
+                )
+                return UpdateOutcome(
+                    False,
+                    f"lease {lease_id!r} is not the current lease of job {job_id}; {why}",
+                    self._load(conn, job_id),
+                    [],
+                )
+            now = time.time()
+            if kind in (UpdateKind.INTERIM, UpdateKind.LOG):
+                events = self._append(
+                    conn, job_id, last_seq, [(update_payload(kind, payload), False)], now
+                )
+            elif kind is UpdateKind.RESULT:
+                conn.execute(
+                    "UPDATE jobs SET state = 3, result = ?, finished_at = ?, lease_id = '', "
+                    "lease_expires_at = NULL WHERE id = ?",
+                    (payload, now, job_id),
+                )
+                events = self._append(
+                    conn,
+                    job_id,
+                    last_seq,
+                    [
+                        (update_payload(kind, payload), False),
+                        (state_payload(JobState.DONE, "done", attempts, executor_id), True),
+                    ],
+                    now,
+                )
+            elif kind is UpdateKind.ERROR:
+                conn.execute(
+                    "UPDATE jobs SET state = 4, error = ?, finished_at = ?, lease_id = '', "
+                    "lease_expires_at = NULL WHERE id = ?",
+                    (payload, now, job_id),
+                )
+                events = self._append(
+                    conn,
+                    job_id,
+                    last_seq,
+                    [
+                        (update_payload(kind, payload), False),
+                        (state_payload(JobState.FAILED, "failed", attempts, executor_id), True),
+                    ],
+                    now,
+                )
+            else:  # RELEASED under a valid lease: the executor gave the job back unrun
+                conn.execute(
+                    "UPDATE jobs SET state = 1, attempts = ?, lease_id = '', "
+                    "lease_expires_at = NULL WHERE id = ?",
+                    (max(attempts - 1, 0), job_id),
+                )
+                events = self._append(
+                    conn,
+                    job_id,
+                    last_seq,
+                    [
+                        (
+                            state_payload(
+                                JobState.QUEUED,
+                                f"released by executor {executor_id}; requeued",
+                                max(attempts - 1, 0),
+                            ),
+                            False,
+                        )
+                    ],
+                    now,
+                )
+            return UpdateOutcome(True, "accepted", self._load(conn, job_id), events)
+
+        return await self._run(tx)
+
+    async def expire_leases(self, now: float, max_attempts: int) -> list[ExpiredLease]:
+        def tx(conn: sqlite3.Connection) -> list[ExpiredLease]:
+            rows = conn.execute(
+                "SELECT id, lease_id, executor_id, attempts, last_seq FROM jobs "
+                "WHERE state = 2 AND lease_expires_at < ? ORDER BY lease_expires_at",
+                (now,),
+            ).fetchall()
+            expired = []
+            for job_id, lease_id, executor_id, attempts, last_seq in rows:
+                if attempts >= max_attempts:
+                    message = (
+                        f"lease expired on executor {executor_id} on attempt {attempts} of "
+                        f"{max_attempts}; giving up: executors kept vanishing while running this "
+                        "job (QRELAY_MAX_ATTEMPTS)"
+                    )
+                    error = job_error(UNAVAILABLE, message)
+                    conn.execute(
+                        "UPDATE jobs SET state = 4, error = ?, finished_at = ?, lease_id = '', "
+                        "lease_expires_at = NULL WHERE id = ?",
+                        (error, now, job_id),
+                    )
+                    payloads = [
+                        (update_payload(UpdateKind.ERROR, error), False),
+                        (state_payload(JobState.FAILED, message, attempts, executor_id), True),
+                    ]
+                else:
+                    message = (
+                        f"lease expired on executor {executor_id}; requeued "
+                        f"(attempt {attempts} of {max_attempts})"
+                    )
+                    conn.execute(
+                        "UPDATE jobs SET state = 1, lease_id = '', lease_expires_at = NULL "
+                        "WHERE id = ?",
+                        (job_id,),
+                    )
+                    payloads = [(state_payload(JobState.QUEUED, message, attempts), False)]
+                events = self._append(conn, job_id, last_seq, payloads, now)
+                expired.append(
+                    ExpiredLease(self._load(conn, job_id), lease_id, executor_id, events)
+                )
+            return expired
+
+        return await self._run(tx)
+
+    async def next_lease_expiry(self) -> float | None:
+        def tx(conn: sqlite3.Connection) -> float | None:
+            row = conn.execute("SELECT MIN(lease_expires_at) FROM jobs WHERE state = 2").fetchone()
+            return None if row is None else row[0]
+
+        return await self._run(tx)
+
+    async def renew_running_leases(self, lease_ttl_s: float) -> int:
+        def tx(conn: sqlite3.Connection) -> int:
+            floor = time.time() + lease_ttl_s
+            cur = conn.execute(
+                "UPDATE jobs SET lease_expires_at = ? WHERE state = 2 AND lease_expires_at < ?",
+                (floor, floor),
+            )
+            return int(cur.rowcount)
+
+        return await self._run(tx)
+
+    async def cancel(self, job_id: str, tenant: str | None, reason: str) -> CancelOutcome:
+        def tx(conn: sqlite3.Connection) -> CancelOutcome:
+            job = self._load(conn, job_id, tenant)
+            if job.state.terminal:
+                return CancelOutcome(job, job.state, "", "", [])
+            now = time.time()
+            conn.execute(
+                "UPDATE jobs SET state = 5, finished_at = ?, lease_id = '', "
+                "lease_expires_at = NULL WHERE id = ?",
+                (now, job_id),
+            )
+            message = f"cancelled: {reason}" if reason else "cancelled"
+            events = self._append(
+                conn,
+                job_id,
+                job.last_seq,
+                [(state_payload(JobState.CANCELLED, message, job.attempts, job.executor_id), True)],
+                now,
+            )
+            lease = job.lease_id if job.state is JobState.RUNNING else ""
+            executor = job.executor_id if job.state is JobState.RUNNING else ""
+            return CancelOutcome(self._load(conn, job_id), job.state, lease, executor, events)
+
+        return await self._run(tx)
+
+    # --- backends and statistics ------------------------------------------
+    async def upsert_backends(self, backends: Sequence[BackendRecord]) -> None:
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "INSERT INTO backends (name, info, last_seen) VALUES (?, ?, ?) ON CONFLICT(name) "
+                "DO UPDATE SET info = excluded.info, last_seen = excluded.last_seen",
+                [(b.name, b.info, b.last_seen) for b in backends],
+            )
+
+        await self._run(tx)
+
+    async def touch_backends(self, names: Sequence[str], now: float) -> None:
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "UPDATE backends SET last_seen = ? WHERE name = ?", [(now, n) for n in names]
+            )
+
+        await self._run(tx)
+
+    async def list_backends(self) -> list[BackendRecord]:
+        def tx(conn: sqlite3.Connection) -> list[BackendRecord]:
+            rows = conn.execute(
+                "SELECT name, info, last_seen FROM backends ORDER BY name"
+            ).fetchall()
+            return [BackendRecord(r[0], bytes(r[1]), r[2]) for r in rows]
+
+        return await self._run(tx)
+
+    async def get_backend(self, name: str) -> BackendRecord | None:
+        def tx(conn: sqlite3.Connection) -> BackendRecord | None:
+            r = conn.execute(
+                "SELECT name, info, last_seen FROM backends WHERE name = ?", (name,)
+            ).fetchone()
+            return None if r is None else BackendRecord(r[0], bytes(r[1]), r[2])
+
+        return await self._run(tx)
+
+    async def queue_lengths(self) -> dict[str, int]:
+        def tx(conn: sqlite3.Connection) -> dict[str, int]:
+            rows = conn.execute(
+                "SELECT backend, COUNT(*) FROM jobs WHERE state = 1 GROUP BY backend"
+            ).fetchall()
+            return {r[0]: r[1] for r in rows}
+
+        return await self._run(tx)
+
+    async def count_by_state(self) -> dict[JobState, int]:
+        def tx(conn: sqlite3.Connection) -> dict[JobState, int]:
+            rows = conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+            counts = {s: 0 for s in JobState}
+            for state, n in rows:
+                counts[JobState(state)] = n
+            return counts
+
+        return await self._run(tx)
