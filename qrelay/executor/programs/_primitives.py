@@ -1,0 +1,99 @@
+"""`ctx.sampler()` / `ctx.estimator()`: Qiskit V2 primitives whose work goes to the executor.
+
+Each `run` encodes the PUBs with `qrelay.codec` into a `JobSpec`, hands it to
+the sandbox host (which asks the executor's primitive pipeline over the
+sandbox channel) and returns an already finished job: the sandbox has one
+thread of control, so there is nothing to overlap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from google.protobuf import struct_pb2
+from qiskit.primitives import (
+    BaseEstimatorV2,
+    BasePrimitiveJob,
+    BaseSamplerV2,
+    PrimitiveResult,
+)
+from qiskit.providers import JobStatus
+
+from qrelay import codec  # type: ignore[attr-defined,unused-ignore]
+from qrelay._proto.v1 import types_pb2
+
+if TYPE_CHECKING:
+    from qrelay.program import ProgramContext
+
+_counter = 0
+
+
+def _next_id(ctx: ProgramContext) -> str:
+    global _counter
+    _counter += 1
+    return f"{ctx.job_id}/primitive-{_counter}"
+
+
+class LocalJob(BasePrimitiveJob[PrimitiveResult[Any], JobStatus]):  # type: ignore[misc]
+    """A primitive job that already ran (or failed) when `run` returned."""
+
+    def __init__(self, job_id: str, result: PrimitiveResult[Any]) -> None:
+        super().__init__(job_id)
+        self._result = result
+
+    def result(self) -> PrimitiveResult[Any]:
+        return self._result
+
+    def status(self) -> JobStatus:
+        return JobStatus.DONE
+
+    def done(self) -> bool:
+        return True
+
+    def running(self) -> bool:
+        return False
+
+    def cancelled(self) -> bool:
+        return False
+
+    def in_final_state(self) -> bool:
+        return True
+
+    def cancel(self) -> None:
+        """Nothing to cancel: the work finished inside `run`."""
+
+
+def _spec(options: Mapping[str, Any]) -> types_pb2.JobSpec:
+    spec = types_pb2.JobSpec()
+    if options:
+        struct = struct_pb2.Struct()
+        struct.update(dict(options))
+        spec.options.CopyFrom(struct)
+    return spec
+
+
+class LocalSampler(BaseSamplerV2):  # type: ignore[misc]
+    """Sampler bound to the executor's backend, options as qiskit-ibm-runtime V2 names."""
+
+    def __init__(self, ctx: ProgramContext, options: dict[str, Any]) -> None:
+        self._ctx = ctx
+        self.options = options
+
+    def run(self, pubs: Iterable[Any], *, shots: int | None = None) -> LocalJob:
+        spec = _spec(self.options)
+        spec.sampler.CopyFrom(codec.encode_sampler_task(pubs, shots))
+        return LocalJob(_next_id(self._ctx), self._ctx._run(spec))
+
+
+class LocalEstimator(BaseEstimatorV2):  # type: ignore[misc]
+    """Estimator bound to the executor's backend, options as qiskit-ibm-runtime V2 names."""
+
+    def __init__(self, ctx: ProgramContext, options: dict[str, Any]) -> None:
+        self._ctx = ctx
+        self.options = options
+
+    def run(self, pubs: Iterable[Any], *, precision: float | None = None) -> LocalJob:
+        spec = _spec(self.options)
+        spec.estimator.CopyFrom(codec.encode_estimator_task(pubs, precision))
+        return LocalJob(_next_id(self._ctx), self._ctx._run(spec))

@@ -1,0 +1,359 @@
+"""ProgramRunner: what the executor agent calls to run one program job in a sandbox.
+
+It checks the inputs against the program's JSON Schema, unpacks the program,
+makes sure its requirements are installed, takes a warm sandbox, hands it the
+job and then serves the sandbox channel: primitive requests go to the
+executor's own pipeline (`run_primitive`), interim results and log lines go
+to `emit`. Whatever happens — result, failure, limit, cancellation — the
+sandbox's process group is killed and its work directory removed.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import signal
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import jsonschema
+import structlog
+from anyio.abc import ByteReceiveStream
+from google.protobuf.message import DecodeError
+
+from qrelay._proto.v1 import backends_pb2, executor_pb2, types_pb2
+from qrelay.errors import QRelayError
+from qrelay.executor.programs import _ipc
+from qrelay.executor.programs.bundles import BundleCache
+from qrelay.executor.programs.environments import EnvironmentCache
+from qrelay.executor.programs.sandbox import Sandbox, SandboxUser, WarmPool
+from qrelay.executor.programs.settings import SandboxSettings
+
+log = structlog.get_logger(__name__)
+
+Emit = Callable[[types_pb2.Interim | types_pb2.LogLine], Awaitable[None]]
+RunPrimitive = Callable[[types_pb2.JobSpec], Awaitable[types_pb2.JobResult]]
+
+_ENTRY_POINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_MAX_LINE = 64 << 10
+# google.rpc codes used in JobError
+_UNKNOWN, _INVALID, _DEADLINE, _EXHAUSTED, _INTERNAL = 2, 3, 4, 8, 13
+
+
+class ProgramFailed(Exception):
+    """A program job ended without a result; `job_error` says why, for the client."""
+
+    def __init__(self, job_error: types_pb2.JobError) -> None:
+        super().__init__(job_error.message)
+        self.job_error = job_error
+
+    @property
+    def code(self) -> int:
+        return self.job_error.code
+
+    @classmethod
+    def of(cls, code: int, message: str, type_: str = "") -> ProgramFailed:
+        return cls(types_pb2.JobError(code=code, message=message, type=type_))
+
+
+class _LogBudget:
+    """Forwards log lines until `limit` bytes, then one truncation note and silence."""
+
+    def __init__(self, emit: Emit, limit: int) -> None:
+        self._emit = emit
+        self._limit = limit
+        self.used = 0
+        self.truncated = False
+
+    async def line(self, line: types_pb2.LogLine) -> None:
+        if self.truncated:
+            return
+        size = len(line.text.encode("utf-8"))
+        if self.used + size > self._limit:
+            self.truncated = True
+            note = f"log output truncated after {self.used} bytes (limit {self._limit} bytes)"
+            await self._emit(
+                types_pb2.LogLine(level=types_pb2.LogLine.LEVEL_WARNING, text=note, stream="log")
+            )
+            return
+        self.used += size
+        await self._emit(line)
+
+
+class ProgramRunner:
+    """Runs program jobs in sandboxes; one instance per executor."""
+
+    def __init__(self, settings: SandboxSettings, run_primitive: RunPrimitive) -> None:
+        self.settings = settings
+        self._run_primitive = run_primitive
+        self.user = SandboxUser.resolve(settings)
+        root = settings.cache_dir
+        self.bundles = BundleCache(root / "programs")
+        self.environments = EnvironmentCache(root / "envs", settings.python, settings.pip_timeout_s)
+        self.python = self.user.resolve_python(settings.python)
+        self.pool = WarmPool(settings, self.user, self.python)
+
+    async def start(self) -> None:
+        """Create the cache layout and warm the pool (processes, not tasks: nothing to own)."""
+        await anyio.to_thread.run_sync(self._prepare_dirs)
+        await self.pool.fill()
+        log.info("sandbox.pool_started", size=self.settings.warm_pool_size, user=self.user.name)
+
+    def _prepare_dirs(self) -> None:
+        root = self.settings.cache_dir
+        for d in (root, root / "idle", root / "programs", root / "envs", root / "work"):
+            d.mkdir(parents=True, exist_ok=True)
+            d.chmod(0o755)
+        self.user.check_reachable(root / "idle")
+
+    async def aclose(self) -> None:
+        await self.pool.aclose()
+
+    async def __aenter__(self) -> ProgramRunner:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def run(
+        self,
+        job_id: str,
+        bundle: executor_pb2.ProgramBundle,
+        inputs_json: str,
+        backend_info: backends_pb2.BackendInfo,
+        emit: Emit,
+    ) -> types_pb2.JobResult:
+        """Run the program to completion; raises `ProgramFailed`; cancellation kills it."""
+        bound = log.bind(job_id=job_id, program=bundle.id)
+        _check_entry_point(bundle.entry_point)
+        _check_inputs(inputs_json, bundle.input_schema_json)
+        try:
+            program_dir = await self.bundles.ensure(bundle)
+            env_dir = await self.environments.ensure(list(bundle.requirements))
+        except QRelayError as exc:
+            raise ProgramFailed.of(exc.code, exc.message) from None
+        work_dir = await anyio.to_thread.run_sync(self._make_work_dir, job_id)
+        sandbox: Sandbox | None = None
+        try:
+            try:
+                sandbox = await self.pool.take()
+            except QRelayError as exc:
+                raise ProgramFailed.of(_INTERNAL, exc.message) from None
+            job = {
+                "job_id": job_id,
+                "work_dir": str(work_dir),
+                "program_dir": str(program_dir),
+                "sys_path": [str(env_dir)] if env_dir else [],
+                "entry_point": bundle.entry_point,
+                "inputs_json": inputs_json,
+                "backend_info": base64.b64encode(backend_info.SerializeToString()).decode(),
+                "limits": {
+                    "cpu_seconds": self.settings.cpu_seconds,
+                    "memory_mb": self.settings.memory_mb,
+                    "max_open_files": self.settings.max_open_files,
+                    "max_processes": self.settings.max_processes,
+                },
+            }
+            bound.info("program.started", pid=sandbox.pid)
+            result = await self._supervise(sandbox, job, backend_info, emit)
+            bound.info("program.finished")
+            return result
+        except ProgramFailed as exc:
+            bound.info("program.failed", code=exc.code, reason=exc.job_error.message[:200])
+            raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                if sandbox is not None:
+                    await sandbox.kill()
+                await anyio.to_thread.run_sync(shutil.rmtree, work_dir, True)
+
+    def _make_work_dir(self, job_id: str) -> Path:
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", job_id)[:64]
+        path = self.settings.cache_dir / "work" / f"{safe}-{uuid.uuid4().hex[:8]}"
+        path.mkdir(mode=0o700, parents=True)
+        self.user.chown(path)
+        return path
+
+    async def _supervise(
+        self,
+        sandbox: Sandbox,
+        job: dict[str, Any],
+        backend_info: backends_pb2.BackendInfo,
+        emit: Emit,
+    ) -> types_pb2.JobResult:
+        logs = _LogBudget(emit, self.settings.max_log_bytes)
+        outcome: types_pb2.JobResult | types_pb2.JobError | None = None
+        timed_out = False
+        async with anyio.create_task_group() as tg:
+            assert sandbox.process.stdout is not None
+            assert sandbox.process.stderr is not None
+            tg.start_soon(_pump_output, sandbox.process.stdout, "stdout", logs)
+            tg.start_soon(_pump_output, sandbox.process.stderr, "stderr", logs)
+            with anyio.move_on_after(self.settings.wall_timeout_s) as deadline:
+                await sandbox.send(_ipc.JOB, json.dumps(job).encode())
+                outcome = await self._serve(sandbox, backend_info, emit, logs)
+            timed_out = deadline.cancelled_caught
+            if outcome is not None and not timed_out:
+                # It exits right after its last frame; let its final output drain.
+                with anyio.move_on_after(2):
+                    await sandbox.process.wait()
+            await sandbox.kill()  # the whole group: stray children, fork bombs
+            # Output readers end at EOF; a process that escaped the group could
+            # hold the pipes open, so they get a deadline too.
+            tg.cancel_scope.deadline = anyio.current_time() + 2
+        if timed_out:
+            raise ProgramFailed.of(
+                _DEADLINE, f"wall-clock time limit of {self.settings.wall_timeout_s:g} s exceeded"
+            )
+        if isinstance(outcome, types_pb2.JobResult):
+            return outcome
+        if isinstance(outcome, types_pb2.JobError):
+            raise ProgramFailed(outcome)
+        raise ProgramFailed(self._death_error(sandbox.process.returncode))
+
+    async def _serve(
+        self,
+        sandbox: Sandbox,
+        backend_info: backends_pb2.BackendInfo,
+        emit: Emit,
+        logs: _LogBudget,
+    ) -> types_pb2.JobResult | types_pb2.JobError | None:
+        """Answer the sandbox until it reports an outcome (None: it died without one)."""
+        while True:
+            try:
+                kind, payload = await _ipc.read_frame(sandbox.frames)
+            except _ipc.ChannelClosed:
+                return None
+            except _ipc.FrameTooLarge as exc:
+                return types_pb2.JobError(code=_EXHAUSTED, message=f"program sent {exc}")
+            try:
+                if kind == _ipc.INTERIM:
+                    await emit(types_pb2.Interim.FromString(payload))
+                elif kind == _ipc.LOG:
+                    line = types_pb2.LogLine.FromString(payload)
+                    line.stream = "log"
+                    await logs.line(line)
+                elif kind == _ipc.PRIMITIVE:
+                    spec = types_pb2.JobSpec.FromString(payload)
+                    spec.backend = backend_info.name
+                    await self._answer_primitive(sandbox, spec)
+                elif kind == _ipc.DONE:
+                    return types_pb2.JobResult.FromString(payload)
+                elif kind == _ipc.FAILED:
+                    return types_pb2.JobError.FromString(payload)
+                else:
+                    return types_pb2.JobError(
+                        code=_INTERNAL, message=f"sandbox sent an unknown frame kind {kind}"
+                    )
+            except DecodeError as exc:
+                return types_pb2.JobError(
+                    code=_INTERNAL, message=f"sandbox sent a malformed frame: {exc}"
+                )
+
+    async def _answer_primitive(self, sandbox: Sandbox, spec: types_pb2.JobSpec) -> None:
+        try:
+            result = await self._run_primitive(spec)
+        except QRelayError as exc:
+            err = types_pb2.JobError(code=exc.code, message=exc.message)
+            await sandbox.send(_ipc.PRIMITIVE_ERROR, err.SerializeToString())
+            return
+        except Exception as exc:
+            log.exception("program.primitive_crashed")
+            err = types_pb2.JobError(
+                code=_INTERNAL, message=f"the executor failed to run the primitive: {exc!r}"
+            )
+            await sandbox.send(_ipc.PRIMITIVE_ERROR, err.SerializeToString())
+            return
+        await sandbox.send(_ipc.PRIMITIVE_RESULT, result.SerializeToString())
+
+    def _death_error(self, returncode: int | None) -> types_pb2.JobError:
+        """Explain a sandbox that ended without reporting, in terms of the limit it hit."""
+        s = self.settings
+        if returncode is not None and returncode < 0:
+            sig = -returncode
+            name = (
+                signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+            )
+            if sig == signal.SIGXCPU:
+                return types_pb2.JobError(
+                    code=_EXHAUSTED, message=f"CPU time limit of {s.cpu_seconds:g} s exceeded"
+                )
+            if sig == signal.SIGKILL:
+                return types_pb2.JobError(
+                    code=_EXHAUSTED,
+                    message=f"sandbox was killed (SIGKILL): the CPU time limit of "
+                    f"{s.cpu_seconds:g} s or the memory limit of {s.memory_mb} MB was exceeded",
+                )
+            return types_pb2.JobError(
+                code=_UNKNOWN,
+                message=f"sandbox crashed with {name} (a native extension failed; allocation "
+                f"failures under the memory limit of {s.memory_mb} MB can cause this)",
+            )
+        return types_pb2.JobError(
+            code=_UNKNOWN,
+            message=f"program exited with status {returncode} without returning a result",
+        )
+
+
+async def _pump_output(stream: ByteReceiveStream, name: str, logs: _LogBudget) -> None:
+    """Forward a sandbox pipe line by line (over-long lines split), draining past the cap."""
+    level = types_pb2.LogLine.LEVEL_INFO if name == "stdout" else types_pb2.LogLine.LEVEL_WARNING
+    pending = b""
+
+    async def send(raw: bytes) -> None:
+        text = raw.decode("utf-8", "replace").rstrip("\r")
+        await logs.line(types_pb2.LogLine(level=level, text=text, stream=name))
+
+    async for chunk in stream:
+        pending += chunk
+        while True:
+            nl = pending.find(b"\n")
+            if nl < 0 or nl > _MAX_LINE:
+                break
+            await send(pending[:nl])
+            pending = pending[nl + 1 :]
+        while len(pending) > _MAX_LINE:
+            await send(pending[:_MAX_LINE])
+            pending = pending[_MAX_LINE:]
+    if pending:
+        await send(pending)
+
+
+def _check_entry_point(entry_point: str) -> None:
+    if not _ENTRY_POINT.match(entry_point):
+        raise ProgramFailed.of(
+            _INVALID, f"entry point must look like 'module:function', got {entry_point!r}"
+        )
+
+
+def _check_inputs(inputs_json: str, schema_json: str) -> None:
+    """Inputs must be a JSON object and satisfy the program's schema (if it has one)."""
+    try:
+        raw = json.loads(inputs_json) if inputs_json.strip() else {}
+    except json.JSONDecodeError as exc:
+        raise ProgramFailed.of(_INVALID, f"inputs are not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ProgramFailed.of(
+            _INVALID, f"inputs must be a JSON object of keyword arguments, got {type(raw).__name__}"
+        )
+    if not schema_json.strip():
+        return
+    try:
+        schema = json.loads(schema_json)
+        validator_cls = jsonschema.validators.validator_for(schema)
+        validator_cls.check_schema(schema)
+    except (json.JSONDecodeError, jsonschema.SchemaError) as exc:
+        msg = getattr(exc, "message", str(exc))
+        raise ProgramFailed.of(_INVALID, f"the program's input schema is invalid: {msg}") from None
+    error = jsonschema.exceptions.best_match(validator_cls(schema).iter_errors(raw))
+    if error is not None:
+        where = "".join(f"[{p!r}]" for p in error.absolute_path) or "(top level)"
+        raise ProgramFailed.of(
+            _INVALID, f"inputs do not match the program's input schema at {where}: {error.message}"
+        )

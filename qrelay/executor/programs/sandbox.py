@@ -1,0 +1,285 @@
+"""Sandbox processes and the warm pool that keeps some started ahead of need.
+
+A sandbox is one interpreter (fork+exec, never multiprocessing fork) in its own
+session and process group, started with a scrubbed environment and, when the
+executor is root, as an unprivileged user so RLIMIT_NPROC holds. It imports
+qiskit and the program runtime, says READY, runs one job and is discarded:
+killing its process group takes any children with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import signal
+import site
+import socket
+import stat
+import subprocess
+import sys
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import Process, SocketStream
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+import qrelay
+from qrelay.errors import FailedPrecondition, Internal
+from qrelay.executor.programs import _ipc
+from qrelay.executor.programs.settings import SandboxSettings
+
+log = structlog.get_logger(__name__)
+
+# Environment of every sandbox: nothing inherited from the executor (no
+# tokens, broker address or cloud credentials); BLAS/Rayon single-threaded
+# because threads count against RLIMIT_NPROC and the cores are the executor's.
+_BASE_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "LANG": "C.UTF-8",
+    "LC_ALL": "C.UTF-8",
+    "OPENBLAS_NUM_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "RAYON_NUM_THREADS": "1",
+    "QISKIT_PARALLEL": "FALSE",
+}
+
+# Appended to the sandbox's sys.path so qrelay imports even when not installed.
+_QRELAY_ROOT = str(Path(qrelay.__file__).resolve().parent.parent)
+# The executor's site-packages (with their .pth files) are added to the
+# sandbox's path: qiskit, qiskit-aer and qrelay come from there, never
+# reinstalled, even when the sandbox interpreter is another build of the
+# same Python version (e.g. the system one, when the executor's lives in a
+# directory the sandbox user cannot enter).
+_EXECUTOR_SITE = [p for p in site.getsitepackages() if os.path.isdir(p)]
+_BOOTSTRAP = (
+    "import site, sys\n"
+    "for p in {site!r}:\n"
+    "    site.addsitedir(p)\n"
+    "sys.path.append({root!r})\n"
+    "from qrelay.executor.programs._child import main\n"
+    "main(sys.argv)\n"
+)
+
+
+@dataclass(frozen=True)
+class SandboxUser:
+    """The uid/gid sandboxes run as (None: the executor's own)."""
+
+    uid: int | None
+    gid: int | None
+    name: str
+
+    @classmethod
+    def resolve(cls, settings: SandboxSettings) -> SandboxUser:
+        if os.geteuid() != 0 or not settings.run_as_user:
+            return cls(None, None, pwd.getpwuid(os.geteuid()).pw_name)
+        try:
+            entry = pwd.getpwnam(settings.run_as_user)
+        except KeyError:
+            raise FailedPrecondition(
+                f"sandbox user {settings.run_as_user!r} does not exist; set "
+                "QRELAY_SANDBOX_RUN_AS_USER to an unprivileged user"
+            ) from None
+        return cls(entry.pw_uid, entry.pw_gid, entry.pw_name)
+
+    def chown(self, path: Path) -> None:
+        if self.uid is not None and self.gid is not None:
+            os.chown(path, self.uid, self.gid)
+
+    def _searchable(self, st: os.stat_result) -> bool:
+        return st.st_uid == self.uid or bool(st.st_mode & stat.S_IXOTH)
+
+    def can_execute(self, program: str) -> bool:
+        """Whether the sandbox user can exec `program` (every directory on the way too)."""
+        if self.uid is None:
+            return os.access(program, os.X_OK)
+        for path in {Path(program).absolute(), Path(os.path.realpath(program))}:
+            try:
+                if not all(self._searchable(p.stat()) for p in path.parents):
+                    return False
+            except OSError:
+                return False
+        try:
+            return self._searchable(os.stat(program))
+        except OSError:
+            return False
+
+    def resolve_python(self, configured: str) -> str:
+        """The configured interpreter, or the same Python version elsewhere if the user
+        cannot run it (e.g. a pyenv build under /root)."""
+        if self.can_execute(configured):
+            return configured
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        for candidate in (f"/usr/bin/python{version}", f"/usr/local/bin/python{version}"):
+            if os.path.exists(candidate) and self.can_execute(candidate):
+                log.info("sandbox.python_fallback", configured=configured, using=candidate)
+                return candidate
+        raise FailedPrecondition(
+            f"sandbox user {self.name!r} cannot execute {configured}, and no python{version} "
+            "it can run was found; set QRELAY_SANDBOX_PYTHON to one"
+        )
+
+    def check_reachable(self, path: Path) -> None:
+        """Fail early, with the culprit named, if the sandbox user cannot reach `path`."""
+        if self.uid is None:
+            return
+        for parent in [path, *path.parents]:
+            st = parent.stat()
+            if st.st_uid != self.uid and not st.st_mode & 0o001:
+                raise FailedPrecondition(
+                    f"sandbox user {self.name!r} cannot reach {path}: {parent} is not "
+                    "searchable by others (chmod o+x, or choose another cache_dir)"
+                )
+
+
+class Sandbox:
+    """One started sandbox process and the parent's end of its channel."""
+
+    def __init__(self, process: Process, channel: SocketStream) -> None:
+        self.process = process
+        self.channel = channel
+        self.frames = BufferedByteReceiveStream(channel)
+        self.ready = False
+        self.pid = process.pid
+
+    @classmethod
+    async def spawn(cls, settings: SandboxSettings, user: SandboxUser, python: str) -> Sandbox:
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            idle_dir = settings.cache_dir / "idle"
+            process = await anyio.open_process(
+                [
+                    python,
+                    "-I",
+                    "-u",
+                    "-B",
+                    "-c",
+                    _BOOTSTRAP.format(site=_EXECUTOR_SITE, root=_QRELAY_ROOT),
+                    str(child_sock.fileno()),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=idle_dir,
+                env=dict(_BASE_ENV, HOME=str(idle_dir), TMPDIR=str(idle_dir)),
+                start_new_session=True,
+                pass_fds=(child_sock.fileno(),),
+                user=user.uid,
+                group=user.gid,
+                extra_groups=[] if user.uid is not None else None,
+            )
+        except BaseException:
+            parent_sock.close()
+            raise
+        finally:
+            child_sock.close()
+        channel = await SocketStream.from_socket(parent_sock)
+        return cls(process, channel)
+
+    async def wait_ready(self, timeout: float) -> None:  # noqa: ASYNC109 - start deadline
+        """Wait for READY (normally already in the socket buffer for a warm sandbox)."""
+        if self.ready:
+            return
+        try:
+            with anyio.fail_after(timeout):
+                kind, payload = await _ipc.read_frame(self.frames)
+        except TimeoutError:
+            await self.kill()
+            raise Internal(f"sandbox did not start within {timeout:g} s") from None
+        except _ipc.ChannelClosed:
+            detail = await self._stderr_tail()
+            await self.kill()
+            raise Internal(f"sandbox failed to start: {detail}") from None
+        if kind != _ipc.READY:
+            await self.kill()
+            raise Internal(f"sandbox sent {kind!r} before READY")
+        self.pid = json.loads(payload).get("pid", self.pid)
+        self.ready = True
+
+    async def _stderr_tail(self) -> str:
+        if self.process.stderr is None:
+            return "no stderr"
+        chunks: list[bytes] = []
+        with anyio.move_on_after(2):
+            async for chunk in self.process.stderr:
+                chunks.append(chunk)
+        text = b"".join(chunks).decode("utf-8", "replace").strip()
+        return text[-2000:] or f"exit status {self.process.returncode}"
+
+    def alive(self) -> bool:
+        return self.process.returncode is None
+
+    async def send(self, kind: int, payload: bytes) -> None:
+        await self.channel.send(_ipc.encode_frame(kind, payload))
+
+    async def kill(self) -> None:
+        """SIGKILL the whole process group (children included) and reap the sandbox."""
+        with anyio.CancelScope(shield=True):
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                log.warning("sandbox.kill_denied", pid=self.process.pid)
+            with anyio.move_on_after(5):
+                await self.process.wait()
+            await self.channel.aclose()
+            await self.process.aclose()
+
+
+class WarmPool:
+    """Up to `size` sandboxes started and imported ahead of need; each used once.
+
+    No background task: spawning is a quick fork+exec and the slow part (the
+    imports) happens in the new process, so `take` starts the replacement
+    before handing out a warm sandbox, and the caller waits for READY only if
+    the pool was empty (a cold start).
+    """
+
+    def __init__(self, settings: SandboxSettings, user: SandboxUser, python: str) -> None:
+        self._settings = settings
+        self._user = user
+        self._python = python
+        self._idle: deque[Sandbox] = deque()
+        self._closed = False
+        self.cold_starts = 0
+        self.warm_starts = 0
+
+    async def fill(self) -> None:
+        self._idle = deque(sb for sb in self._idle if sb.alive())
+        while not self._closed and len(self._idle) < self._settings.warm_pool_size:
+            self._idle.append(await Sandbox.spawn(self._settings, self._user, self._python))
+
+    async def take(self) -> Sandbox:
+        """A sandbox that has said READY; the pool is topped up first."""
+        while self._idle:
+            sandbox = self._idle.popleft()
+            if sandbox.alive():
+                await self.fill()
+                await sandbox.wait_ready(self._settings.start_timeout_s)
+                self.warm_starts += 1
+                return sandbox
+            await sandbox.kill()
+        sandbox = await Sandbox.spawn(self._settings, self._user, self._python)
+        self.cold_starts += 1
+        try:
+            await self.fill()
+            await sandbox.wait_ready(self._settings.start_timeout_s)
+        except BaseException:
+            await sandbox.kill()
+            raise
+        return sandbox
+
+    async def aclose(self) -> None:
+        self._closed = True
+        while self._idle:
+            await self._idle.popleft().kill()
+
+    def describe(self) -> dict[str, Any]:
+        return {"idle": len(self._idle), "warm": self.warm_starts, "cold": self.cold_starts}

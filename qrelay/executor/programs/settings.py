@@ -1,0 +1,48 @@
+"""Sandbox limits and locations, one pydantic-settings object (env prefix QRELAY_SANDBOX_)."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class SandboxSettings(BaseSettings):
+    """How program sandboxes are started and what they may use.
+
+    Defaults suit a laptop; every field is also `QRELAY_SANDBOX_<NAME>`.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="QRELAY_SANDBOX_", extra="ignore")
+
+    cpu_seconds: float = Field(300.0, gt=0, description="CPU time a program may use (RLIMIT_CPU).")
+    memory_mb: int = Field(
+        2048,
+        gt=0,
+        description="Address space a program may add on top of the warm interpreter (RLIMIT_AS).",
+    )
+    max_open_files: int = Field(256, gt=16, description="Open file descriptors (RLIMIT_NOFILE).")
+    max_processes: int = Field(
+        64,
+        gt=1,
+        description="Processes and threads of the sandbox user (RLIMIT_NPROC; root ignores it, "
+        "hence run_as_user).",
+    )
+    wall_timeout_s: float = Field(600.0, gt=0, description="Wall-clock limit per program run.")
+    max_log_bytes: int = Field(1 << 20, ge=0, description="Log bytes forwarded per job.")
+    warm_pool_size: int = Field(1, ge=0, description="Interpreters kept started and imported.")
+    cache_dir: Path = Field(
+        Path(tempfile.gettempdir()) / "qrelay-sandbox",
+        description="Unpacked programs, requirement environments and work directories.",
+    )
+    run_as_user: str | None = Field(
+        "nobody",
+        description="Unprivileged user sandboxes run as when the executor runs as root; "
+        "empty or None keeps the executor's user.",
+    )
+    python: str = Field(sys.executable, description="Interpreter for sandboxes (has qiskit).")
+    start_timeout_s: float = Field(120.0, gt=0, description="Deadline for a sandbox to warm up.")
+    pip_timeout_s: float = Field(600.0, gt=0, description="Deadline for installing requirements.")
