@@ -235,14 +235,18 @@ class Report:
             columns = list(seen)
         table = Table(title=self.title or self.name)
         for col in columns:
-            table.add_column(col, justify="left" if col in ("mode", "name", "what") else "right")
+            first = next((row[col] for row in self.rows if row.get(col) is not None), None)
+            table.add_column(col, justify="left" if isinstance(first, str) else "right")
         for row in self.rows:
             table.add_row(*(_cell(row.get(col)) for col in columns))
         return table
 
     def print(self, columns: Sequence[str] | None = None, console: Console | None = None) -> None:
         """Print the table, then figures and notes."""
-        console = console or Console()
+        if console is None:
+            console = Console()
+            if not console.is_terminal:
+                console = Console(width=160)  # logs and CI: don't squeeze the columns
         console.print(self.table(columns))
         for key, value in self.figures.items():
             console.print(f"  {key}: {_cell(value)}")
