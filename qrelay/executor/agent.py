@@ -30,6 +30,7 @@ import anyio
 import anyio.abc
 import grpc
 import structlog
+from prometheus_client import Counter, Gauge, start_http_server
 
 import qrelay
 from qrelay._proto.v1 import backends_pb2, executor_pb2, executor_pb2_grpc, types_pb2
@@ -46,6 +47,14 @@ INVALID_ARGUMENT = 3
 # Non-final updates (logs, interim values) kept while the broker is away;
 # beyond this the oldest are dropped so a chatty program cannot eat memory.
 MAX_BUFFERED_UPDATES = 10_000
+
+SLOTS = Gauge("qrelay_executor_slots", "Jobs an executor runs at once.", ["executor_id"])
+BUSY_SLOTS = Gauge("qrelay_executor_busy_slots", "Slots in use.", ["executor_id"])
+CONNECTED = Gauge("qrelay_executor_connected", "1 while connected to a broker.", ["executor_id"])
+JOBS_FINISHED = Counter(
+    "qrelay_executor_jobs_finished", "Jobs finished, by outcome.", ["executor_id", "outcome"]
+)
+RECONNECTS = Counter("qrelay_executor_reconnects", "Broken broker streams.", ["executor_id"])
 
 RunJob = Callable[["_Job", executor_pb2.Assignment], Awaitable[types_pb2.JobResult]]
 
@@ -159,6 +168,11 @@ class Executor:
     async def run(self) -> None:
         """Serve until cancelled: load backends, then connect, and reconnect, forever."""
         await self._load_backends()
+        metrics_server = None
+        if self.settings.metrics_port:
+            metrics_server, _ = start_http_server(self.settings.metrics_port)
+            self._log.info("metrics.serving", port=self.settings.metrics_port)
+        SLOTS.labels(self.settings.executor_id).set(self.settings.slots)
         async with anyio.create_task_group() as jobs:
             self._job_tg = jobs
             try:
@@ -166,6 +180,10 @@ class Executor:
             finally:
                 self._job_tg = None
                 jobs.cancel_scope.cancel()
+                CONNECTED.labels(self.settings.executor_id).set(0)
+                if metrics_server is not None:
+                    metrics_server.shutdown()
+                    metrics_server.server_close()
                 await self._close_program_runner()
 
     async def _load_backends(self) -> None:
@@ -206,6 +224,8 @@ class Executor:
                 )
             finally:
                 if self._is_connected:
+                    RECONNECTS.labels(self.settings.executor_id).inc()
+                    CONNECTED.labels(self.settings.executor_id).set(0)
                     self._is_connected = False
                     self._connected = anyio.Event()
                     attempt = 0
@@ -226,6 +246,10 @@ class Executor:
         options = [
             ("grpc.max_send_message_length", self.settings.max_message_bytes),
             ("grpc.max_receive_message_length", self.settings.max_message_bytes),
+            # Notice a broker that vanished without closing the TCP connection.
+            ("grpc.keepalive_time_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
         ]
         timeout = self.settings.connect_timeout_s
         async with grpc.aio.insecure_channel(self.settings.broker, options=options) as channel:
@@ -280,6 +304,7 @@ class Executor:
         self._is_connected = True
         self._connections += 1
         self._connected.set()
+        CONNECTED.labels(self.settings.executor_id).set(1)
         self._outbox_wakeup.set()
         self._log.info(
             "executor.connected",
@@ -397,8 +422,9 @@ class Executor:
 
     def _on_cancel(self, cancel: executor_pb2.CancelJob) -> None:
         job = self._jobs.get(cancel.job_id)
-        if job is None or (cancel.lease_id and cancel.lease_id != job.lease_id):
-            self._log.info("cancel.ignored", job_id=cancel.job_id, lease_id=cancel.lease_id)
+        if job is None or job.dropped or (cancel.lease_id and cancel.lease_id != job.lease_id):
+            # Unknown, superseded or already released: nothing runs for this lease any more.
+            self._log.debug("cancel.ignored", job_id=cancel.job_id, lease_id=cancel.lease_id)
             return
         self._drop(job)
         reason = cancel.reason or "cancelled"
@@ -444,6 +470,7 @@ class Executor:
                     return
                 job.running = True
                 self._in_slots += 1
+                BUSY_SLOTS.labels(self.settings.executor_id).set(self._in_slots)
                 self._peak_running = max(self._peak_running, self._in_slots)
                 try:
                     started = time.perf_counter()
@@ -452,16 +479,20 @@ class Executor:
                         outcome = await self._execute(job, assignment, jlog)
                 finally:
                     self._in_slots -= 1
+                    BUSY_SLOTS.labels(self.settings.executor_id).set(self._in_slots)
                     job.running = False
                 if job.dropped or outcome is None:
+                    JOBS_FINISHED.labels(self.settings.executor_id, "dropped").inc()
                     jlog.info("job.dropped")
                     return
                 if isinstance(outcome, types_pb2.JobResult):
                     message = _update(job.job_id, job.lease_id, result=outcome)
                     jlog.info("job.succeeded", seconds=round(time.perf_counter() - started, 3))
+                    JOBS_FINISHED.labels(self.settings.executor_id, "succeeded").inc()
                 else:
                     message = _update(job.job_id, job.lease_id, error=outcome)
                     jlog.info("job.failed", code=outcome.code, reason=outcome.message)
+                    JOBS_FINISHED.labels(self.settings.executor_id, "failed").inc()
                 self._enqueue(_Outgoing(job.job_id, job.lease_id, message, final=True))
         finally:
             if job.dropped and self._jobs.get(job.job_id) is job and not self._has_pending(job):
@@ -498,6 +529,10 @@ class Executor:
                 f"{self.settings.executor_id} (it serves {', '.join(self.settings.backends)})",
             )
             raise _JobFailed(return_error)
+        if "optimization_level" not in spec.options.fields:
+            # The executor's level is the default for jobs that do not choose one.
+            spec = types_pb2.JobSpec.FromString(spec.SerializeToString())
+            spec.options["optimization_level"] = self.settings.optimization_level
         return await _in_thread(pipeline.run, spec, job.cancelled)
 
     async def _run_primitive_spec(

@@ -49,7 +49,7 @@ class ExecutorSettings(BaseSettings):
         default=1, ge=0, le=3, description="Transpiler optimization level."
     )
     transpile_cache_size: int = Field(
-        default=256, ge=0, description="Transpiled circuits kept in memory."
+        default=256, ge=1, description="Transpiled circuits kept in memory."
     )
     reconnect_initial_s: float = Field(
         default=0.5, gt=0, description="First reconnect backoff; doubles up to reconnect_max_s."

@@ -1,0 +1,68 @@
+"""The `qrelay` command line: help for every command, settings errors, and a real dev stack."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import structlog
+from typer.testing import CliRunner
+
+from qrelay.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """The CLI configures structlog onto CliRunner's temporary stderr; undo that after."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
+
+COMMANDS = [
+    [],
+    ["broker"],
+    ["broker", "serve"],
+    ["executor"],
+    ["executor", "serve"],
+    ["dev"],
+    ["backends"],
+    ["jobs"],
+    ["jobs", "list"],
+    ["jobs", "show"],
+    ["jobs", "cancel"],
+    ["jobs", "watch"],
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "qrelay")
+def test_every_command_has_help(command: list[str]) -> None:
+    result = runner.invoke(app, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_client_commands_take_broker_and_token_from_flags_and_env() -> None:
+    for command in (["backends"], ["jobs", "list"], ["jobs", "watch"]):
+        result = runner.invoke(app, [*command, "--help"], terminal_width=200)
+        assert "--broker" in result.output
+        assert "QRELAY_BROKER" in result.output
+        assert "--token" in result.output
+        assert "QRELAY_TOKEN" in result.output
+
+
+def test_executor_serve_rejects_zero_slots_with_exit_code_2() -> None:
+    result = runner.invoke(app, ["executor", "serve", "--slots", "0"])
+    assert result.exit_code == 2
+    assert "invalid settings: slots" in result.output
+    assert "greater than or equal to 1" in result.output
+
+
+def test_executor_serve_rejects_bad_env_setting_with_exit_code_2() -> None:
+    result = runner.invoke(
+        app, ["executor", "serve"], env={"QRELAY_EXECUTOR_OPTIMIZATION_LEVEL": "7"}
+    )
+    assert result.exit_code == 2
+    assert "invalid settings: optimization_level" in result.output
