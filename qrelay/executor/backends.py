@@ -1,0 +1,114 @@
+"""The quantum backends an executor can serve, by name.
+
+`aer` is the ideal Aer simulator; every qiskit-ibm-runtime fake device is
+served as Aer with that device's noise model, basis gates and coupling map
+(`AerSimulator.from_backend`), so a noisy run is a real noisy simulation and
+its ISA circuits obey the real device's target. Real hardware adapters would
+plug in here with the same `Backend` shape.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+from qiskit.transpiler import Target
+from qiskit_aer import AerSimulator
+
+from qrelay._proto.v1 import backends_pb2
+from qrelay.errors import NotFound
+
+__all__ = ["Backend", "available_backends", "load_backend"]
+
+IDEAL = "aer"
+
+
+@dataclass(frozen=True, eq=False)
+class Backend:
+    """A named backend: the BackendV2 that runs circuits plus what it announces."""
+
+    name: str
+    qiskit: Any  # a qiskit BackendV2 (AerSimulator); qiskit ships no type stubs
+    description: str
+    simulator: bool = True
+
+    @property
+    def target(self) -> Target:
+        return self.qiskit.target
+
+    @property
+    def num_qubits(self) -> int:
+        return int(self.qiskit.num_qubits)
+
+    def info(self) -> backends_pb2.BackendInfo:
+        """The BackendInfo an executor announces for this backend."""
+        target = self.target
+        coupling = target.build_coupling_map()
+        edges = (
+            []
+            if coupling is None
+            else [backends_pb2.CouplingEdge(control=a, target=b) for a, b in coupling.get_edges()]
+        )
+        return backends_pb2.BackendInfo(
+            name=self.name,
+            num_qubits=self.num_qubits,
+            basis_gates=sorted(target.operation_names),
+            coupling_map=edges,
+            simulator=self.simulator,
+            description=self.description,
+        )
+
+
+@functools.cache
+def _fake_device_classes() -> dict[str, type[Any]]:
+    """Fake V2 device classes by backend name, read from class attributes (no JSON loaded)."""
+    import qiskit_ibm_runtime.fake_provider as fake_provider
+
+    classes: dict[str, type[Any]] = {}
+    for attr in dir(fake_provider):
+        cls = getattr(fake_provider, attr)
+        name = getattr(cls, "backend_name", None)
+        if attr.startswith("Fake") and attr.endswith("V2") and isinstance(name, str):
+            classes[name] = cls
+    return classes
+
+
+def available_backends() -> list[str]:
+    """Every name `load_backend` accepts: "aer" then the fake devices, sorted."""
+    return [IDEAL, *sorted(_fake_device_classes())]
+
+
+def load_backend(name: str, *, warm: bool = True) -> Backend:
+    """Build the backend called `name`; blocking (up to ~1 s), so call it off the event loop.
+
+    With `warm`, the default pass manager is built now (once per process), so
+    the first job does not pay for it.
+    """
+    backend = _build(name)
+    if warm:
+        from qrelay.executor.transpile import pass_manager
+
+        pass_manager(backend)
+    return backend
+
+
+def _build(name: str) -> Backend:
+    if name == IDEAL:
+        return Backend(
+            name=IDEAL, qiskit=AerSimulator(), description="Aer ideal (noiseless) simulator"
+        )
+    cls = _fake_device_classes().get(name)
+    if cls is None:
+        names = available_backends()
+        close = [n for n in names if name and (name in n or n in name)][:5]
+        hint = close or names[:6]
+        raise NotFound(
+            f"unknown backend {name!r}; {len(names)} are available, e.g. {', '.join(hint)}"
+        )
+    fake = cls()
+    return Backend(
+        name=name,
+        qiskit=AerSimulator.from_backend(fake),
+        description=f"Aer with {cls.__name__}'s noise model and {fake.num_qubits}-qubit target",
+    )

@@ -1,0 +1,241 @@
+"""The executor's primitive pipeline: one Sampler or Estimator job, wire in, wire out.
+
+validate -> decode -> transpile (cached) -> map observables through the
+layout -> run -> post-process -> encode. Running and post-processing are
+Qiskit's own reference primitives (`BackendSamplerV2`, `BackendEstimatorV2`)
+on ISA circuits, so shots/precision resolution, broadcasting, classical
+registers and metadata behave exactly as in Qiskit. The run step is one
+function per primitive (`_run_isa_sampler`, `_run_isa_estimator`): error
+mitigation hooks in there and nowhere else.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+import structlog
+from google.protobuf import json_format
+from qiskit.primitives import BackendEstimatorV2, BackendSamplerV2
+from qiskit.primitives.containers import (
+    BindingsArray,
+    PrimitiveResult,
+    PubResult,
+    SamplerPubResult,
+)
+from qiskit.primitives.containers.estimator_pub import EstimatorPub
+from qiskit.primitives.containers.sampler_pub import SamplerPub
+
+from qrelay import codec
+from qrelay._proto.v1 import types_pb2
+from qrelay.errors import Cancelled, InvalidArgument
+from qrelay.executor.backends import Backend
+from qrelay.executor.transpile import (
+    DEFAULT_OPTIMIZATION_LEVEL,
+    DEFAULT_SEED_TRANSPILER,
+    TranspileCache,
+    TranspiledCircuit,
+)
+from qrelay.options import EstimatorOptions, SamplerOptions, options_from_wire
+
+__all__ = [
+    "DEFAULT_PRECISION",
+    "DEFAULT_SHOTS",
+    "PrimitivePipeline",
+]
+
+log = structlog.get_logger(__name__)
+
+# Qiskit's reference primitives' defaults (BackendSamplerV2 / BackendEstimatorV2).
+DEFAULT_SHOTS = 1024
+DEFAULT_PRECISION = 0.015625
+
+
+class PrimitivePipeline:
+    """Runs Sampler/Estimator JobSpecs on one backend; blocking, thread-safe.
+
+    The agent calls `run` in a worker thread. Bad input raises
+    `qrelay.errors.InvalidArgument`; a cancellation seen between pubs raises
+    `qrelay.errors.Cancelled`.
+    """
+
+    def __init__(self, backend: Backend, cache: TranspileCache) -> None:
+        self.backend = backend
+        self.cache = cache
+        self._log = log.bind(backend=backend.name)
+
+    def run(
+        self, spec: types_pb2.JobSpec, cancelled: threading.Event | None = None
+    ) -> types_pb2.JobResult:
+        """Execute one primitive job and return its encoded result."""
+        if spec.backend and spec.backend != self.backend.name:
+            raise InvalidArgument(
+                f"job is for backend {spec.backend!r} but this pipeline serves "
+                f"{self.backend.name!r}"
+            )
+        kind = spec.WhichOneof("work")
+        if kind not in ("sampler", "estimator"):
+            raise InvalidArgument(
+                "the primitive pipeline runs sampler and estimator jobs, "
+                f"not {kind or 'an empty job spec'}"
+            )
+        raw_options = json_format.MessageToDict(spec.options) if spec.HasField("options") else {}
+        options = options_from_wire(kind, raw_options)
+        result: PrimitiveResult[Any]
+        if kind == "sampler":
+            assert isinstance(options, SamplerOptions)
+            result = self.run_sampler(spec.sampler, options, cancelled)
+        else:
+            assert isinstance(options, EstimatorOptions)
+            result = self.run_estimator(spec.estimator, options, cancelled)
+        return types_pb2.JobResult(primitive=codec.encode_primitive_result(result))
+
+    # ----------------------------------------------------------------- sampler
+
+    def run_sampler(
+        self,
+        task: types_pb2.SamplerTask,
+        options: SamplerOptions,
+        cancelled: threading.Event | None = None,
+    ) -> PrimitiveResult[SamplerPubResult]:
+        """Sampler semantics of BackendSamplerV2: pub shots > task shots > default_shots."""
+        job_shots = codec.check_sampler_task(task)
+        shots = job_shots if job_shots is not None else options.default_shots or DEFAULT_SHOTS
+        isa_pubs: list[SamplerPub] = []
+        for i, wire in enumerate(task.pubs):
+            tc = self._transpiled(wire.circuit, options, i)
+            bindings = _isa_bindings(tc, wire, i)
+            pub_shots = wire.shots if wire.HasField("shots") else None
+            try:
+                isa_pubs.append(SamplerPub.coerce((tc.isa, bindings, pub_shots), shots))
+            except (TypeError, ValueError) as exc:
+                raise InvalidArgument(f"pub {i}: {exc}") from None
+        seed = options.effective_seed()
+        results: list[SamplerPubResult] = []
+        for k, pub in enumerate(isa_pubs):
+            _check_cancelled(cancelled, k)
+            results.extend(
+                _run_isa_sampler(self.backend, [pub], options, shots, _pub_seed(seed, k))
+            )
+        return PrimitiveResult(results, metadata={"version": 2})
+
+    # ----------------------------------------------------------------- estimator
+
+    def run_estimator(
+        self,
+        task: types_pb2.EstimatorTask,
+        options: EstimatorOptions,
+        cancelled: threading.Event | None = None,
+    ) -> PrimitiveResult[PubResult]:
+        """Estimator semantics of BackendEstimatorV2: pub precision > task > default."""
+        job_precision = codec.check_estimator_task(task)
+        precision = (
+            job_precision
+            if job_precision is not None
+            else options.default_precision or DEFAULT_PRECISION
+        )
+        isa_pubs: list[EstimatorPub] = []
+        for i, wire in enumerate(task.pubs):
+            tc = self._transpiled(wire.circuit, options, i)
+            bindings = _isa_bindings(tc, wire, i)
+            observables = codec.decode_observables(wire.observables, tc.num_qubits, i)
+            try:
+                isa_observables = observables.apply_layout(tc.layout, tc.isa.num_qubits)
+            except Exception as exc:  # noqa: BLE001 - QiskitError/ValueError on a bad layout
+                raise InvalidArgument(
+                    f"pub {i}: observables do not fit the layout: {exc}"
+                ) from None
+            pub_precision = wire.precision if wire.HasField("precision") else None
+            isa_pubs.append(
+                codec.make_estimator_pub(
+                    tc.isa, isa_observables, bindings, pub_precision or precision, i
+                )
+            )
+        seed = options.effective_seed()
+        results: list[PubResult] = []
+        for k, pub in enumerate(isa_pubs):
+            _check_cancelled(cancelled, k)
+            results.extend(
+                _run_isa_estimator(self.backend, [pub], options, precision, _pub_seed(seed, k))
+            )
+        return PrimitiveResult(results, metadata={"version": 2})
+
+    # ----------------------------------------------------------------- helpers
+
+    def _transpiled(
+        self,
+        circuit: types_pb2.Circuit,
+        options: SamplerOptions | EstimatorOptions,
+        pub_index: int,
+    ) -> TranspiledCircuit:
+        level = options.optimization_level
+        return self.cache.get(
+            circuit,
+            self.backend,
+            DEFAULT_OPTIMIZATION_LEVEL if level is None else level,
+            DEFAULT_SEED_TRANSPILER,
+            what=f"pub {pub_index}: circuit",
+        )
+
+
+def _run_isa_sampler(
+    backend: Backend,
+    isa_pubs: list[SamplerPub],
+    options: SamplerOptions,
+    shots: int,
+    seed_simulator: int | None,
+) -> list[SamplerPubResult]:
+    """THE place Sampler pubs (already ISA, bound to `backend`) are executed.
+
+    `shots` applies to pubs that carry none. Mitigation of Sampler results
+    (options.resilience) belongs here.
+    """
+    sampler = BackendSamplerV2(
+        backend=backend.qiskit,
+        options={"default_shots": shots, "seed_simulator": seed_simulator},
+    )
+    return list(sampler.run(isa_pubs).result())
+
+
+def _run_isa_estimator(
+    backend: Backend,
+    isa_pubs: list[EstimatorPub],
+    options: EstimatorOptions,
+    precision: float,
+    seed_simulator: int | None,
+) -> list[PubResult]:
+    """THE place Estimator pubs (ISA circuits, observables on physical qubits) are executed.
+
+    `precision` applies to pubs that carry none; BackendEstimatorV2 turns it
+    into ceil(1 / precision**2) shots. Resilience levels belong here.
+    """
+    estimator = BackendEstimatorV2(
+        backend=backend.qiskit,
+        options={"default_precision": precision, "seed_simulator": seed_simulator},
+    )
+    return list(estimator.run(isa_pubs).result())
+
+
+def _isa_bindings(
+    tc: TranspiledCircuit, wire: types_pb2.SamplerPub | types_pb2.EstimatorPub, pub_index: int
+) -> BindingsArray:
+    """Validate bindings against the virtual circuit, then keep the ISA circuit's columns."""
+    msg = wire.parameter_values if wire.HasField("parameter_values") else None
+    values, shape = codec.decode_bindings(msg, tc.parameter_names, pub_index)
+    if not tc.isa_parameters:
+        return BindingsArray(shape=shape)
+    return BindingsArray({tc.isa_parameters: values[..., list(tc.isa_columns)]}, shape=shape)
+
+
+def _pub_seed(seed: int | None, k: int) -> int | None:
+    """Seed for the k-th pub: the job's seed itself for pub 0 (so a one-pub job is
+    bit-identical to Qiskit's primitive with that seed), independent streams after."""
+    if seed is None or k == 0:
+        return seed
+    return int(np.random.SeedSequence([seed % 2**64, k]).generate_state(1, dtype=np.uint32)[0])
+
+
+def _check_cancelled(cancelled: threading.Event | None, k: int) -> None:
+    if cancelled is not None and cancelled.is_set():
+        raise Cancelled(f"job cancelled before pub {k} ran")
