@@ -105,15 +105,21 @@ def vqe_loop(
 
 
 def direct_evaluate(problem: Problem) -> Evaluate:
-    """Aer's EstimatorV2 in this process, ansatz transpiled once: the floor."""
-    from qiskit import transpile
-    from qiskit_aer import AerSimulator
-    from qiskit_aer.primitives import EstimatorV2
+    """The floor: this process calls Aer, ansatz transpiled once.
 
-    isa = transpile(problem.ansatz(), AerSimulator(), optimization_level=1, seed_transpiler=SEED)
+    It uses the same estimator the executor runs (Qiskit's BackendEstimatorV2
+    over AerSimulator, precision -> shots), so the modes differ only in where
+    the loop runs and what travels, not in how expectation values are made.
+    """
+    from qiskit import transpile
+    from qiskit.primitives import BackendEstimatorV2
+    from qiskit_aer import AerSimulator
+
+    backend = AerSimulator()
+    isa = transpile(problem.ansatz(), backend, optimization_level=1, seed_transpiler=SEED)
     obs = problem.hamiltonian().apply_layout(isa.layout)
-    estimator = EstimatorV2(
-        options={"default_precision": PRECISION, "run_options": {"seed_simulator": SEED}}
+    estimator = BackendEstimatorV2(
+        backend=backend, options={"default_precision": PRECISION, "seed_simulator": SEED}
     )
 
     def evaluate(points: np.ndarray) -> np.ndarray:
