@@ -354,7 +354,9 @@ def backends(broker: BrokerAddr = "127.0.0.1:50051", token: Token = None) -> Non
     table = Table(title=f"backends at {broker}")
     for column in ("name", "online", "executors", "queued", "qubits", "simulator", "description"):
         table.add_column(
-            column, justify="right" if column in ("executors", "queued", "qubits") else "left"
+            column,
+            justify="right" if column in ("executors", "queued", "qubits") else "left",
+            no_wrap=column == "name",
         )
     for b in found:
         table.add_row(
@@ -391,7 +393,7 @@ def jobs_list(
     found = _run(fetch)
     table = Table(title=f"jobs at {broker}")
     for column in ("id", "state", "kind", "backend", "attempts", "created", "executor"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column in ("id", "state"))
     for job in found:
         table.add_row(
             job.id,

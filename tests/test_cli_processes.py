@@ -1,0 +1,98 @@
+"""`qrelay dev` as a real process, inspected with the CLI's own client commands."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import structlog
+from typer.testing import CliRunner
+
+from qrelay._proto.v1 import jobs_pb2, jobs_pb2_grpc
+from qrelay.cli import app
+from tests.integration.rawstubs import BELL_QASM3, sampler_spec
+
+pytestmark = pytest.mark.slow
+
+ADDRESS = re.compile(r"broker on (127\.0\.0\.1:\d+)")
+
+
+@pytest.fixture
+def dev_stack(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """`qrelay dev --port 0` in its own process; yields the address it printed."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qrelay", "dev", "--port", "0", "--dir", str(tmp_path / "q")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "QRELAY_LOG_LEVEL": "warning", "COLUMNS": "200"},
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # printed once broker and executor are up
+        match = ADDRESS.search(line)
+        assert match, f"qrelay dev printed {line!r} (exit code {proc.poll()})"
+        yield match.group(1), proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture
+def cli() -> Iterator[CliRunner]:
+    saved = structlog.get_config()
+    yield CliRunner()
+    structlog.configure(**saved)
+
+
+def test_dev_stack_lists_its_backends_and_stops_cleanly_on_sigint(
+    dev_stack: tuple[str, subprocess.Popen[str]], cli: CliRunner
+) -> None:
+    address, proc = dev_stack
+    listed = subprocess.run(
+        [sys.executable, "-m", "qrelay", "backends", "--broker", address],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200", "QRELAY_LOG_LEVEL": "warning"},
+    )
+    assert listed.returncode == 0, listed.stderr
+    rows = {line.split()[1]: line for line in listed.stdout.splitlines() if "│" in line}
+    assert "yes" in rows["aer"]
+    assert "yes" in rows["fake_manila"]
+
+    # A job submitted with a raw stub shows up in `jobs list`, `show` and `watch`.
+    with grpc.insecure_channel(address) as channel:
+        job = jobs_pb2_grpc.JobServiceStub(channel).Submit(
+            jobs_pb2.SubmitRequest(spec=sampler_spec("aer", BELL_QASM3, shots=64)), timeout=10
+        )
+    watched = cli.invoke(app, ["jobs", "watch", job.id, "--broker", address], terminal_width=200)
+    assert watched.exit_code == 0, watched.output
+    assert "QUEUED" in watched.output
+    assert "RUNNING" in watched.output
+    assert "DONE" in watched.output
+    assert "64 shots" in watched.output
+    listed_jobs = cli.invoke(app, ["jobs", "list", "--broker", address], terminal_width=200)
+    assert listed_jobs.exit_code == 0, listed_jobs.output
+    assert job.id in listed_jobs.output
+    shown = cli.invoke(app, ["jobs", "show", job.id, "--broker", address], terminal_width=200)
+    assert shown.exit_code == 0, shown.output
+    assert "DONE" in shown.output
+    missing = cli.invoke(app, ["jobs", "show", "j-nope", "--broker", address])
+    assert missing.exit_code == 1
+    assert "NOT_FOUND" in missing.output
+
+    proc.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + 30
+    while proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.returncode == 0
