@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from numbers import Integral, Real
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from qiskit.primitives import BaseEstimatorV2, BaseSamplerV2
 from qiskit.primitives.containers.estimator_pub import EstimatorPub, EstimatorPubLike
@@ -28,13 +28,9 @@ from qrelay.client.backend import QRelayBackend
 from qrelay.client.job import RuntimeJob
 from qrelay.client.service import QRelayService
 from qrelay.errors import InvalidArgument, QRelayError
+from qrelay.options import EstimatorOptions, SamplerOptions, options_from_wire, options_to_wire
 
-if TYPE_CHECKING:
-    from pydantic import BaseModel
-
-    from qrelay.options import EstimatorOptions, SamplerOptions
-
-OptionsT = TypeVar("OptionsT", bound="BaseModel")
+OptionsT = TypeVar("OptionsT", SamplerOptions, EstimatorOptions)
 
 
 @dataclass(frozen=True)
@@ -96,29 +92,31 @@ def resolve_mode(
     )
 
 
-def _make_options(
-    kind: str, cls: type[OptionsT], options: OptionsT | Mapping[str, Any] | None
-) -> OptionsT:
-    from qrelay.options import options_from_wire
+OptionsKind = Literal["sampler", "estimator"]
 
+
+def _make_options(
+    kind: OptionsKind, cls: type[OptionsT], options: OptionsT | Mapping[str, Any] | None
+) -> OptionsT:
     if options is None:
         return cls()
     if isinstance(options, cls):
         return options.model_copy(deep=True)
     if isinstance(options, Mapping):
-        made = options_from_wire(kind, dict(options))  # type: ignore[arg-type]
-        if not isinstance(made, cls):
-            raise InvalidArgument(f"{kind} options expected, got {type(made).__name__}")
+        made = options_from_wire(kind, options)
+        assert isinstance(made, cls)
         return made
     raise InvalidArgument(
         f"options must be a {cls.__name__} or a dict, got {type(options).__name__}"
     )
 
 
-def _options_struct(spec: types_pb2.JobSpec, options: BaseModel) -> None:
-    from qrelay.options import options_to_wire
-
-    wire = options_to_wire(options)  # type: ignore[arg-type]
+def _options_struct(
+    spec: types_pb2.JobSpec, kind: OptionsKind, options: SamplerOptions | EstimatorOptions
+) -> None:
+    """Put the explicitly set options on the spec, after the broker's own check of them."""
+    wire = options_to_wire(options)
+    options_from_wire(kind, wire)  # conflicting settings fail here, not at the broker
     if wire:
         spec.options.update(wire)
 
@@ -152,7 +150,10 @@ def _coerce_each(items: list[Any], coerce: Callable[[Any], Any]) -> list[Any]:
 
 
 def sampler_spec(
-    target: SubmitTarget, pubs: Iterable[SamplerPubLike], shots: int | None, options: BaseModel
+    target: SubmitTarget,
+    pubs: Iterable[SamplerPubLike],
+    shots: int | None,
+    options: SamplerOptions,
 ) -> types_pb2.JobSpec:
     """Validate and encode a Sampler run; raises InvalidArgument, sends nothing."""
     from qrelay.codec import check_sampler_task, encode_sampler_task
@@ -169,7 +170,7 @@ def sampler_spec(
     spec = types_pb2.JobSpec(
         backend=target.backend.name, sampler=task, session_id=target.session_id
     )
-    _options_struct(spec, options)
+    _options_struct(spec, "sampler", options)
     return spec
 
 
@@ -177,7 +178,7 @@ def estimator_spec(
     target: SubmitTarget,
     pubs: Iterable[EstimatorPubLike],
     precision: float | None,
-    options: BaseModel,
+    options: EstimatorOptions,
 ) -> types_pb2.JobSpec:
     """Validate and encode an Estimator run; raises InvalidArgument, sends nothing."""
     from qrelay.codec import check_estimator_task, encode_estimator_task
@@ -199,7 +200,7 @@ def estimator_spec(
     spec = types_pb2.JobSpec(
         backend=target.backend.name, estimator=task, session_id=target.session_id
     )
-    _options_struct(spec, options)
+    _options_struct(spec, "estimator", options)
     return spec
 
 
@@ -240,9 +241,7 @@ class Sampler(_Primitive, BaseSamplerV2):  # type: ignore[misc]
         *,
         service: QRelayService | None = None,
     ) -> None:
-        from qrelay.options import SamplerOptions
-
-        self._options: SamplerOptions = _make_options("sampler", SamplerOptions, options)
+        self._options = _make_options("sampler", SamplerOptions, options)
         self._target = resolve_mode(mode, service)
 
     def __repr__(self) -> str:
@@ -268,9 +267,7 @@ class Estimator(_Primitive, BaseEstimatorV2):  # type: ignore[misc]
         *,
         service: QRelayService | None = None,
     ) -> None:
-        from qrelay.options import EstimatorOptions
-
-        self._options: EstimatorOptions = _make_options("estimator", EstimatorOptions, options)
+        self._options = _make_options("estimator", EstimatorOptions, options)
         self._target = resolve_mode(mode, service)
 
     def __repr__(self) -> str:

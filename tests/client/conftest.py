@@ -1,0 +1,187 @@
+"""Client SDK fixtures: real brokers and executors (from tests/conftest.py), a TCP proxy.
+
+The proxy sits between the SDK and the broker so a test can cut every live
+connection at a chosen moment, the way a flaky network or a load balancer
+restart does, and prove the SDK resumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from qiskit import QuantumCircuit
+
+from qrelay.client import AsyncQRelayService, QRelayService
+from qrelay.errors import NotFound
+from qrelay.executor.agent import running_executor
+from qrelay.executor.settings import ExecutorSettings
+from qrelay.testing import LocalStack, local_stack
+from tests.conftest import FAST_BROKER, STACK_BACKENDS
+
+#: A backend that an executor announced once and then left: jobs for it wait.
+OFFLINE_BACKEND = "fake_lima"
+
+
+class TcpProxy:
+    """A loopback TCP forwarder whose connections can all be dropped at once."""
+
+    def __init__(self, upstream: str) -> None:
+        host, _, port = upstream.rpartition(":")
+        self._upstream = (host, int(port))
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.accepted = 0
+        #: While True, bytes from the broker are swallowed: requests arrive, answers
+        #: never do (a response lost in the network).
+        self.swallow_responses = False
+
+    @property
+    def address(self) -> str:
+        assert self._server is not None
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return f"{host}:{port}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self._upstream)
+        except OSError:
+            writer.close()
+            return
+        self._writers |= {writer, up_writer}
+        pumps = [
+            asyncio.create_task(self._pump(reader, up_writer, downstream=False)),
+            asyncio.create_task(self._pump(up_reader, writer, downstream=True)),
+        ]
+        self._tasks.update(pumps)
+        try:
+            await asyncio.gather(*pumps, return_exceptions=True)
+        finally:
+            self._tasks.difference_update(pumps)
+            for w in (writer, up_writer):
+                self._writers.discard(w)
+                w.close()
+
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, downstream: bool
+    ) -> None:
+        try:
+            while data := await reader.read(65536):
+                if downstream and self.swallow_responses:
+                    continue
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            with contextlib.suppress(OSError, RuntimeError):
+                writer.close()
+
+    def drop(self) -> int:
+        """Abort every open connection (both sides); returns how many were cut."""
+        cut = 0
+        for w in list(self._writers):
+            transport = w.transport
+            if not transport.is_closing():
+                transport.abort()
+                cut += 1
+        return cut
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        self.drop()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
+@pytest.fixture
+async def stack() -> AsyncIterator[LocalStack]:
+    """tests/conftest.py's `stack`, entered and exited in one task.
+
+    pytest-asyncio runs an async fixture's setup and teardown as different
+    tasks, which anyio's cancel scopes (inside `local_stack`) refuse; a task
+    that owns the stack for the test's lifetime sidesteps that.
+    """
+    ready = asyncio.Event()
+    stop = asyncio.Event()
+    holder: list[LocalStack] = []
+
+    async def own() -> None:
+        async with local_stack(backends=STACK_BACKENDS, broker=FAST_BROKER) as env:
+            holder.append(env)
+            ready.set()
+            await stop.wait()
+
+    owner = asyncio.create_task(own())
+    waiter = asyncio.create_task(ready.wait())
+    await asyncio.wait({owner, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if not holder:
+        waiter.cancel()
+        await owner  # raises why the stack did not start
+    try:
+        yield holder[0]
+    finally:
+        stop.set()
+        await owner
+
+
+@pytest.fixture
+async def proxy(stack: LocalStack) -> AsyncIterator[TcpProxy]:
+    p = TcpProxy(stack.address)
+    await p.start()
+    try:
+        yield p
+    finally:
+        await p.close()
+
+
+@pytest.fixture
+async def aservice(stack: LocalStack) -> AsyncIterator[AsyncQRelayService]:
+    async with AsyncQRelayService(stack.address, timeout=20.0) as svc:
+        yield svc
+
+
+@pytest.fixture
+async def offline_backend(stack: LocalStack) -> str:
+    """Make `OFFLINE_BACKEND` known to the broker, then take its only executor away."""
+    settings = ExecutorSettings(broker=stack.address, backends=[OFFLINE_BACKEND], slots=1)
+    async with running_executor(settings), AsyncQRelayService(stack.address) as svc:
+        for _ in range(200):
+            with contextlib.suppress(NotFound):
+                if (await svc.backend(OFFLINE_BACKEND)).online:
+                    break
+            await asyncio.sleep(0.05)
+    return OFFLINE_BACKEND
+
+
+@pytest.fixture
+def service(sync_stack: LocalStack) -> Iterator[QRelayService]:
+    with QRelayService(sync_stack.address, timeout=20.0) as svc:
+        yield svc
+
+
+def bell() -> QuantumCircuit:
+    qc = QuantumCircuit(2)
+    qc.h(0)
+    qc.cx(0, 1)
+    qc.measure_all()
+    return qc
+
+
+def one_qubit() -> QuantumCircuit:
+    qc = QuantumCircuit(1)
+    qc.x(0)
+    qc.measure_all()
+    return qc

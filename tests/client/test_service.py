@@ -1,0 +1,118 @@
+"""The blocking service: backends, jobs, tokens, and clean shutdown of its loop thread."""
+
+from __future__ import annotations
+
+import gc
+import threading
+from collections.abc import Iterator
+
+import pytest
+from qiskit.providers import JobStatus
+from qiskit.transpiler import generate_preset_pass_manager
+
+from qrelay.client import QRelayBackend, QRelayService, Sampler
+from qrelay.errors import NotFound, Unauthenticated, Unavailable
+from qrelay.testing import LocalStack, local_stack_in_thread
+from tests.client.conftest import bell, one_qubit
+
+
+def _client_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("qrelay-client")]
+
+
+def test_backends_describe_what_executors_announced(service: QRelayService) -> None:
+    backends = {b.name: b for b in service.backends()}
+    assert {"aer", "fake_manila"} <= set(backends)
+    manila = backends["fake_manila"]
+    assert isinstance(manila, QRelayBackend)
+    assert manila.num_qubits == 5
+    assert manila.online
+    assert {"cx", "rz", "sx", "x"} <= set(manila.basis_gates)
+    assert manila.coupling_map is not None
+    assert [0, 1] in manila.coupling_map
+    status = manila.status()
+    assert status.operational
+    assert status.online_executors == 1
+    assert status.pending_jobs == 0
+    assert service.backend("aer").coupling_map is None  # all-to-all
+
+
+def test_backend_target_transpiles_for_the_device(service: QRelayService) -> None:
+    manila = service.backend("fake_manila")
+    isa = generate_preset_pass_manager(optimization_level=1, target=manila.target).run(bell())
+    assert set(isa.count_ops()) <= set(manila.basis_gates) | {"measure", "barrier"}
+
+
+def test_unknown_backend_is_not_found_with_its_name(service: QRelayService) -> None:
+    with pytest.raises(NotFound, match="no_such_device"):
+        service.backend("no_such_device")
+    with pytest.raises(NotFound):
+        service.job("j-unknown")
+
+
+def test_job_handle_from_id_and_from_listing(service: QRelayService) -> None:
+    job = Sampler(mode=service.backend("aer")).run([one_qubit()], shots=4)
+    job.result()
+    again = service.job(job.job_id())
+    assert again.status() is JobStatus.DONE
+    assert again.result()[0].data.meas.get_counts() == {"1": 4}
+    listed = service.jobs(limit=5, backend="aer", state=JobStatus.DONE)
+    assert [j.job_id() for j in listed] == [job.job_id()]
+    events = list(again.stream())
+    assert [e.kind for e in events][-2:] == ["result", "state"]
+
+
+def test_stream_can_be_abandoned_midway(service: QRelayService) -> None:
+    job = Sampler(mode=service.backend("aer")).run([one_qubit()], shots=4)
+    for ev in job.stream():
+        assert ev.seq == 1
+        break
+    assert job.result()[0].data.meas.num_shots == 4
+
+
+@pytest.fixture
+def token_stack() -> Iterator[LocalStack]:
+    tokens = {"tok-a": "tenant-a", "tok-b": "tenant-b"}
+    with local_stack_in_thread(backends=("aer",), broker={"tokens": tokens}) as (env, _portal):
+        yield env
+
+
+def test_token_travels_as_bearer_and_scopes_jobs_to_its_tenant(token_stack: LocalStack) -> None:
+    with QRelayService(token_stack.address, token="tok-a") as alice:
+        job = Sampler(mode=alice.backend("aer")).run([one_qubit()], shots=2)
+        assert job.result()[0].data.meas.num_shots == 2
+    with QRelayService(token_stack.address, token="tok-b") as bob:
+        with pytest.raises(NotFound):
+            bob.job(job.job_id())
+        assert bob.jobs() == []
+    with (
+        QRelayService(token_stack.address, token="wrong") as mallory,
+        pytest.raises(Unauthenticated),
+    ):
+        mallory.backends()
+
+
+def test_unreachable_broker_is_unavailable_after_bounded_retries() -> None:
+    with (
+        QRelayService("127.0.0.1:1", timeout=1.0) as svc,
+        pytest.raises(Unavailable, match=r"127\.0\.0\.1:1"),
+    ):
+        svc.backends()
+
+
+def test_close_is_idempotent_and_leaves_no_thread() -> None:
+    before = len(_client_threads())
+    svc = QRelayService("127.0.0.1:1")
+    assert len(_client_threads()) == before + 1
+    svc.close()
+    svc.close()
+    assert svc.closed
+    assert len(_client_threads()) == before
+    with pytest.raises(RuntimeError, match="closed"):
+        svc.backends()
+
+    forgotten = QRelayService("127.0.0.1:1")
+    assert len(_client_threads()) == before + 1
+    del forgotten
+    gc.collect()
+    assert len(_client_threads()) == before
