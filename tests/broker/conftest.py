@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,10 @@ from qrelay.broker.settings import BrokerSettings
 from qrelay.broker.store import JobStore
 from qrelay.broker.store.sqlite import SQLiteJobStore
 
-BELL = 'OPENQASM 3.0;\ninclude "stdgates.inc";\nbit[2] c;\nqubit[2] q;\nh q[0];\ncx q[0], q[1];\nc = measure q;\n'
+BELL = (
+    'OPENQASM 3.0;\ninclude "stdgates.inc";\nbit[2] c;\nqubit[2] q;\n'
+    "h q[0];\ncx q[0], q[1];\nc = measure q;\n"
+)
 # Short leases so expiry tests finish quickly; heartbeats well inside them.
 FAST = {"lease_ttl_s": 0.6, "heartbeat_interval_s": 0.1, "shutdown_grace_s": 1.0}
 
@@ -127,7 +130,10 @@ class FakeExecutor:
         self.call = stub.Connect(self._requests(), metadata=self.metadata)
         hello = executor_pb2.Hello(
             executor_id=self.executor_id,
-            backends=[backends_pb2.BackendInfo(name=b, num_qubits=5, simulator=True) for b in self.backends],
+            backends=[
+                backends_pb2.BackendInfo(name=b, num_qubits=5, simulator=True)
+                for b in self.backends
+            ],
             slots=self.slots,
             version="test",
             held=[executor_pb2.HeldLease(job_id=j, lease_id=lease) for j, lease in self.held],
@@ -186,9 +192,9 @@ class FakeExecutor:
     def send(self, message: executor_pb2.ExecutorMessage) -> None:
         self._outbox.put_nowait(message)
 
-    async def recv(self, kind: str, timeout: float = 5.0) -> Any:
+    async def recv(self, kind: str, within: float = 5.0) -> Any:
         """The next message of this kind (others before it are dropped)."""
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within):
             while True:
                 message = await self.inbox.get()
                 if message is None:
@@ -196,9 +202,9 @@ class FakeExecutor:
                 if message.WhichOneof("message") == kind:
                     return getattr(message, kind)
 
-    async def ended(self, timeout: float = 5.0) -> None:
+    async def ended(self, within: float = 5.0) -> None:
         """Wait until the broker closes the stream."""
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within):
             while (await self.inbox.get()) is not None:
                 pass
 
@@ -222,11 +228,20 @@ async def watch_all(
 
 
 async def wait_state(
-    stub: jobs_pb2_grpc.JobServiceStub, job_id: str, state: int, timeout: float = 10.0
+    stub: jobs_pb2_grpc.JobServiceStub, job_id: str, state: int, within: float = 10.0
 ) -> jobs_pb2.Job:
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(within):
         while True:
             job = await stub.Get(jobs_pb2.GetJobRequest(job_id=job_id))
             if job.state == state:
                 return job
+            await asyncio.sleep(0.02)
+
+
+async def until(predicate: Callable[[], bool], within: float = 5.0) -> None:
+    """Wait until predicate() holds (checked every 20 ms)."""
+    async with asyncio.timeout(within):
+        while True:
+            if predicate():
+                return
             await asyncio.sleep(0.02)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -21,6 +22,12 @@ from tests.broker.conftest import (
 )
 
 S = types_pb2
+
+
+async def drain(call: Any) -> None:
+    """Read a stream until it ends (or raises)."""
+    while await call.read() is not grpc.aio.EOF:
+        pass
 
 
 def states(events: list[S.JobEvent]) -> list[int]:
@@ -70,7 +77,8 @@ async def test_watch_live_then_resume_with_after_seq(
         assert [e.seq for e in seen] == [1, 2]
         executor.update(job.id, assignment.lease_id, interim=S.Interim(value_json="1"))
         live = await call.read()
-        assert live.seq == 3 and live.WhichOneof("payload") == "interim"
+        assert live.seq == 3
+        assert live.WhichOneof("payload") == "interim"
         call.cancel()
 
         executor.update(job.id, assignment.lease_id, interim=S.Interim(value_json="2"))
@@ -104,13 +112,14 @@ async def test_cancel_queued_job_never_starts(
     assert cancelled.state == S.JOB_STATE_CANCELLED
     async with FakeExecutor(broker.address) as executor:
         with pytest.raises(TimeoutError):
-            await executor.recv("assignment", timeout=0.5)
+            await executor.recv("assignment", within=0.5)
     events = await watch_all(jobs, job.id)
     assert states(events) == [S.JOB_STATE_QUEUED, S.JOB_STATE_CANCELLED]
     assert "changed mind" in events[-1].state.message
     # Cancelling a finished job changes nothing and returns it.
     again = await jobs.Cancel(jobs_pb2.CancelJobRequest(job_id=job.id))
-    assert again.state == S.JOB_STATE_CANCELLED and again.last_seq == cancelled.last_seq
+    assert again.state == S.JOB_STATE_CANCELLED
+    assert again.last_seq == cancelled.last_seq
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await jobs.GetResult(jobs_pb2.GetResultRequest(job_id=job.id))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -147,10 +156,13 @@ async def test_released_after_cancel_frees_the_slot_quietly(
         assignment = await executor.recv("assignment")
         await jobs.Cancel(jobs_pb2.CancelJobRequest(job_id=job.id))
         await executor.recv("cancel")
-        executor.update(job.id, assignment.lease_id, released=executor_pb2.Released(reason="stopped"))
+        executor.update(
+            job.id, assignment.lease_id, released=executor_pb2.Released(reason="stopped")
+        )
         second = await jobs.Submit(jobs_pb2.SubmitRequest(spec=sampler_spec()))
         message = await asyncio.wait_for(executor.inbox.get(), 5)
-        assert message is not None and message.WhichOneof("message") == "assignment"
+        assert message is not None
+        assert message.WhichOneof("message") == "assignment"
         assert message.assignment.job_id == second.id
 
 
@@ -178,20 +190,23 @@ async def test_stale_lease_cannot_overwrite_result_after_requeue(
     async with FakeExecutor(broker.address, executor_id="e-slow", extend=False) as slow:
         job = await jobs.Submit(jobs_pb2.SubmitRequest(spec=sampler_spec()))
         stale = await slow.recv("assignment")
-        # Connected, but its heartbeats no longer list the lease: it lapses and the job is requeued...
+        # Still connected, but its heartbeats stop listing the lease: the lease
+        # lapses and the job is requeued...
         requeued = await wait_state(jobs, job.id, S.JOB_STATE_QUEUED)
         assert requeued.attempts == 1
         cancel = await slow.recv("cancel")  # the broker tells the silent holder to stop
         assert cancel.lease_id == stale.lease_id
         async with FakeExecutor(broker.address, executor_id="e-fast") as fast:
             fresh = await fast.recv("assignment")
-            assert fresh.job_id == job.id and fresh.attempt == 2
+            assert fresh.job_id == job.id
+            assert fresh.attempt == 2
             assert fresh.lease_id != stale.lease_id
             slow.update(job.id, stale.lease_id, result=S.JobResult(program_json='"stale"'))
             assert "not the current lease" in (await slow.recv("rejected")).message
             fast.finish(fresh)
             done = await wait_state(jobs, job.id, S.JOB_STATE_DONE)
-    assert done.executor_id == "e-fast" and done.attempts == 2
+    assert done.executor_id == "e-fast"
+    assert done.attempts == 2
     assert await jobs.GetResult(jobs_pb2.GetResultRequest(job_id=job.id)) == result_for(job.id)
     events = await watch_all(jobs, job.id)
     assert len([e for e in events if e.WhichOneof("payload") == "result"]) == 1
@@ -241,16 +256,19 @@ async def test_reconnect_keeps_valid_held_leases_and_cancels_others(
         again.finish(la)
         assert (await wait_state(jobs, la.job_id, S.JOB_STATE_DONE)).attempts == 1
         # b's real lease was not held by anyone: it lapses and b runs again here.
-        rerun = await again.recv("assignment", timeout=10)
-        assert rerun.job_id == lb.job_id and rerun.attempt == 2
+        rerun = await again.recv("assignment", within=10)
+        assert rerun.job_id == lb.job_id
+        assert rerun.attempt == 2
     assert {a.id, b.id} == {la.job_id, lb.job_id}
 
 
 async def test_silent_executor_stream_is_closed(tmp_path: Path) -> None:
-    async with running_broker(broker_settings(tmp_path)) as broker:
-        async with FakeExecutor(broker.address, heartbeat=False) as executor:
-            await executor.ended(timeout=5)  # 3 x 0.1 s heartbeat interval of silence
-            assert not broker.scheduler.executors
+    async with (
+        running_broker(broker_settings(tmp_path)) as broker,
+        FakeExecutor(broker.address, heartbeat=False) as executor,
+    ):
+        await executor.ended(within=5)  # 3 x 0.1 s heartbeat interval of silence
+        assert not broker.scheduler.executors
 
 
 async def test_graceful_shutdown_ends_executor_streams_and_watches(tmp_path: Path) -> None:
@@ -268,8 +286,7 @@ async def test_graceful_shutdown_ends_executor_streams_and_watches(tmp_path: Pat
         await executor.ended()
         await executor.close()
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            while True:
-                await call.read()
+            await drain(call)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     # The job was accepted before shutdown: it is still there after a restart.
     async with running_broker(settings) as broker, grpc.aio.insecure_channel(broker.address) as ch:

@@ -1,0 +1,299 @@
+"""The JobStore contract, parametrised over every implementation via the `store` fixture."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from qrelay._proto.v1 import types_pb2
+from qrelay.broker.store import (
+    BackendRecord,
+    JobKind,
+    JobState,
+    JobStore,
+    NewJob,
+    UpdateKind,
+)
+from qrelay.errors import InvalidArgument, NotFound, ResourceExhausted
+
+TTL = 30.0
+
+
+def new_job(tenant: str = "t1", backend: str = "aer", key: str = "", **kw: object) -> NewJob:
+    return NewJob(
+        tenant=tenant,
+        backend=backend,
+        kind=JobKind.SAMPLER,
+        spec=b"spec-" + backend.encode(),
+        num_pubs=1,
+        idempotency_key=key,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def event(payload: bytes) -> types_pb2.JobEvent:
+    return types_pb2.JobEvent.FromString(payload)
+
+
+async def submit(store: JobStore, job: NewJob | None = None, limit: int = 100) -> str:
+    record, created = await store.submit(job or new_job(), max_queued_per_tenant=limit)
+    assert created
+    return record.id
+
+
+async def test_submit_creates_queued_job_with_first_event(store: JobStore) -> None:
+    job, created = await store.submit(
+        new_job(session_id="s1", tags={"a": "b"}), max_queued_per_tenant=10
+    )
+    assert created
+    assert job.state is JobState.QUEUED
+    assert job.attempts == 0
+    assert job.last_seq == 1
+    assert job.tags == {"a": "b"}
+    assert job.session_id == "s1"
+    assert job.queue_position == 1
+    assert await store.get_spec(job.id) == b"spec-aer"
+    (first,) = await store.events_after(job.id, 0)
+    assert first.seq == 1
+    assert not first.terminal
+    assert event(first.payload).state.state == types_pb2.JOB_STATE_QUEUED
+
+
+async def test_idempotency_key_is_unique_per_tenant(store: JobStore) -> None:
+    a, created_a = await store.submit(new_job(key="k"), max_queued_per_tenant=10)
+    b, created_b = await store.submit(new_job(key="k"), max_queued_per_tenant=10)
+    c, created_c = await store.submit(new_job(tenant="t2", key="k"), max_queued_per_tenant=10)
+    assert created_a
+    assert not created_b
+    assert created_c
+    assert a.id == b.id != c.id
+
+
+async def test_concurrent_idempotent_submits_create_one_job(store: JobStore) -> None:
+    results = await asyncio.gather(
+        *(store.submit(new_job(key="same"), max_queued_per_tenant=100) for _ in range(10))
+    )
+    assert len({job.id for job, _ in results}) == 1
+    assert sum(created for _, created in results) == 1
+
+
+async def test_queue_limit_per_tenant(store: JobStore) -> None:
+    await submit(store, limit=2)
+    await submit(store, limit=2)
+    with pytest.raises(ResourceExhausted, match="at most 2 per tenant"):
+        await store.submit(new_job(), max_queued_per_tenant=2)
+    await submit(store, new_job(tenant="other"), limit=2)  # other tenants unaffected
+
+
+async def test_get_of_another_tenants_job_is_not_found(store: JobStore) -> None:
+    job_id = await submit(store)
+    assert (await store.get(job_id, "t1")).id == job_id
+    with pytest.raises(NotFound):
+        await store.get(job_id, "t2")
+    with pytest.raises(NotFound):
+        await store.get("j-missing")
+
+
+async def test_claim_is_fifo_per_backend_and_counts_attempts(store: JobStore) -> None:
+    ids = [await submit(store) for _ in range(3)]
+    other = await submit(store, new_job(backend="fake_manila"))
+    job = await store.get(ids[2])
+    assert job.queue_position == 3
+    grants = await store.claim(["aer"], "e-1", TTL, 2)
+    assert [g.job.id for g in grants] == ids[:2]
+    g = grants[0]
+    assert g.job.state is JobState.RUNNING
+    assert g.job.attempts == 1
+    assert g.job.executor_id == "e-1"
+    assert g.job.lease_id
+    assert g.spec == b"spec-aer"
+    assert g.job.lease_expires_at is not None
+    assert g.job.lease_expires_at > time.time()
+    assert [e.seq for e in g.events] == [2]
+    change = event(g.events[0].payload).state
+    assert change.state == types_pb2.JOB_STATE_RUNNING
+    assert change.executor_id == "e-1"
+    assert change.attempt == 1
+    assert (await store.get(ids[2])).queue_position == 1
+    rest = await store.claim(["aer", "fake_manila"], "e-2", TTL, 10)
+    assert [r.job.id for r in rest] == [ids[2], other]
+    assert await store.claim(["aer"], "e-2", TTL, 10) == []
+
+
+async def test_concurrent_claims_never_hand_one_job_to_two_executors(store: JobStore) -> None:
+    ids = {await submit(store) for _ in range(20)}
+    batches = await asyncio.gather(*(store.claim(["aer"], f"e-{i}", TTL, 3) for i in range(10)))
+    claimed = [g.job.id for batch in batches for g in batch]
+    assert len(claimed) == len(set(claimed)) == 20
+    assert set(claimed) == ids
+
+
+async def test_result_update_is_fenced_by_lease(store: JobStore) -> None:
+    job_id = await submit(store)
+    (grant,) = await store.claim(["aer"], "e-1", TTL, 1)
+    result = types_pb2.JobResult(program_json="42").SerializeToString()
+    stale = await store.apply_update(job_id, "l-other", UpdateKind.RESULT, result)
+    assert not stale.accepted
+    assert "not the current lease" in stale.message
+    log_line = types_pb2.LogLine(text="hi").SerializeToString()
+    logged = await store.apply_update(job_id, grant.job.lease_id, UpdateKind.LOG, log_line)
+    assert logged.accepted
+    assert [e.seq for e in logged.events] == [3]
+    done = await store.apply_update(job_id, grant.job.lease_id, UpdateKind.RESULT, result)
+    assert done.accepted
+    assert done.job is not None
+    assert done.job.state is JobState.DONE
+    assert [e.seq for e in done.events] == [4, 5]
+    assert event(done.events[0].payload).result.program_json == "42"
+    assert done.events[1].terminal
+    assert not done.events[0].terminal
+    assert await store.get_result(job_id) == result
+    again = await store.apply_update(job_id, grant.job.lease_id, UpdateKind.RESULT, result)
+    assert not again.accepted
+    assert "DONE" in again.message
+    assert [e.seq for e in await store.events_after(job_id, 0)] == [1, 2, 3, 4, 5]
+    unknown = await store.apply_update("j-nope", "l", UpdateKind.LOG, log_line)
+    assert not unknown.accepted
+    assert "unknown job" in unknown.message
+
+
+async def test_error_update_fails_the_job(store: JobStore) -> None:
+    job_id = await submit(store)
+    (grant,) = await store.claim(["aer"], "e-1", TTL, 1)
+    error = types_pb2.JobError(code=3, message="bad circuit").SerializeToString()
+    out = await store.apply_update(job_id, grant.job.lease_id, UpdateKind.ERROR, error)
+    assert out.job is not None
+    assert out.job.state is JobState.FAILED
+    assert out.job.error == error
+    assert [event(e.payload).WhichOneof("payload") for e in out.events] == ["error", "state"]
+
+
+async def test_released_under_valid_lease_requeues(store: JobStore) -> None:
+    job_id = await submit(store)
+    (grant,) = await store.claim(["aer"], "e-1", TTL, 1)
+    released = types_pb2.JobEvent().SerializeToString()  # an empty Released
+    out = await store.apply_update(job_id, grant.job.lease_id, UpdateKind.RELEASED, released)
+    assert out.accepted
+    assert out.job is not None
+    assert out.job.state is JobState.QUEUED
+    assert out.job.attempts == 0
+    assert not out.job.lease_id
+
+
+async def test_expired_leases_requeue_then_fail_after_max_attempts(store: JobStore) -> None:
+    job_id = await submit(store)
+    (grant,) = await store.claim(["aer"], "e-1", 0.0, 1)
+    assert await store.next_lease_expiry() == pytest.approx(grant.job.lease_expires_at)
+    (expired,) = await store.expire_leases(time.time() + 1, max_attempts=2)
+    assert expired.job.state is JobState.QUEUED
+    assert expired.lease_id == grant.job.lease_id
+    change = event(expired.events[0].payload).state
+    assert change.message == "lease expired on executor e-1; requeued (attempt 1 of 2)"
+    assert not (await store.get(job_id)).lease_id
+    await store.claim(["aer"], "e-2", 0.0, 1)
+    (failed,) = await store.expire_leases(time.time() + 1, max_attempts=2)
+    assert failed.job.state is JobState.FAILED
+    assert failed.job.attempts == 2
+    error = types_pb2.JobError.FromString(failed.job.error or b"")
+    assert error.code == 14
+    assert "attempt 2 of 2" in error.message
+    assert failed.events[-1].terminal
+    assert await store.expire_leases(time.time() + 1, max_attempts=2) == []
+
+
+async def test_heartbeat_extends_only_current_leases(store: JobStore) -> None:
+    await submit(store)
+    (grant,) = await store.claim(["aer"], "e-1", 0.5, 1)
+    before = grant.job.lease_expires_at or 0
+    extended = await store.extend_leases([grant.job.lease_id, "l-unknown"], TTL)
+    assert extended == {grant.job.lease_id}
+    assert ((await store.get(grant.job.id)).lease_expires_at or 0) > before + 10
+    assert await store.expire_leases(time.time() + 1, 3) == []
+
+
+async def test_check_held_keeps_current_leases_only(store: JobStore) -> None:
+    a = await submit(store)
+    b = await submit(store)
+    grants = await store.claim(["aer"], "e-1", TTL, 2)
+    lease_a = grants[0].job.lease_id
+    check = await store.check_held("e-1b", [(a, lease_a), (b, "l-old")], TTL)
+    assert check.valid == [(a, lease_a)]
+    assert check.invalid == [(b, "l-old")]
+    assert (await store.get(a)).executor_id == "e-1b"
+
+
+async def test_cancel_in_every_state(store: JobStore) -> None:
+    queued = await submit(store)
+    out = await store.cancel(queued, "t1", "no longer needed")
+    assert out.job.state is JobState.CANCELLED
+    assert out.previous_state is JobState.QUEUED
+    assert not out.lease_id
+    assert out.events[-1].terminal
+    assert "no longer needed" in event(out.events[-1].payload).state.message
+
+    running = await submit(store)
+    (grant,) = await store.claim(["aer"], "e-1", TTL, 1)
+    out = await store.cancel(running, "t1", "")
+    assert out.previous_state is JobState.RUNNING
+    assert (out.lease_id, out.executor_id) == (grant.job.lease_id, "e-1")
+    assert not out.job.lease_id
+    late = await store.apply_update(running, grant.job.lease_id, UpdateKind.RESULT, b"")
+    assert not late.accepted
+    confirm = await store.apply_update(running, grant.job.lease_id, UpdateKind.RELEASED, b"")
+    assert confirm.accepted
+    assert confirm.events == []
+
+    again = await store.cancel(running, "t1", "")
+    assert again.events == []
+    assert again.job.last_seq == out.job.last_seq
+    with pytest.raises(NotFound):
+        await store.cancel(running, "t2", "")
+
+
+async def test_list_is_newest_first_paged_and_filtered(store: JobStore) -> None:
+    ids = [await submit(store) for _ in range(5)]
+    await submit(store, new_job(tenant="t2"))
+    await store.claim(["aer"], "e-1", TTL, 1)  # ids[0] -> RUNNING
+    page = await store.list_jobs("t1", page_size=2)
+    assert [j.id for j in page.jobs] == [ids[4], ids[3]]
+    assert page.next_page_token
+    page2 = await store.list_jobs("t1", page_size=2, page_token=page.next_page_token)
+    page3 = await store.list_jobs("t1", page_size=2, page_token=page2.next_page_token)
+    assert [j.id for j in page2.jobs + page3.jobs] == [ids[2], ids[1], ids[0]]
+    assert page3.next_page_token == ""
+    running = await store.list_jobs("t1", states=[JobState.RUNNING])
+    assert [j.id for j in running.jobs] == [ids[0]]
+    assert (await store.list_jobs("t1", backend="other")).jobs == []
+    with pytest.raises(InvalidArgument):
+        await store.list_jobs("t1", page_token="garbage")
+
+
+async def test_renew_running_leases_gives_restarted_broker_a_grace_period(store: JobStore) -> None:
+    await submit(store)
+    await store.claim(["aer"], "e-1", 0.0, 1)
+    assert await store.renew_running_leases(TTL) == 1
+    assert await store.expire_leases(time.time() + 1, 3) == []
+
+
+async def test_backends_are_remembered(store: JobStore) -> None:
+    assert await store.get_backend("aer") is None
+    info = types_pb2.JobEvent().SerializeToString()
+    await store.upsert_backends([BackendRecord("aer", info, 1.0), BackendRecord("b", info, 1.0)])
+    await store.upsert_backends([BackendRecord("aer", b"x", 2.0)])
+    await store.touch_backends(["b"], 5.0)
+    records = {b.name: b for b in await store.list_backends()}
+    assert records["aer"].info == b"x"
+    assert records["aer"].last_seen == 2.0
+    assert records["b"].last_seen == 5.0
+
+
+async def test_statistics(store: JobStore) -> None:
+    await submit(store)
+    await submit(store, new_job(backend="b"))
+    await store.claim(["b"], "e", TTL, 1)
+    assert await store.queue_lengths() == {"aer": 1}
+    counts = await store.count_by_state()
+    assert counts[JobState.QUEUED] == 1
+    assert counts[JobState.RUNNING] == 1
