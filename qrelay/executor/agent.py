@@ -16,6 +16,7 @@ circuit never delays a heartbeat.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 import time
@@ -34,7 +35,7 @@ from prometheus_client import Counter, Gauge, start_http_server
 
 import qrelay
 from qrelay._proto.v1 import backends_pb2, executor_pb2, executor_pb2_grpc, types_pb2
-from qrelay.errors import DeadlineExceeded, QRelayError
+from qrelay.errors import DeadlineExceeded, Internal, QRelayError
 from qrelay.executor.settings import ExecutorSettings
 from qrelay.rpc import error_from_rpc
 
@@ -605,12 +606,33 @@ async def _in_thread(fn: Callable[..., types_pb2.JobResult], *args: Any) -> type
 async def running_executor(
     settings: ExecutorSettings, *, connect_timeout: float = 60.0
 ) -> AsyncIterator[Executor]:
-    """Run an executor in a task group until the block exits; yields once it is connected."""
+    """Run an executor until the block exits; yields once it is connected.
+
+    The executor runs in a task this context manager owns: cancelled and
+    awaited on exit. (Not a task group around the `yield`, so the block may be
+    entered and left from different tasks, as pytest-asyncio fixtures and
+    AsyncExitStacks do.) A failure before connecting (e.g. an unknown backend)
+    is raised here; DeadlineExceeded when not connected within `connect_timeout`.
+    """
     executor = Executor(settings)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(executor.run, name=f"executor {settings.executor_id}")
-        await executor.wait_connected(connect_timeout)
+    task = asyncio.create_task(executor.run(), name=f"executor {settings.executor_id}")
+    try:
+        connected = asyncio.create_task(executor.wait_connected(connect_timeout))
         try:
-            yield executor
+            await asyncio.wait({task, connected}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            tg.cancel_scope.cancel()
+            if not connected.done():
+                connected.cancel()
+        if task.done():
+            task.result()  # raises why run() stopped
+            raise Internal(f"executor {settings.executor_id} stopped before connecting")
+        connected.result()
+        yield executor
+    finally:
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
