@@ -442,9 +442,8 @@ class RuntimeJob(BasePrimitiveJob[Any, JobStatus]):  # type: ignore[misc]
     def metrics(self) -> dict[str, Any]:
         return self._loop.call(self._core.metrics)
 
-    @property
     def usage(self) -> float | None:
-        """Seconds the job's final attempt ran, None before it finished."""
+        """Seconds the job's final attempt ran (None before it finished), as Runtime's usage()."""
         wall: float | None = self.metrics()["usage"]["wall_seconds"]
         return wall
 

@@ -56,6 +56,10 @@ def test_job_handle_from_id_and_from_listing(service: QRelayService) -> None:
     again = service.job(job.job_id())
     assert again.status() is JobStatus.DONE
     assert again.result()[0].data.meas.get_counts() == {"1": 4}
+    usage = again.usage()
+    assert usage is not None
+    assert usage >= 0
+    assert again.logs() == []
     listed = service.jobs(limit=5, backend="aer", state=JobStatus.DONE)
     assert [j.job_id() for j in listed] == [job.job_id()]
     events = list(again.stream())
