@@ -7,16 +7,16 @@ message naming the PUB and field, long before an executor would.
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 from google.protobuf.json_format import MessageToDict
 
 from qrelay._proto.v1 import types_pb2
 from qrelay.broker.store import JobKind
-from qrelay.errors import InvalidArgument
+from qrelay.errors import InvalidArgument, NotFound
+from qrelay.options import options_from_wire
 
 MAX_TAGS = 32
 MAX_IDEMPOTENCY_KEY = 128
@@ -149,25 +149,9 @@ def _check_precision(value: float, where: str) -> None:
         raise InvalidArgument(f"{where}: precision must be a finite number > 0, got {value}")
 
 
-def check_options(kind: str, options: dict[str, Any]) -> None:
-    """Options by qiskit-ibm-runtime V2 names, checked by `qrelay.options`.
-
-    Imported lazily: `qrelay.options` is shared with the client and executor.
-    """
-    try:
-        module = importlib.import_module("qrelay.options")
-    except ModuleNotFoundError as exc:
-        if exc.name != "qrelay.options":
-            raise
-        module = None
-    if module is not None and hasattr(module, "options_from_wire"):
-        module.options_from_wire(kind, options)
-        return
-    # Until qrelay.options is available, only the shape is checked here and
-    # the executor checks names when it builds the primitive.
-    for key in options:
-        if not isinstance(key, str) or not key:
-            raise InvalidArgument(f"options: {key!r} is not an option name")
+def check_options(kind: Literal["sampler", "estimator"], options: dict[str, Any]) -> None:
+    """Options by qiskit-ibm-runtime V2 names; `qrelay.options` names the bad one."""
+    options_from_wire(kind, options)
 
 
 def validate_spec(spec: types_pb2.JobSpec, known_backend: bool, known: Sequence[str]) -> JobKind:
@@ -176,8 +160,6 @@ def validate_spec(spec: types_pb2.JobSpec, known_backend: bool, known: Sequence[
     `known_backend` says whether spec.backend was ever announced; `known`
     lists announced names for the error message.
     """
-    from qrelay.errors import NotFound
-
     if not spec.backend:
         raise InvalidArgument(
             "spec.backend is required (a backend name as BackendService lists it)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from google.protobuf.struct_pb2 import Struct
 
 from qrelay._proto.v1 import types_pb2 as T
 from qrelay.broker.store import JobKind
@@ -55,6 +56,12 @@ def epub(observables: T.ObservablesArray | None = None, **kw: object) -> T.Estim
     )
 
 
+def struct(values: dict[str, object]) -> Struct:
+    out = Struct()
+    out.update(values)
+    return out
+
+
 def check(spec: T.JobSpec) -> JobKind:
     return validate_spec(spec, known_backend=True, known=["aer"])
 
@@ -68,6 +75,9 @@ def test_valid_specs_pass_and_report_their_kind() -> None:
     assert check(estimator(epub(observables, precision=0.01))) is JobKind.ESTIMATOR
     program = T.JobSpec(backend="aer", program=T.ProgramTask(program="vqe"))
     assert check(program) is JobKind.PROGRAM
+    with_options = sampler(spub())
+    with_options.options.update({"default_shots": 64})
+    assert check(with_options) is JobKind.SAMPLER
 
 
 BAD: list[tuple[str, T.JobSpec, type[QRelayError], str]] = [
@@ -222,6 +232,16 @@ BAD: list[tuple[str, T.JobSpec, type[QRelayError], str]] = [
         ),
         InvalidArgument,
         "spec.tags has 33 entries; at most 32 allowed",
+    ),
+    (
+        "unknown option",
+        T.JobSpec(
+            backend="aer",
+            sampler=T.SamplerTask(pubs=[spub()]),
+            options=struct({"default_shotz": 10}),
+        ),
+        InvalidArgument,
+        "unknown option 'default_shotz'; did you mean 'default_shots'?",
     ),
     (
         "program without name",
