@@ -25,7 +25,7 @@ from qrelay._proto.v1 import (
     sessions_pb2_grpc,
     types_pb2,
 )
-from qrelay.errors import Unavailable
+from qrelay.errors import InvalidArgument, Unavailable
 from qrelay.rpc import error_from_rpc
 
 log = structlog.get_logger(__name__)
@@ -96,8 +96,8 @@ class Connection:
         timeout: float,
         retry: RetryPolicy,
     ) -> None:
-        if not address:
-            raise ValueError("address must be 'host:port'")
+        if not address or ":" not in address:
+            raise InvalidArgument(f"broker address must be 'host:port', got {address!r}")
         self.address = address
         self.timeout = timeout
         self.retry = retry

@@ -11,7 +11,7 @@ from qiskit.providers import JobStatus
 from qiskit.transpiler import generate_preset_pass_manager
 
 from qrelay.client import QRelayBackend, QRelayService, Sampler
-from qrelay.errors import NotFound, Unauthenticated, Unavailable
+from qrelay.errors import InvalidArgument, NotFound, Unauthenticated, Unavailable
 from qrelay.testing import LocalStack, local_stack_in_thread
 from tests.client.conftest import bell, one_qubit
 
@@ -120,3 +120,23 @@ def test_close_is_idempotent_and_leaves_no_thread() -> None:
     del forgotten
     gc.collect()
     assert len(_client_threads()) == before
+
+
+def test_bad_arguments_raise_invalid_argument_before_any_call(service: QRelayService) -> None:
+    with pytest.raises(InvalidArgument, match="address must be 'host:port', got 'localhost'"):
+        QRelayService("localhost")
+    with pytest.raises(InvalidArgument, match="timeout must be > 0 seconds, got 0"):
+        QRelayService("127.0.0.1:1", timeout=0)
+    with pytest.raises(InvalidArgument, match="backend name must not be empty"):
+        service.backend("")
+    with pytest.raises(InvalidArgument, match="job_id must not be empty"):
+        service.job("")
+    with pytest.raises(InvalidArgument, match="limit must be >= 0, got -1"):
+        service.jobs(limit=-1)
+    with pytest.raises(InvalidArgument, match="JobStatus.VALIDATING is not a qrelay job state"):
+        service.jobs(state=JobStatus.VALIDATING)
+    with pytest.raises(InvalidArgument, match="mode must be a QRelayBackend or a backend name"):
+        Sampler(mode=42)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="options must be a SamplerOptions or a dict"):
+        Sampler(mode=service.backend("aer"), options=[1])  # type: ignore[arg-type]
+    assert InvalidArgument.code == 3
