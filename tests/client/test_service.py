@@ -133,7 +133,7 @@ def test_bad_arguments_raise_invalid_argument_before_any_call(service: QRelaySer
         service.job("")
     with pytest.raises(InvalidArgument, match="limit must be >= 0, got -1"):
         service.jobs(limit=-1)
-    with pytest.raises(InvalidArgument, match="JobStatus.VALIDATING is not a qrelay job state"):
+    with pytest.raises(InvalidArgument, match=r"JobStatus\.VALIDATING is not a qrelay job state"):
         service.jobs(state=JobStatus.VALIDATING)
     with pytest.raises(InvalidArgument, match="mode must be a QRelayBackend or a backend name"):
         Sampler(mode=42)  # type: ignore[arg-type]
