@@ -9,6 +9,7 @@ plug in here with the same `Backend` shape.
 
 from __future__ import annotations
 
+import difflib
 import functools
 from dataclasses import dataclass
 from typing import Any
@@ -64,13 +65,15 @@ class Backend:
 def _fake_device_classes() -> dict[str, type[Any]]:
     """Fake V2 device classes by backend name, read from class attributes (no JSON loaded)."""
     import qiskit_ibm_runtime.fake_provider as fake_provider
+    from qiskit_ibm_runtime.fake_provider.fake_backend import FakeBackendV2
 
     classes: dict[str, type[Any]] = {}
     for attr in dir(fake_provider):
         cls = getattr(fake_provider, attr)
-        name = getattr(cls, "backend_name", None)
-        if attr.startswith("Fake") and attr.endswith("V2") and isinstance(name, str):
-            classes[name] = cls
+        if isinstance(cls, type) and issubclass(cls, FakeBackendV2):
+            name = getattr(cls, "backend_name", None)
+            if isinstance(name, str) and name.startswith("fake_"):
+                classes[name] = cls
     return classes
 
 
@@ -101,11 +104,9 @@ def _build(name: str) -> Backend:
     cls = _fake_device_classes().get(name)
     if cls is None:
         names = available_backends()
-        close = [n for n in names if name and (name in n or n in name)][:5]
-        hint = close or names[:6]
-        raise NotFound(
-            f"unknown backend {name!r}; {len(names)} are available, e.g. {', '.join(hint)}"
-        )
+        close = difflib.get_close_matches(name, names, n=3)
+        hint = f"did you mean {' or '.join(close)}?" if close else f"e.g. {', '.join(names[:6])}"
+        raise NotFound(f"unknown backend {name!r} ({len(names)} are available); {hint}")
     fake = cls()
     return Backend(
         name=name,
