@@ -17,6 +17,7 @@ circuit never delays a heartbeat.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import random
 import threading
 import time
@@ -35,7 +36,7 @@ from prometheus_client import Counter, Gauge, start_http_server
 
 import qrelay
 from qrelay._proto.v1 import backends_pb2, executor_pb2, executor_pb2_grpc, types_pb2
-from qrelay.errors import DeadlineExceeded, Internal, QRelayError
+from qrelay.errors import DeadlineExceeded, Internal, InvalidArgument, QRelayError
 from qrelay.executor.settings import ExecutorSettings
 from qrelay.rpc import error_from_rpc
 
@@ -56,6 +57,11 @@ JOBS_FINISHED = Counter(
     "qrelay_executor_jobs_finished", "Jobs finished, by outcome.", ["executor_id", "outcome"]
 )
 RECONNECTS = Counter("qrelay_executor_reconnects", "Broken broker streams.", ["executor_id"])
+
+# The program job whose sandbox is asking for a primitive (set in the job's task).
+_CURRENT_JOB: contextvars.ContextVar[_Job | None] = contextvars.ContextVar(
+    "qrelay_current_job", default=None
+)
 
 RunJob = Callable[["_Job", executor_pb2.Assignment], Awaitable[types_pb2.JobResult]]
 
@@ -110,6 +116,7 @@ class Executor:
         self._pipelines: dict[str, Any] = {}
         self._backend_infos: list[backends_pb2.BackendInfo] = []
         self._program_runner: Any = None
+        self._programs_unavailable = ""
         self._job_tg: anyio.abc.TaskGroup | None = None
         self._max_update_bytes = 0
         self._peak_running = 0
@@ -203,8 +210,30 @@ class Executor:
         )
 
     async def _start_program_runner(self) -> None:
-        """Programs run only where the sandbox runner exists; otherwise they fail UNIMPLEMENTED."""
-        self._program_runner = None
+        """Start the program sandbox runner (warm pool) unless programs are switched off.
+
+        A sandbox that cannot start leaves the executor serving primitives:
+        logged as an error, "program" is not announced, and program jobs fail
+        UNIMPLEMENTED with the reason.
+        """
+        if not self.settings.programs:
+            self._programs_unavailable = "programs are switched off on this executor"
+            return
+        from qrelay.executor.programs.runner import ProgramRunner
+        from qrelay.executor.programs.settings import SandboxSettings
+
+        runner = ProgramRunner(
+            SandboxSettings(**self.settings.sandbox), self._run_primitive_for_program
+        )
+        try:
+            await runner.start()
+        except (QRelayError, OSError) as exc:
+            self._programs_unavailable = f"sandbox unavailable: {exc}"
+            self._log.error("programs.unavailable", reason=str(exc))
+            with anyio.CancelScope(shield=True):
+                await runner.aclose()
+            return
+        self._program_runner = runner
 
     async def _close_program_runner(self) -> None:
         if self._program_runner is not None:
@@ -522,37 +551,70 @@ class Executor:
             )
 
     async def _execute_primitive(self, job: _Job, spec: types_pb2.JobSpec) -> types_pb2.JobResult:
+        return await self._run_spec(spec, job.cancelled)
+
+    async def _run_spec(
+        self, spec: types_pb2.JobSpec, cancelled: threading.Event
+    ) -> types_pb2.JobResult:
+        """Run one primitive spec on this executor's pipeline for its backend, in a thread."""
         pipeline = self._pipelines.get(spec.backend)
         if pipeline is None:
-            return_error = types_pb2.JobError(
-                code=INVALID_ARGUMENT,
-                message=f"backend {spec.backend!r} is not served by executor "
-                f"{self.settings.executor_id} (it serves {', '.join(self.settings.backends)})",
+            raise InvalidArgument(
+                f"backend {spec.backend!r} is not served by executor "
+                f"{self.settings.executor_id} (it serves {', '.join(self.settings.backends)})"
             )
-            raise _JobFailed(return_error)
         if "optimization_level" not in spec.options.fields:
             # The executor's level is the default for jobs that do not choose one.
             spec = types_pb2.JobSpec.FromString(spec.SerializeToString())
             spec.options["optimization_level"] = self.settings.optimization_level
-        return await _in_thread(pipeline.run, spec, job.cancelled)
+        return await _in_thread(pipeline.run, spec, cancelled)
 
-    async def _run_primitive_spec(
-        self, spec: types_pb2.JobSpec, cancelled: threading.Event | None = None
-    ) -> types_pb2.JobResult:
-        """Primitive calls of a running program go through the same local pipeline."""
-        pipeline = self._pipelines.get(spec.backend)
-        if pipeline is None:
-            from qrelay.errors import InvalidArgument
-
-            raise InvalidArgument(f"backend {spec.backend!r} is not served by this executor")
-        return await _in_thread(pipeline.run, spec, cancelled or threading.Event())
+    async def _run_primitive_for_program(self, spec: types_pb2.JobSpec) -> types_pb2.JobResult:
+        """A running program's primitive call: same local pipeline, the job's cancel event."""
+        job = _CURRENT_JOB.get()
+        return await self._run_spec(spec, job.cancelled if job else threading.Event())
 
     async def _execute_program(
         self, job: _Job, assignment: executor_pb2.Assignment
     ) -> types_pb2.JobResult:
-        raise _JobFailed(
-            types_pb2.JobError(code=UNIMPLEMENTED, message="this executor does not run programs")
-        )
+        if self._program_runner is None:
+            why = f" ({self._programs_unavailable})" if self._programs_unavailable else ""
+            raise _JobFailed(
+                types_pb2.JobError(
+                    code=UNIMPLEMENTED, message=f"this executor does not run programs{why}"
+                )
+            )
+        from qrelay.executor.programs.runner import ProgramFailed
+
+        spec = assignment.spec
+        info = next((b for b in self._backend_infos if b.name == spec.backend), None)
+        if info is None:
+            raise InvalidArgument(
+                f"backend {spec.backend!r} is not served by executor "
+                f"{self.settings.executor_id} (it serves {', '.join(self.settings.backends)})"
+            )
+        if not assignment.program.id:
+            raise InvalidArgument(f"program job {job.job_id} arrived without its program bundle")
+
+        async def emit(item: types_pb2.Interim | types_pb2.LogLine) -> None:
+            if job.dropped:
+                return
+            if isinstance(item, types_pb2.Interim):
+                message = _update(job.job_id, job.lease_id, interim=item)
+            else:
+                message = _update(job.job_id, job.lease_id, log=item)
+            self._enqueue(_Outgoing(job.job_id, job.lease_id, message, final=False))
+
+        token = _CURRENT_JOB.set(job)
+        try:
+            result: types_pb2.JobResult = await self._program_runner.run(
+                job.job_id, assignment.program, spec.program.inputs_json, info, emit
+            )
+            return result
+        except ProgramFailed as exc:
+            raise _JobFailed(exc.job_error) from None
+        finally:
+            _CURRENT_JOB.reset(token)
 
 
 class _JobFailed(QRelayError):

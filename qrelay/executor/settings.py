@@ -6,8 +6,10 @@ Every field is also an environment variable with the prefix `QRELAY_EXECUTOR_`
 host running both never confuses the two; `QRELAY_EXECUTOR_TOKEN` is the same
 variable the broker reads as its `executor_token`, so one secret serves both.
 List fields accept JSON (`["aer","fake_manila"]`) or a comma-separated string.
-Sandbox settings for program jobs nest with `__`, e.g.
-`QRELAY_EXECUTOR_SANDBOX__TIMEOUT_S=600`.
+Sandbox settings for program jobs (fields of
+`qrelay.executor.programs.settings.SandboxSettings`) nest with `__`, e.g.
+`QRELAY_EXECUTOR_SANDBOX__WALL_TIMEOUT_S=600`; the sandbox's own
+`QRELAY_SANDBOX_<NAME>` variables work too.
 """
 
 from __future__ import annotations
@@ -62,6 +64,9 @@ class ExecutorSettings(BaseSettings):
         default=256 * 1024 * 1024, gt=0, description="Largest gRPC message sent or received."
     )
     metrics_port: int = Field(default=0, ge=0, le=65535, description="Prometheus port; 0 for none.")
+    programs: bool = Field(
+        default=True, description="Run program jobs in sandboxes (a warm pool is kept)."
+    )
     sandbox: dict[str, Any] = Field(
         default_factory=dict,
         description="Program sandbox settings (fields of SandboxSettings), nested with '__'.",

@@ -59,6 +59,8 @@ def executor_settings(address: str, **overrides: Any) -> ExecutorSettings:
             "reconnect_initial_s": 0.05,
             "reconnect_max_s": 0.3,
             "connect_timeout_s": 5.0,
+            # No warm program sandboxes: these tests run primitives only.
+            "programs": False,
             **overrides,
         }
     )
