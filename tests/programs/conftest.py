@@ -65,8 +65,8 @@ class Events:
     def logs(self) -> list[types_pb2.LogLine]:
         return [i for i in self.items if isinstance(i, types_pb2.LogLine)]
 
-    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 30) -> None:
-        with anyio.fail_after(timeout):
+    async def wait_for(self, predicate: Callable[[], bool], limit: float = 30) -> None:
+        with anyio.fail_after(limit):
             while not predicate():
                 await self.changed.wait()
 

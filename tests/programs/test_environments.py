@@ -1,4 +1,4 @@
-"""Program requirements: installed once per set (even by concurrent jobs), reused, errors surfaced."""
+"""Program requirements: installed once per set (even by concurrent jobs), reused, errors shown."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ def build_wheel(directory: Path, name: str, version: str, source: str) -> Path:
             f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
         ).encode(),
         f"{dist}.dist-info/WHEEL": (
-            b"Wheel-Version: 1.0\nGenerator: qrelay-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+            b"Wheel-Version: 1.0\nGenerator: qrelay-tests\n"
+            b"Root-Is-Purelib: true\nTag: py3-none-any\n"
         ),
     }
     record = []

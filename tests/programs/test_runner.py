@@ -38,7 +38,7 @@ def _gone(pid: int) -> bool:
 
 async def _wait_gone(pids: list[int], limit: float = 5.0) -> None:
     with anyio.fail_after(limit):
-        while not all(_gone(p) for p in pids):
+        while not all(_gone(p) for p in pids):  # noqa: ASYNC110 - polling /proc, no event
             await anyio.sleep(0.02)
 
 
@@ -408,7 +408,8 @@ async def test_publishing_an_unserialisable_object_fails_naming_the_type(
     assert err.code == INVALID_ARGUMENT
     assert err.message == "cannot encode object of type set at path x[1]"
     assert err.type == "qrelay.errors.InvalidArgument"
-    assert err.traceback and 'File "main.py", line 2, in main' in err.traceback[-1]
+    assert err.traceback
+    assert 'File "main.py", line 2, in main' in err.traceback[-1]
 
 
 async def test_unserialisable_return_value_fails_naming_the_type(

@@ -203,7 +203,7 @@ class ProgramRunner:
                 # It exits right after its last frame; let its final output drain.
                 with anyio.move_on_after(2):
                     await sandbox.process.wait()
-            await sandbox.kill()  # the whole group: stray children, fork bombs
+            await sandbox.terminate()  # the whole group: stray children, fork bombs
             # Output readers end at EOF; a process that escaped the group could
             # hold the pipes open, so they get a deadline too.
             tg.cancel_scope.deadline = anyio.current_time() + 2

@@ -219,6 +219,13 @@ class Sandbox:
         await self.channel.send(_ipc.encode_frame(kind, payload))
 
     async def kill(self) -> None:
+        """SIGKILL the whole process group, reap the sandbox, close its streams."""
+        with anyio.CancelScope(shield=True):
+            await self.terminate()
+            await self.channel.aclose()
+            await self.process.aclose()
+
+    async def terminate(self) -> None:
         """SIGKILL the whole process group (children included) and reap the sandbox."""
         with anyio.CancelScope(shield=True):
             try:
@@ -229,8 +236,6 @@ class Sandbox:
                 log.warning("sandbox.kill_denied", pid=self.process.pid)
             with anyio.move_on_after(5):
                 await self.process.wait()
-            await self.channel.aclose()
-            await self.process.aclose()
 
 
 class WarmPool:
@@ -248,32 +253,49 @@ class WarmPool:
         self._python = python
         self._idle: deque[Sandbox] = deque()
         self._closed = False
+        self._spawning = 0
         self.cold_starts = 0
         self.warm_starts = 0
 
     async def fill(self) -> None:
-        self._idle = deque(sb for sb in self._idle if sb.alive())
-        while not self._closed and len(self._idle) < self._settings.warm_pool_size:
-            self._idle.append(await Sandbox.spawn(self._settings, self._user, self._python))
+        """Replace dead idle sandboxes and top the pool up to its size."""
+        for dead in [sb for sb in self._idle if not sb.alive()]:
+            self._idle.remove(dead)
+            await dead.kill()
+        while not self._closed and len(self._idle) + self._spawning < self._settings.warm_pool_size:
+            self._spawning += 1
+            try:
+                sandbox = await Sandbox.spawn(self._settings, self._user, self._python)
+            finally:
+                self._spawning -= 1
+            if self._closed:
+                await sandbox.kill()
+                return
+            self._idle.append(sandbox)
 
     async def take(self) -> Sandbox:
         """A sandbox that has said READY; the pool is topped up first."""
-        while self._idle:
-            sandbox = self._idle.popleft()
-            if sandbox.alive():
-                await self.fill()
-                await sandbox.wait_ready(self._settings.start_timeout_s)
-                self.warm_starts += 1
-                return sandbox
-            await sandbox.kill()
-        sandbox = await Sandbox.spawn(self._settings, self._user, self._python)
-        self.cold_starts += 1
+        sandbox: Sandbox | None = None
+        while self._idle and sandbox is None:
+            candidate = self._idle.popleft()
+            if candidate.alive():
+                sandbox = candidate
+            else:
+                await candidate.kill()
+        warm = sandbox is not None
         try:
+            if sandbox is None:
+                sandbox = await Sandbox.spawn(self._settings, self._user, self._python)
             await self.fill()
             await sandbox.wait_ready(self._settings.start_timeout_s)
         except BaseException:
-            await sandbox.kill()
+            if sandbox is not None:
+                await sandbox.kill()
             raise
+        if warm:
+            self.warm_starts += 1
+        else:
+            self.cold_starts += 1
         return sandbox
 
     async def aclose(self) -> None:
