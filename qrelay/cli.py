@@ -273,6 +273,12 @@ def executor_serve(
     metrics_port: Annotated[
         int | None, typer.Option(help="Prometheus metrics port; 0 for none.")
     ] = None,
+    programs: Annotated[
+        bool | None,
+        typer.Option(
+            "--programs/--no-programs", help="Run program jobs in sandboxes (default: yes)."
+        ),
+    ] = None,
 ) -> None:
     """Run an executor until SIGINT/SIGTERM. Every flag is also QRELAY_EXECUTOR_<NAME>."""
     from qrelay.executor.agent import Executor
@@ -290,6 +296,7 @@ def executor_serve(
             reconnect_max_s=reconnect_max,
             connect_timeout_s=connect_timeout,
             metrics_port=metrics_port,
+            programs=programs,
         )
     executor = Executor(settings)
     _run(lambda: _until_signal(executor.run))

@@ -87,6 +87,9 @@ def test_dev_stack_lists_its_backends_and_stops_cleanly_on_sigint(
     shown = cli.invoke(app, ["jobs", "show", job.id, "--broker", address], terminal_width=200)
     assert shown.exit_code == 0, shown.output
     assert "DONE" in shown.output
+    cancelled = cli.invoke(app, ["jobs", "cancel", job.id, "--broker", address])
+    assert cancelled.exit_code == 0, cancelled.output
+    assert "DONE" in cancelled.output, "cancelling a finished job changes nothing"
     missing = cli.invoke(app, ["jobs", "show", "j-nope", "--broker", address])
     assert missing.exit_code == 1
     assert "NOT_FOUND" in missing.output

@@ -198,7 +198,7 @@ async def test_slots_bound_concurrency(tmp_path: Path, jobs_stub: Any) -> None:
         running_executor(executor_settings(broker.address, slots=2)) as executor,
     ):
         stub = jobs_stub(broker.address)
-        ids = [await submit(stub, long_spec(4)) for _ in range(4)]
+        ids = [await submit(stub, long_spec(10)) for _ in range(4)]
         seen_running: list[int] = []
         with anyio.fail_after(120):
             while True:
