@@ -12,8 +12,10 @@ from qiskit.transpiler import generate_preset_pass_manager
 
 from qrelay.client import QRelayBackend, QRelayService, Sampler
 from qrelay.errors import InvalidArgument, NotFound, Unauthenticated, Unavailable
+from qrelay.executor.agent import running_executor
+from qrelay.executor.settings import ExecutorSettings
 from qrelay.testing import LocalStack, local_stack_in_thread
-from tests.client.conftest import bell, one_qubit
+from tests.client.conftest import OFFLINE_BACKEND, TcpProxy, bell, one_qubit
 
 
 def _client_threads() -> list[threading.Thread]:
@@ -140,3 +142,29 @@ def test_bad_arguments_raise_invalid_argument_before_any_call(service: QRelaySer
     with pytest.raises(InvalidArgument, match="options must be a SamplerOptions or a dict"):
         Sampler(mode=service.backend("aer"), options=[1])  # type: ignore[arg-type]
     assert InvalidArgument.code == 3
+
+
+def test_blocking_stream_resumes_after_the_connection_drops() -> None:
+    with local_stack_in_thread(backends=("aer",)) as (env, portal):
+        settings = ExecutorSettings(broker=env.address, backends=[OFFLINE_BACKEND], slots=1)
+        with portal.wrap_async_context_manager(running_executor(settings)):
+            pass  # announced once, now offline: its jobs stay QUEUED
+        proxy = TcpProxy(env.address)
+        portal.call(proxy.start)
+        try:
+            with (
+                QRelayService(proxy.address) as via_proxy,
+                QRelayService(env.address) as direct,
+            ):
+                job = Sampler(mode=via_proxy.backend(OFFLINE_BACKEND)).run([bell()])
+                seen = []
+                for ev in job.stream():
+                    seen.append(ev)
+                    if len(seen) == 1:
+                        assert portal.call(proxy.drop) >= 2
+                        direct.job(job.job_id()).cancel()
+            assert [e.seq for e in seen] == list(range(1, len(seen) + 1))
+            assert seen[-1].data is JobStatus.CANCELLED
+            assert proxy.accepted >= 2
+        finally:
+            portal.call(proxy.close)
