@@ -168,3 +168,17 @@ def test_blocking_stream_resumes_after_the_connection_drops() -> None:
             assert proxy.accepted >= 2
         finally:
             portal.call(proxy.close)
+
+
+def test_backend_name_mode_uses_qrelay_broker_from_the_environment(
+    sync_stack: LocalStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("QRELAY_BROKER", raising=False)
+    with pytest.raises(InvalidArgument, match="set QRELAY_BROKER"):
+        Sampler(mode="aer")
+    monkeypatch.setenv("QRELAY_BROKER", sync_stack.address)
+    sampler = Sampler(mode="aer")
+    try:
+        assert sampler.run([one_qubit()], shots=2).result()[0].data.meas.num_shots == 2
+    finally:
+        sampler.service.close()
