@@ -9,12 +9,15 @@ do) yet survive a process crash, which keeps submit→result throughput high.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import queue
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -113,32 +116,16 @@ class SQLiteJobStore(JobStore):
     def __init__(self, path: Path, *, synchronous: str = "NORMAL") -> None:
         self.path = Path(path)
         self.synchronous = synchronous.upper()
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qrelay-sqlite")
+        self._writer = _GroupCommitThread(f"qrelay-sqlite-{self.path.name}")
         self._conn: sqlite3.Connection | None = None
 
     # --- plumbing ----------------------------------------------------------
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `fn` in one transaction on the store's thread."""
-
-        def work() -> T:
-            conn = self._conn
-            if conn is None:
-                raise RuntimeError("store is not open")
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                value = fn(conn)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-            return value
-
-        # If the caller is cancelled before the thread picks this up, the
-        # transaction never runs; once running it commits or rolls back whole.
-        return await asyncio.wrap_future(self._thread.submit(work))
+        """Run `fn` atomically on the store's thread; returns once it is committed."""
+        return await self._writer.submit(fn, transactional=True)
 
     async def open(self) -> None:
-        def connect() -> None:
+        def connect(_: sqlite3.Connection | None) -> sqlite3.Connection:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
@@ -156,19 +143,23 @@ class SQLiteJobStore(JobStore):
                 conn.executescript(
                     f"BEGIN IMMEDIATE; {_MIGRATIONS[target]}; PRAGMA user_version={target}; COMMIT;"
                 )
-            self._conn = conn
+            self._writer.conn = conn
+            return conn
 
-        await asyncio.wrap_future(self._thread.submit(connect))
+        self._writer.start()
+        self._conn = await self._writer.submit(connect, transactional=False)
         log.info("store.opened", path=str(self.path), synchronous=self.synchronous)
 
     async def close(self) -> None:
-        def disconnect() -> None:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+        def disconnect(conn: sqlite3.Connection | None) -> None:
+            if conn is not None:
+                conn.close()
+            self._writer.conn = None
 
-        await asyncio.wrap_future(self._thread.submit(disconnect))
-        self._thread.shutdown(wait=True)
+        if self._writer.running:
+            await self._writer.submit(disconnect, transactional=False)
+            await asyncio.to_thread(self._writer.stop)
+        self._conn = None
 
     # --- helpers run on the store thread -----------------------------------
     @staticmethod
@@ -666,3 +657,127 @@ class SQLiteJobStore(JobStore):
             return counts
 
         return await self._run(tx)
+
+
+MAX_BATCH = 256
+
+
+@dataclass
+class _Op:
+    fn: Callable[[Any], Any]
+    transactional: bool
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+    value: Any = None
+    error: BaseException | None = None
+
+
+class _GroupCommitThread:
+    """The one thread that owns the SQLite connection.
+
+    Operations queued while a commit is in progress run together in the next
+    transaction, each inside its own SAVEPOINT (so one failing operation rolls
+    back alone), then a single COMMIT acknowledges them all. Callers are
+    resumed only after that COMMIT: group commit keeps every acknowledgement
+    durable while paying one commit and one thread hop per batch, not per job.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.conn: sqlite3.Connection | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def start(self) -> None:
+        if not self._thread.is_alive():
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    async def submit(self, fn: Callable[[Any], T], *, transactional: bool) -> T:
+        if not self._thread.is_alive():
+            raise RuntimeError("store is not open")
+        loop = asyncio.get_running_loop()
+        op = _Op(fn, transactional, loop, loop.create_future())
+        self._queue.put(op)
+        return await op.future  # type: ignore[no-any-return]
+
+    def _loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < MAX_BATCH:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._run_batch(batch)
+            loops = {op.loop for op in batch}
+            for loop in loops:
+                mine = [op for op in batch if op.loop is loop]
+                # A loop closed while we worked has nobody left waiting.
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(_resolve, mine)
+            if stop:
+                return
+
+    def _run_batch(self, batch: list[_Op]) -> None:
+        in_tx: list[_Op] = []
+        for op in batch:
+            if not op.transactional:
+                self._commit(in_tx)
+                in_tx = []
+                try:
+                    op.value = op.fn(self.conn)
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    op.error = exc
+                continue
+            conn = self.conn
+            if conn is None:
+                op.error = RuntimeError("store is not open")
+                continue
+            if not in_tx:
+                conn.execute("BEGIN IMMEDIATE")
+            in_tx.append(op)
+            conn.execute("SAVEPOINT op")
+            try:
+                op.value = op.fn(conn)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                op.error = exc
+                conn.execute("ROLLBACK TO op")
+            conn.execute("RELEASE op")
+        self._commit(in_tx)
+
+    def _commit(self, ops: list[_Op]) -> None:
+        if not ops or self.conn is None:
+            return
+        try:
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.execute("ROLLBACK")
+            for op in ops:
+                op.error, op.value = exc, None
+
+
+def _resolve(ops: list[_Op]) -> None:
+    """On the event loop: hand each operation's outcome to its waiting caller."""
+    for op in ops:
+        if op.future.cancelled():
+            continue
+        if op.error is not None:
+            op.future.set_exception(op.error)
+        else:
+            op.future.set_result(op.value)
