@@ -92,6 +92,8 @@ async def test_return_value_is_the_result_with_qiskit_and_numpy_types(
                     "z": complex(1, -2),
                     "op": SparsePauliOp(["ZZ", "XI"], [0.5, -1.0]),
                     "backend": ctx.backend.name,
+                    "target_qubits": ctx.backend.target.num_qubits,
+                    "has_cx": "cx" in ctx.backend.target.operation_names,
                     "inputs": dict(ctx.inputs),
                 }
             """
@@ -105,6 +107,8 @@ async def test_return_value_is_the_result_with_qiskit_and_numpy_types(
     assert value["z"] == complex(1, -2)
     assert value["op"].to_list() == [("ZZ", 0.5 + 0j), ("XI", -1.0 + 0j)]
     assert value["backend"] == backend_info.name
+    assert value["target_qubits"] == backend_info.num_qubits
+    assert value["has_cx"]
     assert value["inputs"] == {"n": 4, "scale": 2.5}
 
 
@@ -481,13 +485,13 @@ async def test_warm_sandbox_runs_first_instruction_sooner_than_a_cold_one(
     async def first_instruction_delay(runner_kwargs: dict[str, int], runs: int) -> list[float]:
         delays = []
         async with make_runner(**runner_kwargs) as runner:
-            await anyio.sleep(1.5)  # let the pool finish importing, as on an idle executor
+            await runner.pool.warmed()  # as on an executor idle since the last job
             for i in range(runs):
                 events = Events()
                 started = time.time()
                 await runner.run(f"j-lat-{i}", bundle, "", backend_info, events)
                 delays.append(float(decode_value(events.interims[0])) - started)  # type: ignore[arg-type]
-                await anyio.sleep(1.0)  # the replacement sandbox warms up meanwhile
+                await runner.pool.warmed()
             if runner_kwargs["warm_pool_size"]:
                 assert runner.pool.warm_starts == runs
             else:
@@ -495,7 +499,7 @@ async def test_warm_sandbox_runs_first_instruction_sooner_than_a_cold_one(
         return delays
 
     warm = await first_instruction_delay({"warm_pool_size": 1}, 2)
-    cold = await first_instruction_delay({"warm_pool_size": 0}, 2)
+    cold = await first_instruction_delay({"warm_pool_size": 0}, 1)
     print(
         f"\nrun() -> first instruction: warm {[round(d * 1000, 1) for d in warm]} ms, "
         f"cold {[round(d * 1000, 1) for d in cold]} ms"

@@ -27,7 +27,7 @@ from anyio.abc import ByteReceiveStream
 from google.protobuf.message import DecodeError
 
 from qrelay._proto.v1 import backends_pb2, executor_pb2, types_pb2
-from qrelay.errors import QRelayError
+from qrelay.errors import FailedPrecondition, QRelayError
 from qrelay.executor.programs import _ipc
 from qrelay.executor.programs.bundles import BundleCache
 from qrelay.executor.programs.environments import EnvironmentCache
@@ -91,28 +91,51 @@ class ProgramRunner:
     def __init__(self, settings: SandboxSettings, run_primitive: RunPrimitive) -> None:
         self.settings = settings
         self._run_primitive = run_primitive
-        self.user = SandboxUser.resolve(settings)
         root = settings.cache_dir
         self.bundles = BundleCache(root / "programs")
         self.environments = EnvironmentCache(root / "envs", settings.python, settings.pip_timeout_s)
-        self.python = self.user.resolve_python(settings.python)
-        self.pool = WarmPool(settings, self.user, self.python)
+        self._user: SandboxUser | None = None
+        self._pool: WarmPool | None = None
+
+    @property
+    def user(self) -> SandboxUser:
+        if self._user is None:
+            raise FailedPrecondition("ProgramRunner.start() has not been called")
+        return self._user
+
+    @property
+    def pool(self) -> WarmPool:
+        if self._pool is None:
+            raise FailedPrecondition("ProgramRunner.start() has not been called")
+        return self._pool
 
     async def start(self) -> None:
-        """Create the cache layout and warm the pool (processes, not tasks: nothing to own)."""
-        await anyio.to_thread.run_sync(self._prepare_dirs)
-        await self.pool.fill()
-        log.info("sandbox.pool_started", size=self.settings.warm_pool_size, user=self.user.name)
+        """Resolve the sandbox user and interpreter, create the cache layout, warm the pool.
 
-    def _prepare_dirs(self) -> None:
+        The pool holds processes, not tasks: nothing runs in the background.
+        Raises `FailedPrecondition` when sandboxes cannot work on this host.
+        """
+        user = SandboxUser.resolve(self.settings)
+        python = user.resolve_python(self.settings.python)
+        await anyio.to_thread.run_sync(self._prepare_dirs, user)
+        self._user = user
+        self._pool = WarmPool(self.settings, user, python)
+        await self._pool.fill()
+        log.info(
+            "sandbox.pool_started", size=self.settings.warm_pool_size, user=user.name, python=python
+        )
+
+    def _prepare_dirs(self, user: SandboxUser) -> None:
         root = self.settings.cache_dir
         for d in (root, root / "idle", root / "programs", root / "envs", root / "work"):
             d.mkdir(parents=True, exist_ok=True)
             d.chmod(0o755)
-        self.user.check_reachable(root / "idle")
+        user.check_reachable(root / "idle")
 
     async def aclose(self) -> None:
-        await self.pool.aclose()
+        """Kill the idle sandboxes; running jobs end with their own `run` calls."""
+        if self._pool is not None:
+            await self._pool.aclose()
 
     async def __aenter__(self) -> ProgramRunner:
         await self.start()

@@ -147,6 +147,7 @@ class Sandbox:
         self.frames = BufferedByteReceiveStream(channel)
         self.ready = False
         self.pid = process.pid
+        self._ready_lock = anyio.Lock()
 
     @classmethod
     async def spawn(cls, settings: SandboxSettings, user: SandboxUser, python: str) -> Sandbox:
@@ -184,8 +185,11 @@ class Sandbox:
 
     async def wait_ready(self, timeout: float) -> None:  # noqa: ASYNC109 - start deadline
         """Wait for READY (normally already in the socket buffer for a warm sandbox)."""
-        if self.ready:
-            return
+        async with self._ready_lock:
+            if not self.ready:
+                await self._read_ready(timeout)
+
+    async def _read_ready(self, timeout: float) -> None:  # noqa: ASYNC109 - start deadline
         try:
             with anyio.fail_after(timeout):
                 kind, payload = await _ipc.read_frame(self.frames)
@@ -297,6 +301,11 @@ class WarmPool:
         else:
             self.cold_starts += 1
         return sandbox
+
+    async def warmed(self) -> None:
+        """Wait until every idle sandbox has finished its imports (for benchmarks and tests)."""
+        for sandbox in list(self._idle):
+            await sandbox.wait_ready(self._settings.start_timeout_s)
 
     async def aclose(self) -> None:
         self._closed = True
