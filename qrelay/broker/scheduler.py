@@ -21,12 +21,14 @@ from qrelay._proto.v1 import backends_pb2, executor_pb2, types_pb2
 from qrelay.broker.events import EventHub
 from qrelay.broker.metrics import BrokerMetrics
 from qrelay.broker.settings import BrokerSettings
-from qrelay.broker.store import BackendRecord, JobRecord, JobStore, LeaseGrant, UpdateKind
+from qrelay.broker.store import BackendRecord, JobKind, JobRecord, JobStore, LeaseGrant, UpdateKind
 from qrelay.errors import InvalidArgument
 
 log = structlog.get_logger(__name__)
 
 FAILED_PRECONDITION = 9
+# Executors without the "program" capability (no sandbox) only get primitive jobs.
+PRIMITIVE_KINDS = (JobKind.SAMPLER, JobKind.ESTIMATOR)
 # Resolves a program job's bundle at assignment time (set by the programs module).
 ProgramResolver = Callable[[types_pb2.JobSpec, str], Awaitable[executor_pb2.ProgramBundle | None]]
 
@@ -249,7 +251,11 @@ class Scheduler:
                 if free <= 0:
                     continue
                 grants = await self.store.claim(
-                    link.backends, link.executor_id, self.settings.lease_ttl_s, free
+                    link.backends,
+                    link.executor_id,
+                    self.settings.lease_ttl_s,
+                    free,
+                    None if "program" in link.capabilities else PRIMITIVE_KINDS,
                 )
                 for grant in grants:
                     await self._assign(link, grant)

@@ -156,3 +156,18 @@ async def test_follow_fills_a_gap_from_the_store(parts: Parts) -> None:
     parts.hub.publish(outcome.events)
     await asyncio.wait_for(task, 5)
     assert [e.seq for e in got] == [2, 3]
+
+
+async def test_program_jobs_go_only_to_executors_with_the_program_capability(
+    parts: Parts,
+) -> None:
+    plain, _ = await parts.scheduler.attach(hello("e-plain", ["aer"], slots=2))
+    program_spec = types_pb2.JobSpec(backend="aer", program=types_pb2.ProgramTask(program="vqe"))
+    job, _ = await parts.jobs.submit("t", program_spec)
+    assert await parts.scheduler.dispatch() == 0
+    able_hello = hello("e-sandbox", ["aer"], slots=1)
+    able_hello.capabilities.append("program")
+    able, _ = await parts.scheduler.attach(able_hello)
+    assert await parts.scheduler.dispatch() == 1
+    assert [m.assignment.job_id for m in drain(able)] == [job.id]
+    assert drain(plain) == []

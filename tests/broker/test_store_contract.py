@@ -297,3 +297,11 @@ async def test_statistics(store: JobStore) -> None:
     counts = await store.count_by_state()
     assert counts[JobState.QUEUED] == 1
     assert counts[JobState.RUNNING] == 1
+
+
+async def test_claim_can_be_limited_to_kinds(store: JobStore) -> None:
+    program = await submit(store, NewJob("t1", "aer", JobKind.PROGRAM, b"p", 0))
+    sampler = await submit(store)
+    grants = await store.claim(["aer"], "e-1", TTL, 5, kinds=[JobKind.SAMPLER])
+    assert [g.job.id for g in grants] == [sampler]
+    assert [g.job.id for g in await store.claim(["aer"], "e-2", TTL, 5)] == [program]

@@ -217,10 +217,16 @@ class JobStore(ABC):
     # --- scheduling and leases -------------------------------------------
     @abstractmethod
     async def claim(
-        self, backends: Sequence[str], executor_id: str, lease_ttl_s: float, limit: int
+        self,
+        backends: Sequence[str],
+        executor_id: str,
+        lease_ttl_s: float,
+        limit: int,
+        kinds: Sequence[JobKind] | None = None,
     ) -> list[LeaseGrant]:
-        """Lease up to `limit` of the oldest QUEUED jobs for these backends to
-        the executor: RUNNING, attempts + 1, a new lease id, a StateChange event."""
+        """Lease up to `limit` of the oldest QUEUED jobs for these backends (and
+        of these kinds; None = any) to the executor: RUNNING, attempts + 1, a
+        new lease id, a StateChange event."""
 
     @abstractmethod
     async def extend_leases(self, lease_ids: Sequence[str], lease_ttl_s: float) -> set[str]:

@@ -348,16 +348,27 @@ class SQLiteJobStore(JobStore):
 
     # --- scheduling and leases ----------------------------------------------
     async def claim(
-        self, backends: Sequence[str], executor_id: str, lease_ttl_s: float, limit: int
+        self,
+        backends: Sequence[str],
+        executor_id: str,
+        lease_ttl_s: float,
+        limit: int,
+        kinds: Sequence[JobKind] | None = None,
     ) -> list[LeaseGrant]:
-        if not backends or limit <= 0:
+        if not backends or limit <= 0 or (kinds is not None and not kinds):
             return []
+        kind_filter = ""
+        params: list[Any] = list(backends)
+        if kinds is not None:
+            kind_filter = f" AND kind IN ({','.join('?' * len(kinds))})"
+            params.extend(int(k) for k in kinds)
+        params.append(limit)
 
         def tx(conn: sqlite3.Connection) -> list[LeaseGrant]:
             rows = conn.execute(
                 f"SELECT id, attempts, last_seq, spec FROM jobs WHERE state = 1 AND backend IN "
-                f"({','.join('?' * len(backends))}) ORDER BY qseq LIMIT ?",
-                (*backends, limit),
+                f"({','.join('?' * len(backends))}){kind_filter} ORDER BY qseq LIMIT ?",
+                params,
             ).fetchall()
             now = time.time()
             grants = []
