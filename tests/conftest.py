@@ -7,7 +7,9 @@ a sync test cannot deadlock the servers they talk to.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -19,9 +21,40 @@ FAST_BROKER: dict[str, Any] = {"lease_ttl_s": 2.0, "heartbeat_interval_s": 0.25}
 STACK_BACKENDS = ("aer", "fake_manila")
 
 
+@asynccontextmanager
+async def owned_stack(**kwargs: Any) -> AsyncIterator[LocalStack]:
+    """`local_stack` entered and exited by one task that lives as long as the test.
+
+    pytest-asyncio runs an async fixture's setup and teardown as different
+    tasks, which anyio's cancel scopes inside `local_stack` refuse; a task that
+    owns the stack for the fixture's lifetime sidesteps that.
+    """
+    ready = asyncio.Event()
+    stop = asyncio.Event()
+    holder: list[LocalStack] = []
+
+    async def own() -> None:
+        async with local_stack(**kwargs) as env:
+            holder.append(env)
+            ready.set()
+            await stop.wait()
+
+    owner = asyncio.create_task(own())
+    waiter = asyncio.create_task(ready.wait())
+    await asyncio.wait({owner, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if not holder:
+        waiter.cancel()
+        await owner  # raises why the stack did not start
+    try:
+        yield holder[0]
+    finally:
+        stop.set()
+        await owner
+
+
 @pytest.fixture
 async def stack() -> AsyncIterator[LocalStack]:
-    async with local_stack(backends=STACK_BACKENDS, broker=FAST_BROKER) as env:
+    async with owned_stack(backends=STACK_BACKENDS, broker=FAST_BROKER) as env:
         yield env
 
 

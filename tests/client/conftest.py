@@ -18,8 +18,7 @@ from qrelay.client import AsyncQRelayService, QRelayService
 from qrelay.errors import NotFound
 from qrelay.executor.agent import running_executor
 from qrelay.executor.settings import ExecutorSettings
-from qrelay.testing import LocalStack, local_stack
-from tests.conftest import FAST_BROKER, STACK_BACKENDS
+from qrelay.testing import LocalStack
 
 #: A backend that an executor announced once and then left: jobs for it wait.
 OFFLINE_BACKEND = "fake_lima"
@@ -104,37 +103,6 @@ class TcpProxy:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
-
-
-@pytest.fixture
-async def stack() -> AsyncIterator[LocalStack]:
-    """tests/conftest.py's `stack`, entered and exited in one task.
-
-    pytest-asyncio runs an async fixture's setup and teardown as different
-    tasks, which anyio's cancel scopes (inside `local_stack`) refuse; a task
-    that owns the stack for the test's lifetime sidesteps that.
-    """
-    ready = asyncio.Event()
-    stop = asyncio.Event()
-    holder: list[LocalStack] = []
-
-    async def own() -> None:
-        async with local_stack(backends=STACK_BACKENDS, broker=FAST_BROKER) as env:
-            holder.append(env)
-            ready.set()
-            await stop.wait()
-
-    owner = asyncio.create_task(own())
-    waiter = asyncio.create_task(ready.wait())
-    await asyncio.wait({owner, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    if not holder:
-        waiter.cancel()
-        await owner  # raises why the stack did not start
-    try:
-        yield holder[0]
-    finally:
-        stop.set()
-        await owner
 
 
 @pytest.fixture
