@@ -255,6 +255,11 @@ async def test_failing_program_reports_only_the_users_traceback(
         ("nosuch:main", "entry point 'nosuch:main': module 'nosuch' not found in the program"),
         ("main:nosuch", "entry point 'main:nosuch': module 'main' has no function 'nosuch'"),
         ("main", "entry point must look like 'module:function', got 'main'"),
+        (
+            "json:main",
+            "entry point 'json:main': the name 'json' is taken by a module the sandbox has "
+            "already imported; rename the program's module",
+        ),
     ],
 )
 async def test_bad_entry_point_is_a_clear_invalid_argument(

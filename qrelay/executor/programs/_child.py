@@ -157,6 +157,14 @@ def _run_job(host: SocketHost, job: dict[str, Any]) -> None:
 
     entry = job["entry_point"]
     module_name, _, func_name = entry.partition(":")
+    top = sys.modules.get(module_name.split(".")[0])
+    if top is not None and not str(getattr(top, "__file__", "")).startswith(job["program_dir"]):
+        host.fail(
+            3,
+            f"entry point {entry!r}: the name {module_name.split('.')[0]!r} is taken by a module "
+            "the sandbox has already imported; rename the program's module",
+        )
+        return
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
