@@ -223,8 +223,8 @@ class TwirlingOptions(_Options):
     """Pauli twirling of 2-qubit gates and of measurements.
 
     ``num_randomizations``/``shots_per_randomization`` are ints >= 1 or
-    ``"auto"``; with ``"auto"`` the executor spreads the shots over up to 32
-    randomizations.
+    ``"auto"``, with Runtime's rule: both auto gives ``max(64, ceil(shots/32))``
+    shots per randomization and ``ceil(shots / that)`` randomizations.
     """
 
     enable_gates: bool | None = None
