@@ -85,7 +85,9 @@ def make_runner(sandbox_root: Path, pipeline: PrimitivePipeline) -> RunnerFactor
     async def factory(**overrides: Any) -> AsyncIterator[ProgramRunner]:
         fields: dict[str, Any] = {
             "cache_dir": sandbox_root / "cache",
-            "warm_pool_size": 1,
+            # Cold sandboxes by default: a test running one job would otherwise
+            # pay for a second interpreter (the replacement) it never uses.
+            "warm_pool_size": 0,
             "wall_timeout_s": 60,
             "cpu_seconds": 60,
             **overrides,

@@ -64,7 +64,7 @@ async def test_interim_results_arrive_in_order_while_program_runs(
     )
     events = Events()
     result: list[types_pb2.JobResult] = []
-    async with make_runner() as runner, anyio.create_task_group() as tg:
+    async with make_runner(warm_pool_size=1) as runner, anyio.create_task_group() as tg:
 
         async def run() -> None:
             inputs = encode_value({"gate": str(gate)})
@@ -164,7 +164,7 @@ async def test_cancel_kills_a_busy_program_and_its_children(
         }
     )
     events = Events()
-    async with make_runner() as runner:
+    async with make_runner(warm_pool_size=1) as runner:
         with anyio.CancelScope() as scope:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(runner.run, "j-cancel", bundle, "{}", backend_info, events)
