@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import anyio
@@ -124,7 +124,7 @@ def _make_readable(root: Path) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _file_lock(path: Path):  # type: ignore[no-untyped-def]
+async def _file_lock(path: Path) -> AsyncIterator[None]:
     """An exclusive flock, polled so waiting stays cancellable and off the event loop."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
