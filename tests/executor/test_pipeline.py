@@ -64,6 +64,9 @@ def sampler_spec(
 def estimator_spec(
     backend: str, pubs: Sequence[Any], precision: float | None = None, **options: Any
 ) -> types_pb2.JobSpec:
+    """Resilience level 0 unless asked: these tests pin the unmitigated pipeline to
+    Qiskit's reference semantics (mitigation has its own tests)."""
+    options.setdefault("resilience_level", 0)
     return types_pb2.JobSpec(
         backend=backend,
         estimator=codec.encode_estimator_task(pubs, precision),
