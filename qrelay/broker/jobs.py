@@ -67,7 +67,7 @@ class Jobs:
         )
         if created:
             log.info("job.submitted", job_id=job.id, tenant=tenant, backend=job.backend)
-            self.scheduler.wake()
+            self.scheduler.queued(job.backend, job.kind)
         else:
             log.info("job.resubmitted", job_id=job.id, tenant=tenant, key=idempotency_key)
         return job, created

@@ -49,6 +49,7 @@ class LeaseReaper:
                     outcome="failed",
                 )
             else:
+                self.scheduler.queued(item.job.backend, item.job.kind)
                 log.info(
                     "lease.expired",
                     job_id=item.job.id,

@@ -84,12 +84,24 @@ class Scheduler:
         self.known_backends: set[str] = set()
         self.program_resolver: ProgramResolver | None = None
         self._wake = asyncio.Event()
+        # Backends that may have queued jobs. Every path that queues a job adds
+        # its backend; only a claim that found fewer jobs than it could take
+        # removes them, so idle executors cost no store round trip per wake.
+        self._maybe_queued: set[tuple[str, bool]] = set()  # (backend, is_program)
+        self._queued_generation = 0
 
     async def load(self) -> None:
         """Remember every backend ever announced (submit checks names against it)."""
         self.known_backends = {b.name for b in await self.store.list_backends()}
+        self._maybe_queued = {(b, p) for b in self.known_backends for p in (False, True)}
 
     def wake(self) -> None:
+        self._wake.set()
+
+    def queued(self, backend: str, kind: JobKind) -> None:
+        """A job for this backend was queued (submitted or requeued): try to place it."""
+        self._maybe_queued.add((backend, kind is JobKind.PROGRAM))
+        self._queued_generation += 1
         self._wake.set()
 
     # --- executors ------------------------------------------------------------
@@ -214,7 +226,7 @@ class Scheduler:
                 "job.finished", job_id=job.id, state=job.state.name, executor_id=link.executor_id
             )
         elif job is not None and outcome.events and kind is UpdateKind.RELEASED:
-            self.wake()
+            self.queued(job.backend, job.kind)
 
     def job_finished(self, job: JobRecord) -> None:
         if job.finished_at is not None:
@@ -248,15 +260,22 @@ class Scheduler:
             progress = False
             for link in sorted(self.executors.values(), key=lambda lk: -lk.free):
                 free = link.free
-                if free <= 0:
+                any_kind = "program" in link.capabilities
+                wanted = {
+                    (b, p) for b in link.backends for p in ((False, True) if any_kind else (False,))
+                }
+                if free <= 0 or self._maybe_queued.isdisjoint(wanted):
                     continue
+                generation = self._queued_generation
                 grants = await self.store.claim(
                     link.backends,
                     link.executor_id,
                     self.settings.lease_ttl_s,
                     free,
-                    None if "program" in link.capabilities else PRIMITIVE_KINDS,
+                    None if any_kind else PRIMITIVE_KINDS,
                 )
+                if len(grants) < free and generation == self._queued_generation:
+                    self._maybe_queued.difference_update(wanted)
                 for grant in grants:
                     await self._assign(link, grant)
                 if grants:

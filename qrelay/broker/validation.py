@@ -150,8 +150,14 @@ def _check_precision(value: float, where: str) -> None:
 
 
 def check_options(kind: Literal["sampler", "estimator"], options: dict[str, Any]) -> None:
-    """Options by qiskit-ibm-runtime V2 names; `qrelay.options` names the bad one."""
-    options_from_wire(kind, options)
+    """Options by qiskit-ibm-runtime V2 names; `qrelay.options` names the bad one.
+
+    No options means the defaults, which are valid: skipped, as it is the
+    common case and building the option models costs more than the rest of
+    the envelope check.
+    """
+    if options:
+        options_from_wire(kind, options)
 
 
 def validate_spec(spec: types_pb2.JobSpec, known_backend: bool, known: Sequence[str]) -> JobKind:
