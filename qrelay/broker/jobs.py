@@ -52,24 +52,27 @@ class Jobs:
             )
         known = spec.backend in self.scheduler.known_backends
         kind = validation.validate_spec(spec, known, sorted(self.scheduler.known_backends))
+        new = NewJob(
+            tenant=tenant,
+            backend=spec.backend,
+            kind=kind,
+            spec=spec.SerializeToString(),
+            num_pubs=validation.num_pubs(spec),
+            session_id=spec.session_id,
+            tags=dict(spec.tags),
+            idempotency_key=idempotency_key,
+        )
+        return await self.scheduler.shielded(self._store(new))
+
+    async def _store(self, new: NewJob) -> tuple[JobRecord, bool]:
         job, created = await self.store.submit(
-            NewJob(
-                tenant=tenant,
-                backend=spec.backend,
-                kind=kind,
-                spec=spec.SerializeToString(),
-                num_pubs=validation.num_pubs(spec),
-                session_id=spec.session_id,
-                tags=dict(spec.tags),
-                idempotency_key=idempotency_key,
-            ),
-            max_queued_per_tenant=self.settings.max_queued_per_tenant,
+            new, max_queued_per_tenant=self.settings.max_queued_per_tenant
         )
         if created:
-            log.info("job.submitted", job_id=job.id, tenant=tenant, backend=job.backend)
+            log.info("job.submitted", job_id=job.id, tenant=job.tenant, backend=job.backend)
             self.scheduler.queued(job.backend, job.kind)
         else:
-            log.info("job.resubmitted", job_id=job.id, tenant=tenant, key=idempotency_key)
+            log.info("job.resubmitted", job_id=job.id, tenant=job.tenant, key=job.idempotency_key)
         return job, created
 
     async def get(self, tenant: str, job_id: str) -> JobRecord:
@@ -106,6 +109,9 @@ class Jobs:
     async def cancel(self, tenant: str, job_id: str, reason: str = "") -> JobRecord:
         if not job_id:
             raise InvalidArgument("job_id is required")
+        return await self.scheduler.shielded(self._cancel(tenant, job_id, reason))
+
+    async def _cancel(self, tenant: str, job_id: str, reason: str) -> JobRecord:
         outcome = await self.store.cancel(job_id, tenant, reason)
         if outcome.events:
             self.hub.publish(outcome.events)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import structlog
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -22,10 +23,11 @@ from qrelay.broker.events import EventHub
 from qrelay.broker.metrics import BrokerMetrics
 from qrelay.broker.settings import BrokerSettings
 from qrelay.broker.store import BackendRecord, JobKind, JobRecord, JobStore, LeaseGrant, UpdateKind
-from qrelay.errors import InvalidArgument
+from qrelay.errors import InvalidArgument, QRelayError
 
 log = structlog.get_logger(__name__)
 
+T = TypeVar("T")
 FAILED_PRECONDITION = 9
 # Executors without the "program" capability (no sandbox) only get primitive jobs.
 PRIMITIVE_KINDS = (JobKind.SAMPLER, JobKind.ESTIMATOR)
@@ -84,6 +86,7 @@ class Scheduler:
         self.known_backends: set[str] = set()
         self.program_resolver: ProgramResolver | None = None
         self._wake = asyncio.Event()
+        self._steps: set[asyncio.Task[Any]] = set()
         # Backends that may have queued jobs. Every path that queues a job adds
         # its backend; only a claim that found fewer jobs than it could take
         # removes them, so idle executors cost no store round trip per wake.
@@ -97,6 +100,35 @@ class Scheduler:
 
     def wake(self) -> None:
         self._wake.set()
+
+    async def shielded(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a commit-then-react step to its end even if the caller is cancelled.
+
+        A client may vanish after the store committed but before the events
+        were published or the executor told (a Watch would then wait forever,
+        a queued job would not be placed). The step runs in a task the
+        scheduler owns; `drain()` waits for stragglers at shutdown.
+        """
+        task = asyncio.get_running_loop().create_task(coro)
+        self._steps.add(task)
+        task.add_done_callback(self._step_done)
+        return await asyncio.shield(task)
+
+    def _step_done(self, task: asyncio.Task[Any]) -> None:
+        self._steps.discard(task)
+        # Retrieved here so that an error nobody awaited any more is logged once,
+        # not reported by asyncio as "never retrieved".
+        if (
+            not task.cancelled()
+            and (exc := task.exception()) is not None
+            and not isinstance(exc, QRelayError)
+        ):
+            log.error("step.failed", exc_info=exc)
+
+    async def drain(self) -> None:
+        """Wait for shielded steps still running (shutdown, before the store closes)."""
+        if self._steps:
+            await asyncio.gather(*self._steps, return_exceptions=True)
 
     def queued(self, backend: str, kind: JobKind) -> None:
         """A job for this backend was queued (submitted or requeued): try to place it."""

@@ -148,6 +148,7 @@ class Broker:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        await self.scheduler.drain()
         self.metrics.stop()
         await self.store.close()
         log.info("broker.stopped", broker_id=self.broker_id)

@@ -205,7 +205,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
             if which == "heartbeat":
                 await self.scheduler.heartbeat(link, list(message.heartbeat.lease_ids))
             elif which == "update":
-                await self.scheduler.update(link, message.update)
+                await self.scheduler.shielded(self.scheduler.update(link, message.update))
             else:
                 log_.warning("executor.unexpected_message", kind=which)
 

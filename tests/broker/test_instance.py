@@ -171,3 +171,23 @@ async def test_program_jobs_go_only_to_executors_with_the_program_capability(
     assert await parts.scheduler.dispatch() == 1
     assert [m.assignment.job_id for m in drain(able)] == [job.id]
     assert drain(plain) == []
+
+
+async def test_cancel_whose_caller_vanishes_still_publishes_and_tells_the_executor(
+    parts: Parts,
+) -> None:
+    link, _ = await parts.scheduler.attach(hello("e-1", ["aer"], slots=1))
+    job, _ = await parts.jobs.submit("t", sampler_spec())
+    await parts.scheduler.dispatch()
+    drain(link)
+    with parts.hub.subscribe(job.id) as sub:
+        caller = asyncio.create_task(parts.jobs.cancel("t", job.id, "bye"))
+        await asyncio.sleep(0)  # the step has started...
+        caller.cancel()  # ...and the client goes away (deadline, disconnect)
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        await parts.scheduler.drain()
+        published = sub.queue.get_nowait()
+    assert published is not None
+    assert published.terminal
+    assert [m.WhichOneof("message") for m in drain(link)] == ["cancel"]
