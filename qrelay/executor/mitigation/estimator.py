@@ -185,12 +185,14 @@ class _TermStats:
         self.n += n
 
     def result(self) -> tuple[float, float]:
+        """Mean and standard error: the larger of the spread over randomizations
+        (which includes the twirl-to-twirl variation) and the pooled shot noise
+        (a floor the spread of few randomizations can randomly undercut)."""
         mean = self.total / self.n
+        var = max(self.sq / self.n - mean**2, 0.0)
+        std = math.sqrt(var / self.n)
         if len(self.means) >= 2:
-            std = float(np.std(self.means, ddof=1) / math.sqrt(len(self.means)))
-        else:
-            var = max(self.sq / self.n - mean**2, 0.0)
-            std = math.sqrt(var / self.n)
+            std = max(std, float(np.std(self.means, ddof=1) / math.sqrt(len(self.means))))
         return mean, std
 
 
@@ -283,6 +285,8 @@ def run_estimator(
                 f"pub {i}: circuit has {pub.circuit.num_qubits} qubits but backend "
                 f"'{getattr(backend, 'name', '?')}' has {qk.num_qubits}"
             )
+    if not tech.active:
+        return _reference(qk, pubs, opts, tech, seed)
     plans = [_plan(pub, tech, opts, rng, target) for pub in pubs]
 
     executions = [e for plan in plans for e in plan.executions]
@@ -361,6 +365,37 @@ def run_estimator(
     )
     return PrimitiveResult(
         pub_results,
+        metadata={
+            "version": 2,
+            "resilience_level": tech.resilience_level,
+            "techniques": tech.metadata(),
+            "notes": list(tech.notes),
+        },
+    )
+
+
+def _reference(
+    qk: Any, pubs: list[EstimatorPub], opts: EstimatorOptions, tech: Techniques, seed: int | None
+) -> PrimitiveResult[PubResult]:
+    """No technique on (level 0): Qiskit's reference BackendEstimatorV2, bit for bit.
+
+    default_shots becomes precision 1/sqrt(shots), as Runtime's local mode does.
+    """
+    from qiskit.primitives import BackendEstimatorV2
+
+    if opts.default_shots is not None:
+        shots_precision = 1 / math.sqrt(opts.default_shots)
+        pubs = [
+            EstimatorPub(p.circuit, p.observables, p.parameter_values, shots_precision)
+            for p in pubs
+        ]
+    estimator = BackendEstimatorV2(backend=qk, options={"seed_simulator": seed})
+    result = estimator.run(pubs).result()
+    for pub_result in result:  # pub metadata stays Qiskit's own unless there is a note
+        if tech.notes:
+            pub_result.metadata["notes"] = list(tech.notes)
+    return PrimitiveResult(
+        list(result),
         metadata={
             "version": 2,
             "resilience_level": tech.resilience_level,

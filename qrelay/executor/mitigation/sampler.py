@@ -126,6 +126,8 @@ def run_sampler(
     target = qk.target
     default = shots or opts.default_shots or DEFAULT_SAMPLER_SHOTS
     pubs = [SamplerPub.coerce(p, default) for p in isa_pubs]
+    if not tech.active:
+        return _reference(qk, pubs, default, tech, seed)
     results = []
     for i, pub in enumerate(pubs):
         if pub.circuit.num_qubits > qk.num_qubits:
@@ -136,6 +138,23 @@ def run_sampler(
         results.append(_run_pub(pub, tech, backend, qk, target, rng, seed, calibrations))
     return PrimitiveResult(
         results,
+        metadata={"version": 2, "techniques": tech.metadata(), "notes": list(tech.notes)},
+    )
+
+
+def _reference(
+    qk: Any, pubs: list[SamplerPub], shots: int, tech: Techniques, seed: int | None
+) -> PrimitiveResult[SamplerPubResult]:
+    """No technique on: Qiskit's reference BackendSamplerV2, bit for bit."""
+    from qiskit.primitives import BackendSamplerV2
+
+    sampler = BackendSamplerV2(backend=qk, options={"default_shots": shots, "seed_simulator": seed})
+    result = sampler.run(pubs).result()
+    for pub_result in result:  # pub metadata stays Qiskit's own unless there is a note
+        if tech.notes:
+            pub_result.metadata["notes"] = list(tech.notes)
+    return PrimitiveResult(
+        list(result),
         metadata={"version": 2, "techniques": tech.metadata(), "notes": list(tech.notes)},
     )
 

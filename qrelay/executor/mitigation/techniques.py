@@ -123,6 +123,11 @@ class Techniques:
     cal_shots_per_randomization: int | Literal["auto"] = "auto"
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def active(self) -> bool:
+        """Whether anything beyond Qiskit's reference primitive runs."""
+        return bool(self.measure_mitigation or self.twirl.enabled or self.zne or self.dd)
+
     def metadata(self) -> dict[str, Any]:
         """The techniques as JSON-able metadata."""
         out: dict[str, Any] = {
