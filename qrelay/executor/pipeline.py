@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import structlog
 from google.protobuf import json_format
-from qiskit.primitives import BackendEstimatorV2, BackendSamplerV2
 from qiskit.primitives.containers import (
     BindingsArray,
     PrimitiveResult,
@@ -31,6 +30,7 @@ from qrelay import codec
 from qrelay._proto.v1 import types_pb2
 from qrelay.errors import Cancelled, InvalidArgument
 from qrelay.executor.backends import Backend
+from qrelay.executor.mitigation import run_estimator, run_sampler
 from qrelay.executor.transpile import (
     DEFAULT_OPTIMIZATION_LEVEL,
     DEFAULT_SEED_TRANSPILER,
@@ -188,14 +188,11 @@ def _run_isa_sampler(
 ) -> list[SamplerPubResult]:
     """THE place Sampler pubs (already ISA, bound to `backend`) are executed.
 
-    `shots` applies to pubs that carry none. Mitigation of Sampler results
-    (options.resilience) belongs here.
+    `shots` applies to pubs that carry none. Twirling, DD and M3 readout
+    correction run in `qrelay.executor.mitigation`; with none of them on it is
+    Qiskit's BackendSamplerV2 bit for bit.
     """
-    sampler = BackendSamplerV2(
-        backend=backend.qiskit,
-        options={"default_shots": shots, "seed_simulator": seed_simulator},
-    )
-    return list(sampler.run(isa_pubs).result())
+    return list(run_sampler(backend, isa_pubs, options, shots, seed_simulator))
 
 
 def _run_isa_estimator(
@@ -207,14 +204,11 @@ def _run_isa_estimator(
 ) -> list[PubResult]:
     """THE place Estimator pubs (ISA circuits, observables on physical qubits) are executed.
 
-    `precision` applies to pubs that carry none; BackendEstimatorV2 turns it
-    into ceil(1 / precision**2) shots. Resilience levels belong here.
+    `precision` applies to pubs that carry none (ceil(1 / precision**2) shots).
+    Resilience levels run in `qrelay.executor.mitigation`; at level 0 with no
+    suppression it is Qiskit's BackendEstimatorV2 bit for bit.
     """
-    estimator = BackendEstimatorV2(
-        backend=backend.qiskit,
-        options={"default_precision": precision, "seed_simulator": seed_simulator},
-    )
-    return list(estimator.run(isa_pubs).result())
+    return list(run_estimator(backend, isa_pubs, options, precision, seed_simulator))
 
 
 def _isa_bindings(
