@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -65,3 +67,12 @@ async def test_metrics_endpoint_reports_queue_jobs_latency_and_slots(tmp_path: P
     assert 'qrelay_job_latency_seconds_count{backend="aer",state="DONE"} 1.0' in text
     assert "qrelay_executors 1.0" in text
     assert "qrelay_slots 3.0" in text
+
+
+def test_the_broker_never_imports_qiskit() -> None:
+    code = (
+        "import sys, qrelay.broker, qrelay.broker.service; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('qiskit', 'qiskit_aer')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -322,15 +322,19 @@ class SQLiteJobStore(JobStore):
             ).fetchall()
             more = len(rows) > page_size
             rows = rows[:page_size]
-            jobs = []
-            for row in rows:
-                position = 0
-                if row[4] == JobState.QUEUED:
-                    position = conn.execute(
-                        "SELECT COUNT(*) FROM jobs WHERE state = 1 AND backend = ? AND qseq <= ?",
-                        (row[2], row[18]),
-                    ).fetchone()[0]
-                jobs.append(self._record(row, position))
+            positions: dict[str, int] = {}
+            queued_backends = sorted({row[2] for row in rows if row[4] == JobState.QUEUED})
+            if queued_backends:
+                # One pass over those backends' queues, not one count per job.
+                positions = dict(
+                    conn.execute(
+                        "SELECT id, ROW_NUMBER() OVER (PARTITION BY backend ORDER BY qseq) "
+                        f"FROM jobs WHERE state = 1 AND backend IN "
+                        f"({','.join('?' * len(queued_backends))})",
+                        queued_backends,
+                    ).fetchall()
+                )
+            jobs = [self._record(row, positions.get(row[0], 0)) for row in rows]
             return JobPage(jobs, str(rows[-1][18]) if more else "")
 
         return await self._run(tx)
