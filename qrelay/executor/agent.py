@@ -49,6 +49,8 @@ INVALID_ARGUMENT = 3
 # Non-final updates (logs, interim values) kept while the broker is away;
 # beyond this the oldest are dropped so a chatty program cannot eat memory.
 MAX_BUFFERED_UPDATES = 10_000
+# How long a shutting-down executor spends handing its jobs back to the broker.
+SHUTDOWN_GRACE_S = 3.0
 
 SLOTS = Gauge("qrelay_executor_slots", "Jobs an executor runs at once.", ["executor_id"])
 BUSY_SLOTS = Gauge("qrelay_executor_busy_slots", "Slots in use.", ["executor_id"])
@@ -123,6 +125,8 @@ class Executor:
         self._in_slots = 0
         self._heartbeat_interval_s = 1.0
         self._connections = 0
+        self._stopping = anyio.Event()
+        self._half_closed = False
         self.broker_id = ""
 
     # -- properties for tests and the CLI ---------------------------------
@@ -184,7 +188,7 @@ class Executor:
         async with anyio.create_task_group() as jobs:
             self._job_tg = jobs
             try:
-                await self._connect_forever()
+                await self._serve_link()
             finally:
                 self._job_tg = None
                 jobs.cancel_scope.cancel()
@@ -240,18 +244,52 @@ class Executor:
             with anyio.CancelScope(shield=True), anyio.move_on_after(10):
                 await self._program_runner.aclose()
 
+    async def _serve_link(self) -> None:
+        """Keep the broker link up until cancelled; then stop gracefully within a grace period.
+
+        The link runs shielded from the caller's cancellation, so that on
+        shutdown the stream stays usable: queued results are sent, every other
+        held job is Released (the broker requeues it at once instead of at
+        lease expiry) and the stream is half-closed. After SHUTDOWN_GRACE_S it
+        is cut regardless.
+        """
+        link_done = anyio.Event()
+        link_scope = anyio.CancelScope(shield=True)
+
+        async def link() -> None:
+            try:
+                with link_scope:
+                    await self._connect_forever()
+            finally:
+                link_done.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(link, name=f"broker link {self.settings.executor_id}")
+            try:
+                await link_done.wait()
+            finally:
+                self._stopping.set()
+                with anyio.CancelScope(shield=True):
+                    with anyio.move_on_after(SHUTDOWN_GRACE_S):
+                        await link_done.wait()
+                    link_scope.cancel()
+
     async def _connect_forever(self) -> None:
         attempt = 0
-        while True:
+        while not self._stopping.is_set():
             try:
-                await self._connect_once()
+                async with anyio.create_task_group() as guard:
+                    guard.start_soon(self._abort_unless_connected_on_stop, guard.cancel_scope)
+                    await self._connect_once()
+                    guard.cancel_scope.cancel()
             except Exception as exc:  # noqa: BLE001 - any broken link means: log, back off, reconnect
-                self._log.warning(
-                    "connection.lost",
-                    broker=self.settings.broker,
-                    reason=_reason(exc),
-                    exc_info=exc if _unexpected(exc) else None,
-                )
+                if not self._stopping.is_set():
+                    self._log.warning(
+                        "connection.lost",
+                        broker=self.settings.broker,
+                        reason=_reason(exc),
+                        exc_info=exc if _unexpected(exc) else None,
+                    )
             finally:
                 if self._is_connected:
                     RECONNECTS.labels(self.settings.executor_id).inc()
@@ -259,12 +297,21 @@ class Executor:
                     self._is_connected = False
                     self._connected = anyio.Event()
                     attempt = 0
+            if self._stopping.is_set():
+                return
             delay = backoff_delay(
                 attempt, self.settings.reconnect_initial_s, self.settings.reconnect_max_s
             )
             attempt += 1
             self._log.info("reconnect.scheduled", attempt=attempt, delay_s=round(delay, 3))
-            await anyio.sleep(delay)
+            with anyio.move_on_after(delay):
+                await self._stopping.wait()
+
+    async def _abort_unless_connected_on_stop(self, scope: anyio.CancelScope) -> None:
+        """On shutdown, give up a connection attempt that has not been welcomed yet."""
+        await self._stopping.wait()
+        if not self._is_connected:
+            scope.cancel()
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         md: list[tuple[str, str]] = [("x-qrelay-executor-id", self.settings.executor_id)]
@@ -297,10 +344,44 @@ class Executor:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._sender, call)
                     tg.start_soon(self._heartbeats, call)
+                    tg.start_soon(self._hand_back_on_stop, call)
                     await self._reader(call)
                     tg.cancel_scope.cancel()
             finally:
                 call.cancel()
+
+    async def _hand_back_on_stop(self, call: Any) -> None:
+        """On shutdown: flush the outbox, release every other held job, half-close.
+
+        Released under a valid lease makes the broker requeue the job at once
+        (the attempt is not counted), so another executor can take it without
+        waiting for the lease to expire. The reader keeps running until the
+        broker ends the stream.
+        """
+        await self._stopping.wait()
+        with anyio.move_on_after(SHUTDOWN_GRACE_S / 2):
+            while self._outbox:
+                self._outbox_wakeup.set()
+                await anyio.sleep(0.01)
+        released = 0
+        for job in list(self._jobs.values()):
+            if job.dropped or self._has_pending(job):
+                continue
+            self._drop(job)
+            await self._write(
+                call,
+                _update(
+                    job.job_id,
+                    job.lease_id,
+                    released=executor_pb2.Released(reason="executor shutting down"),
+                ),
+            )
+            self._jobs.pop(job.job_id, None)
+            released += 1
+        async with self._write_lock:
+            self._half_closed = True
+            await call.done_writing()
+        self._log.info("executor.stopping", released=released, unsent=len(self._outbox))
 
     async def _handshake(self, call: Any) -> None:
         timeout = self.settings.connect_timeout_s
@@ -331,6 +412,7 @@ class Executor:
         self.broker_id = welcome.broker_id
         self._heartbeat_interval_s = max(welcome.heartbeat_interval_ms, 10) / 1000.0
         self._max_update_bytes = welcome.max_update_bytes
+        self._half_closed = False
         self._is_connected = True
         self._connections += 1
         self._connected.set()
@@ -345,8 +427,12 @@ class Executor:
         )
 
     async def _write(self, call: Any, message: executor_pb2.ExecutorMessage) -> None:
+        # A big result may take a while to stream: allow for 1 MB/s on top of the base deadline.
+        deadline = self.settings.connect_timeout_s + message.ByteSize() / 1e6
         async with self._write_lock:
-            with anyio.fail_after(self.settings.connect_timeout_s):
+            if self._half_closed:
+                raise StreamClosed("stream half-closed for shutdown")
+            with anyio.fail_after(deadline):
                 await call.write(message)
 
     async def _heartbeats(self, call: Any) -> None:
@@ -426,6 +512,22 @@ class Executor:
 
     def _on_assignment(self, assignment: executor_pb2.Assignment) -> None:
         job_id = assignment.job_id
+        if self._stopping.is_set():
+            self._log.info("job.refused", job_id=job_id, reason="executor shutting down")
+            if not self._half_closed:
+                released = executor_pb2.Released(reason="executor shutting down")
+                job = _Job(job_id, assignment.lease_id, assignment.attempt, "primitive")
+                job.dropped = True
+                self._jobs.setdefault(job_id, job)
+                self._enqueue(
+                    _Outgoing(
+                        job_id,
+                        assignment.lease_id,
+                        _update(job_id, assignment.lease_id, released=released),
+                        final=True,
+                    )
+                )
+            return
         existing = self._jobs.get(job_id)
         if existing is not None and existing.lease_id == assignment.lease_id:
             return  # a repeated assignment of a job already running here

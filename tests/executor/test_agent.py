@@ -32,8 +32,10 @@ from tests.integration.rawstubs import (
     watch_all,
 )
 
-# Fast leases so lease-related behaviour shows within a second or two.
-FAST = {"lease_ttl_s": 1.0, "heartbeat_interval_s": 0.1}
+# Short leases so lease-related behaviour shows within seconds. (The broker
+# drops an executor silent for 3 heartbeat intervals, so the interval must
+# leave room for a loaded CI machine.)
+FAST = {"lease_ttl_s": 2.0, "heartbeat_interval_s": 0.25}
 HEAVY = heavy_qasm3(num_qubits=12, layers=20)
 
 
@@ -242,7 +244,7 @@ async def test_cancelled_running_job_is_released_and_frees_its_slot(
 async def test_heartbeats_keep_a_long_jobs_lease_alive_past_the_ttl(
     tmp_path: Path, jobs_stub: Any
 ) -> None:
-    settings = broker_settings(tmp_path, lease_ttl_s=0.3, heartbeat_interval_s=0.05)
+    settings = broker_settings(tmp_path, lease_ttl_s=0.6, heartbeat_interval_s=0.2)
     async with (
         running_broker(settings) as broker,
         running_executor(executor_settings(broker.address, slots=1)),
@@ -263,7 +265,7 @@ async def test_executor_reconnects_after_broker_restart_and_its_job_continues(
 ) -> None:
     port = free_port()
     # A TTL long enough that the running job's lease survives the restart gap.
-    settings = broker_settings(tmp_path, port, lease_ttl_s=10.0, heartbeat_interval_s=0.1)
+    settings = broker_settings(tmp_path, port, lease_ttl_s=10.0, heartbeat_interval_s=0.25)
     executor: Executor
     async with anyio.create_task_group() as tg:
         async with running_broker(settings) as broker:
@@ -316,3 +318,25 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     if isinstance(exc, BaseExceptionGroup):
         return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
     return [exc]
+
+
+async def test_a_job_running_on_a_stopped_executor_finishes_once_on_another(
+    tmp_path: Path, jobs_stub: Any
+) -> None:
+    # Stopping hands held jobs back (Released: requeued at once). The broker may
+    # race and lease the job to the stopping executor again, in which case the
+    # lease lapses after the TTL instead; either way it must finish exactly once.
+    async with running_broker(broker_settings(tmp_path)) as broker:
+        stub = jobs_stub(broker.address)
+        first_settings = executor_settings(broker.address, slots=1, executor_id="e-first")
+        async with running_executor(first_settings) as first:
+            job_id = await submit(stub, long_spec(40))
+            await wait_state(stub, job_id, types_pb2.JOB_STATE_RUNNING)
+            await poll_until(lambda: job_id in first.running_jobs, 10)
+        second_settings = executor_settings(broker.address, slots=1, executor_id="e-second")
+        async with running_executor(second_settings):
+            done = (await wait_terminal(stub, [job_id], timeout=120))[job_id]
+            assert done.state == types_pb2.JOB_STATE_DONE
+            assert done.executor_id == "e-second"
+            assert done.attempts <= 2
+            assert len(payloads(await watch_all(stub, job_id), "result")) == 1
