@@ -15,17 +15,24 @@ from qrelay.client._connection import RetryPolicy
 from qrelay.client.backend import BackendStatus, QRelayBackend
 from qrelay.client.job import AsyncRuntimeJob, JobEvent, RuntimeJob
 from qrelay.client.primitives import Estimator, Sampler
+from qrelay.client.programs import Program
 from qrelay.client.service import AsyncQRelayService, QRelayService
+from qrelay.client.session import AsyncBatch, AsyncSession, Batch, Session
 
 __all__ = [
+    "AsyncBatch",
     "AsyncQRelayService",
     "AsyncRuntimeJob",
+    "AsyncSession",
     "BackendStatus",
+    "Batch",
     "Estimator",
     "JobEvent",
+    "Program",
     "QRelayBackend",
     "QRelayService",
     "RetryPolicy",
     "RuntimeJob",
     "Sampler",
+    "Session",
 ]

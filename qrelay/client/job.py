@@ -288,6 +288,19 @@ class AsyncRuntimeJob:
             async for ev in events:
                 yield await decode_event(ev)
 
+    async def interim_results(self, after_seq: int = 0) -> AsyncGenerator[Any, None]:
+        """A program's published values in order, live, until the job ends.
+
+        A late subscriber starts from the first one (events are durable);
+        how the job ended is for `result()` to say.
+        """
+        from qrelay.values import decode_value
+
+        async with aclosing(self._events(after_seq)) as events:
+            async for ev in events:
+                if ev.WhichOneof("payload") == "interim":
+                    yield decode_value(ev.interim.value_json)
+
     async def result(self, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - Qiskit's API
         """Wait for the job; its PrimitiveResult (or program value), else its error.
 
@@ -436,7 +449,12 @@ class RuntimeJob(BasePrimitiveJob[Any, JobStatus]):  # type: ignore[misc]
         """Iterate the job's events live (see `AsyncRuntimeJob.stream`); break to stop."""
         return self._loop.iterate(self._core.stream(after_seq))
 
+    def interim_results(self, after_seq: int = 0) -> Iterator[Any]:
+        """A program's published values in order, live (see `AsyncRuntimeJob.interim_results`)."""
+        return self._loop.iterate(self._core.interim_results(after_seq))
+
     def logs(self) -> list[str]:
+        """The job's log lines so far (stdout, stderr and ctx.log of programs)."""
         return self._loop.call(self._core.logs)
 
     def metrics(self) -> dict[str, Any]:

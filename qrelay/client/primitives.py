@@ -35,7 +35,7 @@ OptionsT = TypeVar("OptionsT", SamplerOptions, EstimatorOptions)
 
 @dataclass(frozen=True)
 class SubmitTarget:
-    """Where a primitive's jobs go: a service, a backend and (later) a session or batch."""
+    """Where a primitive's jobs go: a service, a backend and maybe a session or batch."""
 
     service: QRelayService
     backend: QRelayBackend
@@ -43,7 +43,7 @@ class SubmitTarget:
 
 
 class ModeLike(Protocol):
-    """Anything that can say where jobs go (Session and Batch will implement this)."""
+    """Anything that can say where jobs go (`Session` and `Batch` implement this)."""
 
     def _qrelay_target(self) -> SubmitTarget: ...
 
@@ -88,7 +88,8 @@ def resolve_mode(
         if isinstance(target, SubmitTarget):
             return target
     raise InvalidArgument(
-        f"mode must be a QRelayBackend or a backend name, got {type(mode).__name__}"
+        f"mode must be a QRelayBackend or a backend name (or a Session or Batch), "
+        f"got {type(mode).__name__}"
     )
 
 

@@ -11,19 +11,33 @@ from __future__ import annotations
 
 import uuid
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from types import TracebackType
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
+import anyio
 import structlog
 from qiskit.providers import JobStatus
 
-from qrelay._proto.v1 import backends_pb2, jobs_pb2, types_pb2
+from qrelay._proto.v1 import backends_pb2, jobs_pb2, programs_pb2, sessions_pb2, types_pb2
 from qrelay.client._connection import Connection, RetryPolicy
 from qrelay.client._loop import LoopThread
 from qrelay.client.backend import QRelayBackend
 from qrelay.client.job import AsyncRuntimeJob, RuntimeJob, state_for_status
+from qrelay.client.programs import (
+    PathLike,
+    Program,
+    RequirementsLike,
+    SchemaLike,
+    program_ref,
+    upload_request,
+)
+from qrelay.client.session import AsyncBatch, AsyncSession
 from qrelay.errors import InvalidArgument
+from qrelay.values import encode_value
+
+if TYPE_CHECKING:
+    from qrelay.client.session import Session
 
 log = structlog.get_logger(__name__)
 
@@ -31,6 +45,72 @@ log = structlog.get_logger(__name__)
 _MAX_PAGE = 1000
 
 StateFilter: TypeAlias = JobStatus | str | Iterable[JobStatus | str] | None
+
+
+#: The broker keeps at most this many tags per job.
+_MAX_TAGS = 32
+
+
+def _tags(tags: Mapping[str, str] | Iterable[str] | None) -> dict[str, str]:
+    """Tags as the wire's map; a list of strings (Runtime's style) becomes {tag: ""}."""
+    if tags is None:
+        return {}
+    if isinstance(tags, str):
+        raise InvalidArgument("tags must be a dict of str to str or a list of str, got a str")
+    pairs = dict(tags) if isinstance(tags, Mapping) else {t: "" for t in tags}
+    for key, value in pairs.items():
+        if not isinstance(key, str) or not isinstance(value, str) or not key:
+            raise InvalidArgument(f"tags must map non-empty str to str, got {key!r}: {value!r}")
+    if len(pairs) > _MAX_TAGS:
+        raise InvalidArgument(f"at most {_MAX_TAGS} tags per job, got {len(pairs)}")
+    return pairs
+
+
+def _encoded_inputs(inputs: Mapping[str, Any] | None) -> str:
+    if inputs is None:
+        return "{}"
+    if not isinstance(inputs, Mapping):
+        raise InvalidArgument(
+            f"inputs must be a dict of keyword arguments, got {type(inputs).__name__}"
+        )
+    for key in inputs:
+        if not isinstance(key, str) or not key.isidentifier():
+            raise InvalidArgument(f"input names must be Python identifiers, got {key!r}")
+    return encode_value(dict(inputs))
+
+
+def program_spec(
+    program: Program | str,
+    inputs: Mapping[str, Any] | None,
+    backend: str,
+    session_id: str,
+    tags: Mapping[str, str] | Iterable[str] | None,
+) -> types_pb2.JobSpec:
+    """Validate and encode a program run; raises InvalidArgument, sends nothing."""
+    if not backend:
+        raise InvalidArgument(
+            "run needs a backend: pass backend='aer' (or a QRelayBackend) or mode=Session(...)"
+        )
+    return types_pb2.JobSpec(
+        backend=backend,
+        program=types_pb2.ProgramTask(
+            program=program_ref(program), inputs_json=_encoded_inputs(inputs)
+        ),
+        session_id=session_id,
+        tags=_tags(tags),
+    )
+
+
+def _run_backend(backend: str | QRelayBackend | None, mode_backend: str | None) -> str:
+    name = backend.name if isinstance(backend, QRelayBackend) else (backend or "")
+    if mode_backend is not None:
+        if name and name != mode_backend:
+            raise InvalidArgument(
+                f"backend {name!r} differs from the backend {mode_backend!r} of mode=; "
+                "pass one of them"
+            )
+        return mode_backend
+    return name
 
 
 def _states(state: StateFilter) -> list[types_pb2.JobState.ValueType]:
@@ -170,6 +250,106 @@ class AsyncQRelayService:
         key = idempotency_key or uuid.uuid4().hex
         return AsyncRuntimeJob(self, await self._submit_proto(spec, key))
 
+    # -- programs ----------------------------------------------------------------
+
+    async def upload_program(
+        self,
+        path: PathLike,
+        name: str | None = None,
+        entry_point: str = "main:main",
+        requirements: RequirementsLike = None,
+        input_schema: SchemaLike = None,
+        description: str = "",
+    ) -> Program:
+        """Pack the directory `path` and store it; the same content returns the same version.
+
+        `name` defaults to the directory's name; `requirements` is a list of
+        pip lines or a requirements.txt path; `input_schema` a JSON Schema
+        dict or .json path. Checked locally first (`InvalidArgument`); a
+        program over the broker's size limit raises `ResourceExhausted`.
+        """
+        request = await anyio.to_thread.run_sync(
+            lambda: upload_request(
+                path,
+                name=name,
+                entry_point=entry_point,
+                requirements=requirements,
+                input_schema=input_schema,
+                description=description,
+            )
+        )
+        conn = self.connection
+        proto: programs_pb2.Program = await conn.unary(conn.programs.Upload, request)
+        log.info("program.uploaded", program_id=proto.id, name=proto.name, version=proto.version)
+        return Program.from_proto(proto)
+
+    async def programs(self, name: str | None = None) -> list[Program]:
+        """The newest version of each of your programs, or every version of `name`."""
+        conn = self.connection
+        request = programs_pb2.ListProgramsRequest(name=name or "")
+        resp: programs_pb2.ListProgramsResponse = await conn.unary(conn.programs.List, request)
+        return [Program.from_proto(p) for p in resp.programs]
+
+    async def program(self, id_or_name: str) -> Program:
+        """One program by id, or the newest version of a name; `NotFound` otherwise."""
+        conn = self.connection
+        request = programs_pb2.GetProgramRequest(program=program_ref(id_or_name))
+        return Program.from_proto(await conn.unary(conn.programs.Get, request))
+
+    async def delete_program(self, id_or_name: Program | str) -> int:
+        """Delete one version (by id or `Program`) or every version of a name; how many."""
+        conn = self.connection
+        request = programs_pb2.DeleteProgramRequest(program=program_ref(id_or_name))
+        resp: programs_pb2.DeleteProgramResponse = await conn.unary(conn.programs.Delete, request)
+        log.info("program.deleted", program=request.program, versions=resp.deleted)
+        return resp.deleted
+
+    async def run(
+        self,
+        program: Program | str,
+        inputs: Mapping[str, Any] | None = None,
+        *,
+        backend: str | QRelayBackend | None = None,
+        mode: AsyncSession | None = None,
+        tags: Mapping[str, str] | Iterable[str] | None = None,
+    ) -> AsyncRuntimeJob:
+        """Run a program beside `backend` (or in `mode`, a session or batch).
+
+        `inputs` become the entry point's keyword arguments (qrelay value
+        encoding: JSON types, numpy arrays, Qiskit circuits and operators).
+        `result()` is the entry point's return value; interim values arrive
+        through `interim_results()` and `stream()`.
+        """
+        if mode is not None and not isinstance(mode, AsyncSession):
+            raise InvalidArgument(
+                f"mode must be an AsyncSession or AsyncBatch, got {type(mode).__name__}"
+            )
+        target = _run_backend(backend, mode.backend_name if mode else None)
+        spec = program_spec(program, inputs, target, mode.session_id if mode else "", tags)
+        return await self.submit(spec)
+
+    # -- sessions ----------------------------------------------------------------
+
+    async def create_session(
+        self,
+        backend: str | QRelayBackend,
+        max_time: int | float | str | None = None,
+        *,
+        max_idle: int | float | str | None = None,
+        batch: bool = False,
+    ) -> AsyncSession:
+        """Open a session (or with `batch=True` a batch) on `backend`."""
+        cls = AsyncBatch if batch else AsyncSession
+        return await cls(self, backend, max_time, max_idle=max_idle).open()
+
+    async def session(self, session_id: str) -> AsyncSession:
+        """A handle on an existing session or batch; `NotFound` if it is not yours."""
+        if not session_id:
+            raise InvalidArgument("session_id must not be empty")
+        conn = self.connection
+        request = sessions_pb2.GetSessionRequest(session_id=session_id)
+        return AsyncSession._attached(self, await conn.unary(conn.sessions.Get, request))
+
 
 async def _open(
     address: str,
@@ -264,6 +444,63 @@ class QRelayService:
             return await self._core.submit(spec, idempotency_key=idempotency_key)
 
         return RuntimeJob(self._loop.call(send), self._loop)
+
+    # -- programs ----------------------------------------------------------------
+
+    def upload_program(
+        self,
+        path: PathLike,
+        name: str | None = None,
+        entry_point: str = "main:main",
+        requirements: RequirementsLike = None,
+        input_schema: SchemaLike = None,
+        description: str = "",
+    ) -> Program:
+        """Pack and store a program directory; see `AsyncQRelayService.upload_program`."""
+
+        async def send() -> Program:
+            return await self._core.upload_program(
+                path, name, entry_point, requirements, input_schema, description
+            )
+
+        return self._loop.call(send)
+
+    def programs(self, name: str | None = None) -> list[Program]:
+        """The newest version of each of your programs, or every version of `name`."""
+        return self._loop.call(self._core.programs, name)
+
+    def program(self, id_or_name: str) -> Program:
+        """One program by id, or the newest version of a name; `NotFound` otherwise."""
+        return self._loop.call(self._core.program, id_or_name)
+
+    def delete_program(self, id_or_name: Program | str) -> int:
+        """Delete one version or every version of a name; returns how many."""
+        deleted: int = self._loop.call(self._core.delete_program, id_or_name)
+        return deleted
+
+    def run(
+        self,
+        program: Program | str,
+        inputs: Mapping[str, Any] | None = None,
+        *,
+        backend: str | QRelayBackend | None = None,
+        mode: Session | None = None,
+        tags: Mapping[str, str] | Iterable[str] | None = None,
+    ) -> RuntimeJob:
+        """Run a program beside `backend` or in `mode` (a `Session` or `Batch`).
+
+        `result()` is the entry point's return value; `interim_results()`
+        yields what it publishes, live; `logs()` its output.
+        """
+        from qrelay.client.session import Session
+
+        session_id, mode_backend = "", None
+        if mode is not None:
+            if not isinstance(mode, Session):
+                raise InvalidArgument(f"mode must be a Session or Batch, got {type(mode).__name__}")
+            session_id, mode_backend = mode.session_id, mode.backend()
+        spec = program_spec(program, inputs, _run_backend(backend, mode_backend), session_id, tags)
+        return self.submit(spec)
 
     def run_async(self, func: Any, *args: Any) -> Any:
         """Run `await func(*args)` on the service's loop (for code built on the async core)."""
