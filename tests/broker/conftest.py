@@ -30,7 +30,7 @@ BELL = (
     "h q[0];\ncx q[0], q[1];\nc = measure q;\n"
 )
 # Short leases so expiry tests finish quickly; heartbeats well inside them.
-FAST = {"lease_ttl_s": 0.6, "heartbeat_interval_s": 0.1, "shutdown_grace_s": 1.0}
+FAST = {"lease_ttl_s": 1.0, "heartbeat_interval_s": 0.2, "shutdown_grace_s": 1.0}
 
 
 @pytest.fixture(params=["sqlite"])

@@ -267,7 +267,7 @@ async def test_silent_executor_stream_is_closed(tmp_path: Path) -> None:
         running_broker(broker_settings(tmp_path)) as broker,
         FakeExecutor(broker.address, heartbeat=False) as executor,
     ):
-        await executor.ended(within=5)  # 3 x 0.1 s heartbeat interval of silence
+        await executor.ended(within=5)  # 3 x 0.2 s heartbeat interval of silence
         assert not broker.scheduler.executors
 
 

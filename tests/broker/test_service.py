@@ -236,7 +236,7 @@ async def test_executor_token_is_required_when_configured(tmp_path: Path) -> Non
         assert err.value.code() == Code.UNAUTHENTICATED
         async with FakeExecutor(broker.address, metadata=auth("sekrit")) as executor:
             assert executor.welcome is not None
-            assert executor.welcome.lease_ttl_ms == 600
+            assert executor.welcome.lease_ttl_ms == 1000
 
 
 async def test_executor_must_start_with_hello(broker: Broker, channel: grpc.aio.Channel) -> None:
