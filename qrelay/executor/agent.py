@@ -185,6 +185,7 @@ class Executor:
             metrics_server, _ = start_http_server(self.settings.metrics_port)
             self._log.info("metrics.serving", port=self.settings.metrics_port)
         SLOTS.labels(self.settings.executor_id).set(self.settings.slots)
+        BUSY_SLOTS.labels(self.settings.executor_id).set(0)
         async with anyio.create_task_group() as jobs:
             self._job_tg = jobs
             try:

@@ -340,3 +340,61 @@ async def test_a_job_running_on_a_stopped_executor_finishes_once_on_another(
             assert done.executor_id == "e-second"
             assert done.attempts <= 2
             assert len(payloads(await watch_all(stub, job_id), "result")) == 1
+
+
+def wide_register_qasm3(num_bits: int) -> str:
+    """Two qubits measured into `num_bits` clbits: big results from few shots."""
+    lines = ["OPENQASM 3.0;", 'include "stdgates.inc";', f"bit[{num_bits}] c;", "qubit[2] q;"]
+    lines += ["h q[0];", "cx q[0], q[1];"]
+    lines += [f"c[{i}] = measure q[{i % 2}];" for i in range(num_bits)]
+    return "\n".join(lines) + "\n"
+
+
+async def test_result_over_the_brokers_update_limit_fails_the_job_resource_exhausted(
+    tmp_path: Path, jobs_stub: Any
+) -> None:
+    # max_job_bytes=4096 makes the broker accept messages of at most 4*4096 + 1 MiB;
+    # 120 000 shots of an 80-bit register is a 1.2 MB BitArray, over it. (A slow
+    # heartbeat: building a result this big holds the GIL for a while.)
+    settings = broker_settings(
+        tmp_path, max_job_bytes=4096, lease_ttl_s=10.0, heartbeat_interval_s=1.0
+    )
+    limit = 4 * 4096 + 1024 * 1024
+    async with (
+        running_broker(settings) as broker,
+        running_executor(executor_settings(broker.address)) as executor,
+    ):
+        stub = jobs_stub(broker.address)
+        spec = sampler_spec("aer", wide_register_qasm3(80), shots=120_000)
+        big = await submit(stub, spec)
+        failed = (await wait_terminal(stub, [big], timeout=120))[big]
+        assert failed.state == types_pb2.JOB_STATE_FAILED
+        assert failed.error.code == 8, failed.error  # RESOURCE_EXHAUSTED
+        assert f"over the broker limit of {limit} bytes" in failed.error.message
+        # The stream survived: the same connection runs the next job.
+        assert executor.connections == 1
+        small = await submit(stub, sampler_spec("aer", BELL_QASM3))
+        assert (await wait_terminal(stub, [small], timeout=60))[small].state == (
+            types_pb2.JOB_STATE_DONE
+        )
+
+
+async def test_metrics_port_serves_slot_and_connection_gauges(tmp_path: Path) -> None:
+    import urllib.request
+
+    port = free_port()
+    async with (
+        running_broker(broker_settings(tmp_path)) as broker,
+        running_executor(
+            executor_settings(broker.address, slots=3, metrics_port=port, executor_id="e-metrics")
+        ),
+    ):
+
+        def scrape() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+                return str(resp.read().decode())
+
+        text = await anyio.to_thread.run_sync(scrape)
+    assert 'qrelay_executor_slots{executor_id="e-metrics"} 3.0' in text
+    assert 'qrelay_executor_connected{executor_id="e-metrics"} 1.0' in text
+    assert 'qrelay_executor_busy_slots{executor_id="e-metrics"}' in text
