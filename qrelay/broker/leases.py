@@ -65,7 +65,12 @@ class LeaseReaper:
         """Loop until cancelled."""
         ttl = self.settings.lease_ttl_s
         while True:
-            await self.reap()
-            nxt = await self.store.next_lease_expiry()
+            try:
+                await self.reap()
+                nxt = await self.store.next_lease_expiry()
+            except Exception as exc:  # the reaper must outlive a bad moment (logged)
+                log.error("reaper.failed", retry_in_s=ttl / 4, exc_info=exc)
+                await anyio.sleep(ttl / 4)
+                continue
             delay = ttl if nxt is None else min(max(nxt - time.time(), 0.0) + 0.01, ttl)
             await anyio.sleep(delay)

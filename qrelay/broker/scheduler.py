@@ -10,6 +10,7 @@ who holds which job (leases), so a lost registry costs nothing but time.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -279,10 +280,19 @@ class Scheduler:
     # --- dispatch ---------------------------------------------------------------
     async def run(self) -> None:
         """The dispatcher loop; runs until cancelled."""
+        backoff = 0.05
         while True:
             await self._wake.wait()
             self._wake.clear()
-            await self.dispatch()
+            try:
+                await self.dispatch()
+                backoff = 0.05
+            except Exception as exc:  # the dispatcher must outlive a bad moment (logged)
+                # e.g. the disk is full: log, wait, retry; jobs stay safely queued.
+                log.error("dispatch.failed", retry_in_s=backoff, exc_info=exc)
+                await asyncio.sleep(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, 5.0)
+                self._wake.set()
 
     async def dispatch(self) -> int:
         """Lease queued jobs to executors with free slots until none fits; returns count."""
