@@ -26,6 +26,7 @@ import structlog
 from qiskit.circuit import QuantumCircuit
 
 from qrelay.errors import FailedPrecondition
+from qrelay.executor.mitigation.circuits import append_flip
 
 __all__ = ["CalibrationCache", "QubitCalibration", "default_calibrations", "run_options"]
 
@@ -171,9 +172,10 @@ def measure_readout(
     qiskit_backend: Any = getattr(backend, "qiskit", backend)
     num_qubits = int(qiskit_backend.num_qubits)
     target = qiskit_backend.target
-    if "x" not in target.operation_names or "measure" not in target.operation_names:
+    ops = frozenset(target.operation_names)
+    if "measure" not in ops or not ({"x", "sx"} & ops):
         raise FailedPrecondition(
-            f"measurement mitigation needs 'x' and 'measure' on backend "
+            f"measurement mitigation needs 'measure' and an 'x' or 'sx' gate on backend "
             f"'{getattr(backend, 'name', '?')}' to calibrate readout"
         )
     rng = np.random.default_rng(seed)
@@ -187,7 +189,7 @@ def measure_readout(
         qc = QuantumCircuit(num_qubits, k)
         for i, q in enumerate(qubits):
             if row[i]:
-                qc.x(q)
+                append_flip(qc, q, ops)
         qc.measure(list(qubits), list(range(k)))
         circuits.append(qc)
     result = qiskit_backend.run(

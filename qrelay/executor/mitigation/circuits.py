@@ -35,6 +35,7 @@ from qiskit.transpiler.passes import (
 from qrelay.errors import FailedPrecondition
 
 __all__ = [
+    "append_flip",
     "fold_2q_gates",
     "has_control_flow",
     "insert_dd",
@@ -128,6 +129,17 @@ def twirl_2q_gates(
     return list(twirled) if isinstance(twirled, list) else [twirled]
 
 
+def append_flip(circuit: QuantumCircuit, qubit: int, ops: frozenset[str]) -> None:
+    """An X on `qubit` in the target's basis: x, or sx twice where there is no x."""
+    if "x" in ops or not ops:
+        circuit.x(qubit)
+    elif "sx" in ops:
+        circuit.sx(qubit)
+        circuit.sx(qubit)
+    else:
+        raise FailedPrecondition(f"the backend's basis {sorted(ops)} has neither x nor sx")
+
+
 def _basis_ops(letter: str, ops: frozenset[str]) -> list[tuple[Any, ...]]:
     """ISA gates that rotate `letter`'s eigenbasis onto Z (trailing Z rotations dropped)."""
     if letter in "IZ":
@@ -171,7 +183,7 @@ def measure_in_basis(
             else:
                 getattr(out, name)(q)
         if flips is not None and flips[i]:
-            out.x(q)
+            append_flip(out, q, ops)
     if qubits:
         out.measure(qubits, list(creg))
     return out, qubits

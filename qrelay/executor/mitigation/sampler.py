@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 from qiskit.circuit import QuantumCircuit
-from qiskit.circuit.library import XGate
 from qiskit.primitives import DataBin, PrimitiveResult, SamplerPubResult
 from qiskit.primitives.containers import BitArray
 from qiskit.primitives.containers.sampler_pub import SamplerPub
@@ -80,14 +79,16 @@ def _measure_map(circuit: QuantumCircuit) -> dict[int, int]:
     return mapping
 
 
-def _twirl_measures(circuit: QuantumCircuit, flips: dict[int, int]) -> QuantumCircuit:
+def _twirl_measures(
+    circuit: QuantumCircuit, flips: dict[int, int], ops: frozenset[str]
+) -> QuantumCircuit:
     """X before the measurement of every clbit c with flips[c] = 1."""
     out = circuit.copy_empty_like()
     for inst in circuit.data:
         if inst.operation.name == "measure":
             c = circuit.find_bit(inst.clbits[0]).index
             if flips.get(c):
-                out.append(XGate(), inst.qubits)
+                cx.append_flip(out, circuit.find_bit(inst.qubits[0]).index, ops)
         out.append(inst)
     return out
 
@@ -194,7 +195,11 @@ def _run_pub(
         )
         for variant in variants:
             flips = {c: int(rng.integers(0, 2)) for c in mapping} if tech.twirl.measure else {}
-            circuits.append(_twirl_measures(variant, flips) if flips else variant)
+            circuits.append(
+                _twirl_measures(variant, flips, frozenset(target.operation_names))
+                if flips
+                else variant
+            )
             masks.append(sum(1 << c for c, f in flips.items() if f))
     if tech.dd is not None:
         circuits = cx.insert_dd(
