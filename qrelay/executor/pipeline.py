@@ -12,6 +12,7 @@ mitigation hooks in there and nowhere else.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -80,6 +81,7 @@ class PrimitivePipeline:
                 "the primitive pipeline runs sampler and estimator jobs, "
                 f"not {kind or 'an empty job spec'}"
             )
+        started = time.perf_counter()
         raw_options = json_format.MessageToDict(spec.options) if spec.HasField("options") else {}
         options = options_from_wire(kind, raw_options)
         result: PrimitiveResult[Any]
@@ -89,7 +91,14 @@ class PrimitivePipeline:
         else:
             assert isinstance(options, EstimatorOptions)
             result = self.run_estimator(spec.estimator, options, cancelled)
-        return types_pb2.JobResult(primitive=codec.encode_primitive_result(result))
+        encoded = types_pb2.JobResult(primitive=codec.encode_primitive_result(result))
+        self._log.debug(
+            "primitive.executed",
+            kind=kind,
+            pubs=len(result),
+            seconds=round(time.perf_counter() - started, 4),
+        )
+        return encoded
 
     # ----------------------------------------------------------------- sampler
 
