@@ -11,7 +11,13 @@ Concurrency: `run()` owns one task group for jobs (they outlive a connection)
 and, per connection, a task group for the reader, the sender and the
 heartbeat. Every write to the stream goes through one lock, job updates
 through one ordered outbox; primitive work runs in a worker thread so a slow
-circuit never delays a heartbeat.
+circuit does not delay a heartbeat. (Native code that holds the GIL for long
+-- Aer turning a million shots into Python objects -- can still pause the
+loop for about a second; heartbeat intervals well above that are safe.)
+
+Stopping (cancelling `run()`) is graceful within SHUTDOWN_GRACE_S: results
+already computed are sent, every other held job is Released so the broker
+requeues it at once, and the stream is half-closed.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,9 +51,8 @@ log = structlog.get_logger(__name__)
 UNIMPLEMENTED = 12
 RESOURCE_EXHAUSTED = 8
 INTERNAL = 13
-INVALID_ARGUMENT = 3
 # Non-final updates (logs, interim values) kept while the broker is away;
-# beyond this the oldest are dropped so a chatty program cannot eat memory.
+# beyond this further ones are dropped so a chatty program cannot eat memory.
 MAX_BUFFERED_UPDATES = 10_000
 # How long a shutting-down executor spends handing its jobs back to the broker.
 SHUTDOWN_GRACE_S = 3.0
@@ -64,8 +69,6 @@ RECONNECTS = Counter("qrelay_executor_reconnects", "Broken broker streams.", ["e
 _CURRENT_JOB: contextvars.ContextVar[_Job | None] = contextvars.ContextVar(
     "qrelay_current_job", default=None
 )
-
-RunJob = Callable[["_Job", executor_pb2.Assignment], Awaitable[types_pb2.JobResult]]
 
 
 class StreamClosed(Exception):
