@@ -66,3 +66,16 @@ def test_executor_serve_rejects_bad_env_setting_with_exit_code_2() -> None:
     )
     assert result.exit_code == 2
     assert "invalid settings: optimization_level" in result.output
+
+
+def test_broker_serve_rejects_nonpositive_lease_ttl_with_exit_code_2() -> None:
+    result = runner.invoke(app, ["broker", "serve", "--lease-ttl", "0"])
+    assert result.exit_code == 2
+    assert "invalid settings: lease_ttl_s" in result.output
+    assert "must be > 0" in result.output
+
+
+def test_broker_serve_rejects_malformed_tokens_with_exit_code_2() -> None:
+    result = runner.invoke(app, ["broker", "serve", "--tokens", "just-a-token"])
+    assert result.exit_code == 2
+    assert "token=tenant" in result.output
