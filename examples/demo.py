@@ -46,7 +46,9 @@ def main() -> int:
     port = _free_port()
     address = f"127.0.0.1:{port}"
     console.rule("[bold]qrelay demo")
-    console.print(f"starting [cyan]qrelay dev --port {port}[/] (broker + executor: aer, fake_manila)")
+    console.print(
+        f"starting [cyan]qrelay dev --port {port}[/] (broker + executor: aer, fake_manila)"
+    )
     env = {**os.environ, "QRELAY_LOG_LEVEL": os.environ.get("QRELAY_LOG_LEVEL", "warning")}
     dev = subprocess.Popen([sys.executable, "-m", "qrelay", "dev", "--port", str(port)], env=env)
     try:
