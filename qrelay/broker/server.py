@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import signal
 import uuid
 from collections.abc import AsyncIterator, Coroutine
@@ -46,6 +47,7 @@ SERVICE_NAMES = (
     executor_pb2.DESCRIPTOR.services_by_name["ExecutorService"].full_name,
 )
 METRICS_REFRESH_S = 2.0
+EXTENSION_MODULES = ("qrelay.broker.programs", "qrelay.broker.sessions")
 
 
 class Broker:
@@ -88,9 +90,10 @@ class Broker:
         executor_pb2_grpc.add_ExecutorServiceServicer_to_server(
             ExecutorServicer(self.scheduler, self.settings, self.broker_id), server
         )
+        extra = await self._register_extensions(server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            (*SERVICE_NAMES, *extra, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         port = server.add_insecure_port(self.settings.listen)
         host = self.settings.listen.rsplit(":", 1)[0]
@@ -104,7 +107,7 @@ class Broker:
         if self.settings.metrics_port:
             self.metrics.serve(self.settings.metrics_port)
             self._spawn(self._refresh_metrics())
-        for name in (*SERVICE_NAMES, ""):
+        for name in (*SERVICE_NAMES, *extra, ""):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.scheduler.wake()
         log.info(
@@ -114,6 +117,26 @@ class Broker:
             db=str(self.settings.db_path),
             leases_renewed=renewed,
         )
+
+    async def _register_extensions(self, server: grpc.aio.Server) -> list[str]:
+        """Services that live in their own broker modules (programs, sessions).
+
+        Each such module, once it exists, provides `async def register(broker,
+        server) -> list[str]` that adds its servicers (and tables, hooks such as
+        `scheduler.program_resolver`) and returns the full service names.
+        """
+        names: list[str] = []
+        for module_name in EXTENSION_MODULES:
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError as exc:
+                if exc.name != module_name:
+                    raise
+                continue
+            register = getattr(module, "register", None)
+            if register is not None:
+                names.extend(await register(self, server))
+        return names
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
