@@ -229,6 +229,8 @@ def decode_bindings(
             f"pub {pub_index}: parameter_values must have a last axis over parameters"
         )
     values = values.astype(np.float64, copy=False)
+    if not np.all(np.isfinite(values)):
+        raise InvalidArgument(f"pub {pub_index}: parameter_values contain NaN or infinity")
     if values.shape[-1] != n:
         raise InvalidArgument(
             f"pub {pub_index}: circuit has {n} parameters but parameter_values has "

@@ -11,6 +11,7 @@ mitigation hooks in there and nowhere else.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from typing import Any
@@ -29,7 +30,7 @@ from qiskit.primitives.containers.sampler_pub import SamplerPub
 
 from qrelay import codec
 from qrelay._proto.v1 import types_pb2
-from qrelay.errors import Cancelled, InvalidArgument
+from qrelay.errors import Cancelled, InvalidArgument, ResourceExhausted
 from qrelay.executor.backends import Backend
 from qrelay.executor.mitigation import run_estimator, run_sampler
 from qrelay.executor.transpile import (
@@ -43,6 +44,7 @@ from qrelay.options import EstimatorOptions, SamplerOptions, options_from_wire
 __all__ = [
     "DEFAULT_PRECISION",
     "DEFAULT_SHOTS",
+    "MAX_SHOTS_PER_PUB",
     "PrimitivePipeline",
 ]
 
@@ -51,6 +53,9 @@ log = structlog.get_logger(__name__)
 # Qiskit's reference primitives' defaults (BackendSamplerV2 / BackendEstimatorV2).
 DEFAULT_SHOTS = 1024
 DEFAULT_PRECISION = 0.015625
+# Executions per pub (shots x parameter sets) beyond which a job would hold an
+# executor slot for hours and produce results too big for a gRPC message.
+MAX_SHOTS_PER_PUB = 100_000_000
 
 
 class PrimitivePipeline:
@@ -117,9 +122,11 @@ class PrimitivePipeline:
             bindings = _isa_bindings(tc, wire, i)
             pub_shots = wire.shots if wire.HasField("shots") else None
             try:
-                isa_pubs.append(SamplerPub.coerce((tc.isa, bindings, pub_shots), shots))
+                pub = SamplerPub.coerce((tc.isa, bindings, pub_shots), shots)
             except (TypeError, ValueError) as exc:
                 raise InvalidArgument(f"pub {i}: {exc}") from None
+            _check_budget(i, pub.shots or shots, pub.size)
+            isa_pubs.append(pub)
         seed = options.effective_seed()
         results: list[SamplerPubResult] = []
         for k, pub in enumerate(isa_pubs):
@@ -149,18 +156,14 @@ class PrimitivePipeline:
             tc = self._transpiled(wire.circuit, options, i)
             bindings = _isa_bindings(tc, wire, i)
             observables = codec.decode_observables(wire.observables, tc.num_qubits, i)
-            try:
-                isa_observables = observables.apply_layout(tc.layout, tc.isa.num_qubits)
-            except Exception as exc:  # noqa: BLE001 - QiskitError/ValueError on a bad layout
-                raise InvalidArgument(
-                    f"pub {i}: observables do not fit the layout: {exc}"
-                ) from None
+            # Virtual qubit q of the user's observables -> the physical qubit it was laid on.
+            isa_observables = observables.apply_layout(tc.layout, tc.isa.num_qubits)
             pub_precision = wire.precision if wire.HasField("precision") else None
-            isa_pubs.append(
-                codec.make_estimator_pub(
-                    tc.isa, isa_observables, bindings, pub_precision or precision, i
-                )
+            pub = codec.make_estimator_pub(
+                tc.isa, isa_observables, bindings, pub_precision or precision, i
             )
+            _check_budget(i, math.ceil(1.0 / (pub.precision or precision) ** 2), pub.size)
+            isa_pubs.append(pub)
         seed = options.effective_seed()
         results: list[PubResult] = []
         for k, pub in enumerate(isa_pubs):
@@ -237,6 +240,16 @@ def _pub_seed(seed: int | None, k: int) -> int | None:
     if seed is None or k == 0:
         return seed
     return int(np.random.SeedSequence([seed % 2**64, k]).generate_state(1, dtype=np.uint32)[0])
+
+
+def _check_budget(pub_index: int, shots: int, size: int) -> None:
+    """Refuse a pub whose shots x bindings would occupy the backend for hours."""
+    if shots * max(size, 1) > MAX_SHOTS_PER_PUB:
+        raise ResourceExhausted(
+            f"pub {pub_index}: {shots} shots x {size} parameter sets exceeds the limit of "
+            f"{MAX_SHOTS_PER_PUB} shots per pub; use fewer shots, a larger precision or "
+            "split the sweep"
+        )
 
 
 def _check_cancelled(cancelled: threading.Event | None, k: int) -> None:

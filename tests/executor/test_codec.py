@@ -239,6 +239,14 @@ def test_sampler_non_real_bindings_are_invalid_argument() -> None:
         codec.decode_sampler_task(task)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_bindings_are_invalid_argument(bad: float) -> None:
+    task = codec.encode_sampler_task([(_param_circuit(), [[0.1, 0.2], [bad, 0.0]])])
+    with pytest.raises(InvalidArgument) as err:
+        codec.decode_sampler_task(task)
+    assert str(err.value) == "pub 0: parameter_values contain NaN or infinity"
+
+
 @pytest.mark.parametrize(("where", "value"), [("task", 0), ("task", -5), ("pub", 0), ("pub", -1)])
 def test_non_positive_shots_are_invalid_argument(where: str, value: int) -> None:
     qc = QuantumCircuit(1, 1)

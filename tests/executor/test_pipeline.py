@@ -24,7 +24,7 @@ from qiskit.quantum_info import SparsePauliOp
 
 from qrelay import codec
 from qrelay._proto.v1 import types_pb2
-from qrelay.errors import Cancelled, InvalidArgument
+from qrelay.errors import Cancelled, InvalidArgument, ResourceExhausted
 from qrelay.executor.backends import Backend, load_backend
 from qrelay.executor.pipeline import PrimitivePipeline
 from qrelay.executor.transpile import TranspileCache
@@ -492,3 +492,21 @@ def test_concurrent_jobs_in_worker_threads_give_the_sequential_results(
     for t in threads:
         t.join(timeout=60)
     assert all(np.array_equal(concurrent[k], sequential[k]) for k in range(4))
+
+
+def test_pub_beyond_the_shot_budget_is_resource_exhausted(
+    aer: Backend, cache: TranspileCache
+) -> None:
+    qc = QuantumCircuit(1, 1)
+    qc.rx(Parameter("t"), 0)
+    qc.measure(0, 0)
+    spec = sampler_spec("aer", [(qc, np.zeros((1000, 1)))], 200_000)
+    with pytest.raises(ResourceExhausted) as err:
+        PrimitivePipeline(aer, cache).run(spec)
+    assert err.value.code == 8
+    assert str(err.value).startswith(
+        "pub 0: 200000 shots x 1000 parameter sets exceeds the limit of 100000000 shots per pub"
+    )
+    tiny_precision = estimator_spec("aer", [(QuantumCircuit(1), "Z")], 1e-5)  # 1e10 shots
+    with pytest.raises(ResourceExhausted, match=r"^pub 0: 1000000000\d shots x 1 parameter sets"):
+        PrimitivePipeline(aer, cache).run(tiny_precision)
