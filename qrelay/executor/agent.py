@@ -327,6 +327,10 @@ class Executor:
         options = [
             ("grpc.max_send_message_length", self.settings.max_message_bytes),
             ("grpc.max_receive_message_length", self.settings.max_message_bytes),
+            # gRPC's own reconnect backoff (default 1 s growing to 120 s) follows ours.
+            ("grpc.initial_reconnect_backoff_ms", int(self.settings.reconnect_initial_s * 1000)),
+            ("grpc.min_reconnect_backoff_ms", int(self.settings.reconnect_initial_s * 1000)),
+            ("grpc.max_reconnect_backoff_ms", int(self.settings.reconnect_max_s * 1000)),
             # Notice a broker that vanished without closing the TCP connection.
             ("grpc.keepalive_time_ms", 10_000),
             ("grpc.keepalive_timeout_ms", 10_000),
