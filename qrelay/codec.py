@@ -66,6 +66,8 @@ __all__ = [
     "encode_observables",
     "encode_primitive_result",
     "encode_sampler_task",
+    "fill_array",
+    "fill_bindings",
     "metadata_from_json",
     "metadata_to_json",
 ]
@@ -100,7 +102,18 @@ _PAULI_CHARS = frozenset("IXYZ")
 
 
 def encode_array(array: npt.ArrayLike) -> types_pb2.NDArray:
-    """Pack an array as shape + dtype + little-endian C-order bytes (one copy)."""
+    """Pack an array as shape + dtype + little-endian C-order bytes."""
+    msg = types_pb2.NDArray()
+    fill_array(msg, array)
+    return msg
+
+
+def fill_array(target: types_pb2.NDArray, array: npt.ArrayLike) -> None:
+    """Pack an array into an existing message field.
+
+    Protobuf copies a sub-message on every assignment or constructor kwarg;
+    filling the field where it lives keeps a big buffer to one copy.
+    """
     arr = np.asarray(array)
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
@@ -110,9 +123,9 @@ def encode_array(array: npt.ArrayLike) -> types_pb2.NDArray:
             f"array dtype {arr.dtype} cannot travel on the wire; "
             f"allowed: {', '.join(sorted(ALLOWED_DTYPES))}"
         )
-    return types_pb2.NDArray(
-        shape=list(arr.shape), dtype=dtype, data=np.ascontiguousarray(arr).tobytes()
-    )
+    target.shape[:] = arr.shape
+    target.dtype = dtype
+    target.data = np.ascontiguousarray(arr).tobytes()
 
 
 def decode_array(msg: types_pb2.NDArray, what: str = "array") -> npt.NDArray[Any]:
@@ -192,13 +205,20 @@ def encode_bindings(
     bindings: BindingsArray, parameters: Sequence[Parameter]
 ) -> types_pb2.Bindings | None:
     """Bindings as one float64 array pub_shape + (num_parameters,), in `parameters` order."""
+    msg = types_pb2.Bindings()
+    return msg if fill_bindings(msg, bindings, parameters) else None
+
+
+def fill_bindings(
+    target: types_pb2.Bindings, bindings: BindingsArray, parameters: Sequence[Parameter]
+) -> bool:
+    """Fill `target` in place; False (nothing written) for a scalar pub without parameters."""
     if not parameters and bindings.shape == ():
-        return None
+        return False
     values = bindings.as_array(parameters) if parameters else np.zeros((*bindings.shape, 0))
-    return types_pb2.Bindings(
-        values=encode_array(np.asarray(values, dtype=np.float64)),
-        parameter_names=[p.name for p in parameters],
-    )
+    fill_array(target.values, np.asarray(values, dtype=np.float64))
+    target.parameter_names[:] = [p.name for p in parameters]
+    return True
 
 
 def decode_bindings(
@@ -386,9 +406,7 @@ def encode_sampler_task(
         except (TypeError, ValueError) as exc:
             raise InvalidArgument(f"pub {i}: {exc}") from None
         msg = task.pubs.add(circuit=encode_circuit(pub.circuit))
-        bindings = encode_bindings(pub.parameter_values, list(pub.circuit.parameters))
-        if bindings is not None:
-            msg.parameter_values.CopyFrom(bindings)
+        fill_bindings(msg.parameter_values, pub.parameter_values, list(pub.circuit.parameters))
         if pub.shots is not None:
             msg.shots = int(pub.shots)
     return task
@@ -434,11 +452,9 @@ def encode_estimator_task(
             circuit=encode_circuit(circuit), observables=encode_observables(observables)
         )
         try:
-            bindings = encode_bindings(bindings_arr, list(circuit.parameters))
+            fill_bindings(msg.parameter_values, bindings_arr, list(circuit.parameters))
         except (TypeError, ValueError) as exc:
             raise InvalidArgument(f"pub {i}: {exc}") from None
-        if bindings is not None:
-            msg.parameter_values.CopyFrom(bindings)
         if pub_precision is not None:
             msg.precision = float(pub_precision)
     return task
@@ -602,19 +618,17 @@ def metadata_from_json(text: str, what: str = "metadata") -> dict[str, Any]:
 # --------------------------------------------------------------------------- results
 
 
-def _encode_field(name: str, value: Any) -> types_pb2.DataField:
+def _fill_field(target: types_pb2.DataField, name: str, value: Any) -> None:
+    target.name = name
     if isinstance(value, BitArray):
-        return types_pb2.DataField(
-            name=name,
-            bits=types_pb2.BitArray(
-                data=np.ascontiguousarray(value.array, dtype=np.uint8).tobytes(),
-                shape=list(value.shape),
-                num_shots=value.num_shots,
-                num_bits=value.num_bits,
-            ),
-        )
+        target.bits.shape[:] = value.shape
+        target.bits.num_shots = value.num_shots
+        target.bits.num_bits = value.num_bits
+        target.bits.data = np.ascontiguousarray(value.array, dtype=np.uint8).tobytes()
+        return
     if isinstance(value, np.ndarray | np.generic | float | int | bool):
-        return types_pb2.DataField(name=name, array=encode_array(np.asarray(value)))
+        fill_array(target.array, np.asarray(value))
+        return
     raise InvalidArgument(
         f"result field {name!r} of type {type(value).__name__} cannot be encoded; "
         "only BitArray and numpy arrays travel"
@@ -647,14 +661,12 @@ def encode_primitive_result(result: PrimitiveResult[Any]) -> types_pb2.Primitive
     out = types_pb2.PrimitiveResult(metadata_json=metadata_to_json(result.metadata))
     for pub_result in result:
         data = pub_result.data
-        out.pub_results.append(
-            types_pb2.PubResult(
-                shape=list(data.shape),
-                data=[_encode_field(k, v) for k, v in data.items()],
-                metadata_json=metadata_to_json(pub_result.metadata),
-                sampler=isinstance(pub_result, SamplerPubResult),
-            )
-        )
+        msg = out.pub_results.add()  # built in place: no copies of the big buffers
+        msg.shape[:] = data.shape
+        for name, value in data.items():
+            _fill_field(msg.data.add(), name, value)
+        msg.metadata_json = metadata_to_json(pub_result.metadata)
+        msg.sampler = isinstance(pub_result, SamplerPubResult)
     return out
 
 
