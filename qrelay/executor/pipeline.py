@@ -1,12 +1,17 @@
 """The executor's primitive pipeline: one Sampler or Estimator job, wire in, wire out.
 
 validate -> decode -> transpile (cached) -> map observables through the
-layout -> run -> post-process -> encode. Running and post-processing are
-Qiskit's own reference primitives (`BackendSamplerV2`, `BackendEstimatorV2`)
-on ISA circuits, so shots/precision resolution, broadcasting, classical
-registers and metadata behave exactly as in Qiskit. The run step is one
-function per primitive (`_run_isa_sampler`, `_run_isa_estimator`): error
-mitigation hooks in there and nowhere else.
+layout -> run -> post-process -> encode. Pubs are coerced by Qiskit's own
+SamplerPub/EstimatorPub and, without mitigation, run by Qiskit's reference
+primitives (`BackendSamplerV2`, `BackendEstimatorV2`) on the ISA circuits, so
+shots/precision resolution, broadcasting, classical registers and metadata
+behave exactly as in Qiskit. The run step is one function per primitive
+(`_run_isa_sampler`, `_run_isa_estimator`), which hands over to
+`qrelay.executor.mitigation`; error mitigation happens there and nowhere else.
+
+Pubs run one at a time (Qiskit groups pubs of equal shots into one backend
+run) so that a cancellation takes effect between pubs; with a seed, pub k
+gets its own derived seed (`_pub_seed`), pub 0 the job's seed itself.
 """
 
 from __future__ import annotations
