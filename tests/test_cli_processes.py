@@ -94,6 +94,17 @@ def test_dev_stack_lists_its_backends_and_stops_cleanly_on_sigint(
     assert missing.exit_code == 1
     assert "NOT_FOUND" in missing.output
 
+    # A job that fails: watch shows the error's code and message and exits 1.
+    with grpc.insecure_channel(address) as channel:
+        bad = jobs_pb2_grpc.JobServiceStub(channel).Submit(
+            jobs_pb2.SubmitRequest(spec=sampler_spec("aer", "OPENQASM 3.0;\nnot qasm;\n")),
+            timeout=10,
+        )
+    failed = cli.invoke(app, ["jobs", "watch", bad.id, "--broker", address], terminal_width=200)
+    assert failed.exit_code == 1, failed.output
+    assert "FAILED" in failed.output
+    assert "INVALID_ARGUMENT" in failed.output
+
     proc.send_signal(signal.SIGINT)
     deadline = time.monotonic() + 30
     while proc.poll() is None and time.monotonic() < deadline:
