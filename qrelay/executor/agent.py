@@ -493,7 +493,7 @@ class Executor:
         )
 
     def _enqueue(self, item: _Outgoing) -> None:
-        if not item.final:
+        if not item.final and len(self._outbox) >= MAX_BUFFERED_UPDATES:
             buffered = sum(1 for o in self._outbox if not o.final)
             if buffered >= MAX_BUFFERED_UPDATES:
                 self._log.warning("update.dropped", job_id=item.job_id, reason="outbox full")
