@@ -42,9 +42,14 @@ def run_options(qiskit_backend: object) -> dict[str, object]:
     Aer's default OpenMP threading costs ~4x on batches of small mitigation
     circuits on a busy machine (measured: 96 twirled 5-qubit circuits, 128 shots:
     1.2 s with default threads, 0.3 s with one); circuits are cheap, threads
-    contend. Non-Aer backends get no extra options.
+    contend. qiskit-ibm-runtime fake devices run on Aer too (their ``run`` passes
+    options through); other backends get no extra options.
     """
-    if type(qiskit_backend).__name__ == "AerSimulator":
+    aer = type(qiskit_backend).__name__ == "AerSimulator"
+    fake_on_aer = type(getattr(qiskit_backend, "sim", None)).__name__ == "AerSimulator" or (
+        hasattr(qiskit_backend, "_setup_sim") and hasattr(qiskit_backend, "sim")
+    )
+    if aer or fake_on_aer:
         return {"max_parallel_threads": 1}
     return {}
 

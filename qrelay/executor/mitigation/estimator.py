@@ -91,6 +91,13 @@ class _PubPlan:
     executions: list[_Execution] = field(default_factory=list)
 
 
+def _bare(circuit: QuantumCircuit) -> QuantumCircuit:
+    """The circuit without its TranspileLayout: every circuit copy (folding, each twirl)
+    deep-copies it otherwise, which cost more than the twirling itself (measured)."""
+    circuit._layout = None
+    return circuit
+
+
 def _group(labels: Iterable[str]) -> list[tuple[str, list[str]]]:
     """Qubit-wise commuting groups as (measurement basis, member labels)."""
     labels = sorted({lab for lab in labels if set(lab) != {"I"}})
@@ -113,7 +120,7 @@ def _plan(
 ) -> _PubPlan:
     shots, precision = estimator_shots(opts, pub.precision)
     nr, spr = tech.twirl.split(shots)
-    circuit = pub.circuit.remove_final_measurements(inplace=False)
+    circuit = _bare(pub.circuit.remove_final_measurements(inplace=False))
     params = pub.parameter_values
     param_indices = np.fromiter(np.ndindex(params.shape), dtype=object).reshape(params.shape)
     bc_param, bc_obs = np.broadcast_arrays(param_indices, pub.observables)

@@ -170,7 +170,8 @@ def _run_pub(
     seed: int | None,
     calibrations: CalibrationCache | None,
 ) -> SamplerPubResult:
-    circuit = pub.circuit
+    circuit = pub.circuit.copy()
+    circuit._layout = None  # not deep-copied into every twirled variant (see estimator._bare)
     assert pub.shots is not None
     nr, spr = tech.twirl.split(pub.shots)
     needs_map = tech.twirl.measure or tech.measure_mitigation is not None
