@@ -15,11 +15,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bench._report import Report, arg_parser, median, ratio, summarize
+from bench.hybrid_program.main import estimator_evaluate, shifted_points, vqe_loop
 
 #: Mode names in table order.
 MODES = ("direct", "client-loop", "session", "program")
@@ -68,40 +70,18 @@ class Problem:
         return np.random.default_rng(SEED).uniform(-0.5, 0.5, self.num_parameters)
 
 
-def shifted_points(x: np.ndarray) -> np.ndarray:
-    """Row 0 is x; rows 1..2P are x ± π/2 along each axis (parameter-shift rule)."""
-    p = len(x)
-    points = np.repeat(x[None, :], 2 * p + 1, axis=0)
-    for i in range(p):
-        points[1 + 2 * i, i] += math.pi / 2
-        points[2 + 2 * i, i] -= math.pi / 2
-    return points
-
-
-def step(x: np.ndarray, evs: np.ndarray) -> np.ndarray:
-    """One gradient-descent step from the energies at `shifted_points(x)`."""
-    grad = (evs[1::2] - evs[2::2]) / 2.0
-    return np.asarray(x - LEARNING_RATE * grad)
-
-
 #: Given the (2P+1, P) parameter points, the energies at each.
 Evaluate = Callable[[np.ndarray], np.ndarray]
 
+#: Uploaded as the program; its functions are the loop every mode runs.
+PROGRAM_DIR = Path(__file__).resolve().parent / "hybrid_program"
 
-def vqe_loop(
-    evaluate: Evaluate, x0: np.ndarray, iterations: int
-) -> tuple[list[float], list[float]]:
-    """Run the loop; returns (energy per iteration, seconds per iteration)."""
-    x = np.array(x0, dtype=float)
-    energies: list[float] = []
-    times: list[float] = []
-    for _ in range(iterations):
-        start = time.perf_counter()
-        evs = np.asarray(evaluate(shifted_points(x)), dtype=float).reshape(-1)
-        x = step(x, evs)
-        times.append(time.perf_counter() - start)
-        energies.append(float(evs[0]))
-    return energies, times
+#: UNIMPLEMENTED: the broker in this build does not serve the API a mode needs.
+_UNIMPLEMENTED = 12
+
+
+def loop(evaluate: Evaluate, problem: Problem, iterations: int) -> tuple[list[float], list[float]]:
+    return vqe_loop(evaluate, problem.x0(), iterations, LEARNING_RATE)
 
 
 def direct_evaluate(problem: Problem) -> Evaluate:
@@ -122,37 +102,24 @@ def direct_evaluate(problem: Problem) -> Evaluate:
         backend=backend, options={"default_precision": PRECISION, "seed_simulator": SEED}
     )
 
-    def evaluate(points: np.ndarray) -> np.ndarray:
-        return np.asarray(estimator.run([(isa, obs, points)]).result()[0].data.evs)
+    return estimator_evaluate(estimator, isa, obs)
 
-    return evaluate
+
+#: Estimator options every broker mode sends: the direct floor's settings, no mitigation.
+def estimator_options() -> dict[str, Any]:
+    return {
+        "default_precision": PRECISION,
+        "resilience_level": 0,
+        "simulator": {"seed_simulator": SEED},
+    }
 
 
 def client_evaluate(problem: Problem, mode: Any) -> Evaluate:
     """One qrelay Estimator job per call, on `mode` (a backend or a session)."""
     from qrelay.client import Estimator
 
-    estimator = Estimator(mode=mode)
-    estimator.options.default_precision = PRECISION
-    estimator.options.seed_simulator = SEED
-    circuit, obs = problem.ansatz(), problem.hamiltonian()
-
-    def evaluate(points: np.ndarray) -> np.ndarray:
-        return np.asarray(estimator.run([(circuit, obs, points)]).result()[0].data.evs)
-
-    return evaluate
-
-
-def session_available() -> bool:
-    import qrelay.client as client
-
-    return hasattr(client, "Session")
-
-
-def program_available() -> bool:
-    import qrelay.client as client
-
-    return hasattr(client, "upload_program") or hasattr(client.QRelayService, "upload_program")
+    estimator = Estimator(mode=mode, options=estimator_options())
+    return estimator_evaluate(estimator, problem.ansatz(), problem.hamiltonian())
 
 
 @contextmanager
@@ -192,26 +159,93 @@ def health_rtt_ms(address: str, samples: int = 10) -> float:
     return median(out) * 1e3
 
 
+#: (wall seconds, energies, seconds per iteration) of one mode's loop.
+Timed = tuple[float, list[float], list[float]]
+#: A mode's timings, or why it did not run.
+Outcome = Timed | str
+
+
+def _why_not(exc: Exception) -> str:
+    from qrelay.errors import QRelayError
+
+    # grpc answers an unregistered service with UNIMPLEMENTED, "Method not found!".
+    if isinstance(exc, QRelayError) and (
+        exc.code == _UNIMPLEMENTED or exc.message.startswith("Method not found")
+    ):
+        return "not available in this build"
+    return f"failed: {type(exc).__name__}: {exc}"[:160]
+
+
+def _timed(fn: Callable[[], tuple[list[float], list[float]]]) -> Timed:
+    start = time.perf_counter()
+    energies, times = fn()
+    return time.perf_counter() - start, energies, times
+
+
+def run_client_loop(service: Any, problem: Problem, iterations: int) -> Outcome:
+    evaluate = client_evaluate(problem, service.backend("aer"))
+    evaluate(shifted_points(problem.x0()))  # warm: transpile cache, channel
+    return _timed(lambda: loop(evaluate, problem, iterations))
+
+
+def run_session(service: Any, problem: Problem, iterations: int) -> Outcome:
+    """The client loop inside a Session; the wall time includes opening it."""
+    from qrelay.client import Session
+
+    def body() -> tuple[list[float], list[float]]:
+        with Session(backend=service.backend("aer"), service=service) as session:
+            return loop(client_evaluate(problem, session), problem, iterations)
+
+    return _timed(body)
+
+
+def run_program(service: Any, problem: Problem, iterations: int) -> Outcome:
+    """Upload once, warm with a 1-iteration run, then time submit -> result of K iterations."""
+    program = service.upload_program(PROGRAM_DIR, name="bench-hybrid-loop", entry_point="main:main")
+
+    def inputs(k: int) -> dict[str, Any]:
+        return {
+            "circuit": problem.ansatz(),
+            "observable": problem.hamiltonian(),
+            "x0": [float(v) for v in problem.x0()],
+            "iterations": k,
+            "learning_rate": LEARNING_RATE,
+            "options": estimator_options(),
+        }
+
+    service.run(program, inputs(1), backend="aer").result(timeout=300)
+    start = time.perf_counter()
+    result = service.run(program, inputs(iterations), backend="aer").result(timeout=600)
+    wall = time.perf_counter() - start
+    return wall, list(result["energies"]), list(result["iteration_seconds"])
+
+
+RUNNERS: dict[str, Callable[[Any, Problem, int], Outcome]] = {
+    "client-loop": run_client_loop,
+    "session": run_session,
+    "program": run_program,
+}
+
+
 def run_broker_modes(
     problem: Problem, rtt_ms: float, iterations: int, modes: Sequence[str]
-) -> dict[str, tuple[list[float], list[float]] | str]:
-    """Every broker mode at one RTT; a string value says why a mode did not run."""
+) -> tuple[float, dict[str, Outcome]]:
+    """Every broker mode at one RTT: (measured link RTT in ms, outcome per mode)."""
     from qrelay.client import QRelayService
 
-    out: dict[str, tuple[list[float], list[float]] | str] = {}
+    out: dict[str, Outcome] = {}
     with broker_over_wan(rtt_ms) as (_env, address, _portal):
-        out["link_rtt_ms"] = f"{health_rtt_ms(address):.2f}"
+        link = health_rtt_ms(address)
         with QRelayService(address) as service:
-            backend = service.backend("aer")
-            if "client-loop" in modes:
-                evaluate = client_evaluate(problem, backend)
-                evaluate(shifted_points(problem.x0()))  # warm: transpile cache, channel
-                out["client-loop"] = vqe_loop(evaluate, problem.x0(), iterations)
-            if "session" in modes:
-                out["session"] = "not available in this build"
-            if "program" in modes:
-                out["program"] = "not available in this build"
-    return out
+            for mode in modes:
+                runner = RUNNERS.get(mode)
+                if runner is None:
+                    continue
+                try:
+                    out[mode] = runner(service, problem, iterations)
+                except Exception as exc:  # noqa: BLE001 - recorded in the table, others still run
+                    out[mode] = _why_not(exc)
+    return link, out
 
 
 def run(iterations: int, rtts_ms: Sequence[float], modes: Sequence[str]) -> Report:
@@ -234,42 +268,40 @@ def run(iterations: int, rtts_ms: Sequence[float], modes: Sequence[str]) -> Repo
     )
     evaluate = direct_evaluate(problem)
     evaluate(shifted_points(problem.x0()))  # warm-up
-    d_energies, d_times = vqe_loop(evaluate, problem.x0(), iterations)
-    direct_wall = sum(d_times)
+    direct_walls: list[float] = []
     for rtt in rtts_ms:
-        results = run_broker_modes(problem, rtt, iterations, modes)
-        link = float(str(results.pop("link_rtt_ms")))
-        walls: dict[str, float] = {"direct": direct_wall}
-        per_mode: dict[str, tuple[list[float], list[float]] | str] = {
-            "direct": (d_energies, d_times),
-            **results,
-        }
+        # The floor again beside every RTT, so each ratio is taken under the same load.
+        direct = _timed(lambda: loop(evaluate, problem, iterations))
+        direct_walls.append(direct[0])
+        link, results = run_broker_modes(problem, rtt, iterations, modes)
+        per_mode: dict[str, Outcome] = {"direct": direct, **results}
+        walls: dict[str, float] = {}
         for mode in modes:
             got = per_mode.get(mode, "not run")
             if isinstance(got, str):
                 report.add_row(rtt_ms=rtt, link_rtt_ms=link, mode=mode, status=got)
                 continue
-            energies, times = got
-            walls[mode] = sum(times)
+            wall, energies, times = got
+            walls[mode] = wall
             stats = summarize(times, 1e3)
             report.add_row(
                 rtt_ms=rtt,
                 link_rtt_ms=link,
                 mode=mode,
                 status="ok",
-                wall_s=walls[mode],
+                wall_s=wall,
+                per_iter_ms=wall / iterations * 1e3,
                 iter_p50_ms=stats["p50"],
                 iter_p95_ms=stats["p95"],
                 final_energy=energies[-1],
-                vs_direct=ratio(walls[mode], direct_wall),
+                vs_direct=ratio(wall, direct[0]),
                 vs_client_loop=math.nan,
             )
         client = walls.get("client-loop", math.nan)
         for row in report.rows:
             if row["rtt_ms"] == rtt and row.get("status") == "ok":
                 row["vs_client_loop"] = ratio(row["wall_s"], client)
-    report.figures["direct_wall_s"] = direct_wall
-    report.figures["direct_final_energy"] = d_energies[-1]
+    report.figures["direct_wall_s_median"] = median(direct_walls)
     target = [r for r in report.rows if r["mode"] == "program" and r["rtt_ms"] == 50]
     if target and target[0]["status"] == "ok":
         report.figures["program_speedup_vs_client_loop_at_50ms"] = 1 / target[0]["vs_client_loop"]
@@ -317,6 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "mode",
             "status",
             "wall_s",
+            "per_iter_ms",
             "iter_p50_ms",
             "iter_p95_ms",
             "vs_direct",

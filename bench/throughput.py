@@ -112,7 +112,7 @@ class Processes:
         for proc in self.procs:
             if proc.poll() is not None:
                 logs = "\n".join(p.read_text()[-2000:] for p in self.workdir.glob("*.log"))
-                raise RuntimeError(f"{proc.args} exited with {proc.returncode}:\n{logs}")
+                raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}:\n{logs}")
 
     async def add_executor(
         self, service: Any, backend: str, slots: int, expect_online: int
@@ -238,6 +238,7 @@ async def load_phases(
                 await procs.add_executor(service, "aer", slots, expect_online=executors)
                 await closed_loop(service, spec, max(concurrencies), min(2.0, duration_s))
                 for c in concurrencies:
+                    progress(f"closed loop, {executors} executor(s), {c} clients")
                     rate, lat = await closed_loop(service, spec, c, duration_s)
                     stats = summarize(lat, 1e3)
                     report.add_row(
@@ -256,6 +257,7 @@ async def load_phases(
             report.figures["scaling_2_over_1_executor"] = ratio(best[2], best[1])
             top = best[2]
             for frac in (0.25, 0.5, 0.75):
+                progress(f"open loop at {frac:.0%} of {top:.0f} jobs/s")
                 rate, lat = await open_loop(service, spec, frac * top, duration_s, SEED)
                 stats = summarize(lat, 1e3)
                 report.add_row(
@@ -273,23 +275,39 @@ async def load_phases(
                     report.figures["p99_ms_at_half_max_rate"] = stats["p99"]
 
 
-async def fill(service: Any, spec: Any, count: int, concurrency: int = 32) -> None:
-    """Submit `count` jobs with `concurrency` parallel submitters."""
+def progress(text: str) -> None:
+    """One line on stderr so a long phase shows it is alive."""
+    print(f"  [throughput] {text}", file=sys.stderr, flush=True)
+
+
+async def fill(service: Any, spec: Any, count: int, deadline: float, concurrency: int = 32) -> int:
+    """Submit up to `count` jobs with parallel submitters until `deadline`; how many went in."""
     left = count
+    done = 0
+    last_report = time.perf_counter()
 
     async def worker() -> None:
-        nonlocal left
-        while left > 0:
+        nonlocal left, done, last_report
+        while left > 0 and time.perf_counter() < deadline:
             left -= 1
             await service.submit(spec)
+            done += 1
+            if time.perf_counter() - last_report > 10:
+                last_report = time.perf_counter()
+                progress(f"queued {done}/{count} more")
 
     async with anyio.create_task_group() as tg:
         for _ in range(min(concurrency, count)):
             tg.start_soon(worker)
+    return done
 
 
-async def queue_phase(report: Report, levels: Sequence[int], probes: int) -> None:
-    """Queue jobs for a backend whose executor has left; RSS and submit latency per level."""
+async def queue_phase(report: Report, levels: Sequence[int], probes: int, budget_s: float) -> None:
+    """Queue jobs for a backend whose executor has left; RSS and submit latency per level.
+
+    Filling stops at `budget_s` seconds in all: the last row then says which
+    depth was reached instead of the level asked for.
+    """
     from qrelay.client import AsyncQRelayService
 
     backend = "fake_athens"
@@ -304,25 +322,28 @@ async def queue_phase(report: Report, levels: Sequence[int], probes: int) -> Non
             await procs.stop(executor)  # the backend stays known; nothing takes its jobs
             await procs.wait_online(service, backend, 0)
             report.figures["broker_rss_mb_idle"] = rss_bytes(pid) / 2**20
+            deadline = time.perf_counter() + budget_s
             queued = 0
             p50s: dict[int, float] = {}
             for level in levels:
+                progress(f"filling the queue to {level}")
                 start = time.perf_counter()
-                await fill(service, spec, level - queued)
-                fill_rate = (level - queued) / (time.perf_counter() - start)
-                queued = level
+                added = await fill(service, spec, level - queued, deadline)
+                fill_rate = added / (time.perf_counter() - start)
+                queued += added
                 lat = []
                 for _ in range(probes):
                     t = time.perf_counter()
                     await service.submit(spec)
                     lat.append(time.perf_counter() - t)
-                queued += probes
                 stats = summarize(lat, 1e3)
-                p50s[level] = stats["p50"]
                 rss = rss_bytes(pid) / 2**20
+                reached = queued >= level
                 report.add_row(
                     phase="queue depth",
-                    queued=level,
+                    target_queued=level,
+                    queued=queued,
+                    status="ok" if reached else f"fill budget {budget_s:g} s ran out",
                     broker_rss_mb=rss,
                     fill_submits_per_s=fill_rate,
                     n=stats["n"],
@@ -330,13 +351,26 @@ async def queue_phase(report: Report, levels: Sequence[int], probes: int) -> Non
                     p95=stats["p95"],
                     p99=stats["p99"],
                 )
-                report.figures[f"broker_rss_mb_at_{level}"] = rss
-            lo, hi = min(levels), max(levels)
+                queued += probes
+                p50s[queued - probes] = stats["p50"]
+                report.figures[f"broker_rss_mb_at_{queued - probes}"] = rss
+                if not reached:
+                    report.note(
+                        f"queue depth {level} not reached: {queued - probes} jobs queued within "
+                        f"the {budget_s:g} s fill budget ({fill_rate:.0f} submits/s at the end)"
+                    )
+                    break
+            lo, hi = min(p50s), max(p50s)
             report.figures[f"submit_p50_{hi}_over_{lo}"] = ratio(p50s[hi], p50s[lo])
 
 
 async def run(
-    concurrencies: Sequence[int], duration_s: float, slots: int, levels: Sequence[int], probes: int
+    concurrencies: Sequence[int],
+    duration_s: float,
+    slots: int,
+    levels: Sequence[int],
+    probes: int,
+    budget_s: float,
 ) -> Report:
     report = Report(
         "throughput",
@@ -347,6 +381,7 @@ async def run(
             "executor_slots": slots,
             "queue_levels": list(levels),
             "submit_probes_per_level": probes,
+            "queue_fill_budget_s": budget_s,
             "job": "Sampler, 1 qubit, 1 shot, backend aer",
             "placement": "broker and executors as processes on loopback, one client process",
             "store": "SQLite (WAL)",
@@ -360,7 +395,7 @@ async def run(
         },
     )
     await load_phases(report, concurrencies, duration_s, slots)
-    await queue_phase(report, levels, probes)
+    await queue_phase(report, levels, probes, budget_s)
     return report
 
 
@@ -398,12 +433,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--slots", type=int, default=4, help="slots per executor")
     parser.add_argument("--queue-levels", type=int, nargs="+", default=[1000, 10_000, 100_000])
     parser.add_argument("--probes", type=int, default=200, help="timed submits per queue level")
+    parser.add_argument(
+        "--fill-budget-s", type=float, default=240.0, help="time allowed for filling the queue"
+    )
     args = parser.parse_args(argv)
     if args.tiny:
         args.concurrency, args.duration_s = [1, 4], 0.5
         args.queue_levels, args.probes = [20, 60], 5
     report = anyio.run(
-        run, args.concurrency, args.duration_s, args.slots, args.queue_levels, args.probes
+        run,
+        args.concurrency,
+        args.duration_s,
+        args.slots,
+        args.queue_levels,
+        args.probes,
+        args.fill_budget_s,
     )
     report.out_dir = args.results_dir
     report.finish(
@@ -413,7 +457,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "executors",
             "concurrency",
             "offered",
+            "target_queued",
             "queued",
+            "status",
             "jobs_per_s",
             "fill_submits_per_s",
             "broker_rss_mb",

@@ -75,7 +75,7 @@ class WanProxy:
         self._rng = random.Random(seed)
         self._port: int | None = None
         self._tg: anyio.abc.TaskGroup | None = None
-        self._listener: anyio.abc.SocketListener | None = None
+        self._listener: anyio.abc.Listener[anyio.abc.SocketStream] | None = None
 
     @property
     def port(self) -> int:
@@ -119,7 +119,9 @@ class WanProxy:
             self._port = None
             log.debug("wanproxy.stopped", connections=self.stats.connections)
 
-    async def _serve(self, listener: anyio.abc.SocketListener, tg: anyio.abc.TaskGroup) -> None:
+    async def _serve(
+        self, listener: anyio.abc.Listener[anyio.abc.SocketStream], tg: anyio.abc.TaskGroup
+    ) -> None:
         await listener.serve(self._handle, task_group=tg)
 
     def _due(self, now: float, last_due: float) -> float:

@@ -83,7 +83,8 @@ def test_throughput_records_load_and_queue_phases(tmp_path: Path) -> None:
         "75% of max",
     ]
     queue = [r for r in data["rows"] if r["phase"] == "queue depth"]
-    assert [r["queued"] for r in queue] == data["parameters"]["queue_levels"]
+    assert [r["target_queued"] for r in queue] == data["parameters"]["queue_levels"]
+    assert all(r["status"] == "ok" for r in queue)
     assert all(r["broker_rss_mb"] > 0 for r in queue)
     assert {
         "max_jobs_per_s_1_executor",
