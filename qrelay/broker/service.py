@@ -158,12 +158,15 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     async def Connect(  # type: ignore[override]
         self, request_iterator: AsyncIterator[executor_pb2.ExecutorMessage], context: Context
     ) -> None:
-        check_executor_token(self.settings.executor_token, context.invocation_metadata())
         incoming = aiter(request_iterator)
         try:
             first = await asyncio.wait_for(anext(incoming), self._silence_limit)
         except (TimeoutError, StopAsyncIteration):
             raise InvalidArgument("executor stream must start with Hello") from None
+        # Checked after the Hello has arrived: answering before the executor's
+        # first send completes can surface on its side as a send failure
+        # (INTERNAL) instead of our UNAUTHENTICATED.
+        check_executor_token(self.settings.executor_token, context.invocation_metadata())
         if first.WhichOneof("message") != "hello":
             raise InvalidArgument(
                 f"executor stream must start with Hello, got {first.WhichOneof('message')}"
