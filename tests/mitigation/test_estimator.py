@@ -407,3 +407,11 @@ def test_dd_runs_and_is_reported(manila: Backend) -> None:
     dd = res.metadata["techniques"]["dynamical_decoupling"]
     assert dd == {"enable": True, "sequence_type": "XY4", "scheduling_method": "asap"}
     assert 0.7 < float(res.data.evs) <= 1.0
+
+
+def test_unavailable_twirling_strategy_is_noted(manila: Backend) -> None:
+    o = EstimatorOptions(resilience_level=2)
+    o.twirling.strategy = "all"
+    tech = resolve_estimator(o, manila)
+    assert tech.twirl.strategy == "active"
+    assert any("twirling.strategy 'all' is not available" in n for n in tech.notes)

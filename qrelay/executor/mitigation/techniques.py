@@ -219,14 +219,30 @@ def _dd_plan(
     )
 
 
-def _twirl_plan(opts: EstimatorOptions | SamplerOptions, gates: bool, measure: bool) -> TwirlPlan:
+def _twirl_plan(
+    opts: EstimatorOptions | SamplerOptions, gates: bool, measure: bool, notes: list[str]
+) -> TwirlPlan:
+    """Twirling as asked. Gate twirling is Qiskit's pauli_twirl_2q_gates, which twirls
+    each 2-qubit gate's own qubits: Runtime's "active" strategy; another requested
+    strategy is noted rather than silently changed."""
     tw = opts.twirling
+    if tw.strategy not in (None, "active") and gates:
+        notes.append(
+            f"twirling.strategy '{tw.strategy}' is not available: qrelay twirls the qubits "
+            "of each 2-qubit gate ('active')"
+        )
+    if (
+        not gates
+        and not measure
+        and (tw.num_randomizations is not None or tw.shots_per_randomization is not None)
+    ):
+        notes.append("twirling randomization options are set but no twirling is enabled")
     return TwirlPlan(
         gates=gates,
         measure=measure,
         num_randomizations=tw.num_randomizations or "auto",
         shots_per_randomization=tw.shots_per_randomization or "auto",
-        strategy=tw.strategy or "active-accum",
+        strategy="active",
     )
 
 
@@ -255,6 +271,7 @@ def resolve_estimator(opts: EstimatorOptions, backend: Any) -> Techniques:
         opts,
         gates=_pick(tw.enable_gates, base["enable_gates"]),
         measure=_pick(tw.enable_measure, base["enable_measure"]),
+        notes=notes,
     )
     zne: ZnePlan | None = None
     if zne_on:
@@ -302,7 +319,9 @@ def resolve_sampler(opts: SamplerOptions, backend: Any) -> Techniques:
             f"backend '{backend.name}' (a simulator) does not produce; use 'classified'"
         )
     tw = opts.twirling
-    twirl = _twirl_plan(opts, gates=bool(tw.enable_gates), measure=bool(tw.enable_measure))
+    twirl = _twirl_plan(
+        opts, gates=bool(tw.enable_gates), measure=bool(tw.enable_measure), notes=notes
+    )
     dd = _dd_plan(opts, backend, notes)
     return Techniques(
         resilience_level=None,
