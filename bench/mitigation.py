@@ -106,45 +106,48 @@ def run(seeds: int, depths: Sequence[int], tiny: bool) -> Report:
         isa = pm.run(circuit)
         isa_obs = obs.apply_layout(isa.layout)
         by_level: dict[tuple[str, int], dict[str, Any]] = {}
-        for level in LEVELS:
-            for impl in ("qrelay", "runtime"):
-                evs, times = [], []
-                for s in range(seeds):
-                    seed = 1000 + s
-                    t0 = time.perf_counter()
-                    if impl == "qrelay":
-                        res = run_estimator(
-                            backend,
-                            [(isa, isa_obs)],
-                            {"resilience_level": level},
-                            seed=seed,
-                            calibrations=cals,
-                        )
-                    else:
-                        est = RuntimeEstimator(
-                            mode=fake,
-                            options={
-                                "resilience_level": level,
-                                "simulator": {"seed_simulator": seed},
-                            },
-                        )
-                        with warnings.catch_warnings():
-                            warnings.simplefilter("ignore")
-                            res = est.run([(isa, isa_obs)]).result()
-                    times.append(time.perf_counter() - t0)
-                    evs.append(float(res[0].data.evs))
-                errs = np.abs(np.array(evs) - exact)
-                row = {
-                    "case": name,
-                    "level": level,
-                    "impl": impl,
-                    "exact": round(exact, 4),
-                    "mae": float(errs.mean()),
-                    "spread": float(np.std(evs, ddof=1)) if len(evs) > 1 else 0.0,
-                    "wall_ms": median(times) * 1e3,
-                }
-                by_level[(impl, level)] = row
-                report.add_row(**row)
+        runs = [(lv, im) for lv in LEVELS for im in ("qrelay", "runtime")]
+        for level, impl in [*runs, (2, "qrelay m3+zne")]:
+            evs, times = [], []
+            for s in range(seeds):
+                seed = 1000 + s
+                t0 = time.perf_counter()
+                if impl.startswith("qrelay"):
+                    opts: dict[str, Any] = {"resilience_level": level}
+                    if impl == "qrelay m3+zne":
+                        opts["resilience"] = {"measure_mitigation_method": "m3"}
+                    res = run_estimator(
+                        backend,
+                        [(isa, isa_obs)],
+                        opts,
+                        seed=seed,
+                        calibrations=cals,
+                    )
+                else:
+                    est = RuntimeEstimator(
+                        mode=fake,
+                        options={
+                            "resilience_level": level,
+                            "simulator": {"seed_simulator": seed},
+                        },
+                    )
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        res = est.run([(isa, isa_obs)]).result()
+                times.append(time.perf_counter() - t0)
+                evs.append(float(res[0].data.evs))
+            errs = np.abs(np.array(evs) - exact)
+            row = {
+                "case": name,
+                "level": level,
+                "impl": impl,
+                "exact": round(exact, 4),
+                "mae": float(errs.mean()),
+                "spread": float(np.std(evs, ddof=1)) if len(evs) > 1 else 0.0,
+                "wall_ms": median(times) * 1e3,
+            }
+            by_level[(impl, level)] = row
+            report.add_row(**row)
         for level in LEVELS:
             q, r = by_level[("qrelay", level)], by_level[("runtime", level)]
             targets_ok[f"{name} L{level} mae<=runtime"] = q["mae"] <= r["mae"] + 1e-12
@@ -164,6 +167,8 @@ def run(seeds: int, depths: Sequence[int], tiny: bool) -> Report:
         )
         gain = ratio(by_level[("qrelay", 0)]["mae"], by_level[("qrelay", 2)]["mae"])
         report.figures[f"{name}: level-0 / level-2 (TREX+ZNE) error"] = round(gain, 2)
+        gain_m3 = ratio(by_level[("qrelay", 0)]["mae"], by_level[("qrelay m3+zne", 2)]["mae"])
+        report.figures[f"{name}: level-0 / (M3+ZNE) error"] = round(gain_m3, 2)
         if name.startswith("ghz") or "d=1" in name:
             targets_ok[f"{name} stacked >=10x"] = gain >= 10
     met = [k for k, v in targets_ok.items() if v]
