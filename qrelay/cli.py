@@ -531,8 +531,9 @@ def _print_event(raw: types_pb2.JobEvent, data: Any) -> None:
     elif which == "log":
         console.print(f"{head} [dim]{raw.log.stream or 'log'}[/] {raw.log.text}", highlight=False)
     elif which == "error":
+        kind = f"{raw.error.type}: " if raw.error.type else ""
         console.print(
-            f"{head} [red]error[/] {_code_name(raw.error.code)}: {raw.error.message}",
+            f"{head} [red]error[/] {_code_name(raw.error.code)}: {kind}{raw.error.message}",
             highlight=False,
         )
         for line in raw.error.traceback:

@@ -45,7 +45,7 @@ def compare(address: str, maxiter: int, seed: int, repeats: int = 1) -> list[dic
     }
     rows = []
     with QRelayService(address) as service:
-        run_program.run(service, maxiter=2, seed=seed, live=False)  # upload, warm caches
+        run_program.run(service, maxiter=8, seed=seed, live=False)  # upload, warm caches
         for name, fn in modes.items():
             walls, result = [], {}
             for _ in range(repeats):
