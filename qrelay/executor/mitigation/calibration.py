@@ -28,12 +28,24 @@ from qiskit.circuit import QuantumCircuit
 from qrelay.errors import FailedPrecondition
 from qrelay.executor.mitigation.circuits import append_flip
 
-__all__ = ["CalibrationCache", "QubitCalibration", "default_calibrations", "run_options"]
+__all__ = [
+    "CalibrationCache",
+    "QubitCalibration",
+    "default_calibrations",
+    "m3_distance",
+    "run_options",
+]
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_TTL_S = 900.0
 DEFAULT_SHOTS_PER_RANDOMIZATION = 256
+
+
+def m3_distance(num_bits: int) -> int:
+    """M3's Hamming-distance truncation: none up to 12 bits (the reduced matrix is at
+    most the number of distinct observed strings, cheap), mthree's default 3 beyond."""
+    return num_bits if num_bits <= 12 else 3
 
 
 def run_options(qiskit_backend: object) -> dict[str, object]:

@@ -38,6 +38,7 @@ from qrelay.executor.mitigation.calibration import (
     CalibrationCache,
     QubitCalibration,
     default_calibrations,
+    m3_distance,
     run_options,
 )
 from qrelay.executor.mitigation.extrapolation import Fit, FitFailed, fit
@@ -225,36 +226,40 @@ def _term_values(
     return values
 
 
-def _m3_values(
-    label: str,
-    qubits: list[int],
-    counts: Mapping[str, int],
-    flips: np.ndarray,
-    mit: Any,
-) -> tuple[float, float]:
-    """<label> from M3 quasi-probabilities of one circuit's counts."""
-    ours: dict[str, int] = defaultdict(int)
+def _logical_counts(counts: Mapping[str, int], flips: np.ndarray) -> dict[str, int]:
+    """Our register's counts with measurement-twirl flips undone (key char -1-i = bit i)."""
+    mask = "".join("1" if f else "0" for f in flips[::-1])
+    out: dict[str, int] = defaultdict(int)
     for key, c in counts.items():
-        ours[key.split(" ")[0]] += c
-    quasi = mit.apply_correction(dict(ours), qubits, return_mitigation_overhead=True)
+        ours = key.split(" ")[0]
+        if "1" in mask:
+            ours = "".join("1" if a != b else "0" for a, b in zip(ours, mask, strict=True))
+        out[ours] += c
+    return out
+
+
+def _m3_values(label: str, qubits: list[int], quasi: Any, shots: float) -> tuple[float, float]:
+    """<label> from M3 quasi-probabilities over `qubits` (rightmost key char = qubits[0])."""
     n = len(label)
     op = "".join("I" if label[n - 1 - q] == "I" else "Z" for q in reversed(qubits))
-    sign = math.prod(
-        -1.0 if flips[i] else 1.0 for i, q in enumerate(qubits) if label[n - 1 - q] != "I"
-    )
-    value = float(quasi.expval(op)) * sign
+    value = float(quasi.expval(op))
     overhead = float(getattr(quasi, "mitigation_overhead", 1.0) or 1.0)
-    shots = float(sum(ours.values()))
     return value, math.sqrt(max(overhead - value**2, 0.0) / shots) if shots else 0.0
 
 
-def _m3(cals: dict[int, QubitCalibration], num_qubits: int) -> Any:
+def _m3(cals: dict[int, QubitCalibration], num_qubits: int, symmetric: bool) -> Any:
+    """An mthree corrector from our calibrations. Twirled readout is a symmetric flip
+    with the average error, so twirled counts (flips undone) use symmetrized matrices."""
     import mthree
 
     mit = mthree.M3Mitigation(None)
     matrices: list[Any] = [None] * num_qubits
     for q, cal in cals.items():
-        matrices[q] = cal.matrix.astype(np.float32)
+        m = cal.matrix
+        if symmetric:
+            p = (cal.p01 + cal.p10) / 2
+            m = np.array([[1 - p, p], [p, 1 - p]])
+        matrices[q] = m.astype(np.float32)
     mit.single_qubit_cals = matrices
     mit.num_qubits = num_qubits
     return mit
@@ -335,7 +340,7 @@ def run_estimator(
         if tech.measure_mitigation == "trex":
             weights = {q: c.z_correction() for q, c in cals.items()}
         else:
-            mit = _m3(cals, qk.num_qubits)
+            mit = _m3(cals, qk.num_qubits, symmetric=tech.twirl.measure)
 
     counts_list: list[Mapping[str, int]] = []
     shots_by_plan = {id(p): p.shots_per_randomization for p in plans}
@@ -424,29 +429,39 @@ def _postprocess(
     factors = tech.zne.noise_factors if tech.zne else (1.0,)
     nf = len(factors)
     stats: dict[tuple[tuple[int, ...], str, int], _TermStats] = defaultdict(_TermStats)
-    m3_stats: dict[tuple[tuple[int, ...], str, int], list[tuple[float, float]]] = defaultdict(list)
+    # M3: all randomizations of one (binding, basis, noise factor) corrected together, so
+    # the observed-bitstring subspace M3 works in is that of every shot, not of 1/32.
+    merged: dict[tuple[tuple[int, ...], int, int], dict[str, int]] = {}
+    merged_qubits: dict[tuple[tuple[int, ...], int, int], list[int]] = {}
     for e, counts in zip(plan.executions, counts_list, strict=True):
         _, labels = plan.groups[e.param][e.group]
         if mit is not None:
-            for label in labels:
-                m3_stats[(e.param, label, e.factor_index)].append(
-                    _m3_values(label, e.qubits, counts, e.flips, mit)
-                )
+            key = (e.param, e.group, e.factor_index)
+            acc = merged.setdefault(key, defaultdict(int))
+            merged_qubits[key] = e.qubits
+            for bits_key, cnt in _logical_counts(counts, e.flips).items():
+                acc[bits_key] += cnt
             continue
         bits, n = _bits(counts, len(e.qubits))
         for label in labels:
             values = _term_values(label, e.qubits, bits, e.flips, weights)
             stats[(e.param, label, e.factor_index)].add(values, n)
 
+    m3_terms: dict[tuple[tuple[int, ...], str, int], tuple[float, float]] = {}
+    for (p, gi, fi), acc in merged.items():
+        qubits = merged_qubits[(p, gi, fi)]
+        quasi = mit.apply_correction(
+            dict(acc), qubits, distance=m3_distance(len(qubits)), return_mitigation_overhead=True
+        )
+        shots = float(sum(acc.values()))
+        for label in plan.groups[p][gi][1]:
+            m3_terms[(p, label, fi)] = _m3_values(label, qubits, quasi, shots)
+
     def term(p: tuple[int, ...], label: str, fi: int) -> tuple[float, float]:
         if set(label) == {"I"}:
             return 1.0, 0.0
         if mit is not None:
-            pts = m3_stats[(p, label, fi)]
-            vals = np.array([v for v, _ in pts])
-            if len(vals) >= 2:
-                return float(vals.mean()), float(vals.std(ddof=1) / math.sqrt(len(vals)))
-            return float(vals[0]), pts[0][1]
+            return m3_terms[(p, label, fi)]
         return stats[(p, label, fi)].result()
 
     zne = tech.zne

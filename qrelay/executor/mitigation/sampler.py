@@ -27,6 +27,7 @@ from qrelay.executor.mitigation import circuits as cx
 from qrelay.executor.mitigation.calibration import (
     CalibrationCache,
     default_calibrations,
+    m3_distance,
     run_options,
 )
 from qrelay.executor.mitigation.techniques import (
@@ -260,7 +261,7 @@ def _m3(
     calibrations: CalibrationCache | None,
     tech: Techniques,
 ) -> tuple[np.ndarray, list[float], dict[str, Any]]:
-    """Dense M3 quasi-probabilities per binding, averaged over randomizations."""
+    """Dense M3 quasi-probabilities per binding over all randomizations' shots."""
     import mthree
 
     clbits = sorted(mapping)
@@ -278,31 +279,33 @@ def _m3(
     mit = mthree.M3Mitigation(None)
     matrices: list[Any] = [None] * qk.num_qubits
     for q, cal in cals.items():
-        matrices[q] = cal.matrix.astype(np.float32)
+        m = cal.matrix
+        if tech.twirl.measure:  # twirled readout is a symmetric flip with the mean error
+            pbar = (cal.p01 + cal.p10) / 2
+            m = np.array([[1 - pbar, pbar], [pbar, 1 - pbar]])
+        matrices[q] = m.astype(np.float32)
     mit.single_qubit_cals = matrices
     mit.num_qubits = qk.num_qubits
     out = np.zeros((*pshape, 2**k))
     overheads: list[float] = []
     for j, p in enumerate(np.ndindex(pshape)):
-        acc = np.zeros(2**k)
-        over = 0.0
+        # Every randomization's shots, flips undone, corrected together: M3 works in the
+        # subspace of observed bit strings, which one randomization's few shots under-cover.
+        counts: dict[str, int] = {}
         for r in range(nr):
             idx = j * nr + r
-            memory = result.data(idx)["memory"]
-            counts: dict[str, int] = {}
-            for h in memory:
-                v = int(h, 16)  # physical bits, before undoing the twirl
+            mask = masks[idx]
+            for h in result.data(idx)["memory"]:
+                v = int(h, 16) ^ mask
                 key = "".join(str((v >> c) & 1) for c in reversed(clbits))
                 counts[key] = counts.get(key, 0) + 1
-            quasi = mit.apply_correction(counts, qubits, return_mitigation_overhead=True)
-            # mthree: key position from the right <-> qubits list order (clbits ascending).
-            mask = masks[idx]
-            flip = sum(((mask >> c) & 1) << i for i, c in enumerate(clbits))
-            for key, value in quasi.items():
-                acc[int(key, 2) ^ flip] += value
-            over += float(getattr(quasi, "mitigation_overhead", 1.0) or 1.0)
-        out[p] = acc / nr
-        overheads.append(round(over / nr, 6))
+        quasi = mit.apply_correction(
+            counts, qubits, distance=m3_distance(k), return_mitigation_overhead=True
+        )
+        # mthree: key position from the right <-> qubits list order (clbits ascending).
+        for key, value in quasi.items():
+            out[p][int(key, 2)] += value
+        overheads.append(round(float(getattr(quasi, "mitigation_overhead", 1.0) or 1.0), 6))
     info = {
         "method": "m3",
         "qubits": qubits,
