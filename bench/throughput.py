@@ -43,6 +43,35 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU used by the broker, the executors and this client over one measurement, in cores."""
+
+    def __init__(self, procs: Processes) -> None:
+        self.procs = procs
+
+    def sample(self) -> dict[str, float]:
+        broker = self.procs.broker
+        assert broker is not None
+        executors = [p for p in self.procs.procs if p is not broker and p.poll() is None]
+        return {
+            "broker": cpu_seconds(broker.pid),
+            "executors": sum(cpu_seconds(p.pid) for p in executors),
+            "client": cpu_seconds(os.getpid()),
+            "t": time.perf_counter(),
+        }
+
+    @staticmethod
+    def cores(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+        dt = after["t"] - before["t"]
+        return {f"cpu_{k}": (after[k] - before[k]) / dt for k in ("broker", "executors", "client")}
+
+
 def rss_bytes(pid: int) -> int:
     """Resident set size of a process (Linux /proc)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -232,6 +261,7 @@ async def load_phases(
     spec = tiny_spec()
     async with processes() as procs:
         address = await procs.start_broker(max_queued=1_000_000)
+        meter = CpuMeter(procs)
         async with AsyncQRelayService(address) as service:
             best: dict[int, float] = {}
             for executors in (1, 2):
@@ -239,7 +269,9 @@ async def load_phases(
                 await closed_loop(service, spec, max(concurrencies), min(2.0, duration_s))
                 for c in concurrencies:
                     progress(f"closed loop, {executors} executor(s), {c} clients")
+                    before = meter.sample()
                     rate, lat = await closed_loop(service, spec, c, duration_s)
+                    cpu = CpuMeter.cores(before, meter.sample())
                     stats = summarize(lat, 1e3)
                     report.add_row(
                         phase="closed loop",
@@ -251,6 +283,7 @@ async def load_phases(
                         p50=stats["p50"],
                         p95=stats["p95"],
                         p99=stats["p99"],
+                        **cpu,
                     )
                     best[executors] = max(best.get(executors, 0.0), rate)
                 report.figures[f"max_jobs_per_s_{executors}_executor"] = best[executors]
@@ -258,7 +291,9 @@ async def load_phases(
             top = best[2]
             for frac in (0.25, 0.5, 0.75):
                 progress(f"open loop at {frac:.0%} of {top:.0f} jobs/s")
+                before = meter.sample()
                 rate, lat = await open_loop(service, spec, frac * top, duration_s, SEED)
+                cpu = CpuMeter.cores(before, meter.sample())
                 stats = summarize(lat, 1e3)
                 report.add_row(
                     phase="open loop",
@@ -270,6 +305,7 @@ async def load_phases(
                     p50=stats["p50"],
                     p95=stats["p95"],
                     p99=stats["p99"],
+                    **cpu,
                 )
                 if frac == 0.5:
                     report.figures["p99_ms_at_half_max_rate"] = stats["p99"]
@@ -467,6 +503,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "p50",
             "p95",
             "p99",
+            "cpu_broker",
+            "cpu_executors",
+            "cpu_client",
         ],
     )
     return 0
