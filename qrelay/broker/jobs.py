@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import structlog
 
@@ -11,7 +11,7 @@ from qrelay.broker import validation
 from qrelay.broker.events import EventHub, HubClosed, follow
 from qrelay.broker.scheduler import Scheduler
 from qrelay.broker.settings import MIB, BrokerSettings
-from qrelay.broker.store import JobRecord, JobState, JobStore, NewJob, StoredEvent
+from qrelay.broker.store import JobKind, JobRecord, JobState, JobStore, NewJob, StoredEvent
 from qrelay.broker.store.base import JobPage
 from qrelay.errors import (
     FailedPrecondition,
@@ -26,6 +26,10 @@ log = structlog.get_logger(__name__)
 
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
+# Submit-time hook set by the programs module (see its register()): checks the
+# inputs and rewrites spec.program.program to the resolved id, which it returns.
+# (Sessions need no hook: the store checks a job's session in the submit transaction.)
+ProgramCheck = Callable[[str, types_pb2.JobSpec], Awaitable[str]]
 
 
 class Jobs:
@@ -38,11 +42,16 @@ class Jobs:
         self.hub = hub
         self.scheduler = scheduler
         self.settings = settings
+        self.program_check: ProgramCheck | None = None
 
     async def submit(
         self, tenant: str, spec: types_pb2.JobSpec, idempotency_key: str = ""
     ) -> tuple[JobRecord, bool]:
-        """Validate, store durably, queue; returns (job, created)."""
+        """Validate, store durably, queue; returns (job, created).
+
+        A program job is stored with its program resolved to an id (a later
+        upload under the same name does not change what it runs)."""
+        original = spec
         validation.check_idempotency_key(idempotency_key)
         size = spec.ByteSize()
         if size > self.settings.max_job_bytes:
@@ -52,6 +61,11 @@ class Jobs:
             )
         known = spec.backend in self.scheduler.known_backends
         kind = validation.validate_spec(spec, known, sorted(self.scheduler.known_backends))
+        program_id = ""
+        if kind is JobKind.PROGRAM and self.program_check is not None:
+            spec = types_pb2.JobSpec()
+            spec.CopyFrom(original)
+            program_id = await self.program_check(tenant, spec)
         new = NewJob(
             tenant=tenant,
             backend=spec.backend,
@@ -61,6 +75,7 @@ class Jobs:
             session_id=spec.session_id,
             tags=dict(spec.tags),
             idempotency_key=idempotency_key,
+            program_id=program_id,
         )
         return await self.scheduler.shielded(self._store(new))
 

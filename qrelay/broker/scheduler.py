@@ -47,6 +47,9 @@ class ExecutorLink:
     inflight: dict[str, str] = field(default_factory=dict)  # lease_id -> job_id
     outbox: asyncio.Queue[executor_pb2.BrokerMessage | None] = field(default_factory=asyncio.Queue)
     closed: bool = False
+    # Queue generation at which a claim for this executor last came back short:
+    # until something is queued again for its backends, claiming is pointless.
+    idle_generation: int = -1
 
     @property
     def free(self) -> int:
@@ -88,16 +91,16 @@ class Scheduler:
         self.program_resolver: ProgramResolver | None = None
         self._wake = asyncio.Event()
         self._steps: set[asyncio.Task[Any]] = set()
-        # Backends that may have queued jobs. Every path that queues a job adds
-        # its backend; only a claim that found fewer jobs than it could take
-        # removes them, so idle executors cost no store round trip per wake.
-        self._maybe_queued: set[tuple[str, bool]] = set()  # (backend, is_program)
-        self._queued_generation = 0
+        # How often a job was queued per (backend, is_program). An executor whose
+        # claim came back short is skipped until the sum over what it serves
+        # changes, so idle executors cost no store round trip per wake. (Per
+        # executor, not per backend: with sessions pinned to one executor, a
+        # short claim by another says nothing about what the pinned one may take.)
+        self._queued_generations: dict[tuple[str, bool], int] = {}
 
     async def load(self) -> None:
         """Remember every backend ever announced (submit checks names against it)."""
         self.known_backends = {b.name for b in await self.store.list_backends()}
-        self._maybe_queued = {(b, p) for b in self.known_backends for p in (False, True)}
 
     def wake(self) -> None:
         self._wake.set()
@@ -132,9 +135,9 @@ class Scheduler:
             await asyncio.gather(*self._steps, return_exceptions=True)
 
     def queued(self, backend: str, kind: JobKind) -> None:
-        """A job for this backend was queued (submitted or requeued): try to place it."""
-        self._maybe_queued.add((backend, kind is JobKind.PROGRAM))
-        self._queued_generation += 1
+        """A job for this backend was queued (submitted, requeued or unpinned): try to place it."""
+        key = (backend, kind is JobKind.PROGRAM)
+        self._queued_generations[key] = self._queued_generations.get(key, 0) + 1
         self._wake.set()
 
     # --- executors ------------------------------------------------------------
@@ -306,9 +309,11 @@ class Scheduler:
                 wanted = {
                     (b, p) for b in link.backends for p in ((False, True) if any_kind else (False,))
                 }
-                if free <= 0 or self._maybe_queued.isdisjoint(wanted):
+                if free <= 0:
                     continue
-                generation = self._queued_generation
+                generation = sum(self._queued_generations.get(k, 0) for k in wanted)
+                if generation == link.idle_generation:
+                    continue
                 grants = await self.store.claim(
                     link.backends,
                     link.executor_id,
@@ -316,8 +321,7 @@ class Scheduler:
                     free,
                     None if any_kind else PRIMITIVE_KINDS,
                 )
-                if len(grants) < free and generation == self._queued_generation:
-                    self._maybe_queued.difference_update(wanted)
+                link.idle_generation = generation if len(grants) < free else -1
                 for grant in grants:
                     await self._assign(link, grant)
                 if grants:

@@ -9,7 +9,7 @@ import signal
 import uuid
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import structlog
@@ -39,6 +39,10 @@ from qrelay.broker.service import (
 from qrelay.broker.settings import BrokerSettings
 from qrelay.broker.store.sqlite import SQLiteJobStore
 
+if TYPE_CHECKING:
+    from qrelay.broker.programs import Programs
+    from qrelay.broker.sessions import Sessions
+
 log = structlog.get_logger(__name__)
 
 SERVICE_NAMES = (
@@ -65,6 +69,9 @@ class Broker:
         self.jobs = Jobs(self.store, self.hub, self.scheduler, settings)
         self.backends = Backends(self.store, self.scheduler)
         self.health = health.aio.HealthServicer()
+        # Set by the extension modules' register() (programs.py, sessions.py).
+        self.programs: Programs | None = None
+        self.sessions: Sessions | None = None
         self.address = ""
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -137,6 +144,10 @@ class Broker:
             if register is not None:
                 names.extend(await register(self, server))
         return names
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a background loop (e.g. a reaper) until shutdown cancels it."""
+        self._spawn(coro)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)

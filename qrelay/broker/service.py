@@ -221,6 +221,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
 
 
 def max_message_bytes(settings: BrokerSettings) -> int:
-    """gRPC receive limit: several times max_job_bytes, so our own size check
-    (with its clear message) is what callers just above the limit meet."""
-    return 4 * settings.max_job_bytes + 1024 * 1024
+    """gRPC receive limit: several times max_job_bytes (and max_program_bytes),
+    so our own size checks (with their clear messages) are what callers just
+    above a limit meet."""
+    return max(4 * settings.max_job_bytes, 2 * settings.max_program_bytes) + 1024 * 1024

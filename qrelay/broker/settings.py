@@ -50,6 +50,15 @@ class BrokerSettings(BaseSettings):
     metrics_port: int = 0
     shutdown_grace_s: float = 10.0
     sqlite_synchronous: str = "NORMAL"
+    # Programs: largest archive accepted by ProgramService.Upload.
+    max_program_bytes: int = 20 * MIB
+    # Sessions: defaults for a Create that leaves max_time_s/max_idle_s at 0,
+    # caps for ones that ask for more, and how often the expiry reaper looks.
+    session_max_time_s: int = 8 * 3600
+    session_max_idle_s: int = 300
+    session_max_time_cap_s: int = 24 * 3600
+    session_max_idle_cap_s: int = 24 * 3600
+    session_check_interval_s: float = 1.0
 
     @field_validator("tokens", mode="before")
     @classmethod
@@ -66,14 +75,25 @@ class BrokerSettings(BaseSettings):
             raise ValueError("sqlite_synchronous must be one of OFF, NORMAL, FULL, EXTRA")
         return upper
 
-    @field_validator("lease_ttl_s", "heartbeat_interval_s", "shutdown_grace_s")
+    @field_validator(
+        "lease_ttl_s", "heartbeat_interval_s", "shutdown_grace_s", "session_check_interval_s"
+    )
     @classmethod
     def _positive(cls, value: float) -> float:
         if not value > 0:
             raise ValueError("must be > 0")
         return value
 
-    @field_validator("max_attempts", "max_job_bytes", "max_queued_per_tenant")
+    @field_validator(
+        "max_attempts",
+        "max_job_bytes",
+        "max_queued_per_tenant",
+        "max_program_bytes",
+        "session_max_time_s",
+        "session_max_idle_s",
+        "session_max_time_cap_s",
+        "session_max_idle_cap_s",
+    )
     @classmethod
     def _positive_int(cls, value: int) -> int:
         if value < 1:

@@ -16,7 +16,13 @@ from qrelay.broker.store import (
     NewJob,
     UpdateKind,
 )
-from qrelay.errors import InvalidArgument, NotFound, ResourceExhausted
+from qrelay.broker.store.base import (
+    NewProgram,
+    NewSession,
+    SessionMode,
+    SessionState,
+)
+from qrelay.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
 TTL = 30.0
 
@@ -44,15 +50,16 @@ async def submit(store: JobStore, job: NewJob | None = None, limit: int = 100) -
 
 
 async def test_submit_creates_queued_job_with_first_event(store: JobStore) -> None:
+    session = await store.create_session(NewSession("t1", "aer", SessionMode.BATCH, 60, 60))
     job, created = await store.submit(
-        new_job(session_id="s1", tags={"a": "b"}), max_queued_per_tenant=10
+        new_job(session_id=session.id, tags={"a": "b"}), max_queued_per_tenant=10
     )
     assert created
     assert job.state is JobState.QUEUED
     assert job.attempts == 0
     assert job.last_seq == 1
     assert job.tags == {"a": "b"}
-    assert job.session_id == "s1"
+    assert job.session_id == session.id
     assert job.queue_position == 1
     assert await store.get_spec(job.id) == b"spec-aer"
     (first,) = await store.events_after(job.id, 0)

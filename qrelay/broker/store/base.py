@@ -65,6 +65,9 @@ class NewJob:
     session_id: str = ""
     tags: dict[str, str] = field(default_factory=dict)
     idempotency_key: str = ""
+    # For program jobs: the resolved program id (keeps a deleted program's
+    # archive alive until the job finishes).
+    program_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,92 @@ class JobPage:
     next_page_token: str
 
 
+@dataclass(frozen=True)
+class NewProgram:
+    """A validated upload; `id` is already the content hash ("p-" + sha256)."""
+
+    id: str
+    tenant: str
+    name: str
+    archive: bytes
+    entry_point: str
+    requirements: tuple[str, ...]
+    input_schema_json: str
+    description: str
+
+
+@dataclass(frozen=True)
+class ProgramRecord:
+    """A stored program version, without its archive."""
+
+    id: str
+    tenant: str
+    name: str
+    version: int  # 1 for the first version of a name
+    entry_point: str
+    requirements: tuple[str, ...]
+    input_schema_json: str
+    description: str
+    size_bytes: int
+    created_at: float
+
+
+class SessionMode(enum.IntEnum):
+    """Numbered as qrelay.v1.SessionMode."""
+
+    DEDICATED = 1
+    BATCH = 2
+
+
+class SessionState(enum.IntEnum):
+    """Numbered as qrelay.v1.SessionState."""
+
+    OPEN = 1
+    ACTIVE = 2
+    CLOSED = 3
+    CANCELLED = 4
+    EXPIRED = 5
+
+    @property
+    def accepting(self) -> bool:
+        """Whether jobs may still be submitted to the session."""
+        return self in (SessionState.OPEN, SessionState.ACTIVE)
+
+
+@dataclass(frozen=True)
+class NewSession:
+    tenant: str
+    backend: str
+    mode: SessionMode
+    max_time_s: int
+    max_idle_s: int
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """A session's row plus its jobs' counts per state (computed on read)."""
+
+    id: str
+    tenant: str
+    backend: str
+    mode: SessionMode
+    state: SessionState
+    state_reason: str
+    executor_id: str  # the pinned executor of a DEDICATED session, once a job started
+    max_time_s: int
+    max_idle_s: int
+    created_at: float
+    activated_at: float | None
+    closed_at: float | None
+    last_job_at: float | None  # last submit into the session
+    last_finished_at: float | None  # latest finished_at among its jobs
+    counts: dict[JobState, int]  # every JobState present, zeros included
+
+    @property
+    def unfinished(self) -> int:
+        return self.counts[JobState.QUEUED] + self.counts[JobState.RUNNING]
+
+
 class JobStore(ABC):
     """Durable state of the broker. Implementations: SQLite (here), PostgreSQL (later).
 
@@ -185,7 +274,14 @@ class JobStore(ABC):
     async def submit(self, job: NewJob, *, max_queued_per_tenant: int) -> tuple[JobRecord, bool]:
         """Insert a QUEUED job with its first event, or return the tenant's job
         with the same idempotency key (created=False). Raises ResourceExhausted
-        when the tenant already has `max_queued_per_tenant` queued jobs."""
+        when the tenant already has `max_queued_per_tenant` queued jobs.
+
+        With `job.session_id` set, in the same transaction: the session must be
+        the tenant's (else NotFound), on the job's backend (else
+        InvalidArgument) and accepting jobs, i.e. OPEN or ACTIVE (else
+        FailedPrecondition "session s-… is closed|cancelled|expired"); its
+        `last_job_at` becomes now. (The idempotency lookup comes first: a
+        retried submit of an accepted job still returns it.)"""
 
     @abstractmethod
     async def get(self, job_id: str, tenant: str | None = None) -> JobRecord:
@@ -226,7 +322,14 @@ class JobStore(ABC):
     ) -> list[LeaseGrant]:
         """Lease up to `limit` of the oldest QUEUED jobs for these backends (and
         of these kinds; None = any) to the executor: RUNNING, attempts + 1, a
-        new lease id, a StateChange event."""
+        new lease id, a StateChange event.
+
+        Sessions: a job of a DEDICATED session pinned to another executor is
+        never claimed. Jobs of DEDICATED sessions pinned to this executor and
+        ACTIVE come first (oldest first), then the rest by age. Claiming a
+        job of a session without `activated_at` sets it (and OPEN becomes
+        ACTIVE); claiming a job of an unpinned DEDICATED session pins it to
+        this executor (executor_id), so its later jobs go only here."""
 
     @abstractmethod
     async def extend_leases(self, lease_ids: Sequence[str], lease_ttl_s: float) -> set[str]:
@@ -260,6 +363,66 @@ class JobStore(ABC):
 
     @abstractmethod
     async def cancel(self, job_id: str, tenant: str | None, reason: str) -> CancelOutcome: ...
+
+    # --- programs ---------------------------------------------------------
+    @abstractmethod
+    async def put_program(self, program: NewProgram) -> tuple[ProgramRecord, bool]:
+        """Store a version, or return the tenant's existing one with this id
+        (created=False). A new version of a name is numbered 1 + the highest
+        version of that name the tenant has (deleted-but-retained ones count).
+        Uploading the id of a deleted-but-retained version revives it."""
+
+    @abstractmethod
+    async def get_program(
+        self, tenant: str, program: str, *, include_deleted: bool = False
+    ) -> ProgramRecord:
+        """By id, else by name (highest version). Raises NotFound naming `program`.
+        `include_deleted` also finds versions deleted while jobs still needed them."""
+
+    @abstractmethod
+    async def get_program_archive(self, tenant: str, program_id: str) -> bytes:
+        """The archive of a version, deleted-but-retained ones too. Raises NotFound."""
+
+    @abstractmethod
+    async def list_programs(self, tenant: str, name: str = "") -> list[ProgramRecord]:
+        """Without `name`: the highest version of each name, by name. With it:
+        every version of that name, highest first (empty list if none)."""
+
+    @abstractmethod
+    async def delete_programs(self, tenant: str, program: str) -> int:
+        """Delete a version by id, or every version of a name; returns how many.
+        Raises NotFound when nothing matches. A version that an unfinished
+        job (NewJob.program_id) still needs disappears from get/list at once
+        but its row and archive stay until a later delete finds it unneeded,
+        so queued jobs still run what they were submitted with."""
+
+    # --- sessions ---------------------------------------------------------
+    @abstractmethod
+    async def create_session(self, session: NewSession) -> SessionRecord:
+        """Insert an OPEN session with id "s-…"."""
+
+    @abstractmethod
+    async def get_session(self, session_id: str, tenant: str | None = None) -> SessionRecord:
+        """With counts. Raises NotFound (also for another tenant's session)."""
+
+    @abstractmethod
+    async def end_session(
+        self, session_id: str, tenant: str | None, state: SessionState, reason: str
+    ) -> tuple[SessionRecord, bool]:
+        """Move an OPEN/ACTIVE session to CLOSED, CANCELLED or EXPIRED with a
+        reason and closed_at = now; returns (session, changed). CANCELLED may
+        also follow CLOSED (cancel after close). Otherwise unchanged, False."""
+
+    @abstractmethod
+    async def live_sessions(self) -> list[SessionRecord]:
+        """Every OPEN or ACTIVE session (with counts), for the expiry reaper;
+        plus CLOSED sessions still pinned with unfinished jobs (for re-pinning)."""
+
+    @abstractmethod
+    async def unpin_sessions(self, executor_id: str) -> list[SessionRecord]:
+        """Clear executor_id of DEDICATED sessions pinned to this (vanished)
+        executor, so their next job re-pins to whichever executor claims it.
+        Returns the sessions it changed (before the change: executor_id kept)."""
 
     # --- backends and statistics -----------------------------------------
     @abstractmethod

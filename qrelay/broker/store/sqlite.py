@@ -35,6 +35,12 @@ from qrelay.broker.store.base import (
     JobStore,
     LeaseGrant,
     NewJob,
+    NewProgram,
+    NewSession,
+    ProgramRecord,
+    SessionMode,
+    SessionRecord,
+    SessionState,
     StoredEvent,
     UpdateKind,
     UpdateOutcome,
@@ -42,16 +48,16 @@ from qrelay.broker.store.base import (
     state_payload,
     update_payload,
 )
-from qrelay.errors import InvalidArgument, NotFound, ResourceExhausted
+from qrelay.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 UNAVAILABLE = 14
 
-# Schema migrations by target version; programs/sessions tables arrive as version 2+.
+# Schema migrations by target version.
 _MIGRATIONS: dict[int, str] = {
     1: """
     CREATE TABLE jobs (
@@ -97,6 +103,58 @@ _MIGRATIONS: dict[int, str] = {
         last_seen REAL NOT NULL
     );
     """,
+    2: """
+    ALTER TABLE jobs ADD COLUMN program_id TEXT NOT NULL DEFAULT '';
+    CREATE INDEX jobs_session ON jobs(session_id, state) WHERE session_id != '';
+    CREATE INDEX jobs_program ON jobs(tenant, program_id) WHERE program_id != '';
+    CREATE TABLE programs (
+        tenant TEXT NOT NULL,
+        id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        entry_point TEXT NOT NULL,
+        requirements TEXT NOT NULL,  -- JSON list
+        input_schema_json TEXT NOT NULL,
+        description TEXT NOT NULL,
+        size_bytes INTEGER NOT NULL,
+        created_at REAL NOT NULL,
+        deleted INTEGER NOT NULL DEFAULT 0,  -- 1: hidden, kept for unfinished jobs
+        archive BLOB NOT NULL,
+        PRIMARY KEY (tenant, id)
+    );
+    CREATE UNIQUE INDEX programs_name ON programs(tenant, name, version);
+    CREATE TABLE sessions (
+        id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        backend TEXT NOT NULL,
+        mode INTEGER NOT NULL,
+        state INTEGER NOT NULL,
+        state_reason TEXT NOT NULL DEFAULT '',
+        executor_id TEXT NOT NULL DEFAULT '',
+        max_time_s INTEGER NOT NULL,
+        max_idle_s INTEGER NOT NULL,
+        created_at REAL NOT NULL,
+        activated_at REAL,
+        closed_at REAL,
+        last_job_at REAL
+    );
+    CREATE INDEX sessions_live ON sessions(state) WHERE state IN (1, 2);
+    CREATE INDEX sessions_pinned ON sessions(executor_id) WHERE executor_id != '';
+    """,
+}
+
+_PROGRAM_COLUMNS = (
+    "id, tenant, name, version, entry_point, requirements, input_schema_json, description, "
+    "size_bytes, created_at"
+)
+_SESSION_COLUMNS = (
+    "id, tenant, backend, mode, state, state_reason, executor_id, max_time_s, max_idle_s, "
+    "created_at, activated_at, closed_at, last_job_at"
+)
+_SESSION_WORDS = {
+    SessionState.CLOSED: "closed",
+    SessionState.CANCELLED: "cancelled",
+    SessionState.EXPIRED: "expired",
 }
 
 _JOB_COLUMNS = (
@@ -228,6 +286,8 @@ class SQLiteJobStore(JobStore):
                 ).fetchone()
                 if row is not None:
                     return self._load(conn, row[0]), False
+            if job.session_id:
+                self._check_session_accepts(conn, job)
             queued = conn.execute(
                 "SELECT COUNT(*) FROM jobs WHERE tenant = ? AND state = 1", (job.tenant,)
             ).fetchone()[0]
@@ -241,7 +301,8 @@ class SQLiteJobStore(JobStore):
             job_id = _new_id("j")
             conn.execute(
                 "INSERT INTO jobs (id, tenant, backend, kind, state, created_at, session_id, "
-                "tags, idempotency_key, num_pubs, spec) VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?)",
+                "tags, idempotency_key, num_pubs, spec, program_id) "
+                "VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job_id,
                     job.tenant,
@@ -253,14 +314,38 @@ class SQLiteJobStore(JobStore):
                     job.idempotency_key or None,
                     job.num_pubs,
                     job.spec,
+                    job.program_id,
                 ),
             )
+            if job.session_id:
+                conn.execute(
+                    "UPDATE sessions SET last_job_at = ? WHERE id = ?", (now, job.session_id)
+                )
             self._append(
                 conn, job_id, 0, [(state_payload(JobState.QUEUED, "submitted", 0), False)], now
             )
             return self._load(conn, job_id), True
 
         return await self._run(tx)
+
+    @staticmethod
+    def _check_session_accepts(conn: sqlite3.Connection, job: NewJob) -> None:
+        row = conn.execute(
+            "SELECT tenant, backend, state FROM sessions WHERE id = ?", (job.session_id,)
+        ).fetchone()
+        if row is None or row[0] != job.tenant:
+            raise NotFound(f"session {job.session_id!r} not found")
+        if row[1] != job.backend:
+            raise InvalidArgument(
+                f"job backend {job.backend!r} differs from the backend {row[1]!r} of session "
+                f"{job.session_id}"
+            )
+        state = SessionState(row[2])
+        if not state.accepting:
+            raise FailedPrecondition(
+                f"session {job.session_id} is {_SESSION_WORDS[state]}; it accepts no new jobs "
+                "(create a new session)"
+            )
 
     async def get(self, job_id: str, tenant: str | None = None) -> JobRecord:
         return await self._run(lambda conn: self._load(conn, job_id, tenant))
@@ -364,19 +449,38 @@ class SQLiteJobStore(JobStore):
         kind_filter = ""
         params: list[Any] = list(backends)
         if kinds is not None:
-            kind_filter = f" AND kind IN ({','.join('?' * len(kinds))})"
+            kind_filter = f" AND j.kind IN ({','.join('?' * len(kinds))})"
             params.extend(int(k) for k in kinds)
-        params.append(limit)
+        where = f"j.state = 1 AND j.backend IN ({','.join('?' * len(backends))}){kind_filter}"
+        columns = "j.id, j.attempts, j.last_seq, j.spec, j.session_id"
 
         def tx(conn: sqlite3.Connection) -> list[LeaseGrant]:
+            # First the jobs of active dedicated sessions pinned here (they jump
+            # the queue), then everyone's by age, minus jobs pinned elsewhere.
             rows = conn.execute(
-                f"SELECT id, attempts, last_seq, spec FROM jobs WHERE state = 1 AND backend IN "
-                f"({','.join('?' * len(backends))}){kind_filter} ORDER BY qseq LIMIT ?",
-                params,
+                f"SELECT {columns} FROM sessions s JOIN jobs j ON j.session_id = s.id "
+                f"WHERE s.executor_id = ? AND s.mode = 1 AND s.state = 2 AND {where} "
+                "ORDER BY j.qseq LIMIT ?",
+                (executor_id, *params, limit),
             ).fetchall()
+            if len(rows) < limit:
+                rows += conn.execute(
+                    f"SELECT {columns} FROM jobs j LEFT JOIN sessions s ON s.id = j.session_id "
+                    f"WHERE {where} AND (s.id IS NULL OR s.mode != 1 OR s.executor_id = '' "
+                    "OR (s.executor_id = ? AND s.state != 2)) ORDER BY j.qseq LIMIT ?",
+                    (*params, executor_id, limit - len(rows)),
+                ).fetchall()
             now = time.time()
             grants = []
-            for job_id, attempts, last_seq, spec in rows:
+            for job_id, attempts, last_seq, spec, session_id in rows:
+                if session_id:
+                    conn.execute(
+                        "UPDATE sessions SET activated_at = COALESCE(activated_at, ?), "
+                        "state = CASE state WHEN 1 THEN 2 ELSE state END, "
+                        "executor_id = CASE WHEN mode = 1 AND executor_id = '' THEN ? "
+                        "ELSE executor_id END WHERE id = ?",
+                        (now, executor_id, session_id),
+                    )
                 lease_id = _new_id("l")
                 conn.execute(
                     "UPDATE jobs SET state = 2, attempts = ?, started_at = ?, executor_id = ?, "
@@ -614,6 +718,258 @@ class SQLiteJobStore(JobStore):
             lease = job.lease_id if job.state is JobState.RUNNING else ""
             executor = job.executor_id if job.state is JobState.RUNNING else ""
             return CancelOutcome(self._load(conn, job_id), job.state, lease, executor, events)
+
+        return await self._run(tx)
+
+    # --- programs -----------------------------------------------------------
+    @staticmethod
+    def _program(row: Sequence[Any]) -> ProgramRecord:
+        return ProgramRecord(
+            id=row[0],
+            tenant=row[1],
+            name=row[2],
+            version=row[3],
+            entry_point=row[4],
+            requirements=tuple(json.loads(row[5])),
+            input_schema_json=row[6],
+            description=row[7],
+            size_bytes=row[8],
+            created_at=row[9],
+        )
+
+    def _find_program(
+        self, conn: sqlite3.Connection, tenant: str, program: str, include_deleted: bool
+    ) -> ProgramRecord:
+        hidden = "" if include_deleted else " AND deleted = 0"
+        row = conn.execute(
+            f"SELECT {_PROGRAM_COLUMNS} FROM programs WHERE tenant = ? AND id = ?{hidden}",
+            (tenant, program),
+        ).fetchone()
+        if row is None:
+            row = conn.execute(
+                f"SELECT {_PROGRAM_COLUMNS} FROM programs WHERE tenant = ? AND name = ?{hidden} "
+                "ORDER BY version DESC LIMIT 1",
+                (tenant, program),
+            ).fetchone()
+        if row is None:
+            raise NotFound(f"program {program!r} not found (no such id or name)")
+        return self._program(row)
+
+    async def put_program(self, program: NewProgram) -> tuple[ProgramRecord, bool]:
+        def tx(conn: sqlite3.Connection) -> tuple[ProgramRecord, bool]:
+            row = conn.execute(
+                "SELECT deleted FROM programs WHERE tenant = ? AND id = ?",
+                (program.tenant, program.id),
+            ).fetchone()
+            if row is not None:
+                if row[0]:
+                    conn.execute(
+                        "UPDATE programs SET deleted = 0 WHERE tenant = ? AND id = ?",
+                        (program.tenant, program.id),
+                    )
+                return self._find_program(conn, program.tenant, program.id, False), False
+            version = conn.execute(
+                "SELECT COALESCE(MAX(version), 0) + 1 FROM programs WHERE tenant = ? AND name = ?",
+                (program.tenant, program.name),
+            ).fetchone()[0]
+            conn.execute(
+                "INSERT INTO programs (tenant, id, name, version, entry_point, requirements, "
+                "input_schema_json, description, size_bytes, created_at, archive) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    program.tenant,
+                    program.id,
+                    program.name,
+                    version,
+                    program.entry_point,
+                    json.dumps(list(program.requirements)),
+                    program.input_schema_json,
+                    program.description,
+                    len(program.archive),
+                    time.time(),
+                    program.archive,
+                ),
+            )
+            return self._find_program(conn, program.tenant, program.id, False), True
+
+        return await self._run(tx)
+
+    async def get_program(
+        self, tenant: str, program: str, *, include_deleted: bool = False
+    ) -> ProgramRecord:
+        return await self._run(
+            lambda conn: self._find_program(conn, tenant, program, include_deleted)
+        )
+
+    async def get_program_archive(self, tenant: str, program_id: str) -> bytes:
+        def tx(conn: sqlite3.Connection) -> bytes:
+            row = conn.execute(
+                "SELECT archive FROM programs WHERE tenant = ? AND id = ?", (tenant, program_id)
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"program {program_id!r} not found")
+            return bytes(row[0])
+
+        return await self._run(tx)
+
+    async def list_programs(self, tenant: str, name: str = "") -> list[ProgramRecord]:
+        def tx(conn: sqlite3.Connection) -> list[ProgramRecord]:
+            if name:
+                rows = conn.execute(
+                    f"SELECT {_PROGRAM_COLUMNS} FROM programs WHERE tenant = ? AND name = ? "
+                    "AND deleted = 0 ORDER BY version DESC",
+                    (tenant, name),
+                ).fetchall()
+            else:
+                rows = conn.execute(
+                    f"SELECT {_PROGRAM_COLUMNS} FROM programs p WHERE tenant = ? AND deleted = 0 "
+                    "AND version = (SELECT MAX(version) FROM programs q WHERE q.tenant = p.tenant "
+                    "AND q.name = p.name AND q.deleted = 0) ORDER BY name",
+                    (tenant,),
+                ).fetchall()
+            return [self._program(r) for r in rows]
+
+        return await self._run(tx)
+
+    async def delete_programs(self, tenant: str, program: str) -> int:
+        def tx(conn: sqlite3.Connection) -> int:
+            ids = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT id FROM programs WHERE tenant = ? AND deleted = 0 AND id = ?",
+                    (tenant, program),
+                ).fetchall()
+            ] or [
+                r[0]
+                for r in conn.execute(
+                    "SELECT id FROM programs WHERE tenant = ? AND deleted = 0 AND name = ?",
+                    (tenant, program),
+                ).fetchall()
+            ]
+            if not ids:
+                raise NotFound(f"program {program!r} not found (no such id or name)")
+            conn.executemany(
+                "UPDATE programs SET deleted = 1 WHERE tenant = ? AND id = ?",
+                [(tenant, i) for i in ids],
+            )
+            # Drop every hidden version no unfinished job needs any more.
+            conn.execute(
+                "DELETE FROM programs WHERE tenant = ? AND deleted = 1 AND id NOT IN "
+                "(SELECT program_id FROM jobs WHERE tenant = ? AND program_id != '' "
+                "AND state IN (1, 2))",
+                (tenant, tenant),
+            )
+            return len(ids)
+
+        return await self._run(tx)
+
+    # --- sessions -------------------------------------------------------------
+    @staticmethod
+    def _session(conn: sqlite3.Connection, row: Sequence[Any]) -> SessionRecord:
+        counts = {s: 0 for s in JobState}
+        for state, n in conn.execute(
+            "SELECT state, COUNT(*) FROM jobs WHERE session_id = ? GROUP BY state", (row[0],)
+        ).fetchall():
+            counts[JobState(state)] = n
+        last_finished = conn.execute(
+            "SELECT MAX(finished_at) FROM jobs WHERE session_id = ?", (row[0],)
+        ).fetchone()[0]
+        return SessionRecord(
+            id=row[0],
+            tenant=row[1],
+            backend=row[2],
+            mode=SessionMode(row[3]),
+            state=SessionState(row[4]),
+            state_reason=row[5],
+            executor_id=row[6],
+            max_time_s=row[7],
+            max_idle_s=row[8],
+            created_at=row[9],
+            activated_at=row[10],
+            closed_at=row[11],
+            last_job_at=row[12],
+            last_finished_at=last_finished,
+            counts=counts,
+        )
+
+    def _load_session(
+        self, conn: sqlite3.Connection, session_id: str, tenant: str | None
+    ) -> SessionRecord:
+        row = conn.execute(
+            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE id = ?", (session_id,)
+        ).fetchone()
+        if row is None or (tenant is not None and row[1] != tenant):
+            raise NotFound(f"session {session_id!r} not found")
+        return self._session(conn, row)
+
+    async def create_session(self, session: NewSession) -> SessionRecord:
+        def tx(conn: sqlite3.Connection) -> SessionRecord:
+            session_id = _new_id("s")
+            conn.execute(
+                "INSERT INTO sessions (id, tenant, backend, mode, state, max_time_s, max_idle_s, "
+                "created_at) VALUES (?, ?, ?, ?, 1, ?, ?, ?)",
+                (
+                    session_id,
+                    session.tenant,
+                    session.backend,
+                    int(session.mode),
+                    session.max_time_s,
+                    session.max_idle_s,
+                    time.time(),
+                ),
+            )
+            return self._load_session(conn, session_id, None)
+
+        return await self._run(tx)
+
+    async def get_session(self, session_id: str, tenant: str | None = None) -> SessionRecord:
+        return await self._run(lambda conn: self._load_session(conn, session_id, tenant))
+
+    async def end_session(
+        self, session_id: str, tenant: str | None, state: SessionState, reason: str
+    ) -> tuple[SessionRecord, bool]:
+        if state not in _SESSION_WORDS:
+            raise ValueError(f"cannot end a session as {state.name}")
+
+        def tx(conn: sqlite3.Connection) -> tuple[SessionRecord, bool]:
+            current = self._load_session(conn, session_id, tenant)
+            allowed = current.state.accepting or (
+                state is SessionState.CANCELLED and current.state is SessionState.CLOSED
+            )
+            if not allowed:
+                return current, False
+            conn.execute(
+                "UPDATE sessions SET state = ?, state_reason = ?, "
+                "closed_at = COALESCE(closed_at, ?) WHERE id = ?",
+                (int(state), reason, time.time(), session_id),
+            )
+            return self._load_session(conn, session_id, None), True
+
+        return await self._run(tx)
+
+    async def live_sessions(self) -> list[SessionRecord]:
+        def tx(conn: sqlite3.Connection) -> list[SessionRecord]:
+            rows = conn.execute(
+                f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE state IN (1, 2) "
+                "OR (state = 3 AND executor_id != '' AND EXISTS (SELECT 1 FROM jobs "
+                "WHERE session_id = sessions.id AND state IN (1, 2))) ORDER BY created_at"
+            ).fetchall()
+            return [self._session(conn, r) for r in rows]
+
+        return await self._run(tx)
+
+    async def unpin_sessions(self, executor_id: str) -> list[SessionRecord]:
+        def tx(conn: sqlite3.Connection) -> list[SessionRecord]:
+            rows = conn.execute(
+                f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE executor_id = ? AND mode = 1",
+                (executor_id,),
+            ).fetchall()
+            changed = [self._session(conn, r) for r in rows]
+            conn.execute(
+                "UPDATE sessions SET executor_id = '' WHERE executor_id = ? AND mode = 1",
+                (executor_id,),
+            )
+            return changed
 
         return await self._run(tx)
 

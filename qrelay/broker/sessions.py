@@ -1,0 +1,340 @@
+"""SessionService on the broker: sessions and batches as qiskit-ibm-runtime has them.
+
+A DEDICATED session pins its jobs to one executor: the first of its jobs to
+be claimed pins the executor that claimed it (the store does this inside
+`claim`, atomically), later ones go only there and, while the session is
+ACTIVE, jump that executor's queue. A client-driven loop thus waits for no
+other work between iterations. A BATCH session only groups jobs.
+
+Lifecycle: OPEN → ACTIVE (first job started) → CLOSED (no new jobs, submitted
+ones finish) | CANCELLED (closed and every unfinished job cancelled) |
+EXPIRED. The store refuses a submit to a session that is not OPEN/ACTIVE
+inside the submit transaction, so a close racing a submit is never lost.
+
+Expiry (the reaper here, every `session_check_interval_s`):
+- max_time is measured from the session's creation (Runtime measures from the
+  first job's start; from creation also bounds a session whose backend never
+  comes online). When reached, as in Runtime, the session is EXPIRED with
+  "max_time N s reached": its queued jobs are cancelled, running ones finish.
+- max_idle: an OPEN/ACTIVE session with no queued or running job whose last
+  activity (creation, last submit, last job finished) is max_idle ago is
+  EXPIRED with "max_idle N s reached (no job for N s)".
+Re-pinning: when a session's pinned executor has been disconnected for longer
+than the lease TTL (by then its running jobs' leases have lapsed and been
+requeued), the session is unpinned and its next job re-pins it to whichever
+executor claims it; `session.repinned`/`session.unpinned` are logged.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import structlog
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from qrelay._proto.v1 import sessions_pb2, sessions_pb2_grpc
+from qrelay.broker.auth import Authenticator
+from qrelay.broker.jobs import Jobs
+from qrelay.broker.scheduler import Scheduler
+from qrelay.broker.settings import BrokerSettings
+from qrelay.broker.store import JobKind, JobState, JobStore
+from qrelay.broker.store.base import NewSession, SessionMode, SessionRecord, SessionState
+from qrelay.errors import InvalidArgument, NotFound
+from qrelay.rpc import grpc_errors
+
+if TYPE_CHECKING:
+    import grpc
+
+    from qrelay.broker.server import Broker
+
+log = structlog.get_logger(__name__)
+
+Context = Any  # grpc.aio.ServicerContext (grpc ships no type hints)
+
+UNFINISHED = (JobState.QUEUED, JobState.RUNNING)
+
+
+class Sessions:
+    """Session logic on plain values; `run()` is the expiry/re-pin reaper."""
+
+    def __init__(
+        self, store: JobStore, scheduler: Scheduler, jobs: Jobs, settings: BrokerSettings
+    ) -> None:
+        self.store = store
+        self.scheduler = scheduler
+        self.jobs = jobs
+        self.settings = settings
+        self._missing_since: dict[str, float] = {}  # pinned executor id -> first seen gone
+        self._pins: dict[str, str] = {}  # session id -> executor id last seen pinned
+
+    def _limit(self, value: int, field: str, default: int, cap: int) -> int:
+        if value < 0:
+            raise InvalidArgument(f"{field} must be >= 0 seconds (0 for the default), got {value}")
+        if value == 0:
+            return min(default, cap)
+        return min(value, cap)
+
+    async def create(
+        self,
+        tenant: str,
+        backend: str,
+        mode: SessionMode | None = None,
+        max_time_s: int = 0,
+        max_idle_s: int = 0,
+    ) -> SessionRecord:
+        """Mode None means DEDICATED (Runtime's Session); 0 s means the broker's
+        default; values above the broker's caps are lowered to them."""
+        if not backend:
+            raise InvalidArgument("backend is required (a backend name as BackendService lists it)")
+        if backend not in self.scheduler.known_backends:
+            known = ", ".join(sorted(self.scheduler.known_backends)) or "none yet"
+            raise NotFound(f"unknown backend {backend!r}; known: {known}")
+        s = self.settings
+        session = await self.store.create_session(
+            NewSession(
+                tenant=tenant,
+                backend=backend,
+                mode=mode or SessionMode.DEDICATED,
+                max_time_s=self._limit(
+                    max_time_s, "max_time_s", s.session_max_time_s, s.session_max_time_cap_s
+                ),
+                max_idle_s=self._limit(
+                    max_idle_s, "max_idle_s", s.session_max_idle_s, s.session_max_idle_cap_s
+                ),
+            )
+        )
+        log.info(
+            "session.created",
+            session_id=session.id,
+            tenant=tenant,
+            backend=backend,
+            mode=session.mode.name,
+            max_time_s=session.max_time_s,
+            max_idle_s=session.max_idle_s,
+        )
+        return session
+
+    async def get(self, tenant: str | None, session_id: str) -> SessionRecord:
+        if not session_id:
+            raise InvalidArgument("session_id is required")
+        return await self.store.get_session(session_id, tenant)
+
+    async def close(self, tenant: str | None, session_id: str) -> SessionRecord:
+        """No new jobs; submitted ones finish. Closing a closed session is a no-op."""
+        await self.get(tenant, session_id)
+        session, changed = await self.store.end_session(
+            session_id, tenant, SessionState.CLOSED, "closed by the client"
+        )
+        if changed:
+            log.info("session.closed", session_id=session_id, tenant=session.tenant)
+        return session
+
+    async def cancel(self, tenant: str | None, session_id: str) -> SessionRecord:
+        """Close and cancel every unfinished job (running ones are told to stop)."""
+        await self.get(tenant, session_id)
+        session, changed = await self.store.end_session(
+            session_id, tenant, SessionState.CANCELLED, "cancelled by the client"
+        )
+        cancelled = await self._cancel_jobs(session, UNFINISHED, f"session {session_id} cancelled")
+        if changed or cancelled:
+            log.info(
+                "session.cancelled", session_id=session_id, tenant=session.tenant, jobs=cancelled
+            )
+        return await self.store.get_session(session_id, tenant)
+
+    async def _cancel_jobs(
+        self, session: SessionRecord, states: tuple[JobState, ...], reason: str
+    ) -> int:
+        count = 0
+        token = ""
+        while True:
+            page = await self.store.list_jobs(
+                session.tenant,
+                states=states,
+                session_id=session.id,
+                page_size=500,
+                page_token=token,
+            )
+            for job in page.jobs:
+                await self.jobs.cancel(session.tenant, job.id, reason)
+                count += 1
+            if not page.next_page_token:
+                return count
+            token = page.next_page_token
+
+    # --- the reaper -----------------------------------------------------------
+    async def reap(self, now: float | None = None) -> list[SessionRecord]:
+        """Expire sessions past max_time/max_idle; unpin vanished executors.
+        Returns the sessions it expired."""
+        now = time.time() if now is None else now
+        expired: list[SessionRecord] = []
+        gone: set[str] = set()
+        for session in await self.store.live_sessions():
+            reason = ""
+            if session.state.accepting:
+                idle_since = max(
+                    session.created_at, session.last_job_at or 0.0, session.last_finished_at or 0.0
+                )
+                if now - session.created_at >= session.max_time_s:
+                    reason = f"max_time {session.max_time_s} s reached"
+                elif session.unfinished == 0 and now - idle_since >= session.max_idle_s:
+                    reason = (
+                        f"max_idle {session.max_idle_s} s reached "
+                        f"(no job for {session.max_idle_s} s)"
+                    )
+            if reason:
+                ended, changed = await self.store.end_session(
+                    session.id, None, SessionState.EXPIRED, reason
+                )
+                if changed:
+                    cancelled = await self._cancel_jobs(
+                        ended, (JobState.QUEUED,), f"session {session.id} expired: {reason}"
+                    )
+                    log.info(
+                        "session.expired",
+                        session_id=session.id,
+                        tenant=session.tenant,
+                        reason=reason,
+                        queued_cancelled=cancelled,
+                    )
+                    expired.append(await self.store.get_session(session.id))
+                continue
+            self._note_pin(session)
+            if session.executor_id and session.executor_id not in self.scheduler.executors:
+                gone.add(session.executor_id)
+        await self._unpin_vanished(gone, now)
+        return expired
+
+    def _note_pin(self, session: SessionRecord) -> None:
+        before = self._pins.get(session.id)
+        if session.executor_id and before and before != session.executor_id:
+            log.info(
+                "session.repinned",
+                session_id=session.id,
+                executor_id=session.executor_id,
+                previous_executor_id=before,
+            )
+        if session.executor_id:
+            self._pins[session.id] = session.executor_id
+
+    async def _unpin_vanished(self, gone: set[str], now: float) -> None:
+        for executor_id in list(self._missing_since):
+            if executor_id not in gone:
+                del self._missing_since[executor_id]
+        for executor_id in gone:
+            since = self._missing_since.setdefault(executor_id, now)
+            if now - since < self.settings.lease_ttl_s:
+                continue
+            del self._missing_since[executor_id]
+            for session in await self.store.unpin_sessions(executor_id):
+                log.warning(
+                    "session.unpinned",
+                    session_id=session.id,
+                    executor_id=executor_id,
+                    reason="pinned executor disconnected for longer than the lease TTL",
+                )
+                for kind in (JobKind.SAMPLER, JobKind.PROGRAM):
+                    self.scheduler.queued(session.backend, kind)
+
+    async def run(self) -> None:
+        """Reaper loop until cancelled; survives store errors (logged, retried)."""
+        interval = self.settings.session_check_interval_s
+        while True:
+            try:
+                await self.reap()
+            except Exception as exc:  # the reaper must outlive a bad moment (logged)
+                log.error("session_reaper.failed", retry_in_s=interval, exc_info=exc)
+            await anyio.sleep(interval)
+
+
+def _ts(seconds: float | None) -> Timestamp | None:
+    if seconds is None:
+        return None
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def session_to_proto(session: SessionRecord) -> sessions_pb2.Session:
+    counts = session.counts
+    message = sessions_pb2.Session(
+        id=session.id,
+        backend=session.backend,
+        mode=sessions_pb2.SessionMode.ValueType(int(session.mode)),
+        state=sessions_pb2.SessionState.ValueType(int(session.state)),
+        state_reason=session.state_reason,
+        executor_id=session.executor_id,
+        max_time_s=session.max_time_s,
+        max_idle_s=session.max_idle_s,
+        created_at=_ts(session.created_at),
+        activated_at=_ts(session.activated_at),
+        closed_at=_ts(session.closed_at),
+        last_job_at=_ts(session.last_job_at),
+        jobs_total=sum(counts.values()),
+        jobs_queued=counts[JobState.QUEUED],
+        jobs_running=counts[JobState.RUNNING],
+        jobs_done=counts[JobState.DONE],
+        jobs_failed=counts[JobState.FAILED],
+        jobs_cancelled=counts[JobState.CANCELLED],
+    )
+    return message
+
+
+class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
+    """Thin: authenticate, call `Sessions`, encode."""
+
+    def __init__(self, sessions: Sessions, auth: Authenticator) -> None:
+        self.sessions = sessions
+        self.auth = auth
+
+    def _tenant(self, context: Context) -> str:
+        return self.auth.tenant(context.invocation_metadata())
+
+    @grpc_errors
+    async def Create(
+        self, request: sessions_pb2.CreateSessionRequest, context: Context
+    ) -> sessions_pb2.Session:
+        tenant = self._tenant(context)
+        try:
+            mode = SessionMode(request.mode) if request.mode else None
+        except ValueError:
+            raise InvalidArgument(
+                f"mode {request.mode} is not a SessionMode (DEDICATED=1, BATCH=2)"
+            ) from None
+        session = await self.sessions.create(
+            tenant, request.backend, mode, request.max_time_s, request.max_idle_s
+        )
+        return session_to_proto(session)
+
+    @grpc_errors
+    async def Get(
+        self, request: sessions_pb2.GetSessionRequest, context: Context
+    ) -> sessions_pb2.Session:
+        return session_to_proto(await self.sessions.get(self._tenant(context), request.session_id))
+
+    @grpc_errors
+    async def Close(
+        self, request: sessions_pb2.CloseSessionRequest, context: Context
+    ) -> sessions_pb2.Session:
+        tenant = self._tenant(context)
+        return session_to_proto(await self.sessions.close(tenant, request.session_id))
+
+    @grpc_errors
+    async def Cancel(
+        self, request: sessions_pb2.CancelSessionRequest, context: Context
+    ) -> sessions_pb2.Session:
+        tenant = self._tenant(context)
+        return session_to_proto(await self.sessions.cancel(tenant, request.session_id))
+
+
+async def register(broker: Broker, server: grpc.aio.Server) -> list[str]:
+    """Called by the broker at start: the service and the session reaper."""
+    sessions = Sessions(broker.store, broker.scheduler, broker.jobs, broker.settings)
+    broker.sessions = sessions
+    sessions_pb2_grpc.add_SessionServiceServicer_to_server(
+        SessionServicer(sessions, broker.auth), server
+    )
+    broker.spawn(sessions.run())
+    return [sessions_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name]
