@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,7 @@ from qrelay._proto.v1 import (
 from qrelay.broker.server import Broker, running_broker
 from qrelay.broker.settings import BrokerSettings
 from qrelay.broker.store import JobStore
+from qrelay.broker.store.postgres import PostgresJobStore
 from qrelay.broker.store.sqlite import SQLiteJobStore
 
 BELL = (
@@ -33,19 +38,67 @@ BELL = (
 FAST = {"lease_ttl_s": 1.0, "heartbeat_interval_s": 0.2, "shutdown_grace_s": 1.0}
 
 
-@pytest.fixture(params=["sqlite"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JobStore]:
-    """Every JobStore implementation; a PostgreSQL one joins the params list."""
-    impl: JobStore
-    if request.param == "sqlite":
-        impl = SQLiteJobStore(tmp_path / "nested" / "dir" / "broker.db")
-    else:  # pragma: no cover - placeholder for future implementations
-        raise NotImplementedError(request.param)
-    await impl.open()
+DEFAULT_POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def postgres_dsn() -> str | None:
+    """The test database: QRELAY_TEST_POSTGRES_DSN, else a local server if one answers."""
+    dsn = os.environ.get("QRELAY_TEST_POSTGRES_DSN")
+    if dsn:
+        return dsn
     try:
-        yield impl
+        with socket.create_connection(("127.0.0.1", 5432), timeout=0.5):
+            return DEFAULT_POSTGRES_DSN
+    except OSError:
+        return None
+
+
+def require_postgres() -> str:
+    dsn = postgres_dsn()
+    if dsn is None:
+        pytest.skip(
+            "no PostgreSQL: QRELAY_TEST_POSTGRES_DSN is unset and nothing answers on "
+            "127.0.0.1:5432 (.ci/run starts one)"
+        )
+    return dsn
+
+
+@asynccontextmanager
+async def postgres_schema() -> AsyncIterator[tuple[str, str]]:
+    """A fresh schema (dropped afterwards) in the test database: (dsn, schema).
+
+    Each test gets its own schema and NOTIFY channel, so tests stay isolated
+    and can run side by side in one database.
+    """
+    import asyncpg
+
+    dsn = require_postgres()
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    try:
+        yield dsn, schema
     finally:
-        await impl.close()
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await conn.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JobStore]:
+    """Every JobStore implementation: SQLite in tmp_path, PostgreSQL in a fresh schema."""
+    async with contextlib.AsyncExitStack() as stack:
+        impl: JobStore
+        if request.param == "sqlite":
+            impl = SQLiteJobStore(tmp_path / "nested" / "dir" / "broker.db")
+        else:
+            dsn, schema = await stack.enter_async_context(postgres_schema())
+            impl = PostgresJobStore(dsn, schema=schema)
+        await impl.open()
+        try:
+            yield impl
+        finally:
+            await impl.close()
 
 
 def broker_settings(tmp_path: Path, **overrides: Any) -> BrokerSettings:

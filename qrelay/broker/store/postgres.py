@@ -1,0 +1,1398 @@
+"""PostgreSQL `JobStore`: the store that lets several broker replicas share one queue.
+
+Same semantics as the SQLite store (one contract suite proves it), with what
+concurrent writers on other processes need:
+
+- claiming takes the oldest queued rows with `SELECT … FOR UPDATE SKIP LOCKED`,
+  so replicas claiming at once never lease one job twice nor wait on each other;
+- every write to a job holds the job's row lock while it allocates event seqs
+  (`last_seq + 1 …`), so seqs stay gap-free and monotonic across replicas;
+- idempotent submit rests on a unique index `(tenant, idempotency_key)` and
+  `INSERT … ON CONFLICT DO NOTHING`; the per-tenant queue limit holds exactly
+  under a transaction-scoped advisory lock on the tenant;
+- each transaction that appends events, queues a job, cancels a running job or
+  announces backends also issues `pg_notify` on the store's channel, delivered
+  on commit only. `qrelay.broker.fanout` listens and turns the hints into
+  local wake-ups; the tables stay the truth.
+
+Times are the brokers' `time.time()` (as with SQLite): replicas need clocks
+kept in sync (NTP), as lease expiry compares times written by different hosts.
+All tables live in one schema (default `qrelay`), created and migrated at open
+under an advisory lock, with the version in `schema_version`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import asyncpg
+import structlog
+
+from qrelay.broker.store.base import (
+    BackendRecord,
+    CancelOutcome,
+    ExpiredLease,
+    HeldCheck,
+    JobKind,
+    JobPage,
+    JobRecord,
+    JobState,
+    JobStore,
+    LeaseGrant,
+    NewJob,
+    NewProgram,
+    NewSession,
+    ProgramRecord,
+    SessionMode,
+    SessionRecord,
+    SessionState,
+    StoredEvent,
+    UpdateKind,
+    UpdateOutcome,
+    job_error,
+    state_payload,
+    update_payload,
+)
+from qrelay.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 2
+UNAVAILABLE = 14
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
+# Deadlocks (e.g. a heartbeat's multi-row update against a renewal) are retried.
+_RETRIES = 4
+# NOTIFY payloads must stay under 8000 bytes; a cancel reason is cut to this.
+_MAX_REASON = 1000
+
+_MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE jobs (
+        qseq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,  -- FIFO order, page cursor
+        id TEXT NOT NULL UNIQUE,
+        tenant TEXT NOT NULL,
+        backend TEXT NOT NULL,
+        kind INTEGER NOT NULL,
+        state INTEGER NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        created_at DOUBLE PRECISION NOT NULL,
+        started_at DOUBLE PRECISION,
+        finished_at DOUBLE PRECISION,
+        error BYTEA,
+        session_id TEXT NOT NULL DEFAULT '',
+        executor_id TEXT NOT NULL DEFAULT '',
+        lease_id TEXT NOT NULL DEFAULT '',
+        lease_expires_at DOUBLE PRECISION,
+        last_seq BIGINT NOT NULL DEFAULT 0,
+        tags TEXT NOT NULL DEFAULT '{}',
+        idempotency_key TEXT,
+        num_pubs INTEGER NOT NULL DEFAULT 0,
+        spec BYTEA NOT NULL,
+        result BYTEA
+    );
+    CREATE UNIQUE INDEX jobs_idempotency ON jobs (tenant, idempotency_key);
+    CREATE INDEX jobs_queued ON jobs (backend, qseq) WHERE state = 1;
+    CREATE INDEX jobs_tenant_queued ON jobs (tenant) WHERE state = 1;
+    CREATE INDEX jobs_lease ON jobs (lease_id) WHERE lease_id <> '';
+    CREATE INDEX jobs_lease_expiry ON jobs (lease_expires_at) WHERE state = 2;
+    CREATE INDEX jobs_tenant ON jobs (tenant, qseq);
+    CREATE TABLE events (
+        job_id TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        time DOUBLE PRECISION NOT NULL,
+        payload BYTEA NOT NULL,
+        terminal BOOLEAN NOT NULL DEFAULT FALSE,
+        PRIMARY KEY (job_id, seq)
+    );
+    CREATE TABLE backends (
+        name TEXT PRIMARY KEY,
+        info BYTEA NOT NULL,
+        last_seen DOUBLE PRECISION NOT NULL
+    );
+    -- Executors connected to each replica, refreshed while they stay connected;
+    -- rows not refreshed for a while belong to a replica that died.
+    CREATE TABLE executor_presence (
+        executor_id TEXT PRIMARY KEY,
+        broker_id TEXT NOT NULL,
+        backends TEXT[] NOT NULL,
+        slots INTEGER NOT NULL,
+        last_seen DOUBLE PRECISION NOT NULL
+    );
+    """,
+    2: """
+    ALTER TABLE jobs ADD COLUMN program_id TEXT NOT NULL DEFAULT '';
+    CREATE INDEX jobs_session ON jobs (session_id, state) WHERE session_id <> '';
+    CREATE INDEX jobs_program ON jobs (tenant, program_id) WHERE program_id <> '';
+    CREATE TABLE programs (
+        tenant TEXT NOT NULL,
+        id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        entry_point TEXT NOT NULL,
+        requirements TEXT[] NOT NULL,
+        input_schema_json TEXT NOT NULL,
+        description TEXT NOT NULL,
+        size_bytes BIGINT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        deleted BOOLEAN NOT NULL DEFAULT FALSE,  -- hidden, kept for unfinished jobs
+        archive BYTEA NOT NULL,
+        PRIMARY KEY (tenant, id)
+    );
+    CREATE UNIQUE INDEX programs_name ON programs (tenant, name, version);
+    CREATE TABLE sessions (
+        id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        backend TEXT NOT NULL,
+        mode INTEGER NOT NULL,
+        state INTEGER NOT NULL,
+        state_reason TEXT NOT NULL DEFAULT '',
+        executor_id TEXT NOT NULL DEFAULT '',
+        max_time_s INTEGER NOT NULL,
+        max_idle_s INTEGER NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        activated_at DOUBLE PRECISION,
+        closed_at DOUBLE PRECISION,
+        last_job_at DOUBLE PRECISION
+    );
+    CREATE INDEX sessions_live ON sessions (state) WHERE state IN (1, 2);
+    CREATE INDEX sessions_pinned ON sessions (executor_id) WHERE executor_id <> '';
+    """,
+}
+
+_PROGRAM_COLUMNS = (
+    "id, tenant, name, version, entry_point, requirements, input_schema_json, description, "
+    "size_bytes, created_at"
+)
+_SESSION_COLUMNS = (
+    "id, tenant, backend, mode, state, state_reason, executor_id, max_time_s, max_idle_s, "
+    "created_at, activated_at, closed_at, last_job_at"
+)
+_SESSION_WORDS = {
+    SessionState.CLOSED: "closed",
+    SessionState.CANCELLED: "cancelled",
+    SessionState.EXPIRED: "expired",
+}
+
+_JOB_COLUMNS = (
+    "id, tenant, backend, kind, state, attempts, created_at, started_at, finished_at, error, "
+    "session_id, executor_id, lease_id, lease_expires_at, last_seq, tags, idempotency_key, "
+    "num_pubs, qseq"
+)
+_POSITION = (
+    "CASE WHEN j.state = 1 THEN (SELECT COUNT(*) FROM jobs q WHERE q.state = 1 "
+    "AND q.backend = j.backend AND q.qseq <= j.qseq) ELSE 0 END AS position"
+)
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+@dataclass(frozen=True)
+class Presence:
+    """One executor connected to some replica, as the presence table has it."""
+
+    executor_id: str
+    broker_id: str
+    backends: tuple[str, ...]
+    slots: int
+    last_seen: float
+
+
+@dataclass
+class _Tx:
+    """One transaction's connection plus the notifications it sends on commit."""
+
+    conn: asyncpg.Connection
+    origin: str
+    notices: list[str] = field(default_factory=list)
+
+    def notify(self, kind: str, **fields: Any) -> None:
+        self.notices.append(json.dumps({"k": kind, "o": self.origin, **fields}))
+
+
+class PostgresJobStore(JobStore):
+    """`JobStore` on PostgreSQL through an asyncpg pool (see module docstring).
+
+    `origin` tags the notifications this store sends, so a replica's fan-out
+    can skip its own (the broker passes its broker id).
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str = "qrelay",
+        origin: str = "",
+        min_size: int = 1,
+        max_size: int = 8,
+    ) -> None:
+        if not _SCHEMA_NAME.match(schema):
+            raise ValueError(
+                f"database schema {schema!r} must be a lower-case identifier "
+                "(letters, digits, underscore; at most 40 characters)"
+            )
+        self.dsn = dsn
+        self.schema = schema
+        self.origin = origin or _new_id("s")
+        self.channel = f"qrelay_{schema}"
+        self._min_size = min_size
+        self._max_size = max_size
+        self._pool: asyncpg.Pool | None = None
+
+    # --- plumbing ----------------------------------------------------------
+    def connect_kwargs(self) -> dict[str, Any]:
+        """How to open one more connection to this store (the fan-out's listener)."""
+        return {"dsn": self.dsn, "server_settings": {"search_path": self.schema}}
+
+    async def open(self) -> None:
+        try:
+            conn = await asyncpg.connect(self.dsn)
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise Unavailable(f"cannot reach PostgreSQL at {_safe_dsn(self.dsn)}: {exc}") from exc
+        try:
+            async with conn.transaction():
+                # Two replicas starting together must not both migrate.
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", self.channel
+                )
+                await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+                await conn.execute(f'SET LOCAL search_path TO "{self.schema}"')
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+                )
+                version = await conn.fetchval("SELECT max(version) FROM schema_version") or 0
+                if version > SCHEMA_VERSION:
+                    raise RuntimeError(
+                        f"schema {self.schema!r} has version {version}; this qrelay knows up to "
+                        f"{SCHEMA_VERSION} (upgrade qrelay)"
+                    )
+                for target in range(version + 1, SCHEMA_VERSION + 1):
+                    await conn.execute(_MIGRATIONS[target])
+                    await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", target)
+        finally:
+            await conn.close()
+        self._pool = await asyncpg.create_pool(
+            min_size=self._min_size, max_size=self._max_size, **self.connect_kwargs()
+        )
+        log.info("store.opened", database=_safe_dsn(self.dsn), schema=self.schema)
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    def _require_pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError("store is not open")
+        return self._pool
+
+    async def _tx(self, fn: Callable[[_Tx], Awaitable[T]]) -> T:
+        """Run `fn` in one transaction; its notifications go out with the commit."""
+        pool = self._require_pool()
+        for attempt in range(_RETRIES):
+            try:
+                async with pool.acquire() as conn, conn.transaction():
+                    tx = _Tx(conn, self.origin)
+                    value = await fn(tx)
+                    if tx.notices:
+                        await conn.execute(
+                            "SELECT pg_notify($1, n) FROM unnest($2::text[]) AS n",
+                            self.channel,
+                            tx.notices,
+                        )
+                    return value
+            except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
+                if attempt == _RETRIES - 1:
+                    raise
+                await asyncio.sleep(0.005 * (2**attempt) * (0.5 + random.random()))
+            except (OSError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError) as exc:
+                raise Unavailable(f"database unavailable: {exc}") from exc
+        raise AssertionError("unreachable")
+
+    async def _read(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """Run a read-only `fn` on a pooled connection, outside a transaction block."""
+        try:
+            async with self._require_pool().acquire() as conn:
+                return await fn(conn)
+        except (OSError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError) as exc:
+            raise Unavailable(f"database unavailable: {exc}") from exc
+
+    @staticmethod
+    def _record(row: Mapping[str, Any], queue_position: int = 0) -> JobRecord:
+        return JobRecord(
+            id=row["id"],
+            tenant=row["tenant"],
+            backend=row["backend"],
+            kind=JobKind(row["kind"]),
+            state=JobState(row["state"]),
+            attempts=row["attempts"],
+            created_at=row["created_at"],
+            started_at=row["started_at"],
+            finished_at=row["finished_at"],
+            error=row["error"],
+            session_id=row["session_id"],
+            executor_id=row["executor_id"],
+            lease_id=row["lease_id"],
+            lease_expires_at=row["lease_expires_at"],
+            last_seq=row["last_seq"],
+            tags=json.loads(row["tags"]),
+            idempotency_key=row["idempotency_key"] or "",
+            num_pubs=row["num_pubs"],
+            queue_position=queue_position,
+        )
+
+    async def _load(
+        self, conn: asyncpg.Connection, job_id: str, tenant: str | None = None
+    ) -> JobRecord:
+        row = await conn.fetchrow(
+            f"SELECT {_JOB_COLUMNS}, {_POSITION} FROM jobs j WHERE id = $1", job_id
+        )
+        if row is None or (tenant is not None and row["tenant"] != tenant):
+            raise NotFound(f"job {job_id!r} not found")
+        return self._record(row, row["position"])
+
+    @staticmethod
+    async def _insert_events(tx: _Tx, events: Sequence[StoredEvent]) -> None:
+        """Insert events (seqs already allocated under the jobs' row locks) and hint them."""
+        if not events:
+            return
+        await tx.conn.execute(
+            "INSERT INTO events (job_id, seq, time, payload, terminal) "
+            "SELECT * FROM unnest($1::text[], $2::bigint[], $3::float8[], $4::bytea[], "
+            "$5::bool[])",
+            [e.job_id for e in events],
+            [e.seq for e in events],
+            [e.time for e in events],
+            [e.payload for e in events],
+            [e.terminal for e in events],
+        )
+        last: dict[str, int] = {}
+        for e in events:
+            last[e.job_id] = max(last.get(e.job_id, 0), e.seq)
+        for job_id, seq in last.items():
+            tx.notify("e", j=job_id, s=seq)
+
+    async def _append(
+        self,
+        tx: _Tx,
+        job_id: str,
+        last_seq: int,
+        payloads: Sequence[tuple[bytes, bool]],
+        now: float,
+    ) -> list[StoredEvent]:
+        """Append events after `last_seq` (caller holds the row lock) and move last_seq."""
+        events = [
+            StoredEvent(job_id, last_seq + i + 1, now, payload, terminal)
+            for i, (payload, terminal) in enumerate(payloads)
+        ]
+        await self._insert_events(tx, events)
+        await tx.conn.execute("UPDATE jobs SET last_seq = $1 WHERE id = $2", events[-1].seq, job_id)
+        return events
+
+    # --- jobs --------------------------------------------------------------
+    async def submit(self, job: NewJob, *, max_queued_per_tenant: int) -> tuple[JobRecord, bool]:
+        async def tx(t: _Tx) -> tuple[JobRecord, bool]:
+            conn = t.conn
+            # One submit per tenant at a time keeps the queue limit exact.
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended($1, 1))",
+                json.dumps([self.schema, job.tenant]),
+            )
+            if job.idempotency_key:
+                existing = await conn.fetchval(
+                    "SELECT id FROM jobs WHERE tenant = $1 AND idempotency_key = $2",
+                    job.tenant,
+                    job.idempotency_key,
+                )
+                if existing is not None:
+                    return await self._load(conn, existing), False
+            if job.session_id:
+                await self._check_session_accepts(conn, job)
+            queued = await conn.fetchval(
+                "SELECT COUNT(*) FROM jobs WHERE tenant = $1 AND state = 1", job.tenant
+            )
+            if queued >= max_queued_per_tenant:
+                raise ResourceExhausted(
+                    f"tenant {job.tenant!r} already has {queued} queued jobs; this broker "
+                    f"queues at most {max_queued_per_tenant} per tenant "
+                    "(QRELAY_MAX_QUEUED_PER_TENANT); wait for some to finish"
+                )
+            now = time.time()
+            job_id = await conn.fetchval(
+                "INSERT INTO jobs (id, tenant, backend, kind, state, created_at, session_id, "
+                "tags, idempotency_key, num_pubs, spec, program_id) "
+                "VALUES ($1, $2, $3, $4, 1, $5, $6, $7, $8, $9, $10, $11) "
+                "ON CONFLICT (tenant, idempotency_key) DO NOTHING RETURNING id",
+                _new_id("j"),
+                job.tenant,
+                job.backend,
+                int(job.kind),
+                now,
+                job.session_id,
+                json.dumps(job.tags, sort_keys=True),
+                job.idempotency_key or None,
+                job.num_pubs,
+                job.spec,
+                job.program_id,
+            )
+            if job_id is None:  # a concurrent submit with the same key won
+                existing = await conn.fetchval(
+                    "SELECT id FROM jobs WHERE tenant = $1 AND idempotency_key = $2",
+                    job.tenant,
+                    job.idempotency_key,
+                )
+                return await self._load(conn, existing), False
+            if job.session_id:
+                await conn.execute(
+                    "UPDATE sessions SET last_job_at = $1 WHERE id = $2", now, job.session_id
+                )
+            await self._append(
+                t, job_id, 0, [(state_payload(JobState.QUEUED, "submitted", 0), False)], now
+            )
+            t.notify("q", b=job.backend, n=int(job.kind))
+            return await self._load(conn, job_id), True
+
+        return await self._tx(tx)
+
+    @staticmethod
+    async def _check_session_accepts(conn: asyncpg.Connection, job: NewJob) -> None:
+        # FOR UPDATE: a concurrent close of the session waits for this submit
+        # (or this submit sees it closed), never a job slipping into a closed one.
+        row = await conn.fetchrow(
+            "SELECT tenant, backend, state FROM sessions WHERE id = $1 FOR UPDATE", job.session_id
+        )
+        if row is None or row["tenant"] != job.tenant:
+            raise NotFound(f"session {job.session_id!r} not found")
+        if row["backend"] != job.backend:
+            raise InvalidArgument(
+                f"job backend {job.backend!r} differs from the backend {row['backend']!r} of "
+                f"session {job.session_id}"
+            )
+        state = SessionState(row["state"])
+        if not state.accepting:
+            raise FailedPrecondition(
+                f"session {job.session_id} is {_SESSION_WORDS[state]}; it accepts no new jobs "
+                "(create a new session)"
+            )
+
+    async def get(self, job_id: str, tenant: str | None = None) -> JobRecord:
+        return await self._read(lambda conn: self._load(conn, job_id, tenant))
+
+    async def get_spec(self, job_id: str) -> bytes:
+        async def read(conn: asyncpg.Connection) -> bytes:
+            row = await conn.fetchrow("SELECT spec FROM jobs WHERE id = $1", job_id)
+            if row is None:
+                raise NotFound(f"job {job_id!r} not found")
+            return bytes(row["spec"])
+
+        return await self._read(read)
+
+    async def get_result(self, job_id: str) -> bytes | None:
+        async def read(conn: asyncpg.Connection) -> bytes | None:
+            row = await conn.fetchrow("SELECT result FROM jobs WHERE id = $1", job_id)
+            if row is None:
+                raise NotFound(f"job {job_id!r} not found")
+            return None if row["result"] is None else bytes(row["result"])
+
+        return await self._read(read)
+
+    async def list_jobs(
+        self,
+        tenant: str,
+        *,
+        states: Sequence[JobState] = (),
+        backend: str = "",
+        session_id: str = "",
+        page_size: int = 50,
+        page_token: str = "",
+    ) -> JobPage:
+        where = ["tenant = $1"]
+        params: list[Any] = [tenant]
+
+        def param(value: Any) -> str:
+            params.append(value)
+            return f"${len(params)}"
+
+        if page_token:
+            try:
+                cursor = int(page_token)
+            except ValueError:
+                raise InvalidArgument(
+                    f"page_token {page_token!r} is not one this broker issued"
+                ) from None
+            where.append(f"qseq < {param(cursor)}")
+        if states:
+            where.append(f"state = ANY({param([int(s) for s in states])}::int[])")
+        if backend:
+            where.append(f"backend = {param(backend)}")
+        if session_id:
+            where.append(f"session_id = {param(session_id)}")
+        limit = param(page_size + 1)
+
+        async def read(conn: asyncpg.Connection) -> JobPage:
+            rows = await conn.fetch(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE {' AND '.join(where)} "
+                f"ORDER BY qseq DESC LIMIT {limit}",
+                *params,
+            )
+            more = len(rows) > page_size
+            rows = rows[:page_size]
+            positions: dict[str, int] = {}
+            queued_backends = sorted({r["backend"] for r in rows if r["state"] == JobState.QUEUED})
+            if queued_backends:
+                # One pass over those backends' queues, not one count per job.
+                positions = {
+                    r["id"]: r["position"]
+                    for r in await conn.fetch(
+                        "SELECT id, ROW_NUMBER() OVER (PARTITION BY backend ORDER BY qseq) "
+                        "AS position FROM jobs WHERE state = 1 AND backend = ANY($1::text[])",
+                        queued_backends,
+                    )
+                }
+            jobs = [self._record(r, positions.get(r["id"], 0)) for r in rows]
+            return JobPage(jobs, str(rows[-1]["qseq"]) if more else "")
+
+        return await self._read(read)
+
+    async def events_after(self, job_id: str, after_seq: int) -> list[StoredEvent]:
+        async def read(conn: asyncpg.Connection) -> list[StoredEvent]:
+            rows = await conn.fetch(
+                "SELECT seq, time, payload, terminal FROM events WHERE job_id = $1 AND seq > $2 "
+                "ORDER BY seq",
+                job_id,
+                after_seq,
+            )
+            return [
+                StoredEvent(job_id, r["seq"], r["time"], bytes(r["payload"]), r["terminal"])
+                for r in rows
+            ]
+
+        return await self._read(read)
+
+    # --- scheduling and leases ----------------------------------------------
+    async def claim(
+        self,
+        backends: Sequence[str],
+        executor_id: str,
+        lease_ttl_s: float,
+        limit: int,
+        kinds: Sequence[JobKind] | None = None,
+    ) -> list[LeaseGrant]:
+        if not backends or limit <= 0 or (kinds is not None and not kinds):
+            return []
+        kind_list = None if kinds is None else [int(k) for k in kinds]
+        where = (
+            "j.state = 1 AND j.backend = ANY($1::text[]) "
+            "AND ($2::int[] IS NULL OR j.kind = ANY($2::int[]))"
+        )
+
+        async def tx(t: _Tx) -> list[LeaseGrant]:
+            conn = t.conn
+            # SKIP LOCKED: rows another replica is claiming right now are simply
+            # not ours; the row locks then cover the seq allocation below.
+            # First the jobs of active dedicated sessions pinned here (they jump
+            # the queue), then everyone's by age, minus jobs pinned elsewhere.
+            picked = list(
+                await conn.fetch(
+                    "SELECT j.qseq, j.session_id FROM sessions s JOIN jobs j "
+                    "ON j.session_id = s.id WHERE s.executor_id = $3 AND s.mode = 1 "
+                    f"AND s.state = 2 AND {where} ORDER BY j.qseq LIMIT $4 "
+                    "FOR UPDATE OF j SKIP LOCKED",
+                    list(backends),
+                    kind_list,
+                    executor_id,
+                    limit,
+                )
+            )
+            if len(picked) < limit:
+                picked += await conn.fetch(
+                    "SELECT j.qseq, j.session_id FROM jobs j LEFT JOIN sessions s "
+                    f"ON s.id = j.session_id WHERE {where} AND (s.id IS NULL OR s.mode <> 1 "
+                    "OR s.executor_id = '' OR (s.executor_id = $3 AND s.state <> 2)) "
+                    "AND NOT (j.qseq = ANY($5::bigint[])) "
+                    "ORDER BY j.qseq LIMIT $4 FOR UPDATE OF j SKIP LOCKED",
+                    list(backends),
+                    kind_list,
+                    executor_id,
+                    limit - len(picked),
+                    [r["qseq"] for r in picked],
+                )
+            if not picked:
+                return []
+            now = time.time()
+            chosen = await self._claim_sessions(conn, picked, executor_id, now)
+            rows = await conn.fetch(
+                "UPDATE jobs j SET state = 2, attempts = j.attempts + 1, started_at = $1, "
+                "executor_id = $2, lease_id = 'l-' || replace(gen_random_uuid()::text, '-', ''), "
+                "lease_expires_at = $3, last_seq = j.last_seq + 1 "
+                f"WHERE j.qseq = ANY($4::bigint[]) RETURNING {_qualified('j')}, j.spec",
+                now,
+                executor_id,
+                now + lease_ttl_s,
+                chosen,
+            )
+            order = {qseq: i for i, qseq in enumerate(chosen)}
+            rows = sorted(rows, key=lambda r: order[r["qseq"]])
+            grants = []
+            all_events = []
+            for row in rows:
+                job = self._record(row)
+                event = StoredEvent(
+                    job.id,
+                    job.last_seq,
+                    now,
+                    state_payload(
+                        JobState.RUNNING,
+                        f"running on executor {executor_id}",
+                        job.attempts,
+                        executor_id,
+                    ),
+                    False,
+                )
+                all_events.append(event)
+                grants.append(LeaseGrant(job, bytes(row["spec"]), [event]))
+            await self._insert_events(t, all_events)
+            return grants
+
+        return await self._tx(tx)
+
+    @staticmethod
+    async def _claim_sessions(
+        conn: asyncpg.Connection, picked: Sequence[Mapping[str, Any]], executor_id: str, now: float
+    ) -> list[int]:
+        """Activate and pin the sessions of the picked jobs; returns the qseqs to lease.
+
+        The session rows are locked (in id order) and re-read, so two replicas
+        claiming jobs of one unpinned dedicated session cannot pin it twice: the
+        later one sees the pin and leaves that session's jobs queued.
+        """
+        session_ids = sorted({r["session_id"] for r in picked if r["session_id"]})
+        if not session_ids:
+            return [r["qseq"] for r in picked]
+        sessions = {
+            r["id"]: r
+            for r in await conn.fetch(
+                "SELECT id, mode, executor_id FROM sessions WHERE id = ANY($1::text[]) "
+                "ORDER BY id FOR UPDATE",
+                session_ids,
+            )
+        }
+        pinned = {sid: r["executor_id"] for sid, r in sessions.items() if r["mode"] == 1}
+        chosen = []
+        used: set[str] = set()
+        for r in picked:
+            sid = r["session_id"]
+            if sid in pinned:
+                if pinned[sid] not in ("", executor_id):
+                    continue  # pinned to another executor meanwhile
+                pinned[sid] = executor_id
+            if sid in sessions:
+                used.add(sid)
+            chosen.append(r["qseq"])
+        if used:
+            await conn.execute(
+                "UPDATE sessions SET activated_at = COALESCE(activated_at, $1), "
+                "state = CASE state WHEN 1 THEN 2 ELSE state END, "
+                "executor_id = CASE WHEN mode = 1 AND executor_id = '' THEN $2 "
+                "ELSE executor_id END WHERE id = ANY($3::text[])",
+                now,
+                executor_id,
+                sorted(used),
+            )
+        return chosen
+
+    async def extend_leases(self, lease_ids: Sequence[str], lease_ttl_s: float) -> set[str]:
+        if not lease_ids:
+            return set()
+
+        async def tx(t: _Tx) -> set[str]:
+            rows = await t.conn.fetch(
+                "UPDATE jobs SET lease_expires_at = $1 WHERE lease_id = ANY($2::text[]) "
+                "AND state = 2 RETURNING lease_id",
+                time.time() + lease_ttl_s,
+                list(lease_ids),
+            )
+            return {r["lease_id"] for r in rows}
+
+        return await self._tx(tx)
+
+    async def check_held(
+        self, executor_id: str, held: Sequence[tuple[str, str]], lease_ttl_s: float
+    ) -> HeldCheck:
+        if not held:
+            return HeldCheck([], [])
+
+        async def tx(t: _Tx) -> HeldCheck:
+            rows = await t.conn.fetch(
+                "UPDATE jobs SET lease_expires_at = $1, executor_id = $2 "
+                "FROM unnest($3::text[], $4::text[]) AS h(job_id, lease_id) "
+                "WHERE jobs.id = h.job_id AND jobs.lease_id = h.lease_id AND jobs.state = 2 "
+                "RETURNING jobs.id, jobs.lease_id",
+                time.time() + lease_ttl_s,
+                executor_id,
+                [j for j, _ in held],
+                [lease for _, lease in held],
+            )
+            kept = {(r["id"], r["lease_id"]) for r in rows}
+            valid = [h for h in held if h in kept]
+            invalid = [h for h in held if h not in kept]
+            return HeldCheck(valid, invalid)
+
+        return await self._tx(tx)
+
+    async def apply_update(
+        self, job_id: str, lease_id: str, kind: UpdateKind, payload: bytes
+    ) -> UpdateOutcome:
+        async def tx(t: _Tx) -> UpdateOutcome:
+            conn = t.conn
+            row = await conn.fetchrow(
+                "SELECT state, lease_id, last_seq, attempts, executor_id, backend, kind "
+                "FROM jobs WHERE id = $1 FOR UPDATE",
+                job_id,
+            )
+            if row is None:
+                return UpdateOutcome(False, f"unknown job {job_id!r}", None, [])
+            state = JobState(row["state"])
+            last_seq, attempts, executor_id = row["last_seq"], row["attempts"], row["executor_id"]
+            if kind is UpdateKind.RELEASED and state is JobState.CANCELLED:
+                return UpdateOutcome(True, "already cancelled", await self._load(conn, job_id), [])
+            if not lease_id or lease_id != row["lease_id"] or state is not JobState.RUNNING:
+                why = (
+                    f"job is {state.name}"
+                    if state is not JobState.RUNNING
+                    else "it was re-leased after this lease expired"
+                )
+                return UpdateOutcome(
+                    False,
+                    f"lease {lease_id!r} is not the current lease of job {job_id}; {why}",
+                    await self._load(conn, job_id),
+                    [],
+                )
+            now = time.time()
+            if kind in (UpdateKind.INTERIM, UpdateKind.LOG):
+                events = await self._append(
+                    t, job_id, last_seq, [(update_payload(kind, payload), False)], now
+                )
+            elif kind is UpdateKind.RESULT:
+                await conn.execute(
+                    "UPDATE jobs SET state = 3, result = $1, finished_at = $2, lease_id = '', "
+                    "lease_expires_at = NULL WHERE id = $3",
+                    payload,
+                    now,
+                    job_id,
+                )
+                events = await self._append(
+                    t,
+                    job_id,
+                    last_seq,
+                    [
+                        (update_payload(kind, payload), False),
+                        (state_payload(JobState.DONE, "done", attempts, executor_id), True),
+                    ],
+                    now,
+                )
+            elif kind is UpdateKind.ERROR:
+                await conn.execute(
+                    "UPDATE jobs SET state = 4, error = $1, finished_at = $2, lease_id = '', "
+                    "lease_expires_at = NULL WHERE id = $3",
+                    payload,
+                    now,
+                    job_id,
+                )
+                events = await self._append(
+                    t,
+                    job_id,
+                    last_seq,
+                    [
+                        (update_payload(kind, payload), False),
+                        (state_payload(JobState.FAILED, "failed", attempts, executor_id), True),
+                    ],
+                    now,
+                )
+            else:  # RELEASED under a valid lease: the executor gave the job back unrun
+                requeued_attempts = max(attempts - 1, 0)
+                await conn.execute(
+                    "UPDATE jobs SET state = 1, attempts = $1, lease_id = '', "
+                    "lease_expires_at = NULL WHERE id = $2",
+                    requeued_attempts,
+                    job_id,
+                )
+                events = await self._append(
+                    t,
+                    job_id,
+                    last_seq,
+                    [
+                        (
+                            state_payload(
+                                JobState.QUEUED,
+                                f"released by executor {executor_id}; requeued",
+                                requeued_attempts,
+                            ),
+                            False,
+                        )
+                    ],
+                    now,
+                )
+                t.notify("q", b=row["backend"], n=row["kind"])
+            return UpdateOutcome(True, "accepted", await self._load(conn, job_id), events)
+
+        return await self._tx(tx)
+
+    async def expire_leases(self, now: float, max_attempts: int) -> list[ExpiredLease]:
+        async def tx(t: _Tx) -> list[ExpiredLease]:
+            conn = t.conn
+            # SKIP LOCKED: another replica's reaper (or an update) holding a row
+            # deals with it; we take the rest.
+            rows = await conn.fetch(
+                "SELECT id, lease_id, executor_id, attempts, last_seq, backend, kind FROM jobs "
+                "WHERE state = 2 AND lease_expires_at < $1 ORDER BY lease_expires_at "
+                "FOR UPDATE SKIP LOCKED",
+                now,
+            )
+            expired = []
+            for row in rows:
+                job_id, lease_id, executor_id = row["id"], row["lease_id"], row["executor_id"]
+                attempts = row["attempts"]
+                if attempts >= max_attempts:
+                    message = (
+                        f"lease expired on executor {executor_id} on attempt {attempts} of "
+                        f"{max_attempts}; giving up: executors kept vanishing while running this "
+                        "job (QRELAY_MAX_ATTEMPTS)"
+                    )
+                    error = job_error(UNAVAILABLE, message)
+                    await conn.execute(
+                        "UPDATE jobs SET state = 4, error = $1, finished_at = $2, lease_id = '', "
+                        "lease_expires_at = NULL WHERE id = $3",
+                        error,
+                        now,
+                        job_id,
+                    )
+                    payloads = [
+                        (update_payload(UpdateKind.ERROR, error), False),
+                        (state_payload(JobState.FAILED, message, attempts, executor_id), True),
+                    ]
+                else:
+                    message = (
+                        f"lease expired on executor {executor_id}; requeued "
+                        f"(attempt {attempts} of {max_attempts})"
+                    )
+                    await conn.execute(
+                        "UPDATE jobs SET state = 1, lease_id = '', lease_expires_at = NULL "
+                        "WHERE id = $1",
+                        job_id,
+                    )
+                    payloads = [(state_payload(JobState.QUEUED, message, attempts), False)]
+                    t.notify("q", b=row["backend"], n=row["kind"])
+                events = await self._append(t, job_id, row["last_seq"], payloads, now)
+                # The executor may be connected to another replica: tell it to stop.
+                t.notify(
+                    "c",
+                    x=executor_id,
+                    j=job_id,
+                    l=lease_id,
+                    r="lease expired; the job was requeued",
+                )
+                expired.append(
+                    ExpiredLease(await self._load(conn, job_id), lease_id, executor_id, events)
+                )
+            return expired
+
+        return await self._tx(tx)
+
+    async def next_lease_expiry(self) -> float | None:
+        async def read(conn: asyncpg.Connection) -> float | None:
+            value = await conn.fetchval("SELECT MIN(lease_expires_at) FROM jobs WHERE state = 2")
+            return None if value is None else float(value)
+
+        return await self._read(read)
+
+    async def renew_running_leases(self, lease_ttl_s: float) -> int:
+        async def tx(t: _Tx) -> int:
+            floor = time.time() + lease_ttl_s
+            rows = await t.conn.fetch(
+                "UPDATE jobs SET lease_expires_at = $1 WHERE state = 2 AND lease_expires_at < $1 "
+                "RETURNING id",
+                floor,
+            )
+            return len(rows)
+
+        return await self._tx(tx)
+
+    async def cancel(self, job_id: str, tenant: str | None, reason: str) -> CancelOutcome:
+        async def tx(t: _Tx) -> CancelOutcome:
+            conn = t.conn
+            row = await conn.fetchrow(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = $1 FOR UPDATE", job_id
+            )
+            if row is None or (tenant is not None and row["tenant"] != tenant):
+                raise NotFound(f"job {job_id!r} not found")
+            job = self._record(row)
+            if job.state.terminal:
+                return CancelOutcome(job, job.state, "", "", [])
+            now = time.time()
+            await conn.execute(
+                "UPDATE jobs SET state = 5, finished_at = $1, lease_id = '', "
+                "lease_expires_at = NULL WHERE id = $2",
+                now,
+                job_id,
+            )
+            message = f"cancelled: {reason}" if reason else "cancelled"
+            events = await self._append(
+                t,
+                job_id,
+                job.last_seq,
+                [(state_payload(JobState.CANCELLED, message, job.attempts, job.executor_id), True)],
+                now,
+            )
+            running = job.state is JobState.RUNNING
+            lease = job.lease_id if running else ""
+            executor = job.executor_id if running else ""
+            if running:
+                # The executor may be connected to another replica: it relays the stop.
+                stop = f"cancelled: {reason}" if reason else "cancelled by the client"
+                t.notify("c", x=executor, j=job_id, l=lease, r=stop[:_MAX_REASON])
+            return CancelOutcome(await self._load(conn, job_id), job.state, lease, executor, events)
+
+        return await self._tx(tx)
+
+    # --- programs -----------------------------------------------------------
+    @staticmethod
+    def _program(row: Mapping[str, Any]) -> ProgramRecord:
+        return ProgramRecord(
+            id=row["id"],
+            tenant=row["tenant"],
+            name=row["name"],
+            version=row["version"],
+            entry_point=row["entry_point"],
+            requirements=tuple(row["requirements"]),
+            input_schema_json=row["input_schema_json"],
+            description=row["description"],
+            size_bytes=row["size_bytes"],
+            created_at=row["created_at"],
+        )
+
+    async def _find_program(
+        self, conn: asyncpg.Connection, tenant: str, program: str, include_deleted: bool
+    ) -> ProgramRecord:
+        hidden = "" if include_deleted else " AND NOT deleted"
+        row = await conn.fetchrow(
+            f"SELECT {_PROGRAM_COLUMNS} FROM programs WHERE tenant = $1 AND id = $2{hidden}",
+            tenant,
+            program,
+        )
+        if row is None:
+            row = await conn.fetchrow(
+                f"SELECT {_PROGRAM_COLUMNS} FROM programs WHERE tenant = $1 AND name = $2"
+                f"{hidden} ORDER BY version DESC LIMIT 1",
+                tenant,
+                program,
+            )
+        if row is None:
+            raise NotFound(f"program {program!r} not found (no such id or name)")
+        return self._program(row)
+
+    async def put_program(self, program: NewProgram) -> tuple[ProgramRecord, bool]:
+        async def tx(t: _Tx) -> tuple[ProgramRecord, bool]:
+            conn = t.conn
+            # Versions of a name are numbered in order: one upload of a name at a time.
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended($1, 2))",
+                json.dumps([self.schema, program.tenant, program.name]),
+            )
+            deleted = await conn.fetchval(
+                "SELECT deleted FROM programs WHERE tenant = $1 AND id = $2",
+                program.tenant,
+                program.id,
+            )
+            if deleted is not None:
+                if deleted:
+                    await conn.execute(
+                        "UPDATE programs SET deleted = FALSE WHERE tenant = $1 AND id = $2",
+                        program.tenant,
+                        program.id,
+                    )
+                return await self._find_program(conn, program.tenant, program.id, False), False
+            version = await conn.fetchval(
+                "SELECT COALESCE(MAX(version), 0) + 1 FROM programs WHERE tenant = $1 "
+                "AND name = $2",
+                program.tenant,
+                program.name,
+            )
+            inserted = await conn.fetchval(
+                "INSERT INTO programs (tenant, id, name, version, entry_point, requirements, "
+                "input_schema_json, description, size_bytes, created_at, archive) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) "
+                "ON CONFLICT (tenant, id) DO NOTHING RETURNING id",
+                program.tenant,
+                program.id,
+                program.name,
+                version,
+                program.entry_point,
+                list(program.requirements),
+                program.input_schema_json,
+                program.description,
+                len(program.archive),
+                time.time(),
+                program.archive,
+            )
+            record = await self._find_program(conn, program.tenant, program.id, False)
+            return record, inserted is not None
+
+        return await self._tx(tx)
+
+    async def get_program(
+        self, tenant: str, program: str, *, include_deleted: bool = False
+    ) -> ProgramRecord:
+        return await self._read(
+            lambda conn: self._find_program(conn, tenant, program, include_deleted)
+        )
+
+    async def get_program_archive(self, tenant: str, program_id: str) -> bytes:
+        async def read(conn: asyncpg.Connection) -> bytes:
+            archive = await conn.fetchval(
+                "SELECT archive FROM programs WHERE tenant = $1 AND id = $2", tenant, program_id
+            )
+            if archive is None:
+                raise NotFound(f"program {program_id!r} not found")
+            return bytes(archive)
+
+        return await self._read(read)
+
+    async def list_programs(self, tenant: str, name: str = "") -> list[ProgramRecord]:
+        async def read(conn: asyncpg.Connection) -> list[ProgramRecord]:
+            if name:
+                rows = await conn.fetch(
+                    f"SELECT {_PROGRAM_COLUMNS} FROM programs WHERE tenant = $1 AND name = $2 "
+                    "AND NOT deleted ORDER BY version DESC",
+                    tenant,
+                    name,
+                )
+            else:
+                rows = await conn.fetch(
+                    f"SELECT DISTINCT ON (name) {_PROGRAM_COLUMNS} FROM programs "
+                    "WHERE tenant = $1 AND NOT deleted ORDER BY name, version DESC",
+                    tenant,
+                )
+            return [self._program(r) for r in rows]
+
+        return await self._read(read)
+
+    async def delete_programs(self, tenant: str, program: str) -> int:
+        async def tx(t: _Tx) -> int:
+            conn = t.conn
+            ids = [
+                r["id"]
+                for r in await conn.fetch(
+                    "SELECT id FROM programs WHERE tenant = $1 AND NOT deleted AND id = $2 "
+                    "FOR UPDATE",
+                    tenant,
+                    program,
+                )
+            ] or [
+                r["id"]
+                for r in await conn.fetch(
+                    "SELECT id FROM programs WHERE tenant = $1 AND NOT deleted AND name = $2 "
+                    "ORDER BY id FOR UPDATE",
+                    tenant,
+                    program,
+                )
+            ]
+            if not ids:
+                raise NotFound(f"program {program!r} not found (no such id or name)")
+            await conn.execute(
+                "UPDATE programs SET deleted = TRUE WHERE tenant = $1 AND id = ANY($2::text[])",
+                tenant,
+                ids,
+            )
+            # Drop every hidden version no unfinished job needs any more.
+            await conn.execute(
+                "DELETE FROM programs p WHERE p.tenant = $1 AND p.deleted AND NOT EXISTS "
+                "(SELECT 1 FROM jobs j WHERE j.tenant = $1 AND j.program_id = p.id "
+                "AND j.state IN (1, 2))",
+                tenant,
+            )
+            return len(ids)
+
+        return await self._tx(tx)
+
+    # --- sessions -------------------------------------------------------------
+    @staticmethod
+    async def _sessions(
+        conn: asyncpg.Connection, rows: Sequence[Mapping[str, Any]]
+    ) -> list[SessionRecord]:
+        """Session records with their jobs' counts, from one aggregate query."""
+        if not rows:
+            return []
+        counts: dict[str, dict[JobState, int]] = {r["id"]: {s: 0 for s in JobState} for r in rows}
+        finished: dict[str, float | None] = {}
+        for agg in await conn.fetch(
+            "SELECT session_id, state, COUNT(*) AS n, MAX(finished_at) AS f FROM jobs "
+            "WHERE session_id = ANY($1::text[]) GROUP BY session_id, state",
+            list(counts),
+        ):
+            sid = agg["session_id"]
+            counts[sid][JobState(agg["state"])] = agg["n"]
+            if agg["f"] is not None:
+                finished[sid] = max(finished.get(sid) or 0.0, agg["f"])
+        return [
+            SessionRecord(
+                id=r["id"],
+                tenant=r["tenant"],
+                backend=r["backend"],
+                mode=SessionMode(r["mode"]),
+                state=SessionState(r["state"]),
+                state_reason=r["state_reason"],
+                executor_id=r["executor_id"],
+                max_time_s=r["max_time_s"],
+                max_idle_s=r["max_idle_s"],
+                created_at=r["created_at"],
+                activated_at=r["activated_at"],
+                closed_at=r["closed_at"],
+                last_job_at=r["last_job_at"],
+                last_finished_at=finished.get(r["id"]),
+                counts=counts[r["id"]],
+            )
+            for r in rows
+        ]
+
+    async def _load_session(
+        self, conn: asyncpg.Connection, session_id: str, tenant: str | None, *, lock: bool = False
+    ) -> SessionRecord:
+        row = await conn.fetchrow(
+            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE id = $1"
+            + (" FOR UPDATE" if lock else ""),
+            session_id,
+        )
+        if row is None or (tenant is not None and row["tenant"] != tenant):
+            raise NotFound(f"session {session_id!r} not found")
+        (record,) = await self._sessions(conn, [row])
+        return record
+
+    async def create_session(self, session: NewSession) -> SessionRecord:
+        async def tx(t: _Tx) -> SessionRecord:
+            session_id = _new_id("s")
+            await t.conn.execute(
+                "INSERT INTO sessions (id, tenant, backend, mode, state, max_time_s, max_idle_s, "
+                "created_at) VALUES ($1, $2, $3, $4, 1, $5, $6, $7)",
+                session_id,
+                session.tenant,
+                session.backend,
+                int(session.mode),
+                session.max_time_s,
+                session.max_idle_s,
+                time.time(),
+            )
+            return await self._load_session(t.conn, session_id, None)
+
+        return await self._tx(tx)
+
+    async def get_session(self, session_id: str, tenant: str | None = None) -> SessionRecord:
+        return await self._read(lambda conn: self._load_session(conn, session_id, tenant))
+
+    async def end_session(
+        self, session_id: str, tenant: str | None, state: SessionState, reason: str
+    ) -> tuple[SessionRecord, bool]:
+        if state not in _SESSION_WORDS:
+            raise ValueError(f"cannot end a session as {state.name}")
+
+        async def tx(t: _Tx) -> tuple[SessionRecord, bool]:
+            current = await self._load_session(t.conn, session_id, tenant, lock=True)
+            allowed = current.state.accepting or (
+                state is SessionState.CANCELLED and current.state is SessionState.CLOSED
+            )
+            if not allowed:
+                return current, False
+            await t.conn.execute(
+                "UPDATE sessions SET state = $1, state_reason = $2, "
+                "closed_at = COALESCE(closed_at, $3) WHERE id = $4",
+                int(state),
+                reason,
+                time.time(),
+                session_id,
+            )
+            return await self._load_session(t.conn, session_id, None), True
+
+        return await self._tx(tx)
+
+    async def live_sessions(self) -> list[SessionRecord]:
+        async def read(conn: asyncpg.Connection) -> list[SessionRecord]:
+            rows = await conn.fetch(
+                f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE state IN (1, 2) "
+                "OR (state = 3 AND executor_id <> '') ORDER BY created_at"
+            )
+            return await self._sessions(conn, rows)
+
+        return await self._read(read)
+
+    async def unpin_sessions(self, executor_id: str) -> list[SessionRecord]:
+        async def tx(t: _Tx) -> list[SessionRecord]:
+            rows = await t.conn.fetch(
+                f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE executor_id = $1 AND mode = 1 "
+                "ORDER BY id FOR UPDATE",
+                executor_id,
+            )
+            changed = await self._sessions(t.conn, rows)
+            await t.conn.execute(
+                "UPDATE sessions SET executor_id = '' WHERE executor_id = $1 AND mode = 1",
+                executor_id,
+            )
+            return changed
+
+        return await self._tx(tx)
+
+    # --- backends and statistics ------------------------------------------
+    async def upsert_backends(self, backends: Sequence[BackendRecord]) -> None:
+        if not backends:
+            return
+
+        async def tx(t: _Tx) -> None:
+            await t.conn.executemany(
+                "INSERT INTO backends (name, info, last_seen) VALUES ($1, $2, $3) "
+                "ON CONFLICT (name) DO UPDATE SET info = excluded.info, "
+                "last_seen = excluded.last_seen",
+                [(b.name, b.info, b.last_seen) for b in backends],
+            )
+            # Other replicas accept submits for these names from now on.
+            t.notify("b", n=sorted({b.name for b in backends}))
+
+        await self._tx(tx)
+
+    async def touch_backends(self, names: Sequence[str], now: float) -> None:
+        if not names:
+            return
+
+        async def tx(t: _Tx) -> None:
+            await t.conn.execute(
+                "UPDATE backends SET last_seen = $1 WHERE name = ANY($2::text[])", now, list(names)
+            )
+
+        await self._tx(tx)
+
+    async def list_backends(self) -> list[BackendRecord]:
+        async def read(conn: asyncpg.Connection) -> list[BackendRecord]:
+            rows = await conn.fetch("SELECT name, info, last_seen FROM backends ORDER BY name")
+            return [BackendRecord(r["name"], bytes(r["info"]), r["last_seen"]) for r in rows]
+
+        return await self._read(read)
+
+    async def get_backend(self, name: str) -> BackendRecord | None:
+        async def read(conn: asyncpg.Connection) -> BackendRecord | None:
+            r = await conn.fetchrow(
+                "SELECT name, info, last_seen FROM backends WHERE name = $1", name
+            )
+            return None if r is None else BackendRecord(r["name"], bytes(r["info"]), r["last_seen"])
+
+        return await self._read(read)
+
+    async def queue_lengths(self) -> dict[str, int]:
+        async def read(conn: asyncpg.Connection) -> dict[str, int]:
+            rows = await conn.fetch(
+                "SELECT backend, COUNT(*) AS n FROM jobs WHERE state = 1 GROUP BY backend"
+            )
+            return {r["backend"]: r["n"] for r in rows}
+
+        return await self._read(read)
+
+    async def count_by_state(self) -> dict[JobState, int]:
+        async def read(conn: asyncpg.Connection) -> dict[JobState, int]:
+            rows = await conn.fetch("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+            counts = {s: 0 for s in JobState}
+            for r in rows:
+                counts[JobState(r["state"])] = r["n"]
+            return counts
+
+        return await self._read(read)
+
+    # --- replica coordination (PostgreSQL only) ----------------------------
+    async def job_seqs(self, job_ids: Sequence[str]) -> dict[str, int]:
+        """last_seq of each of these jobs: lets a replica see which Watches fell behind."""
+
+        async def read(conn: asyncpg.Connection) -> dict[str, int]:
+            rows = await conn.fetch(
+                "SELECT id, last_seq FROM jobs WHERE id = ANY($1::text[])", list(job_ids)
+            )
+            return {r["id"]: r["last_seq"] for r in rows}
+
+        return await self._read(read)
+
+    async def publish_presence(
+        self, broker_id: str, executors: Sequence[tuple[str, Sequence[str], int]], now: float
+    ) -> None:
+        """Replace this replica's rows with its connected executors (id, backends, slots)."""
+
+        async def tx(t: _Tx) -> None:
+            ids = [e[0] for e in executors]
+            await t.conn.execute(
+                "DELETE FROM executor_presence WHERE broker_id = $1 "
+                "AND NOT (executor_id = ANY($2::text[]))",
+                broker_id,
+                ids,
+            )
+            if executors:
+                await t.conn.executemany(
+                    "INSERT INTO executor_presence (executor_id, broker_id, backends, slots, "
+                    "last_seen) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (executor_id) DO UPDATE "
+                    "SET broker_id = excluded.broker_id, backends = excluded.backends, "
+                    "slots = excluded.slots, last_seen = excluded.last_seen",
+                    [(e[0], broker_id, list(e[1]), e[2], now) for e in executors],
+                )
+            t.notify("p")
+
+        await self._tx(tx)
+
+    async def withdraw_presence(self, broker_id: str) -> None:
+        """This replica is stopping: its executors are no longer online here."""
+
+        async def tx(t: _Tx) -> None:
+            await t.conn.execute("DELETE FROM executor_presence WHERE broker_id = $1", broker_id)
+            t.notify("p")
+
+        await self._tx(tx)
+
+    async def list_presence(self, since: float) -> list[Presence]:
+        """Executors whose replica refreshed them after `since` (older rows: a dead replica)."""
+
+        async def read(conn: asyncpg.Connection) -> list[Presence]:
+            rows = await conn.fetch(
+                "SELECT executor_id, broker_id, backends, slots, last_seen FROM executor_presence "
+                "WHERE last_seen > $1 ORDER BY executor_id",
+                since,
+            )
+            return [
+                Presence(
+                    r["executor_id"],
+                    r["broker_id"],
+                    tuple(r["backends"]),
+                    r["slots"],
+                    r["last_seen"],
+                )
+                for r in rows
+            ]
+
+        return await self._read(read)
+
+
+def _qualified(alias: str) -> str:
+    return ", ".join(f"{alias}.{c.strip()}" for c in _JOB_COLUMNS.split(","))
+
+
+def _safe_dsn(dsn: str) -> str:
+    """The DSN without its password, for logs and messages."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", dsn)
