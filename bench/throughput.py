@@ -465,12 +465,12 @@ def _plot(report: Report) -> Callable[[Any], None]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = arg_parser("throughput", __doc__)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
-    parser.add_argument("--duration-s", type=float, default=5.0, help="per load point")
+    parser.add_argument("--duration-s", type=float, default=3.0, help="per load point")
     parser.add_argument("--slots", type=int, default=4, help="slots per executor")
     parser.add_argument("--queue-levels", type=int, nargs="+", default=[1000, 10_000, 100_000])
     parser.add_argument("--probes", type=int, default=200, help="timed submits per queue level")
     parser.add_argument(
-        "--fill-budget-s", type=float, default=240.0, help="time allowed for filling the queue"
+        "--fill-budget-s", type=float, default=90.0, help="time allowed for filling the queue"
     )
     args = parser.parse_args(argv)
     if args.tiny:
