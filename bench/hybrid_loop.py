@@ -303,11 +303,16 @@ def run(iterations: int, rtts_ms: Sequence[float], modes: Sequence[str]) -> Repo
                 row["vs_client_loop"] = ratio(row["wall_s"], client)
     report.figures["direct_wall_s_median"] = median(direct_walls)
     target = [r for r in report.rows if r["mode"] == "program" and r["rtt_ms"] == 50]
-    if target and target[0]["status"] == "ok":
-        report.figures["program_speedup_vs_client_loop_at_50ms"] = 1 / target[0]["vs_client_loop"]
-        report.figures["program_vs_direct_at_50ms"] = target[0]["vs_direct"]
+    if not target:
+        report.note("no program run at 50 ms RTT: the issue's targets were not measured")
+    elif target[0]["status"] != "ok":
+        report.note(f"program mode at 50 ms RTT: {target[0]['status']}; targets not measured")
     else:
-        report.note("program mode not available in this build: targets at 50 ms not measured")
+        speedup = 1 / target[0]["vs_client_loop"]
+        report.figures["program_speedup_vs_client_loop_at_50ms"] = speedup
+        report.figures["program_vs_direct_at_50ms"] = target[0]["vs_direct"]
+        report.figures["target_speedup_ge_10x_met"] = bool(speedup >= 10)
+        report.figures["target_within_1.25x_direct_met"] = bool(target[0]["vs_direct"] <= 1.25)
     return report
 
 
