@@ -62,6 +62,10 @@ _ID = re.compile(r"p-[0-9a-f]{64}")
 BUNDLE_CACHE_BYTES = 64 * MIB
 
 
+def _size(n: int) -> str:
+    return f"{n / MIB:.1f} MiB" if n >= MIB // 10 else f"{n} bytes"
+
+
 def program_id(
     name: str, archive: bytes, entry_point: str, requirements: tuple[str, ...], schema: str
 ) -> str:
@@ -184,7 +188,7 @@ def check_archive(archive: bytes, entry_point: str, max_unpacked: int) -> None:
         names.add(posixpath.normpath(name))
     if unpacked > max_unpacked:
         raise ResourceExhausted(
-            f"archive unpacks to {unpacked / MIB:.1f} MiB; at most {max_unpacked / MIB:.1f} MiB "
+            f"archive unpacks to {_size(unpacked)}; at most {_size(max_unpacked)} "
             f"({MAX_UNPACK_FACTOR} x QRELAY_MAX_PROGRAM_BYTES)"
         )
     module = entry_point.partition(":")[0].replace(".", "/")
@@ -265,8 +269,8 @@ class Programs:
         limit = self.settings.max_program_bytes
         if len(archive) > limit:
             raise ResourceExhausted(
-                f"program archive is {len(archive) / MIB:.1f} MiB; this broker accepts at most "
-                f"{limit / MIB:.1f} MiB per program (QRELAY_MAX_PROGRAM_BYTES)"
+                f"program archive is {_size(len(archive))}; this broker accepts at most "
+                f"{_size(limit)} per program (QRELAY_MAX_PROGRAM_BYTES)"
             )
         if not entry_point:
             raise InvalidArgument("entry_point is required (e.g. 'main:main')")
