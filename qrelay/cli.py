@@ -617,7 +617,7 @@ def _program_rows(p: Any) -> list[tuple[str, str]]:
 def _print_rows(rows: list[tuple[str, str]]) -> None:
     table = Table(show_header=False, box=None)
     table.add_column(style="bold", no_wrap=True)
-    table.add_column()
+    table.add_column(overflow="fold")  # ids stay whole, if on two lines
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
@@ -675,7 +675,10 @@ def programs_list(
     found = _run(fetch)
     table = Table(title=f"programs at {broker}")
     for column in ("name", "version", "id", "entry point", "size", "created", "description"):
-        table.add_column(column, no_wrap=column in ("name", "id"))
+        # The id is long (p- + 64 hex digits): fold it rather than squeeze the rest away.
+        table.add_column(
+            column, no_wrap=column == "name", overflow="fold" if column == "id" else "ellipsis"
+        )
     for p in found:
         table.add_row(
             p.name,
