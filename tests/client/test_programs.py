@@ -15,8 +15,9 @@ import pytest
 from qiskit.providers import JobStatus
 
 from qrelay.client import AsyncQRelayService, Program, QRelayService
-from qrelay.errors import Cancelled, InvalidArgument, NotFound, QRelayError
+from qrelay.errors import Cancelled, InvalidArgument, NotFound, QRelayError, ResourceExhausted
 from qrelay.testing import LocalStack
+from tests.conftest import owned_stack
 
 COUNTER = """
 def main(ctx, n=3, scale=1.0):
@@ -227,3 +228,15 @@ async def test_async_service_uploads_and_runs(stack: LocalStack, tmp_path: Path)
         assert await job.result(timeout=60) == {"total": 1.0, "n": 2}
         assert [p.id for p in await svc.programs()] == [program.id]
         assert await svc.delete_program(program) == 1
+
+
+async def test_program_over_the_size_limit_is_resource_exhausted(tmp_path: Path) -> None:
+    src = write_program(tmp_path / "big", COUNTER)
+    (src / "data.bin").write_bytes(np.random.default_rng(0).bytes(200_000))  # incompressible
+    async with (
+        owned_stack(executors=0, broker={"max_program_bytes": 50_000}) as env,
+        AsyncQRelayService(env.address, timeout=20.0) as svc,
+    ):
+        with pytest.raises(ResourceExhausted, match="per program"):
+            await svc.upload_program(src, "big")
+        assert await svc.programs() == []
