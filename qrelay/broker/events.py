@@ -29,6 +29,7 @@ class Subscription:
     def __init__(self) -> None:
         self.queue: asyncio.Queue[StoredEvent | None] = asyncio.Queue(_QUEUE_LIMIT)
         self.overflowed = False
+        self.last_seq = 0  # the last seq its Watch delivered (kept by `follow`)
 
     def offer(self, event: StoredEvent) -> None:
         try:
@@ -61,6 +62,15 @@ class EventHub:
                 if not subs:
                     del self._subs[job_id]
 
+    def watching(self) -> dict[str, int]:
+        """job_id -> the lowest seq a local Watch of it has delivered.
+
+        Lets a replica fan-out fetch exactly the events other brokers wrote
+        that its Watches have not seen yet."""
+        return {
+            job_id: min(sub.last_seq for sub in subs) for job_id, subs in self._subs.items() if subs
+        }
+
     def publish(self, events: Sequence[StoredEvent]) -> None:
         for event in events:
             for sub in self._subs.get(event.job_id, ()):
@@ -90,8 +100,9 @@ async def follow(
     """
     last = after_seq
     with hub.subscribe(job_id) as sub:
+        sub.last_seq = last
         for event in await store.events_after(job_id, last):
-            last = event.seq
+            last = sub.last_seq = event.seq
             yield event
             if event.terminal:
                 return
@@ -109,7 +120,7 @@ async def follow(
             else:
                 catch_up = [live]
             for event in catch_up:
-                last = event.seq
+                last = sub.last_seq = event.seq
                 yield event
                 if event.terminal:
                     return

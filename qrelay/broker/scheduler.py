@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -89,6 +89,10 @@ class Scheduler:
         self.executors: dict[str, ExecutorLink] = {}
         self.known_backends: set[str] = set()
         self.program_resolver: ProgramResolver | None = None
+        # Set by the replica fan-out (PostgreSQL store): executors connected to
+        # other replicas (executor_id -> backends), and a call on connect/leave.
+        self.remote_executors: Callable[[], Mapping[str, Sequence[str]]] | None = None
+        self.executors_changed: Callable[[], None] | None = None
         self._wake = asyncio.Event()
         self._steps: set[asyncio.Task[Any]] = set()
         # How often a job was queued per (backend, is_program). An executor whose
@@ -103,6 +107,13 @@ class Scheduler:
         self.known_backends = {b.name for b in await self.store.list_backends()}
 
     def wake(self) -> None:
+        self._wake.set()
+
+    def rescan(self) -> None:
+        """Let every executor claim once more, whatever was heard (replica sync tick:
+        a queued-job hint from another replica may have been lost)."""
+        for link in self.executors.values():
+            link.idle_generation = -1
         self._wake.set()
 
     async def shielded(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -190,6 +201,7 @@ class Scheduler:
             cancelled=len(check.invalid),
         )
         self._gauge()
+        self._executors_changed()
         self.wake()
         return link, check.invalid
 
@@ -200,13 +212,28 @@ class Scheduler:
         await self.store.touch_backends(list(link.backends), time.time())
         log.info("executor.disconnected", executor_id=link.executor_id, inflight=len(link.inflight))
         self._gauge()
+        self._executors_changed()
+
+    def _executors_changed(self) -> None:
+        if self.executors_changed is not None:
+            self.executors_changed()
 
     def close_all(self) -> None:
         for link in list(self.executors.values()):
             link.close()
 
     def online_executors(self, backend: str) -> int:
-        return sum(1 for link in self.executors.values() if backend in link.backends)
+        """Executors serving this backend, here and (with replicas) on the others."""
+        online = {eid for eid, link in self.executors.items() if backend in link.backends}
+        if self.remote_executors is not None:
+            online.update(eid for eid, bs in self.remote_executors().items() if backend in bs)
+        return len(online)
+
+    def executor_online(self, executor_id: str) -> bool:
+        """Whether this executor is connected here or (with replicas) to another broker."""
+        if executor_id in self.executors:
+            return True
+        return self.remote_executors is not None and executor_id in self.remote_executors()
 
     def send_cancel(self, executor_id: str, job_id: str, lease_id: str, reason: str) -> None:
         link = self.executors.get(executor_id)

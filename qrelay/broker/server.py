@@ -26,6 +26,7 @@ from qrelay._proto.v1 import (
 )
 from qrelay.broker.auth import Authenticator
 from qrelay.broker.events import EventHub
+from qrelay.broker.fanout import ReplicaFanout
 from qrelay.broker.jobs import Backends, Jobs
 from qrelay.broker.leases import LeaseReaper
 from qrelay.broker.metrics import BrokerMetrics
@@ -37,7 +38,8 @@ from qrelay.broker.service import (
     max_message_bytes,
 )
 from qrelay.broker.settings import BrokerSettings
-from qrelay.broker.store.sqlite import SQLiteJobStore
+from qrelay.broker.store import open_store
+from qrelay.broker.store.postgres import PostgresJobStore, safe_dsn
 
 if TYPE_CHECKING:
     from qrelay.broker.programs import Programs
@@ -51,6 +53,8 @@ SERVICE_NAMES = (
     executor_pb2.DESCRIPTOR.services_by_name["ExecutorService"].full_name,
 )
 METRICS_REFRESH_S = 2.0
+# How long start() waits for the replica fan-out to listen before serving anyway.
+FANOUT_CONNECT_S = 10.0
 EXTENSION_MODULES = ("qrelay.broker.programs", "qrelay.broker.sessions")
 
 
@@ -60,7 +64,7 @@ class Broker:
     def __init__(self, settings: BrokerSettings) -> None:
         self.settings = settings
         self.broker_id = f"b-{uuid.uuid4().hex[:12]}"
-        self.store = SQLiteJobStore(settings.db_path, synchronous=settings.sqlite_synchronous)
+        self.store = open_store(settings, origin=self.broker_id)
         self.hub = EventHub()
         self.metrics = BrokerMetrics()
         self.scheduler = Scheduler(self.store, self.hub, settings, self.metrics)
@@ -72,6 +76,18 @@ class Broker:
         # Set by the extension modules' register() (programs.py, sessions.py).
         self.programs: Programs | None = None
         self.sessions: Sessions | None = None
+        # Replicas over PostgreSQL hear each other through the fan-out.
+        self.fanout: ReplicaFanout | None = None
+        if isinstance(self.store, PostgresJobStore):
+            self.fanout = ReplicaFanout(
+                self.store,
+                self.hub,
+                self.scheduler,
+                self.broker_id,
+                settings.replica_sync_interval_s,
+            )
+            self.scheduler.remote_executors = self.fanout.remote_executors
+            self.scheduler.executors_changed = self.fanout.presence_changed
         self.address = ""
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -81,6 +97,12 @@ class Broker:
         await self.store.open()
         renewed = await self.store.renew_running_leases(self.settings.lease_ttl_s)
         await self.scheduler.load()
+        if self.fanout is not None:
+            self._spawn(self.fanout.run())
+            try:
+                await asyncio.wait_for(self.fanout.connected.wait(), FANOUT_CONNECT_S)
+            except TimeoutError:
+                log.warning("fanout.not_listening", waited_s=FANOUT_CONNECT_S)
         limit = max_message_bytes(self.settings)
         server = grpc.aio.server(
             options=[
@@ -121,9 +143,14 @@ class Broker:
             "broker.started",
             address=self.address,
             broker_id=self.broker_id,
-            db=str(self.settings.db_path),
+            db=self._db_description(),
             leases_renewed=renewed,
         )
+
+    def _db_description(self) -> str:
+        if isinstance(self.store, PostgresJobStore):
+            return f"{safe_dsn(self.store.dsn)} schema {self.store.schema}"
+        return str(self.settings.db_path)
 
     async def _register_extensions(self, server: grpc.aio.Server) -> list[str]:
         """Services that live in their own broker modules (programs, sessions).
@@ -184,6 +211,8 @@ class Broker:
         self._tasks.clear()
         await self.scheduler.drain()
         self.metrics.stop()
+        if self.fanout is not None:
+            await self.fanout.withdraw()
         await self.store.close()
         log.info("broker.stopped", broker_id=self.broker_id)
 

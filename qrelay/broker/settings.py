@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -33,6 +34,11 @@ class BrokerSettings(BaseSettings):
     the WAL is written before Submit returns; only an OS crash or power loss
     can drop the last transactions. `"FULL"` fsyncs every commit and survives
     power loss too, at a lower submit rate.
+
+    Scale-out: with `database_url` (e.g. `postgresql://postgres@db:5432/qrelay`)
+    the store is PostgreSQL instead, in schema `database_schema`, and any number
+    of replicas may share it; they exchange hints by LISTEN/NOTIFY and re-sync
+    from the database every `replica_sync_interval_s`.
     """
 
     model_config = SettingsConfigDict(env_prefix="QRELAY_", extra="ignore")
@@ -50,6 +56,9 @@ class BrokerSettings(BaseSettings):
     metrics_port: int = 0
     shutdown_grace_s: float = 10.0
     sqlite_synchronous: str = "NORMAL"
+    database_url: str | None = None
+    database_schema: str = "qrelay"
+    replica_sync_interval_s: float = 2.0
     # Programs: largest archive accepted by ProgramService.Upload.
     max_program_bytes: int = 20 * MIB
     # Sessions: defaults for a Create that leaves max_time_s/max_idle_s at 0,
@@ -75,8 +84,34 @@ class BrokerSettings(BaseSettings):
             raise ValueError("sqlite_synchronous must be one of OFF, NORMAL, FULL, EXTRA")
         return upper
 
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError(
+                "database_url must be a PostgreSQL URL (postgresql://user@host:5432/db); "
+                "leave it unset for the embedded SQLite store at db_path"
+            )
+        return value
+
+    @field_validator("database_schema")
+    @classmethod
+    def _schema_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,39}", value):
+            raise ValueError(
+                "database_schema must be a lower-case identifier (letters, digits, underscore; "
+                "at most 40 characters)"
+            )
+        return value
+
     @field_validator(
-        "lease_ttl_s", "heartbeat_interval_s", "shutdown_grace_s", "session_check_interval_s"
+        "lease_ttl_s",
+        "heartbeat_interval_s",
+        "shutdown_grace_s",
+        "session_check_interval_s",
+        "replica_sync_interval_s",
     )
     @classmethod
     def _positive(cls, value: float) -> float:

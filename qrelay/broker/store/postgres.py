@@ -265,7 +265,7 @@ class PostgresJobStore(JobStore):
         try:
             conn = await asyncpg.connect(self.dsn)
         except (OSError, asyncpg.PostgresError) as exc:
-            raise Unavailable(f"cannot reach PostgreSQL at {_safe_dsn(self.dsn)}: {exc}") from exc
+            raise Unavailable(f"cannot reach PostgreSQL at {safe_dsn(self.dsn)}: {exc}") from exc
         try:
             async with conn.transaction():
                 # Two replicas starting together must not both migrate.
@@ -291,7 +291,7 @@ class PostgresJobStore(JobStore):
         self._pool = await asyncpg.create_pool(
             min_size=self._min_size, max_size=self._max_size, **self.connect_kwargs()
         )
-        log.info("store.opened", database=_safe_dsn(self.dsn), schema=self.schema)
+        log.info("store.opened", database=safe_dsn(self.dsn), schema=self.schema)
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
@@ -1393,6 +1393,6 @@ def _qualified(alias: str) -> str:
     return ", ".join(f"{alias}.{c.strip()}" for c in _JOB_COLUMNS.split(","))
 
 
-def _safe_dsn(dsn: str) -> str:
+def safe_dsn(dsn: str) -> str:
     """The DSN without its password, for logs and messages."""
     return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", dsn)
