@@ -312,3 +312,249 @@ async def test_claim_can_be_limited_to_kinds(store: JobStore) -> None:
     grants = await store.claim(["aer"], "e-1", TTL, 5, kinds=[JobKind.SAMPLER])
     assert [g.job.id for g in grants] == [sampler]
     assert [g.job.id for g in await store.claim(["aer"], "e-2", TTL, 5)] == [program]
+
+
+# --- programs -------------------------------------------------------------------
+
+
+def new_program(
+    name: str = "vqe", content: bytes = b"v1", tenant: str = "t1", **kw: object
+) -> NewProgram:
+    fields: dict[str, object] = {
+        "id": f"p-{name}-{content.decode()}",
+        "tenant": tenant,
+        "name": name,
+        "archive": b"archive-" + content,
+        "entry_point": "main:main",
+        "requirements": ("six",),
+        "input_schema_json": "",
+        "description": "d",
+        **kw,
+    }
+    return NewProgram(**fields)  # type: ignore[arg-type]
+
+
+async def test_put_program_versions_per_name_and_dedupes_by_id(store: JobStore) -> None:
+    v1, created = await store.put_program(new_program())
+    same, created_again = await store.put_program(new_program())
+    v2, _ = await store.put_program(new_program(content=b"v2"))
+    other, _ = await store.put_program(new_program(name="qaoa"))
+    theirs, _ = await store.put_program(new_program(tenant="t2"))
+    assert created
+    assert not created_again
+    assert same == v1
+    assert (v1.version, v2.version, other.version, theirs.version) == (1, 2, 1, 1)
+    assert v1.requirements == ("six",)
+    assert v1.size_bytes == len(b"archive-v1")
+    assert v1.created_at > 0
+    assert (await store.get_program("t1", "vqe")).id == v2.id  # a name means the newest
+    assert (await store.get_program("t1", v1.id)).version == 1
+    assert await store.get_program_archive("t1", v1.id) == b"archive-v1"
+    assert [p.id for p in await store.list_programs("t1")] == [other.id, v2.id]  # by name
+    assert [p.version for p in await store.list_programs("t1", "vqe")] == [2, 1]
+    assert await store.list_programs("t1", "none") == []
+    with pytest.raises(NotFound, match="'nope'"):
+        await store.get_program("t1", "nope")
+    with pytest.raises(NotFound):
+        await store.get_program("t2", v2.id)  # another tenant's
+    with pytest.raises(NotFound):
+        await store.get_program_archive("t2", v2.id)
+
+
+async def test_delete_programs_by_id_or_name(store: JobStore) -> None:
+    v1, _ = await store.put_program(new_program())
+    v2, _ = await store.put_program(new_program(content=b"v2"))
+    assert await store.delete_programs("t1", v2.id) == 1
+    assert (await store.get_program("t1", "vqe")).id == v1.id
+    assert await store.delete_programs("t1", "vqe") == 1
+    with pytest.raises(NotFound):
+        await store.delete_programs("t1", "vqe")
+    with pytest.raises(NotFound):
+        await store.get_program("t1", v1.id, include_deleted=True)  # nothing needed it: gone
+    assert await store.list_programs("t1") == []
+    again, created = await store.put_program(new_program())
+    assert created
+    assert again.version == 1
+
+
+async def test_deleted_program_is_kept_while_an_unfinished_job_needs_it(store: JobStore) -> None:
+    program, _ = await store.put_program(new_program())
+    job = await submit(
+        store, NewJob("t1", "aer", JobKind.PROGRAM, b"spec", 0, program_id=program.id)
+    )
+    assert await store.delete_programs("t1", "vqe") == 1
+    with pytest.raises(NotFound):
+        await store.get_program("t1", program.id)
+    assert await store.list_programs("t1") == []
+    kept = await store.get_program("t1", program.id, include_deleted=True)
+    assert kept.id == program.id
+    assert await store.get_program_archive("t1", program.id) == b"archive-v1"
+    # Uploading the same content revives the hidden version.
+    revived, created = await store.put_program(new_program())
+    assert not created
+    assert revived.version == 1
+    assert await store.delete_programs("t1", program.id) == 1
+    (grant,) = await store.claim(["aer"], "e-1", TTL, 1)
+    await store.apply_update(job, grant.job.lease_id, UpdateKind.RESULT, b"")
+    await store.put_program(new_program(name="other"))
+    await store.delete_programs("t1", "other")  # a later delete purges unneeded versions
+    with pytest.raises(NotFound):
+        await store.get_program("t1", program.id, include_deleted=True)
+
+
+# --- sessions -------------------------------------------------------------------
+
+
+async def new_session(
+    store: JobStore, mode: SessionMode = SessionMode.DEDICATED, tenant: str = "t1"
+) -> str:
+    session = await store.create_session(NewSession(tenant, "aer", mode, 600, 60))
+    return session.id
+
+
+async def test_create_and_get_session_with_counts(store: JobStore) -> None:
+    session = await store.create_session(NewSession("t1", "aer", SessionMode.BATCH, 600, 60))
+    assert session.id.startswith("s-")
+    assert session.state is SessionState.OPEN
+    assert (session.mode, session.max_time_s, session.max_idle_s) == (SessionMode.BATCH, 600, 60)
+    assert session.activated_at is None
+    assert session.closed_at is None
+    assert session.last_job_at is None
+    assert session.executor_id == ""
+    assert session.counts == dict.fromkeys(JobState, 0)
+    first = await submit(store, new_job(session_id=session.id))
+    await submit(store, new_job(session_id=session.id))
+    await store.cancel(first, None, "x")
+    got = await store.get_session(session.id, "t1")
+    assert got.last_job_at is not None
+    assert got.counts[JobState.QUEUED] == 1
+    assert got.counts[JobState.CANCELLED] == 1
+    assert got.unfinished == 1
+    assert got.last_finished_at is not None
+    with pytest.raises(NotFound):
+        await store.get_session(session.id, "t2")
+    with pytest.raises(NotFound):
+        await store.get_session("s-nope")
+
+
+async def test_submit_checks_the_session_in_its_transaction(store: JobStore) -> None:
+    sid = await new_session(store)
+    with pytest.raises(NotFound):
+        await store.submit(new_job(tenant="t2", session_id=sid), max_queued_per_tenant=10)
+    with pytest.raises(NotFound):
+        await store.submit(new_job(session_id="s-nope"), max_queued_per_tenant=10)
+    with pytest.raises(InvalidArgument, match="differs from the backend 'aer'"):
+        await store.submit(new_job(backend="b", session_id=sid), max_queued_per_tenant=10)
+    accepted = await submit(store, new_job(session_id=sid, key="k"))
+    closed, changed = await store.end_session(sid, "t1", SessionState.CLOSED, "bye")
+    assert changed
+    assert closed.state is SessionState.CLOSED
+    assert closed.state_reason == "bye"
+    assert closed.closed_at is not None
+    with pytest.raises(FailedPrecondition, match=f"session {sid} is closed"):
+        await store.submit(new_job(session_id=sid), max_queued_per_tenant=10)
+    # A retried submit of a job accepted before the close still answers with it.
+    again, created = await store.submit(new_job(session_id=sid, key="k"), max_queued_per_tenant=10)
+    assert again.id == accepted
+    assert not created
+
+
+async def test_end_session_transitions(store: JobStore) -> None:
+    sid = await new_session(store)
+    closed, changed = await store.end_session(sid, None, SessionState.CLOSED, "a")
+    assert changed
+    same, changed = await store.end_session(sid, None, SessionState.EXPIRED, "b")
+    assert not changed
+    assert same.state is SessionState.CLOSED
+    cancelled, changed = await store.end_session(sid, None, SessionState.CANCELLED, "c")
+    assert changed
+    assert cancelled.state is SessionState.CANCELLED
+    assert cancelled.closed_at == closed.closed_at
+    _, changed = await store.end_session(sid, None, SessionState.CANCELLED, "d")
+    assert not changed
+    with pytest.raises(NotFound):
+        await store.end_session(sid, "t2", SessionState.CLOSED, "x")
+    expired, changed = await store.end_session(
+        await new_session(store), None, SessionState.EXPIRED, "max_time 600 s reached"
+    )
+    assert changed
+    assert expired.state is SessionState.EXPIRED
+
+
+async def test_claim_pins_a_dedicated_session_to_the_first_claimer(store: JobStore) -> None:
+    sid = await new_session(store)
+    ids = [await submit(store, new_job(session_id=sid)) for _ in range(3)]
+    (first,) = await store.claim(["aer"], "e-1", TTL, 1)
+    assert first.job.id == ids[0]
+    session = await store.get_session(sid)
+    assert (session.state, session.executor_id) == (SessionState.ACTIVE, "e-1")
+    assert session.activated_at is not None
+    assert await store.claim(["aer"], "e-2", TTL, 5) == []  # pinned elsewhere
+    rest = await store.claim(["aer"], "e-1", TTL, 5)
+    assert [g.job.id for g in rest] == ids[1:]
+
+
+async def test_batch_sessions_activate_without_pinning(store: JobStore) -> None:
+    sid = await new_session(store, SessionMode.BATCH)
+    a = await submit(store, new_job(session_id=sid))
+    b = await submit(store, new_job(session_id=sid))
+    assert [g.job.id for g in await store.claim(["aer"], "e-1", TTL, 1)] == [a]
+    assert [g.job.id for g in await store.claim(["aer"], "e-2", TTL, 1)] == [b]
+    session = await store.get_session(sid)
+    assert (session.state, session.executor_id) == (SessionState.ACTIVE, "")
+
+
+async def test_active_pinned_session_jobs_jump_the_executors_queue(store: JobStore) -> None:
+    sid = await new_session(store)
+    await submit(store, new_job(session_id=sid))
+    await store.claim(["aer"], "e-1", TTL, 1)  # pins to e-1
+    backlog = [await submit(store) for _ in range(3)]
+    late = await submit(store, new_job(session_id=sid))
+    # Another executor takes the backlog in age order and never the pinned job.
+    assert [g.job.id for g in await store.claim(["aer"], "e-2", TTL, 1)] == [backlog[0]]
+    grants = await store.claim(["aer"], "e-1", TTL, 2)
+    assert [g.job.id for g in grants] == [late, backlog[1]]
+
+
+async def test_closed_pinned_session_jobs_stay_pinned_but_wait_their_turn(
+    store: JobStore,
+) -> None:
+    sid = await new_session(store)
+    await submit(store, new_job(session_id=sid))
+    await store.claim(["aer"], "e-1", TTL, 1)
+    older = await submit(store)
+    pinned = await submit(store, new_job(session_id=sid))
+    await store.end_session(sid, None, SessionState.CLOSED, "closed")
+    assert await store.claim(["aer"], "e-2", TTL, 5) != []  # takes `older` only
+    assert (await store.get(older)).executor_id == "e-2"
+    assert [g.job.id for g in await store.claim(["aer"], "e-1", TTL, 5)] == [pinned]
+    # Closed but still pinned with running work: the reaper must still see it.
+    (live,) = await store.live_sessions()
+    assert (live.id, live.state, live.counts[JobState.RUNNING]) == (sid, SessionState.CLOSED, 2)
+
+
+async def test_unpin_lets_another_executor_repin(store: JobStore) -> None:
+    sid = await new_session(store)
+    first = await submit(store, new_job(session_id=sid))
+    (grant,) = await store.claim(["aer"], "e-1", TTL, 1)
+    await store.apply_update(first, grant.job.lease_id, UpdateKind.RESULT, b"")
+    second = await submit(store, new_job(session_id=sid))
+    assert await store.claim(["aer"], "e-2", TTL, 1) == []
+    (changed,) = await store.unpin_sessions("e-1")
+    assert (changed.id, changed.executor_id) == (sid, "e-1")
+    assert await store.unpin_sessions("e-1") == []
+    assert [g.job.id for g in await store.claim(["aer"], "e-2", TTL, 1)] == [second]
+    session = await store.get_session(sid)
+    assert (session.executor_id, session.state) == ("e-2", SessionState.ACTIVE)
+
+
+async def test_live_sessions_are_open_active_or_closed_with_pinned_work(store: JobStore) -> None:
+    open_id = await new_session(store)
+    active_id = await new_session(store, SessionMode.BATCH)
+    await submit(store, new_job(session_id=active_id))
+    await store.claim(["aer"], "e-1", TTL, 1)
+    ended = await new_session(store)
+    await store.end_session(ended, None, SessionState.EXPIRED, "x")
+    live = {s.id: s for s in await store.live_sessions()}
+    assert set(live) == {open_id, active_id}
+    assert live[active_id].counts[JobState.RUNNING] == 1
