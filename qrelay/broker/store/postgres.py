@@ -1253,6 +1253,10 @@ class PostgresJobStore(JobStore):
                 "UPDATE sessions SET executor_id = '' WHERE executor_id = $1 AND mode = 1",
                 executor_id,
             )
+            # Their queued jobs may now go to any executor, on any replica.
+            for backend in sorted({s.backend for s in changed}):
+                for kind in (JobKind.SAMPLER, JobKind.PROGRAM):
+                    t.notify("q", b=backend, n=int(kind))
             return changed
 
         return await self._tx(tx)
