@@ -159,6 +159,16 @@ class Executor:
         ]
 
     @property
+    def max_update_bytes(self) -> int:
+        """The broker's limit on one update (from Welcome); 0 before the first Welcome."""
+        return self._max_update_bytes
+
+    @property
+    def capabilities(self) -> list[str]:
+        """Optional features announced in Hello: "program" once the sandbox runner started."""
+        return ["program"] if self._program_runner is not None else []
+
+    @property
     def peak_running(self) -> int:
         """Most jobs that ever ran at once (bounded by `slots`)."""
         return self._peak_running
@@ -399,7 +409,7 @@ class Executor:
             backends=self._backend_infos,
             slots=self.settings.slots,
             version=qrelay.__version__,
-            capabilities=["program"] if self._program_runner is not None else [],
+            capabilities=self.capabilities,
             held=held,
         )
         try:

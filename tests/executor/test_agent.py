@@ -152,6 +152,7 @@ async def test_executor_announces_backends_and_runs_a_sampler_job(
         settings = executor_settings(broker.address, backends=["aer", "fake_manila"])
         async with running_executor(settings) as executor:
             assert executor.connected
+            assert executor.capabilities == []  # programs=False in these tests
             async with grpc.aio.insecure_channel(broker.address) as channel:
                 listed = await backends_pb2_grpc.BackendServiceStub(channel).List(
                     backends_pb2.ListBackendsRequest(), timeout=5
@@ -353,19 +354,25 @@ def wide_register_qasm3(num_bits: int) -> str:
 async def test_result_over_the_brokers_update_limit_fails_the_job_resource_exhausted(
     tmp_path: Path, jobs_stub: Any
 ) -> None:
-    # max_job_bytes=4096 makes the broker accept messages of at most 4*4096 + 1 MiB;
-    # 120 000 shots of an 80-bit register is a 1.2 MB BitArray, over it. (A slow
-    # heartbeat: building a result this big holds the GIL for a while.)
+    # Small job/program limits make the broker's update limit (Welcome.max_update_bytes)
+    # about 1 MiB; an 80-bit register takes 10 bytes a shot, so limit/10 + 10 000
+    # shots is a result just over it. (A slow heartbeat: building a result this
+    # big holds the GIL for a while.)
     settings = broker_settings(
-        tmp_path, max_job_bytes=4096, lease_ttl_s=10.0, heartbeat_interval_s=1.0
+        tmp_path,
+        max_job_bytes=4096,
+        max_program_bytes=4096,
+        lease_ttl_s=10.0,
+        heartbeat_interval_s=1.0,
     )
-    limit = 4 * 4096 + 1024 * 1024
     async with (
         running_broker(settings) as broker,
         running_executor(executor_settings(broker.address)) as executor,
     ):
+        limit = executor.max_update_bytes
+        assert 0 < limit < 2 * 1024 * 1024, "precondition: a small limit"
         stub = jobs_stub(broker.address)
-        spec = sampler_spec("aer", wide_register_qasm3(80), shots=120_000)
+        spec = sampler_spec("aer", wide_register_qasm3(80), shots=limit // 10 + 10_000)
         big = await submit(stub, spec)
         failed = (await wait_terminal(stub, [big], timeout=120))[big]
         assert failed.state == types_pb2.JOB_STATE_FAILED
