@@ -41,6 +41,20 @@ def _wait_serving(address: str, proc: subprocess.Popen[bytes], timeout: float = 
     raise SystemExit(f"qrelay dev did not start within {timeout:.0f}s")
 
 
+def _wait_backends(address: str, names: tuple[str, ...], timeout: float = 60.0) -> None:
+    """The broker serves before its executor has announced; wait for the backends too."""
+    from qrelay.client import QRelayService
+
+    deadline = time.monotonic() + timeout
+    with QRelayService(address) as service:
+        while time.monotonic() < deadline:
+            online = {b.name for b in service.backends() if b.online}
+            if online.issuperset(names):
+                return
+            time.sleep(0.2)
+    raise SystemExit(f"backends {', '.join(names)} did not come online within {timeout:.0f}s")
+
+
 def main() -> int:
     console = Console()
     port = _free_port()
@@ -53,6 +67,7 @@ def main() -> int:
     dev = subprocess.Popen([sys.executable, "-m", "qrelay", "dev", "--port", str(port)], env=env)
     try:
         _wait_serving(address, dev)
+        _wait_backends(address, ("aer", "fake_manila"))
         console.rule("Sampler: GHZ on an ideal and a noisy device")
         sampler_ghz.main(address)
         console.rule("Estimator: a parameter sweep in one job")

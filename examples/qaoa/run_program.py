@@ -40,9 +40,11 @@ def run(
         description="QAOA MaxCut on a 5-node graph (COBYLA)",
     )
     job = service.run(program, {"p": p, "maxiter": maxiter, "seed": seed}, backend=backend)
+    if live and console is not None:
+        console.print(f"{program} running as job {job.job_id()}", highlight=False)
     if live:
         view = IterationView(
-            f"QAOA {job.job_id()}", maxiter, label="expected cut", console=console, minimise=False
+            "QAOA on " + backend, maxiter, label="expected cut", console=console, minimise=False
         )
         with view:
             for interim in job.interim_results():

@@ -45,8 +45,9 @@ class IterationView:
         )
         self._task = self._progress.add_task(title, total=total, status="waiting for executor")
         self._spark = Text()
+        self._console = console or Console()
         self._live = Live(
-            Group(self._progress, self._spark), console=console, refresh_per_second=12
+            Group(self._progress, self._spark), console=self._console, refresh_per_second=12
         )
 
     def __enter__(self) -> IterationView:
@@ -60,6 +61,8 @@ class IterationView:
         tb: TracebackType | None,
     ) -> None:
         self._live.__exit__(exc_type, exc, tb)
+        if not self._console.is_terminal:
+            self._console.line()  # the final frame ends without a newline off-terminal
 
     def update(self, iteration: int, value: float) -> None:
         self.values.append(value)

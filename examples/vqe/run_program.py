@@ -42,8 +42,10 @@ def run(
         description="VQE for H2 at 0.735 Å (COBYLA, RY/CX ansatz)",
     )
     job = service.run(program, {"maxiter": maxiter, "seed": seed}, backend=backend)
+    if live and console is not None:
+        console.print(f"{program} running as job {job.job_id()}", highlight=False)
     if live:
-        with IterationView(f"VQE {job.job_id()}", maxiter, console=console) as view:
+        with IterationView("VQE on " + backend, maxiter, console=console) as view:
             for interim in job.interim_results():
                 view.update(interim["iteration"], interim["energy"])
     result: dict[str, Any] = job.result()
