@@ -32,6 +32,11 @@ if TYPE_CHECKING:
     from qrelay._proto.v1 import jobs_pb2, types_pb2
     from qrelay.client import AsyncQRelayService
 
+# qrelay starts subprocesses only with fork+exec (sandboxes), never a bare
+# fork, so gRPC's fork handlers are not needed; without this, gRPC logs
+# "skipping fork() handlers" each time a sandbox starts while calls are live.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 log = structlog.get_logger(__name__)
 console = Console()
 err_console = Console(stderr=True)
