@@ -1,4 +1,8 @@
-"""`qrelay dev` as a real process, inspected with the CLI's own client commands."""
+"""`qrelay dev` as a real process, inspected with the CLI's own client commands.
+
+Every command runs as its own process, as a user runs it (grpc.aio in one
+process across many short-lived event loops is not a supported pattern).
+"""
 
 from __future__ import annotations
 
@@ -9,15 +13,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
-import structlog
-from typer.testing import CliRunner
 
 from qrelay._proto.v1 import jobs_pb2, jobs_pb2_grpc
-from qrelay.cli import app
 from tests.integration.rawstubs import BELL_QASM3, sampler_spec
 
 pytestmark = pytest.mark.slow
@@ -47,26 +49,32 @@ def dev_stack(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
             proc.wait(timeout=10)
 
 
-@pytest.fixture
-def cli() -> Iterator[CliRunner]:
-    saved = structlog.get_config()
-    yield CliRunner()
-    structlog.configure(**saved)
+@dataclass
+class Ran:
+    exit_code: int
+    output: str
 
 
-def test_dev_stack_lists_its_backends_and_stops_cleanly_on_sigint(
-    dev_stack: tuple[str, subprocess.Popen[str]], cli: CliRunner
-) -> None:
-    address, proc = dev_stack
-    listed = subprocess.run(
-        [sys.executable, "-m", "qrelay", "backends", "--broker", address],
-        capture_output=True,
+def qrelay(*args: str) -> Ran:
+    """Run `qrelay ARGS` as a process; stdout and stderr together, like a terminal."""
+    done = subprocess.run(
+        [sys.executable, "-m", "qrelay", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
         timeout=60,
         env={**os.environ, "COLUMNS": "200", "QRELAY_LOG_LEVEL": "warning"},
     )
-    assert listed.returncode == 0, listed.stderr
-    rows = {line.split()[1]: line for line in listed.stdout.splitlines() if "│" in line}
+    return Ran(done.returncode, done.stdout)
+
+
+def test_dev_stack_lists_its_backends_and_stops_cleanly_on_sigint(
+    dev_stack: tuple[str, subprocess.Popen[str]],
+) -> None:
+    address, proc = dev_stack
+    listed = qrelay("backends", "--broker", address)
+    assert listed.exit_code == 0, listed.output
+    rows = {line.split()[1]: line for line in listed.output.splitlines() if "│" in line}
     assert "yes" in rows["aer"]
     assert "yes" in rows["fake_manila"]
 
@@ -75,22 +83,22 @@ def test_dev_stack_lists_its_backends_and_stops_cleanly_on_sigint(
         job = jobs_pb2_grpc.JobServiceStub(channel).Submit(
             jobs_pb2.SubmitRequest(spec=sampler_spec("aer", BELL_QASM3, shots=64)), timeout=10
         )
-    watched = cli.invoke(app, ["jobs", "watch", job.id, "--broker", address], terminal_width=200)
+    watched = qrelay("jobs", "watch", job.id, "--broker", address)
     assert watched.exit_code == 0, watched.output
     assert "QUEUED" in watched.output
     assert "RUNNING" in watched.output
     assert "DONE" in watched.output
     assert "64 shots" in watched.output
-    listed_jobs = cli.invoke(app, ["jobs", "list", "--broker", address], terminal_width=200)
+    listed_jobs = qrelay("jobs", "list", "--broker", address)
     assert listed_jobs.exit_code == 0, listed_jobs.output
     assert job.id in listed_jobs.output
-    shown = cli.invoke(app, ["jobs", "show", job.id, "--broker", address], terminal_width=200)
+    shown = qrelay("jobs", "show", job.id, "--broker", address)
     assert shown.exit_code == 0, shown.output
     assert "DONE" in shown.output
-    cancelled = cli.invoke(app, ["jobs", "cancel", job.id, "--broker", address])
+    cancelled = qrelay("jobs", "cancel", job.id, "--broker", address)
     assert cancelled.exit_code == 0, cancelled.output
     assert "DONE" in cancelled.output, "cancelling a finished job changes nothing"
-    missing = cli.invoke(app, ["jobs", "show", "j-nope", "--broker", address])
+    missing = qrelay("jobs", "show", "j-nope", "--broker", address)
     assert missing.exit_code == 1
     assert "NOT_FOUND" in missing.output
 
@@ -100,7 +108,7 @@ def test_dev_stack_lists_its_backends_and_stops_cleanly_on_sigint(
             jobs_pb2.SubmitRequest(spec=sampler_spec("aer", "OPENQASM 3.0;\nnot qasm;\n")),
             timeout=10,
         )
-    failed = cli.invoke(app, ["jobs", "watch", bad.id, "--broker", address], terminal_width=200)
+    failed = qrelay("jobs", "watch", bad.id, "--broker", address)
     assert failed.exit_code == 1, failed.output
     assert "FAILED" in failed.output
     assert "INVALID_ARGUMENT" in failed.output
