@@ -106,6 +106,7 @@ _MIGRATIONS: dict[int, str] = {
     2: """
     ALTER TABLE jobs ADD COLUMN program_id TEXT NOT NULL DEFAULT '';
     CREATE INDEX jobs_session ON jobs(session_id, state) WHERE session_id != '';
+    CREATE INDEX jobs_session_live ON jobs(session_id) WHERE session_id != '' AND state IN (1, 2);
     CREATE INDEX jobs_program ON jobs(tenant, program_id) WHERE program_id != '';
     CREATE TABLE programs (
         tenant TEXT NOT NULL,
@@ -458,8 +459,11 @@ class SQLiteJobStore(JobStore):
             # First the jobs of active dedicated sessions pinned here (they jump
             # the queue), then everyone's by age, minus jobs pinned elsewhere.
             rows = conn.execute(
-                f"SELECT {columns} FROM sessions s JOIN jobs j ON j.session_id = s.id "
-                f"WHERE s.executor_id = ? AND s.mode = 1 AND s.state = 2 AND {where} "
+                # CROSS JOIN fixes the order (pinned sessions, then their jobs);
+                # the != '' terms let SQLite use the partial indexes.
+                f"SELECT {columns} FROM sessions s CROSS JOIN jobs j ON j.session_id = s.id "
+                "WHERE s.executor_id = ? AND s.executor_id != '' AND s.mode = 1 AND s.state = 2 "
+                f"AND j.session_id != '' AND {where} "
                 "ORDER BY j.qseq LIMIT ?",
                 (executor_id, *params, limit),
             ).fetchall()
@@ -868,11 +872,14 @@ class SQLiteJobStore(JobStore):
     def _session(conn: sqlite3.Connection, row: Sequence[Any]) -> SessionRecord:
         counts = {s: 0 for s in JobState}
         for state, n in conn.execute(
-            "SELECT state, COUNT(*) FROM jobs WHERE session_id = ? GROUP BY state", (row[0],)
+            "SELECT state, COUNT(*) FROM jobs WHERE session_id = ? AND session_id != '' "
+            "GROUP BY state",
+            (row[0],),
         ).fetchall():
             counts[JobState(state)] = n
         last_finished = conn.execute(
-            "SELECT MAX(finished_at) FROM jobs WHERE session_id = ?", (row[0],)
+            "SELECT MAX(finished_at) FROM jobs WHERE session_id = ? AND session_id != ''",
+            (row[0],),
         ).fetchone()[0]
         return SessionRecord(
             id=row[0],
@@ -949,10 +956,12 @@ class SQLiteJobStore(JobStore):
 
     async def live_sessions(self) -> list[SessionRecord]:
         def tx(conn: sqlite3.Connection) -> list[SessionRecord]:
+            # Two index-driven halves, so old sessions cost nothing per reaper tick.
             rows = conn.execute(
-                f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE state IN (1, 2) "
-                "OR (state = 3 AND executor_id != '' AND EXISTS (SELECT 1 FROM jobs "
-                "WHERE session_id = sessions.id AND state IN (1, 2))) ORDER BY created_at"
+                f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE state IN (1, 2) UNION ALL "
+                f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE id IN (SELECT session_id "
+                "FROM jobs INDEXED BY jobs_session_live WHERE session_id != '' "
+                "AND state IN (1, 2)) AND state = 3 AND executor_id != '' ORDER BY created_at"
             ).fetchall()
             return [self._session(conn, r) for r in rows]
 
