@@ -405,3 +405,30 @@ async def test_metrics_port_serves_slot_and_connection_gauges(tmp_path: Path) ->
     assert 'qrelay_executor_slots{executor_id="e-metrics"} 3.0' in text
     assert 'qrelay_executor_connected{executor_id="e-metrics"} 1.0' in text
     assert 'qrelay_executor_busy_slots{executor_id="e-metrics"}' in text
+
+
+async def test_a_result_finished_while_the_broker_is_down_is_delivered_after_reconnecting(
+    tmp_path: Path, jobs_stub: Any
+) -> None:
+    port = free_port()
+    settings = broker_settings(tmp_path, port, lease_ttl_s=30.0)
+    async with anyio.create_task_group() as tg:
+        async with running_broker(settings) as broker:
+            executor = Executor(executor_settings(broker.address, slots=1))
+            tg.start_soon(executor.run)
+            await executor.wait_connected(30)
+            stub = jobs_stub(broker.address)
+            job_id = await submit(stub, long_spec(30))
+            await wait_state(stub, job_id, types_pb2.JOB_STATE_RUNNING)
+        # With the broker down the job finishes here; its result waits in the outbox.
+        await poll_until(lambda: job_id not in executor.running_jobs, 60)
+        assert [h.job_id for h in executor.held_leases] == [job_id]
+        assert not executor.connected
+        async with running_broker(settings):
+            await executor.wait_connected(30)
+            done = (await wait_terminal(stub, [job_id], timeout=60))[job_id]
+            assert done.state == types_pb2.JOB_STATE_DONE
+            assert done.attempts == 1
+            assert len(payloads(await watch_all(stub, job_id), "result")) == 1
+            await poll_until(lambda: not executor.held_leases, 10)
+        tg.cancel_scope.cancel()
