@@ -31,7 +31,9 @@ from qrelay.executor.settings import ExecutorSettings
 from tests.broker.conftest import FakeExecutor, postgres_schema, sampler_spec, until, wait_state
 from tests.integration.rawstubs import unpack_bits, watch_all
 
-REPLICA = {"lease_ttl_s": 2.0, "heartbeat_interval_s": 0.25, "shutdown_grace_s": 1.0}
+# Leases long enough that a loaded machine cannot fake a silent executor (no
+# test here waits for one to expire).
+REPLICA = {"lease_ttl_s": 10.0, "heartbeat_interval_s": 0.25, "shutdown_grace_s": 1.0}
 # Long enough that only LISTEN/NOTIFY hints can make a test pass in time; the
 # catch-up test shortens it to prove the sync tick alone also gets there.
 HINTS_ONLY_SYNC_S = 60.0
@@ -150,12 +152,17 @@ async def test_jobs_submitted_across_replicas_run_exactly_once(tmp_path: Path) -
         assigned: Counter[str] = Counter()
         by_executor: Counter[str] = Counter()
 
-        async def serve(fake: FakeExecutor) -> None:
+        async def serve(fake: FakeExecutor, tg: asyncio.TaskGroup) -> None:
             while True:
                 assignment = await fake.recv("assignment", within=60)
                 assigned[assignment.job_id] += 1
                 by_executor[fake.executor_id] += 1
-                fake.finish(assignment)
+                tg.create_task(finish_soon(fake, assignment))
+
+        async def finish_soon(fake: FakeExecutor, assignment: executor_pb2.Assignment) -> None:
+            # A little work per job, so that neither executor drains the queue alone.
+            await asyncio.sleep(0.02)
+            fake.finish(assignment)
 
         async with (
             FakeExecutor(a.address, executor_id="e-a", slots=4) as on_a,
@@ -164,7 +171,7 @@ async def test_jobs_submitted_across_replicas_run_exactly_once(tmp_path: Path) -
             grpc.aio.insecure_channel(b.address) as chan_b,
             asyncio.TaskGroup() as tg,
         ):
-            workers = [tg.create_task(serve(on_a)), tg.create_task(serve(on_b))]
+            workers = [tg.create_task(serve(on_a, tg)), tg.create_task(serve(on_b, tg))]
             stubs = [jobs_pb2_grpc.JobServiceStub(chan_a), jobs_pb2_grpc.JobServiceStub(chan_b)]
             submitted = await asyncio.gather(
                 *(
