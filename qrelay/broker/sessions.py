@@ -22,7 +22,9 @@ Expiry (the reaper here, every `session_check_interval_s`):
 Re-pinning: when a session's pinned executor has been disconnected for longer
 than the lease TTL (by then its running jobs' leases have lapsed and been
 requeued), the session is unpinned and its next job re-pins it to whichever
-executor claims it; `session.repinned`/`session.unpinned` are logged.
+executor claims it; `session.repinned`/`session.unpinned` are logged. The
+same happens when a session pinned to an executor without a program sandbox
+has a program job waiting (that executor could never run it).
 """
 
 from __future__ import annotations
@@ -202,10 +204,34 @@ class Sessions:
                     expired.append(await self.store.get_session(session.id))
                 continue
             self._note_pin(session)
-            if session.executor_id and session.executor_id not in self.scheduler.executors:
+            link = self.scheduler.executors.get(session.executor_id)
+            if session.executor_id and link is None:
                 gone.add(session.executor_id)
+            elif link is not None and "program" not in link.capabilities:
+                await self._unpin_if_programs_wait(session)
         await self._unpin_vanished(gone, now)
         return expired
+
+    async def _unpin_if_programs_wait(self, session: SessionRecord) -> None:
+        """A session pinned to an executor without a program sandbox cannot run
+        its queued program jobs there: unpin that executor's sessions so a
+        program-capable executor can take this one over (the others re-pin at
+        their next claim, usually to the same executor)."""
+        if not session.counts[JobState.QUEUED]:
+            return
+        page = await self.store.list_jobs(
+            session.tenant, states=(JobState.QUEUED,), session_id=session.id, page_size=1000
+        )
+        if not any(job.kind is JobKind.PROGRAM for job in page.jobs):
+            return
+        for changed in await self.store.unpin_sessions(session.executor_id):
+            log.warning(
+                "session.unpinned",
+                session_id=changed.id,
+                executor_id=changed.executor_id,
+                reason="pinned executor cannot run program jobs",
+            )
+            self.scheduler.queued(changed.backend, JobKind.PROGRAM)
 
     def _note_pin(self, session: SessionRecord) -> None:
         before = self._pins.get(session.id)

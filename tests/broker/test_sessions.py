@@ -451,3 +451,30 @@ async def test_background_reaper_expires_an_idle_session_with_its_reason(
             await asyncio.sleep(0.05)
             details = await get(sessions, session.id)
     assert details.state_reason == "max_idle 1 s reached (no job for 1 s)"
+
+
+async def test_program_job_moves_a_session_off_an_executor_without_a_sandbox(
+    broker: Broker,
+    channel: grpc.aio.Channel,
+    sessions: sessions_pb2_grpc.SessionServiceStub,
+    jobs: jobs_pb2_grpc.JobServiceStub,
+) -> None:
+    from qrelay._proto.v1 import programs_pb2_grpc
+    from tests.broker.test_programs import ProgramExecutor, program_spec, upload_request
+
+    await programs_pb2_grpc.ProgramServiceStub(channel).Upload(upload_request())
+    session = await create(sessions)
+    async with FakeExecutor(broker.address, executor_id="e-plain") as plain:
+        first = await submit(jobs, session.id)
+        assignment = await plain.recv("assignment")
+        plain.finish(assignment)
+        await wait_state(jobs, first, DONE)
+        assert (await get(sessions, session.id)).executor_id == "e-plain"
+        spec = program_spec("counter", session_id=session.id)
+        program_job = (await jobs.Submit(jobs_pb2.SubmitRequest(spec=spec))).id
+        async with ProgramExecutor(broker.address, executor_id="e-prog") as prog:
+            assignment = await prog.recv("assignment", within=10)
+            assert assignment.job_id == program_job
+            assert (await get(sessions, session.id)).executor_id == "e-prog"
+            prog.finish(assignment)
+            await wait_state(jobs, program_job, DONE)
