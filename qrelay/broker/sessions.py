@@ -205,8 +205,8 @@ class Sessions:
                 continue
             self._note_pin(session)
             link = self.scheduler.executors.get(session.executor_id)
-            if session.executor_id and link is None:
-                gone.add(session.executor_id)
+            if session.executor_id and not self.scheduler.executor_online(session.executor_id):
+                gone.add(session.executor_id)  # connected to no replica
             elif link is not None and "program" not in link.capabilities:
                 await self._unpin_if_programs_wait(session)
         await self._unpin_vanished(gone, now)
