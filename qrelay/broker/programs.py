@@ -60,6 +60,7 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _ID = re.compile(r"p-[0-9a-f]{64}")
 # Bundles are immutable per (tenant, id): cache recent ones for assignment.
 BUNDLE_CACHE_BYTES = 64 * MIB
+VALIDATOR_CACHE = 1024
 
 
 def _size(n: int) -> str:
@@ -249,7 +250,8 @@ class Programs:
     def __init__(self, store: JobStore, settings: BrokerSettings) -> None:
         self.store = store
         self.settings = settings
-        self._validators: dict[str, Any | None] = {}  # program id -> jsonschema validator
+        # program id -> its jsonschema validator (None: no schema); ids are immutable.
+        self._validators: OrderedDict[str, Any | None] = OrderedDict()
         self._bundles: OrderedDict[tuple[str, str], executor_pb2.ProgramBundle] = OrderedDict()
         self._bundle_bytes = 0
 
@@ -333,11 +335,15 @@ class Programs:
             raise NotFound(
                 f"program {ref!r} not found: upload it first (ProgramService.Upload)"
             ) from None
-        if record.id not in self._validators:
+        if record.id in self._validators:
+            self._validators.move_to_end(record.id)
+        else:
             cls = check_schema(record.input_schema_json)
             self._validators[record.id] = (
                 None if cls is None else cls(json.loads(record.input_schema_json))
             )
+            if len(self._validators) > VALIDATOR_CACHE:
+                self._validators.popitem(last=False)
         check_inputs(spec.program.inputs_json, self._validators[record.id])
         spec.program.program = record.id
         return record.id
