@@ -511,3 +511,45 @@ async def test_real_executor_runs_a_program_and_interims_arrive_in_order(tmp_pat
     result = next(e.result for e in events if e.HasField("result"))
     assert json.loads(result.program_json) == {"sum": 5}
     assert events[-1].state.state == types_pb2.JOB_STATE_DONE
+
+
+# --- the logic without a socket -----------------------------------------------------
+
+
+def test_program_id_depends_on_every_hashed_field_and_their_boundaries() -> None:
+    base = program_id("a", b"x", "m:f", ("r",), "")
+    assert base == program_id("a", b"x", "m:f", ("r",), "")
+    assert base.startswith("p-")
+    assert len(base) == 2 + 64
+    variants = {
+        program_id("ab", b"", "m:f", ("r",), ""),  # same bytes, split differently
+        program_id("a", b"x", "m:g", ("r",), ""),
+        program_id("a", b"x", "m:f", ("r", ""), ""),
+        program_id("a", b"x", "m:f", (), "r"),
+        program_id("a", b"x", "m:f", ("r",), "{}"),
+    }
+    assert base not in variants
+    assert len(variants) == 5
+
+
+async def test_programs_logic_runs_on_a_store_alone(store: Any) -> None:
+    from qrelay.broker.programs import Programs
+    from qrelay.broker.settings import BrokerSettings
+    from qrelay.errors import InvalidArgument, NotFound
+
+    programs = Programs(store, BrokerSettings())
+    record, created = await programs.upload(
+        "t1", name="p", archive=ARCHIVE, entry_point="main:main", input_schema_json=SCHEMA
+    )
+    assert created
+    spec = program_spec("p", {"n": 1})
+    assert await programs.check_job("t1", spec) == record.id
+    assert spec.program.program == record.id
+    with pytest.raises(InvalidArgument, match=r"at \['n'\]"):
+        await programs.check_job("t1", program_spec("p", {"n": 1.5}))
+    with pytest.raises(NotFound):
+        await programs.check_job("t2", program_spec("p"))
+    bundle = await programs.bundle(spec, "t1")
+    assert bundle is not None
+    assert (bundle.id, bundle.archive) == (record.id, ARCHIVE)
+    assert await programs.bundle(program_spec("p-unknown"), "t1") is None
