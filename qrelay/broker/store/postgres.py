@@ -1234,8 +1234,9 @@ class PostgresJobStore(JobStore):
     async def live_sessions(self) -> list[SessionRecord]:
         async def read(conn: asyncpg.Connection) -> list[SessionRecord]:
             rows = await conn.fetch(
-                f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE state IN (1, 2) "
-                "OR (state = 3 AND executor_id <> '') ORDER BY created_at"
+                f"SELECT {_SESSION_COLUMNS} FROM sessions s WHERE state IN (1, 2) "
+                "OR (state = 3 AND executor_id <> '' AND EXISTS (SELECT 1 FROM jobs j "
+                "WHERE j.session_id = s.id AND j.state IN (1, 2))) ORDER BY created_at"
             )
             return await self._sessions(conn, rows)
 
