@@ -70,6 +70,7 @@ class ReplicaFanout:
         # executor_id -> presence, for executors connected to other replicas.
         self.remote: dict[str, Presence] = {}
         self.connected = asyncio.Event()
+        self.listener_pid: int | None = None  # server pid of the LISTEN connection
         self._inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(_INBOX_LIMIT)
         self._overflowed = False
         self._presence_dirty = asyncio.Event()
@@ -122,6 +123,7 @@ class ReplicaFanout:
         conn.add_termination_listener(lambda _conn: lost.set())
         try:
             await conn.add_listener(self.store.channel, self._on_notify)
+            self.listener_pid = conn.get_server_pid()
             self.connected.set()
             log.info("fanout.listening", channel=self.store.channel, broker_id=self.broker_id)
             # Anything committed before LISTEN took effect is picked up here.

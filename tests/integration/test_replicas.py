@@ -26,6 +26,7 @@ from qrelay._proto.v1 import (
     types_pb2,
 )
 from qrelay.broker import Broker, BrokerSettings, running_broker
+from qrelay.broker.store.postgres import PostgresJobStore
 from qrelay.executor.agent import running_executor
 from qrelay.executor.settings import ExecutorSettings
 from tests.broker.conftest import FakeExecutor, postgres_schema, sampler_spec, until, wait_state
@@ -221,3 +222,35 @@ async def test_watch_on_a_replica_catches_up_when_notifications_are_lost(
         events = await asyncio.wait_for(watch, 10)
         assert events[-1].state.state == types_pb2.JOB_STATE_DONE
         assert [e.seq for e in events] == list(range(1, len(events) + 1))
+
+
+async def test_a_replica_relistens_after_losing_its_database_connection(
+    tmp_path: Path,
+) -> None:
+    async with (
+        replicas(tmp_path) as (a, b),
+        FakeExecutor(b.address, executor_id="e-b") as fake,
+        grpc.aio.insecure_channel(a.address) as channel,
+    ):
+        assert b.fanout is not None
+        lost_pid = b.fanout.listener_pid
+        # The database drops B's listening connection (as a failover or restart would).
+        assert isinstance(b.store, PostgresJobStore)
+        async with b.store._require_pool().acquire() as conn:
+            assert await conn.fetchval("SELECT pg_terminate_backend($1)", lost_pid)
+        await until(
+            lambda: (
+                b.fanout is not None
+                and b.fanout.connected.is_set()
+                and b.fanout.listener_pid != lost_pid
+            ),
+            within=10,
+        )
+        # Hints reach B again: a submit on A is run by B's executor, a cancel on A stops it.
+        jobs = jobs_pb2_grpc.JobServiceStub(channel)
+        job = await jobs.Submit(jobs_pb2.SubmitRequest(spec=sampler_spec("aer")))
+        assignment = await fake.recv("assignment")
+        assert assignment.job_id == job.id
+        await jobs.Cancel(jobs_pb2.CancelJobRequest(job_id=job.id))
+        stop = await fake.recv("cancel")
+        assert stop.lease_id == assignment.lease_id
