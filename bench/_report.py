@@ -141,6 +141,7 @@ def machine_info() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "versions": versions,
         "git_commit": _git_commit(),
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
 
 
@@ -219,6 +220,9 @@ class Report:
             "title": self.title,
             "started_at": self.started_at,
             "duration_s": time.time() - self.started_at,
+            # Other work on the machine at the end; with load_average_at_start it says how noisy
+            # the run was (a load above the core count means queued CPU work).
+            "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "machine": self.machine,
             "parameters": self.parameters,
             "rows": self.rows,
