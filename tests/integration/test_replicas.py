@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 
 from qrelay._proto.v1 import (
     backends_pb2,
@@ -30,6 +31,7 @@ from qrelay.broker.store.postgres import PostgresJobStore
 from qrelay.executor.agent import running_executor
 from qrelay.executor.settings import ExecutorSettings
 from tests.broker.conftest import FakeExecutor, postgres_schema, sampler_spec, until, wait_state
+from tests.integration.procs import free_port, start_broker
 from tests.integration.rawstubs import unpack_bits, watch_all
 
 # Leases long enough that a loaded machine cannot fake a silent executor (no
@@ -254,3 +256,64 @@ async def test_a_replica_relistens_after_losing_its_database_connection(
         await jobs.Cancel(jobs_pb2.CancelJobRequest(job_id=job.id))
         stop = await fake.recv("cancel")
         assert stop.lease_id == assignment.lease_id
+
+
+@pytest.mark.slow
+async def test_kill9_of_a_replica_hands_its_running_job_to_an_executor_of_another(
+    tmp_path: Path,
+) -> None:
+    async with postgres_schema() as (dsn, schema):
+        env = {
+            "QRELAY_DATABASE_URL": dsn,
+            "QRELAY_DATABASE_SCHEMA": schema,
+            "QRELAY_LEASE_TTL_S": "2",
+            "QRELAY_HEARTBEAT_INTERVAL_S": "0.25",
+            "QRELAY_REPLICA_SYNC_INTERVAL_S": "0.3",
+        }
+        port = free_port()
+        doomed = await asyncio.to_thread(start_broker, port, tmp_path / "unused.db", tmp_path, env)
+        settings = BrokerSettings(
+            listen="127.0.0.1:0",
+            db_path=tmp_path / "unused-a.db",
+            database_url=dsn,
+            database_schema=schema,
+            lease_ttl_s=2.0,
+            heartbeat_interval_s=0.25,
+            replica_sync_interval_s=0.3,
+            shutdown_grace_s=1.0,
+        )
+        try:
+            async with (
+                running_broker(settings) as survivor,
+                grpc.aio.insecure_channel(survivor.address) as channel,
+            ):
+                on_doomed = FakeExecutor(f"127.0.0.1:{port}", executor_id="e-doomed")
+                await on_doomed.__aenter__()
+                try:
+                    await wait_online(survivor.address, "aer", 1)
+                    jobs = jobs_pb2_grpc.JobServiceStub(channel)
+                    job = await jobs.Submit(jobs_pb2.SubmitRequest(spec=sampler_spec("aer")))
+                    first = await on_doomed.recv("assignment")
+                    assert first.job_id == job.id
+                    await asyncio.to_thread(doomed.kill9)
+                finally:
+                    await on_doomed.close()
+
+                async with FakeExecutor(survivor.address, executor_id="e-survivor") as fake:
+                    # Lease expiry (2 s) on the surviving replica requeues the job here.
+                    second = await fake.recv("assignment", within=15)
+                    assert (second.job_id, second.attempt) == (job.id, 2)
+                    fake.finish(second)
+                    events = await watch_all(jobs, job.id)
+                    # The dead replica's presence ages out: only e-survivor counts.
+                    await wait_online(survivor.address, "aer", 1)
+                running = [
+                    e.state.executor_id
+                    for e in events
+                    if e.state.state == types_pb2.JOB_STATE_RUNNING
+                ]
+                assert running == ["e-doomed", "e-survivor"]
+                assert events[-1].state.state == types_pb2.JOB_STATE_DONE
+                assert [e.WhichOneof("payload") for e in events].count("result") == 1
+        finally:
+            doomed.stop()
