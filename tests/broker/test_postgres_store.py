@@ -22,7 +22,7 @@ from qrelay.broker.store import BackendRecord, JobKind, JobState, NewJob, Update
 from qrelay.broker.store.postgres import PostgresJobStore
 from qrelay.broker.store.sqlite import SQLiteJobStore
 from qrelay.errors import ResourceExhausted, Unavailable
-from tests.broker.conftest import postgres_schema, require_postgres
+from tests.broker.conftest import postgres_schema
 
 TTL = 30.0
 
@@ -179,7 +179,6 @@ async def test_open_migrates_once_and_refuses_a_newer_schema() -> None:
 
 
 async def test_unreachable_database_is_unavailable_with_the_address() -> None:
-    require_postgres()  # same dependency as the others: asyncpg talking to a server
     store = PostgresJobStore("postgresql://postgres:secret@127.0.0.1:1/qrelay")
     with pytest.raises(Unavailable) as info:
         await store.open()
