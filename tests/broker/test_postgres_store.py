@@ -204,3 +204,30 @@ def test_settings_choose_the_store_and_check_the_url(tmp_path: Path) -> None:
         BrokerSettings(database_schema="Robert'); DROP TABLE jobs;--")
     with pytest.raises(ValueError, match="lower-case identifier"):
         PostgresJobStore("postgresql://u@h/q", schema="a-b")
+
+
+async def test_store_survives_the_database_dropping_its_connections(
+    pair: tuple[PostgresJobStore, PostgresJobStore],
+) -> None:
+    one, two = pair
+    job, _ = await one.submit(new_job(), max_queued_per_tenant=10)
+
+    async def drop_connections_of_one() -> None:
+        admin = await asyncpg.connect(**two.connect_kwargs())
+        try:
+            dropped = await admin.fetchval(
+                "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = 'qrelay r1'"
+            )
+            assert dropped >= 1
+        finally:
+            await admin.close()
+
+    # Nothing was committed on a connection found dead, so reads and writes
+    # are repeated on a fresh one: the caller sees no error.
+    await drop_connections_of_one()
+    assert (await one.get(job.id)).id == job.id
+    await drop_connections_of_one()
+    again, created = await one.submit(new_job(key="after-drop"), max_queued_per_tenant=10)
+    assert created
+    assert (await two.get(again.id)).idempotency_key == "after-drop"

@@ -24,6 +24,7 @@ under an advisory lock, with the version in `schema_version`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import re
@@ -65,6 +66,7 @@ from qrelay.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    QRelayError,
     ResourceExhausted,
     Unavailable,
 )
@@ -80,6 +82,14 @@ _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
 _RETRIES = 4
 # NOTIFY payloads must stay under 8000 bytes; a cancel reason is cut to this.
 _MAX_REASON = 1000
+
+# The database went away or refuses work for now: callers get UNAVAILABLE (retryable).
+_CONNECTION_ERRORS = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+)
 
 _MIGRATIONS: dict[int, str] = {
     1: """
@@ -259,7 +269,14 @@ class PostgresJobStore(JobStore):
     # --- plumbing ----------------------------------------------------------
     def connect_kwargs(self) -> dict[str, Any]:
         """How to open one more connection to this store (the fan-out's listener)."""
-        return {"dsn": self.dsn, "server_settings": {"search_path": self.schema}}
+        # application_name lets an operator see which replica holds which connection.
+        return {
+            "dsn": self.dsn,
+            "server_settings": {
+                "search_path": self.schema,
+                "application_name": f"qrelay {self.origin}"[:63],
+            },
+        }
 
     async def open(self) -> None:
         try:
@@ -304,35 +321,76 @@ class PostgresJobStore(JobStore):
         return self._pool
 
     async def _tx(self, fn: Callable[[_Tx], Awaitable[T]]) -> T:
-        """Run `fn` in one transaction; its notifications go out with the commit."""
+        """Run `fn` in one transaction; its notifications go out with the commit.
+
+        Retried (nothing was committed): deadlocks, serialization failures and
+        a connection lost before COMMIT was sent (e.g. the database dropped an
+        idle pooled connection). A connection lost during COMMIT is UNAVAILABLE:
+        the commit may or may not have happened, so the caller's retry decides
+        (Submit with an idempotency key is safe to repeat).
+        """
         pool = self._require_pool()
         for attempt in range(_RETRIES):
+            last = attempt == _RETRIES - 1
+            committing = False
             try:
-                async with pool.acquire() as conn, conn.transaction():
-                    tx = _Tx(conn, self.origin)
-                    value = await fn(tx)
-                    if tx.notices:
-                        await conn.execute(
-                            "SELECT pg_notify($1, n) FROM unnest($2::text[]) AS n",
-                            self.channel,
-                            tx.notices,
-                        )
-                    return value
+                async with pool.acquire() as conn:
+                    transaction = conn.transaction()
+                    try:
+                        await transaction.start()
+                        tx = _Tx(conn, self.origin)
+                        value = await fn(tx)
+                        if tx.notices:
+                            await conn.execute(
+                                "SELECT pg_notify($1, n) FROM unnest($2::text[]) AS n",
+                                self.channel,
+                                tx.notices,
+                            )
+                        committing = True
+                        await transaction.commit()
+                        return value
+                    except BaseException as exc:
+                        lost = isinstance(exc, Exception) and _connection_lost(exc, conn)
+                        if not committing and not lost and not conn.is_closed():
+                            with contextlib.suppress(Exception):
+                                await transaction.rollback()
+                        if lost:  # judged while the connection is still ours
+                            raise _LostConnection(exc, committing) from exc  # type: ignore[arg-type]
+                        raise
             except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
-                if attempt == _RETRIES - 1:
+                if last:
                     raise
                 await asyncio.sleep(0.005 * (2**attempt) * (0.5 + random.random()))
-            except (OSError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError) as exc:
+            except _LostConnection as lost_conn:
+                if lost_conn.committing or last:
+                    raise Unavailable(
+                        f"database unavailable: {lost_conn.cause}"
+                    ) from lost_conn.cause
+            except _CONNECTION_ERRORS as exc:  # no connection to be had at all
                 raise Unavailable(f"database unavailable: {exc}") from exc
         raise AssertionError("unreachable")
 
     async def _read(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-        """Run a read-only `fn` on a pooled connection, outside a transaction block."""
-        try:
-            async with self._require_pool().acquire() as conn:
-                return await fn(conn)
-        except (OSError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError) as exc:
-            raise Unavailable(f"database unavailable: {exc}") from exc
+        """Run a read-only `fn` on a pooled connection, outside a transaction block.
+
+        A read that lost its connection (e.g. the database dropped idle pooled
+        connections) is repeated once on a fresh one: reading twice is harmless.
+        """
+        for attempt in range(2):
+            try:
+                async with self._require_pool().acquire() as conn:
+                    try:
+                        return await fn(conn)
+                    except Exception as exc:
+                        if _connection_lost(exc, conn):
+                            raise _LostConnection(exc) from exc
+                        raise
+            except _LostConnection as lost:
+                if attempt == 1:
+                    raise Unavailable(f"database unavailable: {lost.cause}") from lost.cause
+            except _CONNECTION_ERRORS as exc:
+                raise Unavailable(f"database unavailable: {exc}") from exc
+        raise AssertionError("unreachable")
 
     @staticmethod
     def _record(row: Mapping[str, Any], queue_position: int = 0) -> JobRecord:
@@ -1392,6 +1450,25 @@ class PostgresJobStore(JobStore):
             ]
 
         return await self._read(read)
+
+
+class _LostConnection(Exception):
+    """Carries an error that meant "connection gone" out of the pool's context."""
+
+    def __init__(self, cause: Exception, committing: bool = False) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.committing = committing  # lost during COMMIT: outcome unknown
+
+
+def _connection_lost(exc: BaseException, conn: Any) -> bool:
+    """Whether `exc` means the database connection is gone (not a bug or a bad query).
+
+    asyncpg may report a connection the server just terminated as an internal
+    client error, so a closed connection counts whatever the exception."""
+    if isinstance(exc, QRelayError):
+        return False
+    return isinstance(exc, _CONNECTION_ERRORS) or bool(conn.is_closed())
 
 
 def _qualified(alias: str) -> str:
