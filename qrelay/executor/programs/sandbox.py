@@ -55,7 +55,9 @@ _QRELAY_ROOT = str(Path(qrelay.__file__).resolve().parent.parent)
 # sandbox's path: qiskit, qiskit-aer and qrelay come from there, never
 # reinstalled, even when the sandbox interpreter is another build of the
 # same Python version (e.g. the system one, when the executor's lives in a
-# directory the sandbox user cannot enter).
+# directory the sandbox user cannot enter). The interpreter runs with -S so a
+# system interpreter's own dist-packages (older compiled builds of cffi,
+# cryptography, ...) never shadow the executor's.
 _EXECUTOR_SITE = [p for p in site.getsitepackages() if os.path.isdir(p)]
 _BOOTSTRAP = (
     "import site, sys\n"
@@ -158,6 +160,7 @@ class Sandbox:
                 [
                     python,
                     "-I",
+                    "-S",  # no system site-packages: only the executor's, added below
                     "-u",
                     "-B",
                     "-c",
