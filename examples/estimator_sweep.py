@@ -42,13 +42,27 @@ def main(broker: str, points: int = 20) -> None:
             estimator.options.seed_simulator = 42
             results[name] = estimator.run([pub]).result()[0].data
     table = Table(title=f"<ZZ> and <XX> over a {points}-point sweep of θ")
-    for col in ("θ", "exact ZZ", "aer ZZ", "fake_manila ZZ", "exact XX", "aer XX", "fake_manila XX"):
+    for col in (
+        "θ",
+        "exact ZZ",
+        "aer ZZ",
+        "fake_manila ZZ",
+        "exact XX",
+        "aer XX",
+        "fake_manila XX",
+    ):
         table.add_column(col, justify="right")
     for i in range(0, points, max(1, points // 10)):
         table.add_row(
             f"{thetas[0, i, 0]:.2f}",
-            *(f"{v:+.3f}" for v in (exact[0, i], results["aer"].evs[0, i], results["fake_manila"].evs[0, i])),
-            *(f"{v:+.3f}" for v in (exact[1, i], results["aer"].evs[1, i], results["fake_manila"].evs[1, i])),
+            *(
+                f"{v:+.3f}"
+                for v in (exact[0, i], results["aer"].evs[0, i], results["fake_manila"].evs[0, i])
+            ),
+            *(
+                f"{v:+.3f}"
+                for v in (exact[1, i], results["aer"].evs[1, i], results["fake_manila"].evs[1, i])
+            ),
         )
     console = Console()
     console.print(table)

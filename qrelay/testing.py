@@ -88,8 +88,12 @@ async def local_stack(
 
 
 @contextmanager
-def local_stack_in_thread(**kwargs: Any) -> Iterator[tuple[LocalStack, anyio.from_thread.BlockingPortal]]:
+def local_stack_in_thread(
+    **kwargs: Any,
+) -> Iterator[tuple[LocalStack, anyio.from_thread.BlockingPortal]]:
     """`local_stack` on a background event loop, so blocking (sync SDK) code can use it."""
-    with anyio.from_thread.start_blocking_portal(backend="asyncio") as portal:
-        with portal.wrap_async_context_manager(local_stack(**kwargs)) as env:
-            yield env, portal
+    with (
+        anyio.from_thread.start_blocking_portal(backend="asyncio") as portal,
+        portal.wrap_async_context_manager(local_stack(**kwargs)) as env,
+    ):
+        yield env, portal

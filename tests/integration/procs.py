@@ -24,7 +24,9 @@ def free_port() -> int:
 class Proc:
     """A `python -m qrelay ...` child with its output in a log file."""
 
-    def __init__(self, args: Sequence[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, args: Sequence[str], log_path: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.log_path = log_path
         self._log = log_path.open("ab")
         self.popen = subprocess.Popen(

@@ -32,7 +32,12 @@ c = measure q;
 
 def heavy_qasm3(num_qubits: int = 14, layers: int = 30) -> str:
     """A circuit that keeps Aer busy for a noticeable time per shot batch."""
-    lines = ["OPENQASM 3.0;", 'include "stdgates.inc";', f"bit[{num_qubits}] c;", f"qubit[{num_qubits}] q;"]
+    lines = [
+        "OPENQASM 3.0;",
+        'include "stdgates.inc";',
+        f"bit[{num_qubits}] c;",
+        f"qubit[{num_qubits}] q;",
+    ]
     for layer in range(layers):
         for q in range(num_qubits):
             lines.append(f"rx({0.1 * (layer + 1) + 0.01 * q}) q[{q}];")
@@ -51,7 +56,9 @@ def sampler_spec(backend: str, qasm: str = BELL_QASM3, shots: int = 100) -> type
 def array(values: np.ndarray) -> types_pb2.NDArray:
     values = np.ascontiguousarray(values)
     return types_pb2.NDArray(
-        shape=list(values.shape), dtype=values.dtype.newbyteorder("<").str, data=values.astype(values.dtype.newbyteorder("<")).tobytes()
+        shape=list(values.shape),
+        dtype=values.dtype.newbyteorder("<").str,
+        data=values.astype(values.dtype.newbyteorder("<")).tobytes(),
     )
 
 
@@ -63,23 +70,25 @@ def unpack_bits(bits: types_pb2.BitArray) -> np.ndarray:
     return unpacked[:, : bits.num_bits]
 
 
-async def watch_all(stub: jobs_pb2_grpc.JobServiceStub, job_id: str, after_seq: int = 0,
-                    timeout: float = 60.0) -> list[types_pb2.JobEvent]:
+async def watch_all(
+    stub: jobs_pb2_grpc.JobServiceStub, job_id: str, after_seq: int = 0, deadline: float = 60.0
+) -> list[types_pb2.JobEvent]:
     """Every event of the job after `after_seq`, until the terminal state."""
     events = []
-    call = stub.Watch(jobs_pb2.WatchRequest(job_id=job_id, after_seq=after_seq), timeout=timeout)
+    call = stub.Watch(jobs_pb2.WatchRequest(job_id=job_id, after_seq=after_seq), timeout=deadline)
     async for event in call:
         events.append(event)
     return events
 
 
-async def wait_terminal(stub: jobs_pb2_grpc.JobServiceStub, job_ids: Sequence[str],
-                        timeout: float = 60.0) -> dict[str, jobs_pb2.Job]:
+async def wait_terminal(
+    stub: jobs_pb2_grpc.JobServiceStub, job_ids: Sequence[str], deadline: float = 60.0
+) -> dict[str, jobs_pb2.Job]:
     """Follow each job (reconnecting across broker restarts) until it is terminal."""
     import anyio
 
     jobs: dict[str, jobs_pb2.Job] = {}
-    with anyio.fail_after(timeout):
+    with anyio.fail_after(deadline):
         for job_id in job_ids:
             while True:
                 try:
@@ -87,9 +96,12 @@ async def wait_terminal(stub: jobs_pb2_grpc.JobServiceStub, job_ids: Sequence[st
                     if job.state in TERMINAL:
                         jobs[job_id] = job
                         break
-                    await watch_all(stub, job_id, after_seq=job.last_seq, timeout=timeout)
+                    await watch_all(stub, job_id, after_seq=job.last_seq, deadline=deadline)
                 except grpc.aio.AioRpcError as exc:
-                    if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    if exc.code() not in (
+                        grpc.StatusCode.UNAVAILABLE,
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                    ):
                         raise
                     await anyio.sleep(0.2)
     return jobs

@@ -15,7 +15,9 @@ def test_sampler_example_runs(sync_stack: LocalStack, capsys: pytest.CaptureFixt
     assert "P(000)+P(111)" in out
 
 
-def test_estimator_sweep_example_runs(sync_stack: LocalStack, capsys: pytest.CaptureFixture[str]) -> None:
+def test_estimator_sweep_example_runs(
+    sync_stack: LocalStack, capsys: pytest.CaptureFixture[str]
+) -> None:
     estimator_sweep.main(sync_stack.address, points=6)
     out = capsys.readouterr().out
     assert "mean |error| vs exact" in out

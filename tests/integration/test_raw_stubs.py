@@ -70,7 +70,9 @@ async def test_estimator_job_with_plain_stubs(stack: LocalStack) -> None:
         await watch_all(jobs, job.id)
         result = await jobs.GetResult(jobs_pb2.GetResultRequest(job_id=job.id))
     fields = {f.name: f.array for f in result.primitive.pub_results[0].data}
-    evs = np.frombuffer(fields["evs"].data, dtype=fields["evs"].dtype).reshape(tuple(fields["evs"].shape))
+    evs = np.frombuffer(fields["evs"].data, dtype=fields["evs"].dtype).reshape(
+        tuple(fields["evs"].shape)
+    )
     # <Z> after ry(theta) is cos(theta); precision 0.01 -> 5 sigma = 0.05.
     np.testing.assert_allclose(evs, np.cos(thetas[:, 0]), atol=0.05)
 
