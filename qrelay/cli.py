@@ -174,10 +174,25 @@ def _ts(value: Any) -> str:
 # -- servers -------------------------------------------------------------------
 
 
+def _redacted(url: str) -> str:
+    """A database URL without its password, for logs."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 @broker_app.command("serve")
 def broker_serve(
     listen: Annotated[str | None, typer.Option(help="Address to listen on, HOST:PORT.")] = None,
     db: Annotated[Path | None, typer.Option(help="SQLite database file.")] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option(help="PostgreSQL URL (postgresql://...) for replicas; overrides --db."),
+    ] = None,
     lease_ttl: Annotated[
         float | None, typer.Option(help="Seconds a lease lives without a heartbeat.")
     ] = None,
@@ -213,6 +228,7 @@ def broker_serve(
             **_given(
                 listen=listen,
                 db_path=db,
+                database_url=database_url,
                 lease_ttl_s=lease_ttl,
                 heartbeat_interval_s=heartbeat_interval,
                 max_attempts=max_attempts,
@@ -227,7 +243,8 @@ def broker_serve(
 
     async def serve() -> None:
         async with running_broker(settings) as broker:
-            log.info("broker.serving", address=broker.address, db=str(settings.db_path))
+            store = _redacted(settings.database_url) if settings.database_url else settings.db_path
+            log.info("broker.serving", address=broker.address, store=str(store))
             await anyio.sleep_forever()
 
     _run(lambda: _until_signal(serve))

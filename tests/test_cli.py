@@ -79,3 +79,10 @@ def test_broker_serve_rejects_malformed_tokens_with_exit_code_2() -> None:
     result = runner.invoke(app, ["broker", "serve", "--tokens", "just-a-token"])
     assert result.exit_code == 2
     assert "token=tenant" in result.output
+
+
+def test_database_url_password_never_reaches_the_log_line() -> None:
+    from qrelay.cli import _redacted
+
+    assert _redacted("postgresql://qrelay:s3cret@db:5432/q") == "postgresql://qrelay:***@db:5432/q"
+    assert _redacted("postgresql://qrelay@db/q") == "postgresql://qrelay@db/q"
