@@ -109,7 +109,7 @@ def main(ctx, shots):
 async def test_program_samples_on_the_executor_and_streams_its_log_and_interim(env: Env) -> None:
     assert env.executor.capabilities == ["program"]
     job_id = await env.submit(await env.upload(SAMPLING), {"shots": 200})
-    events = await watch_all(env.jobs, job_id, timeout=120)
+    events = await watch_all(env.jobs, job_id, deadline=120)
     kinds = [e.WhichOneof("payload") for e in events]
     assert events[-1].state.state == types_pb2.JOB_STATE_DONE, events[-2:]
     logs = [e.log for e in events if e.HasField("log")]
@@ -133,7 +133,7 @@ def main(ctx, x):
 
 async def test_program_exception_fails_the_job_with_the_users_traceback_only(env: Env) -> None:
     job_id = await env.submit(await env.upload(FAILING), {"x": -1})
-    events = await watch_all(env.jobs, job_id, timeout=120)
+    events = await watch_all(env.jobs, job_id, deadline=120)
     assert events[-1].state.state == types_pb2.JOB_STATE_FAILED
     error = next(e.error for e in events if e.HasField("error"))
     assert error.code == 2  # UNKNOWN: an exception in user code
@@ -179,6 +179,6 @@ async def test_cancelling_a_running_program_releases_it_and_kills_its_sandbox(en
     with anyio.fail_after(15):
         while not (_gone(pid) and not env.executor.held_leases):  # noqa: ASYNC110 - /proc
             await anyio.sleep(0.05)
-    events = await watch_all(env.jobs, job_id, timeout=30)
+    events = await watch_all(env.jobs, job_id, deadline=30)
     assert events[-1].state.state == types_pb2.JOB_STATE_CANCELLED
     assert not any(e.HasField("result") or e.HasField("error") for e in events)
