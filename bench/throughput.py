@@ -407,6 +407,7 @@ async def run(
     levels: Sequence[int],
     probes: int,
     budget_s: float,
+    queue_only: bool = False,
 ) -> Report:
     report = Report(
         "throughput",
@@ -430,7 +431,8 @@ async def run(
             },
         },
     )
-    await load_phases(report, concurrencies, duration_s, slots)
+    if not queue_only:
+        await load_phases(report, concurrencies, duration_s, slots)
     await queue_phase(report, levels, probes, budget_s)
     return report
 
@@ -470,7 +472,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--queue-levels", type=int, nargs="+", default=[1000, 10_000, 100_000])
     parser.add_argument("--probes", type=int, default=200, help="timed submits per queue level")
     parser.add_argument(
-        "--fill-budget-s", type=float, default=90.0, help="time allowed for filling the queue"
+        "--fill-budget-s", type=float, default=600.0, help="time allowed for filling the queue"
+    )
+    parser.add_argument(
+        "--queue-only", action="store_true", help="skip the load phases (deep-queue phase only)"
     )
     args = parser.parse_args(argv)
     if args.tiny:
@@ -484,6 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.queue_levels,
         args.probes,
         args.fill_budget_s,
+        args.queue_only,
     )
     report.out_dir = args.results_dir
     report.finish(

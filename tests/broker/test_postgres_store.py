@@ -170,11 +170,11 @@ async def test_open_migrates_once_and_refuses_a_newer_schema() -> None:
         conn = await asyncpg.connect(dsn)
         try:
             versions = await conn.fetch(f'SELECT version FROM "{schema}".schema_version')
-            assert [r["version"] for r in versions] == [1, 2]
+            assert [r["version"] for r in versions] == [1, 2, 3]
             await conn.execute(f'INSERT INTO "{schema}".schema_version VALUES (99)')
         finally:
             await conn.close()
-        with pytest.raises(RuntimeError, match="version 99; this qrelay knows up to 2"):
+        with pytest.raises(RuntimeError, match="version 99; this qrelay knows up to 3"):
             await store.open()
 
 

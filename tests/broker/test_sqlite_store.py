@@ -39,6 +39,36 @@ async def test_refuses_a_newer_schema(tmp_path: Path) -> None:
     await store.close()
 
 
+async def test_upgrade_to_v3_counts_the_jobs_already_queued(tmp_path: Path) -> None:
+    from qrelay.broker.store import JobKind, NewJob
+
+    path = tmp_path / "broker.db"
+    store = SQLiteJobStore(path)
+    await store.open()
+    for tenant, backend in [("t", "aer"), ("t", "aer"), ("u", "fake")]:
+        await store.submit(
+            NewJob(tenant=tenant, backend=backend, kind=JobKind.SAMPLER, spec=b"s", num_pubs=1),
+            max_queued_per_tenant=10,
+        )
+    await store.close()
+    with sqlite3.connect(path) as conn:  # back to a version-2 database with those jobs
+        for trigger in ("insert", "leave", "enter", "delete"):
+            conn.execute(f"DROP TRIGGER jobs_queued_{trigger}")
+        conn.execute("DROP TABLE queued_counts")
+        conn.execute("PRAGMA user_version = 2")
+    upgraded = SQLiteJobStore(path)
+    await upgraded.open()
+    try:
+        assert await upgraded.queue_lengths() == {"aer": 2, "fake": 1}
+        job, _ = await upgraded.submit(
+            NewJob(tenant="t", backend="aer", kind=JobKind.SAMPLER, spec=b"s", num_pubs=1),
+            max_queued_per_tenant=10,
+        )
+        assert job.queue_position == 3
+    finally:
+        await upgraded.close()
+
+
 CHILD = textwrap.dedent(
     """
     import asyncio, os, sys

@@ -259,6 +259,76 @@ async def test_cancel_in_every_state(store: JobStore) -> None:
         await store.cancel(running, "t2", "")
 
 
+async def assert_queued_counts_exact(store: JobStore, tenants: list[str]) -> None:
+    """The O(1) counters (queue limit, queue_lengths) agree with the jobs actually queued."""
+    by_backend: dict[str, int] = {}
+    for tenant in tenants:
+        queued = await store.list_jobs(tenant, states=[JobState.QUEUED], page_size=1000)
+        for job in queued.jobs:
+            by_backend[job.backend] = by_backend.get(job.backend, 0) + 1
+        n = len(queued.jobs)
+        # The limit check reports the tenant's counter: exactly n, at limit n.
+        with pytest.raises(ResourceExhausted, match=f"already has {n} queued jobs"):
+            await store.submit(new_job(tenant=tenant), max_queued_per_tenant=n)
+    assert await store.queue_lengths() == by_backend
+
+
+async def test_queued_counters_stay_exact_across_every_transition(store: JobStore) -> None:
+    tenants = ["t1", "t2"]
+    a = [await submit(store, new_job(tenant="t1")) for _ in range(4)]
+    b = [await submit(store, new_job(tenant="t2", backend="fake_manila")) for _ in range(3)]
+    fresh, _ = await store.submit(new_job(tenant="t2"), max_queued_per_tenant=100)
+    assert fresh.queue_position == 5  # last of aer's FIFO: 4 of t1's, then this one
+    await assert_queued_counts_exact(store, tenants)
+    # claim
+    grants = await store.claim(["aer"], "e-1", 0.0, 2)
+    assert [g.job.id for g in grants] == a[:2]
+    await assert_queued_counts_exact(store, tenants)
+    # cancel queued, cancel running
+    await store.cancel(a[2], "t1", "x")
+    await store.cancel(a[0], "t1", "x")
+    await store.apply_update(a[0], grants[0].job.lease_id, UpdateKind.RELEASED, b"")
+    await assert_queued_counts_exact(store, tenants)
+    # expire (requeue), then claim again and release (requeue)
+    (expired,) = await store.expire_leases(time.time() + 1, max_attempts=3)
+    assert expired.job.id == a[1]
+    assert expired.job.state is JobState.QUEUED
+    await assert_queued_counts_exact(store, tenants)
+    (again,) = await store.claim(["aer"], "e-2", TTL, 1)
+    await assert_queued_counts_exact(store, tenants)
+    released = await store.apply_update(
+        again.job.id, again.job.lease_id, UpdateKind.RELEASED, b""
+    )
+    assert released.job is not None
+    assert released.job.state is JobState.QUEUED
+    await assert_queued_counts_exact(store, tenants)
+    # a duplicate (idempotent) submit and a refused one change nothing
+    await store.submit(new_job(tenant="t2", key="k"), max_queued_per_tenant=100)
+    await store.submit(new_job(tenant="t2", key="k"), max_queued_per_tenant=100)
+    with pytest.raises(NotFound):
+        await store.submit(new_job(tenant="t2", session_id="s-nope"), max_queued_per_tenant=100)
+    await assert_queued_counts_exact(store, tenants)
+    # session cancel: its queued jobs are cancelled one by one, as sessions.py does
+    session = await store.create_session(
+        NewSession("t2", "fake_manila", SessionMode.BATCH, 600, 60)
+    )
+    in_session = [
+        await submit(store, new_job(tenant="t2", backend="fake_manila", session_id=session.id))
+        for _ in range(2)
+    ]
+    await assert_queued_counts_exact(store, tenants)
+    await store.end_session(session.id, "t2", SessionState.CANCELLED, "stop")
+    for job_id in in_session:
+        await store.cancel(job_id, None, "session cancelled")
+    await assert_queued_counts_exact(store, tenants)
+    # everything claimed, run to a result, or cancelled: all counters at zero
+    for grant in await store.claim(["aer", "fake_manila"], "e-3", TTL, 100):
+        await store.apply_update(grant.job.id, grant.job.lease_id, UpdateKind.RESULT, b"")
+    assert await store.queue_lengths() == {}
+    await assert_queued_counts_exact(store, tenants)
+    assert b  # t2's fake_manila jobs were among those claimed
+
+
 async def test_list_is_newest_first_paged_and_filtered(store: JobStore) -> None:
     ids = [await submit(store) for _ in range(5)]
     await submit(store, new_job(tenant="t2"))

@@ -75,7 +75,7 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 UNAVAILABLE = 14
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
 # Deadlocks (e.g. a heartbeat's multi-row update against a renewal) are retried.
@@ -182,6 +182,38 @@ _MIGRATIONS: dict[int, str] = {
     );
     CREATE INDEX sessions_live ON sessions (state) WHERE state IN (1, 2);
     CREATE INDEX sessions_pinned ON sessions (executor_id) WHERE executor_id <> '';
+    """,
+    # Queued counters per tenant ('t') and per backend ('b'), kept exact by a
+    # trigger so every path that moves a job in or out of QUEUED keeps them
+    # right: Submit's limit and queue position are O(1) in queue depth.
+    # Row locks on a counter serialise writers of one backend only for the
+    # rest of their (short) transaction; deadlocks are retried by `_tx`.
+    3: """
+    CREATE TABLE queued_counts (
+        scope TEXT NOT NULL,  -- 't': tenant, 'b': backend
+        key TEXT NOT NULL,
+        n BIGINT NOT NULL,
+        PRIMARY KEY (scope, key)
+    );
+    INSERT INTO queued_counts (scope, key, n)
+        SELECT 't', tenant, COUNT(*) FROM jobs WHERE state = 1 GROUP BY tenant;
+    INSERT INTO queued_counts (scope, key, n)
+        SELECT 'b', backend, COUNT(*) FROM jobs WHERE state = 1 GROUP BY backend;
+    CREATE FUNCTION jobs_queued_count() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP IN ('UPDATE', 'DELETE') AND OLD.state = 1 THEN
+            UPDATE queued_counts SET n = n - 1
+                WHERE (scope = 't' AND key = OLD.tenant) OR (scope = 'b' AND key = OLD.backend);
+        END IF;
+        IF TG_OP IN ('UPDATE', 'INSERT') AND NEW.state = 1 THEN
+            INSERT INTO queued_counts (scope, key, n)
+                VALUES ('t', NEW.tenant, 1), ('b', NEW.backend, 1)
+                ON CONFLICT (scope, key) DO UPDATE SET n = queued_counts.n + 1;
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER jobs_queued_count AFTER INSERT OR DELETE OR UPDATE OF state, tenant, backend
+        ON jobs FOR EACH ROW EXECUTE FUNCTION jobs_queued_count();
     """,
 }
 
@@ -416,9 +448,28 @@ class PostgresJobStore(JobStore):
             queue_position=queue_position,
         )
 
+    @staticmethod
+    async def _queued(conn: asyncpg.Connection, scope: str, key: str) -> int:
+        """Queued jobs of a tenant ('t') or backend ('b'), from the trigger-kept counters."""
+        n = await conn.fetchval(
+            "SELECT n FROM queued_counts WHERE scope = $1 AND key = $2", scope, key
+        )
+        return 0 if n is None else int(n)
+
     async def _load(
-        self, conn: asyncpg.Connection, job_id: str, tenant: str | None = None
+        self,
+        conn: asyncpg.Connection,
+        job_id: str,
+        tenant: str | None = None,
+        *,
+        position: int | None = None,
     ) -> JobRecord:
+        """Load a job; its exact queue position is counted unless the caller knows it."""
+        if position is not None:
+            row = await conn.fetchrow(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = $1", job_id)
+            if row is None or (tenant is not None and row["tenant"] != tenant):
+                raise NotFound(f"job {job_id!r} not found")
+            return self._record(row, position)
         row = await conn.fetchrow(
             f"SELECT {_JOB_COLUMNS}, {_POSITION} FROM jobs j WHERE id = $1", job_id
         )
@@ -483,9 +534,7 @@ class PostgresJobStore(JobStore):
                     return await self._load(conn, existing), False
             if job.session_id:
                 await self._check_session_accepts(conn, job)
-            queued = await conn.fetchval(
-                "SELECT COUNT(*) FROM jobs WHERE tenant = $1 AND state = 1", job.tenant
-            )
+            queued = await self._queued(conn, "t", job.tenant)
             if queued >= max_queued_per_tenant:
                 raise ResourceExhausted(
                     f"tenant {job.tenant!r} already has {queued} queued jobs; this broker "
@@ -525,7 +574,9 @@ class PostgresJobStore(JobStore):
                 t, job_id, 0, [(state_payload(JobState.QUEUED, "submitted", 0), False)], now
             )
             t.notify("q", b=job.backend, n=int(job.kind))
-            return await self._load(conn, job_id), True
+            # A fresh job is last in its backend's FIFO: its position is the count.
+            position = await self._queued(conn, "b", job.backend)
+            return await self._load(conn, job_id, position=position), True
 
         return await self._tx(tx)
 
@@ -1367,9 +1418,9 @@ class PostgresJobStore(JobStore):
     async def queue_lengths(self) -> dict[str, int]:
         async def read(conn: asyncpg.Connection) -> dict[str, int]:
             rows = await conn.fetch(
-                "SELECT backend, COUNT(*) AS n FROM jobs WHERE state = 1 GROUP BY backend"
+                "SELECT key, n FROM queued_counts WHERE scope = 'b' AND n > 0"
             )
-            return {r["backend"]: r["n"] for r in rows}
+            return {r["key"]: r["n"] for r in rows}
 
         return await self._read(read)
 
