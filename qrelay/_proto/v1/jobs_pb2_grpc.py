@@ -66,6 +66,11 @@ class JobServiceStub:
                 request_serializer=qrelay_dot_v1_dot_jobs__pb2.GetResultRequest.SerializeToString,
                 response_deserializer=qrelay_dot_v1_dot_types__pb2.JobResult.FromString,
                 _registered_method=True)
+        self.Run = channel.unary_stream(
+                '/qrelay.v1.JobService/Run',
+                request_serializer=qrelay_dot_v1_dot_jobs__pb2.SubmitRequest.SerializeToString,
+                response_deserializer=qrelay_dot_v1_dot_types__pb2.JobEvent.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -118,6 +123,18 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Run(self, request, context):
+        """Submit then Watch on one call (one round trip): stores the job exactly as
+        Submit does (same validation, limits and idempotency; the job is durable
+        before the first event is sent), then streams its events from the first
+        (seq 1, QUEUED, whose job_id names the job) to the terminal one. Resume a
+        dropped stream with Watch(job_id, last seq seen), or repeat Run with the
+        same idempotency_key (it answers with the first job's events).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -150,6 +167,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.GetResult,
                     request_deserializer=qrelay_dot_v1_dot_jobs__pb2.GetResultRequest.FromString,
                     response_serializer=qrelay_dot_v1_dot_types__pb2.JobResult.SerializeToString,
+            ),
+            'Run': grpc.unary_stream_rpc_method_handler(
+                    servicer.Run,
+                    request_deserializer=qrelay_dot_v1_dot_jobs__pb2.SubmitRequest.FromString,
+                    response_serializer=qrelay_dot_v1_dot_types__pb2.JobEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -314,6 +336,33 @@ class JobService:
             '/qrelay.v1.JobService/GetResult',
             qrelay_dot_v1_dot_jobs__pb2.GetResultRequest.SerializeToString,
             qrelay_dot_v1_dot_types__pb2.JobResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Run(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/qrelay.v1.JobService/Run',
+            qrelay_dot_v1_dot_jobs__pb2.SubmitRequest.SerializeToString,
+            qrelay_dot_v1_dot_types__pb2.JobEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -57,6 +57,14 @@ class JobServiceStub:
     """The final result of a DONE job. A FAILED job answers with its JobError's
     code and message; an unfinished one with FAILED_PRECONDITION.
     """
+    Run: _grpc.UnaryStreamMultiCallable[_jobs_pb2.SubmitRequest, _types_pb2.JobEvent]
+    """Submit then Watch on one call (one round trip): stores the job exactly as
+    Submit does (same validation, limits and idempotency; the job is durable
+    before the first event is sent), then streams its events from the first
+    (seq 1, QUEUED, whose job_id names the job) to the terminal one. Resume a
+    dropped stream with Watch(job_id, last seq seen), or repeat Run with the
+    same idempotency_key (it answers with the first job's events).
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -81,6 +89,14 @@ class JobServiceAsyncStub(JobServiceStub):
     GetResult: _aio.UnaryUnaryMultiCallable[_jobs_pb2.GetResultRequest, _types_pb2.JobResult]  # type: ignore[assignment]
     """The final result of a DONE job. A FAILED job answers with its JobError's
     code and message; an unfinished one with FAILED_PRECONDITION.
+    """
+    Run: _aio.UnaryStreamMultiCallable[_jobs_pb2.SubmitRequest, _types_pb2.JobEvent]  # type: ignore[assignment]
+    """Submit then Watch on one call (one round trip): stores the job exactly as
+    Submit does (same validation, limits and idempotency; the job is durable
+    before the first event is sent), then streams its events from the first
+    (seq 1, QUEUED, whose job_id names the job) to the terminal one. Resume a
+    dropped stream with Watch(job_id, last seq seen), or repeat Run with the
+    same idempotency_key (it answers with the first job's events).
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -139,6 +155,20 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_types_pb2.JobResult, _abc.Awaitable[_types_pb2.JobResult]]:
         """The final result of a DONE job. A FAILED job answers with its JobError's
         code and message; an unfinished one with FAILED_PRECONDITION.
+        """
+
+    @_abc_1.abstractmethod
+    def Run(
+        self,
+        request: _jobs_pb2.SubmitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_types_pb2.JobEvent], _abc.AsyncIterator[_types_pb2.JobEvent]]:
+        """Submit then Watch on one call (one round trip): stores the job exactly as
+        Submit does (same validation, limits and idempotency; the job is durable
+        before the first event is sent), then streams its events from the first
+        (seq 1, QUEUED, whose job_id names the job) to the terminal one. Resume a
+        dropped stream with Watch(job_id, last seq seen), or repeat Run with the
+        same idempotency_key (it answers with the first job's events).
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
