@@ -141,11 +141,28 @@ class Jobs:
             )
         return outcome.job
 
+    async def run(
+        self, tenant: str, spec: types_pb2.JobSpec, idempotency_key: str = ""
+    ) -> AsyncIterator[StoredEvent]:
+        """Submit (durably, as `submit`), then every event of the job from the first.
+
+        One call instead of Submit + Watch: a client waiting for the result
+        pays one round trip. A repeat with the same key follows the first job.
+        """
+        job, _ = await self.submit(tenant, spec, idempotency_key)
+        async for event in self._follow(job, 0):
+            yield event
+
     async def watch(self, tenant: str, job_id: str, after_seq: int) -> AsyncIterator[StoredEvent]:
         """Events after after_seq, replayed then live, until the terminal event."""
         if after_seq < 0:
             raise InvalidArgument(f"after_seq must be >= 0, got {after_seq}")
         job = await self.get(tenant, job_id)
+        async for event in self._follow(job, after_seq):
+            yield event
+
+    async def _follow(self, job: JobRecord, after_seq: int) -> AsyncIterator[StoredEvent]:
+        job_id = job.id
         terminal_seq = job.last_seq if job.state.terminal else None
         last = after_seq
         try:

@@ -115,6 +115,17 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             await events.aclose()  # type: ignore[attr-defined]
 
     @grpc_errors
+    async def Run(
+        self, request: jobs_pb2.SubmitRequest, context: Context
+    ) -> AsyncIterator[types_pb2.JobEvent]:
+        events = self.jobs.run(self._tenant(context), request.spec, request.idempotency_key)
+        try:
+            async for event in events:
+                yield to_proto(event)
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+
+    @grpc_errors
     async def GetResult(
         self, request: jobs_pb2.GetResultRequest, context: Context
     ) -> types_pb2.JobResult:

@@ -150,6 +150,13 @@ class Connection:
         )
         return call
 
+    def run(self, request: jobs_pb2.SubmitRequest) -> grpc.aio.UnaryStreamCall[Any, Any]:
+        """Open a Run stream (submit + follow; no deadline, like `watch`)."""
+        call: grpc.aio.UnaryStreamCall[jobs_pb2.SubmitRequest, types_pb2.JobEvent] = self.jobs.Run(
+            request, metadata=self.metadata
+        )
+        return call
+
     async def close(self) -> None:
         """Close the channel, cancelling calls still in flight. Idempotent."""
         if self._closed:

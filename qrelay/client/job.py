@@ -165,6 +165,19 @@ async def decode_event(ev: types_pb2.JobEvent) -> JobEvent:
     return JobEvent(job_id=ev.job_id, seq=ev.seq, kind=kind, data=data, time=when, raw=ev)
 
 
+async def _read_events(
+    pending: list[types_pb2.JobEvent], call: grpc.aio.UnaryStreamCall[Any, Any]
+) -> AsyncGenerator[types_pb2.JobEvent, None]:
+    """Events already read from `call`, then the rest of it (read() only: never mixed)."""
+    for ev in pending:
+        yield ev
+    while True:
+        ev = await call.read()
+        if ev is grpc.aio.EOF:
+            return
+        yield ev
+
+
 def _is_terminal(ev: types_pb2.JobEvent) -> bool:
     return ev.WhichOneof("payload") == "state" and ev.state.state in _FINAL_STATES
 
@@ -175,9 +188,18 @@ _UNSET: Any = object()
 class AsyncRuntimeJob:
     """A submitted job, for asyncio code: `await job.result()`, `async for ev in job.stream()`."""
 
-    def __init__(self, service: AsyncQRelayService, job: jobs_pb2.Job) -> None:
+    def __init__(
+        self,
+        service: AsyncQRelayService,
+        job: jobs_pb2.Job,
+        *,
+        run_stream: tuple[types_pb2.JobEvent, grpc.aio.UnaryStreamCall[Any, Any]] | None = None,
+    ) -> None:
         self._service = service
         self._job = job
+        # The Run call that submitted this job, with its first event already
+        # read: the first reader of events takes it instead of opening Watch.
+        self._run_stream = run_stream
         self._result: Any = _UNSET
         self._failure: QRelayError | None = None
 
@@ -247,10 +269,16 @@ class AsyncRuntimeJob:
         last = after_seq
         failures = 0
         stalled_since: float | None = None
+        run, self._run_stream = self._run_stream, None
         while True:
-            call = conn.watch(self.job_id(), last)
+            pending: list[types_pb2.JobEvent] = []
+            if run is not None:
+                pending, call = [run[0]], run[1]
+                run = None
+            else:
+                call = conn.watch(self.job_id(), last)
             try:
-                async for ev in call:
+                async for ev in _read_events(pending, call):
                     if ev.seq <= last:
                         continue  # already delivered before the reconnect
                     last, failures, stalled_since = ev.seq, 0, None

@@ -223,8 +223,9 @@ class _Primitive:
         return self._target.service
 
     def _submit(self, spec: types_pb2.JobSpec) -> RuntimeJob:
-        # One key per run: every retry of this Submit names the same job.
-        return self._target.service.submit(spec, idempotency_key=uuid.uuid4().hex)
+        # One key per run: every retry names the same job. Run (not Submit):
+        # result() then reads the stream already open, one round trip in all.
+        return self._target.service.submit_and_follow(spec, idempotency_key=uuid.uuid4().hex)
 
 
 class Sampler(_Primitive, BaseSamplerV2):  # type: ignore[misc]

@@ -9,6 +9,7 @@ from inside a running loop such as a Jupyter kernel.
 
 from __future__ import annotations
 
+import time
 import uuid
 import weakref
 from collections.abc import Iterable, Mapping
@@ -16,6 +17,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import anyio
+import grpc
 import structlog
 from qiskit.providers import JobStatus
 
@@ -33,7 +35,8 @@ from qrelay.client.programs import (
     upload_request,
 )
 from qrelay.client.session import AsyncBatch, AsyncSession
-from qrelay.errors import InvalidArgument
+from qrelay.errors import DeadlineExceeded, Internal, InvalidArgument, Unavailable
+from qrelay.rpc import error_from_rpc
 from qrelay.values import encode_value
 
 if TYPE_CHECKING:
@@ -43,6 +46,14 @@ log = structlog.get_logger(__name__)
 
 #: The broker answers at most this many jobs per List page.
 _MAX_PAGE = 1000
+#: Run streams one service keeps open for jobs nobody awaited yet; beyond
+#: that, jobs are submitted with Submit and followed with Watch when awaited.
+MAX_OPEN_RUNS = 64
+_KINDS = {
+    "sampler": types_pb2.JOB_KIND_SAMPLER,
+    "estimator": types_pb2.JOB_KIND_ESTIMATOR,
+    "program": types_pb2.JOB_KIND_PROGRAM,
+}
 
 StateFilter: TypeAlias = JobStatus | str | Iterable[JobStatus | str] | None
 
@@ -141,6 +152,7 @@ class AsyncQRelayService:
         if timeout <= 0:
             raise InvalidArgument(f"timeout must be > 0 seconds, got {timeout}")
         self.connection = Connection(address, token, timeout=timeout, retry=retry or RetryPolicy())
+        self._open_runs = 0
 
     def __repr__(self) -> str:
         return f"<AsyncQRelayService {self.connection.address}>"
@@ -238,6 +250,70 @@ class AsyncQRelayService:
         )
         log.info("job.submitted", job_id=job.id, backend=job.backend, kind=job.kind)
         return job
+
+    async def submit_and_follow(
+        self, spec: types_pb2.JobSpec, *, idempotency_key: str | None = None
+    ) -> AsyncRuntimeJob:
+        """Submit a job spec and keep its event stream open (`JobService.Run`).
+
+        Returns once the job is stored (its first event names it), like
+        `submit`; `result()` then reads the same stream, so submit-and-wait
+        costs one round trip instead of two. Retried on UNAVAILABLE before
+        the first event under one idempotency key. With `MAX_OPEN_RUNS` streams
+        already open (jobs nobody has awaited yet) it falls back to `submit`.
+        """
+        key = idempotency_key or uuid.uuid4().hex
+        if self._open_runs >= MAX_OPEN_RUNS:
+            return await self.submit(spec, idempotency_key=key)
+        conn = self.connection
+        request = jobs_pb2.SubmitRequest(spec=spec, idempotency_key=key)
+        deadline = time.monotonic() + conn.timeout
+        attempt = 0
+        while True:
+            attempt += 1
+            call = conn.run(request)
+            try:
+                with anyio.fail_after(max(deadline - time.monotonic(), 0.001)):
+                    first = await call.read()
+            except TimeoutError:
+                call.cancel()
+                raise DeadlineExceeded(
+                    f"broker at {conn.address} did not accept the job within {conn.timeout:g} s"
+                ) from None
+            except grpc.aio.AioRpcError as exc:
+                call.cancel()
+                error = error_from_rpc(exc)
+                pause = conn.retry.backoff(attempt)
+                if (
+                    not isinstance(error, Unavailable)
+                    or attempt >= conn.retry.max_attempts
+                    or time.monotonic() + pause >= deadline
+                ):
+                    raise error from None
+                await anyio.sleep(pause)
+                continue
+            if first is grpc.aio.EOF or not first.job_id:
+                call.cancel()
+                raise Internal(f"broker at {conn.address} ended Run before naming the job")
+            break
+        self._open_runs += 1
+        call.add_done_callback(self._run_closed)
+        job = jobs_pb2.Job(
+            id=first.job_id,
+            backend=spec.backend,
+            kind=_KINDS.get(spec.WhichOneof("work") or "", types_pb2.JOB_KIND_UNSPECIFIED),
+            state=first.state.state,
+            session_id=spec.session_id,
+            last_seq=first.seq,
+            tags=dict(spec.tags),
+            idempotency_key=key,
+        )
+        job.created_at.CopyFrom(first.time)
+        log.info("job.submitted", job_id=job.id, backend=job.backend, kind=job.kind, via="run")
+        return AsyncRuntimeJob(self, job, run_stream=(first, call))
+
+    def _run_closed(self, _call: object) -> None:
+        self._open_runs -= 1
 
     async def submit(
         self, spec: types_pb2.JobSpec, *, idempotency_key: str | None = None
@@ -442,6 +518,18 @@ class QRelayService:
 
         async def send() -> AsyncRuntimeJob:
             return await self._core.submit(spec, idempotency_key=idempotency_key)
+
+        return RuntimeJob(self._loop.call(send), self._loop)
+
+    def submit_and_follow(
+        self, spec: types_pb2.JobSpec, *, idempotency_key: str | None = None
+    ) -> RuntimeJob:
+        """Submit a raw job spec on one call that also follows it (JobService.Run).
+
+        See `AsyncQRelayService.submit_and_follow`."""
+
+        async def send() -> AsyncRuntimeJob:
+            return await self._core.submit_and_follow(spec, idempotency_key=idempotency_key)
 
         return RuntimeJob(self._loop.call(send), self._loop)
 

@@ -263,3 +263,66 @@ async def test_reconnecting_executor_replaces_its_old_stream(
         job = await jobs.Submit(jobs_pb2.SubmitRequest(spec=sampler_spec()))
         assert (await new.recv("assignment")).job_id == job.id
         await wait_state(jobs, job.id, types_pb2.JOB_STATE_RUNNING)
+
+
+async def test_run_answers_bad_input_with_submits_status_before_any_event(
+    tenant_broker: Broker,
+) -> None:
+    async with grpc.aio.insecure_channel(tenant_broker.address) as ch:
+        jobs = jobs_pb2_grpc.JobServiceStub(ch)
+        spec = sampler_spec()
+        spec.sampler.pubs.add(circuit=types_pb2.Circuit(qasm3="x"), shots=0)
+        err = await rpc_error(
+            jobs.Run(jobs_pb2.SubmitRequest(spec=spec), metadata=auth("tok-a")).read()
+        )
+        assert (err.code(), err.details()) == (
+            Code.INVALID_ARGUMENT,
+            "pub 1: shots must be > 0, got 0",
+        )
+        err = await rpc_error(
+            jobs.Run(
+                jobs_pb2.SubmitRequest(spec=sampler_spec("ibm_nowhere")), metadata=auth("tok-a")
+            ).read()
+        )
+        assert (err.code(), err.details()) == (
+            Code.NOT_FOUND,
+            "unknown backend 'ibm_nowhere'; known: aer, fake_manila",
+        )
+        for _ in range(2):
+            await jobs.Submit(jobs_pb2.SubmitRequest(spec=sampler_spec()), metadata=auth("tok-a"))
+        err = await rpc_error(
+            jobs.Run(jobs_pb2.SubmitRequest(spec=sampler_spec()), metadata=auth("tok-a")).read()
+        )
+        assert err.code() == Code.RESOURCE_EXHAUSTED
+        assert "at most 2 per tenant (QRELAY_MAX_QUEUED_PER_TENANT)" in (err.details() or "")
+
+
+async def test_run_stores_the_job_before_its_first_event_and_follows_it(
+    tenant_broker: Broker,
+) -> None:
+    async with grpc.aio.insecure_channel(tenant_broker.address) as ch:
+        jobs = jobs_pb2_grpc.JobServiceStub(ch)
+        call = jobs.Run(
+            jobs_pb2.SubmitRequest(spec=sampler_spec(), idempotency_key="r1"),
+            metadata=auth("tok-a"),
+        )
+        first = await call.read()
+        assert (first.seq, first.state.state) == (1, types_pb2.JOB_STATE_QUEUED)
+        stored = await jobs.Get(jobs_pb2.GetJobRequest(job_id=first.job_id), metadata=auth("tok-a"))
+        assert (stored.state, stored.queue_position) == (types_pb2.JOB_STATE_QUEUED, 1)
+        # Another tenant cannot see it; a repeat under the key follows the same job.
+        err = await rpc_error(
+            jobs.Get(jobs_pb2.GetJobRequest(job_id=first.job_id), metadata=auth("tok-b"))
+        )
+        assert err.code() == Code.NOT_FOUND
+        again = jobs.Run(
+            jobs_pb2.SubmitRequest(spec=sampler_spec(), idempotency_key="r1"),
+            metadata=auth("tok-a"),
+        )
+        assert (await again.read()).job_id == first.job_id
+        await jobs.Cancel(jobs_pb2.CancelJobRequest(job_id=first.job_id), metadata=auth("tok-a"))
+        for stream in (call, again):
+            events = [first] if stream is call else []
+            while (ev := await stream.read()) is not grpc.aio.EOF:
+                events.append(ev)
+            assert events[-1].state.state == types_pb2.JOB_STATE_CANCELLED

@@ -37,6 +37,8 @@ class TcpProxy:
         #: While True, bytes from the broker are swallowed: requests arrive, answers
         #: never do (a response lost in the network).
         self.swallow_responses = False
+        #: HTTP/2 streams the client opened (one per RPC), read off the wire.
+        self.rpcs_started = 0
 
     @property
     def address(self) -> str:
@@ -71,10 +73,13 @@ class TcpProxy:
     async def _pump(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, downstream: bool
     ) -> None:
+        frames = _Http2Frames() if not downstream else None
         try:
             while data := await reader.read(65536):
                 if downstream and self.swallow_responses:
                     continue
+                if frames is not None:
+                    self.rpcs_started += frames.new_streams(data)
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):
@@ -103,6 +108,39 @@ class TcpProxy:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
+
+
+class _Http2Frames:
+    """Counts client-opened streams (first HEADERS frame per stream id) in an HTTP/2 byte flow."""
+
+    PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+    HEADERS = 0x1
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._preface_done = False
+        self._seen: set[int] = set()
+
+    def new_streams(self, data: bytes) -> int:
+        self._buf += data
+        if not self._preface_done:
+            if len(self._buf) < len(self.PREFACE):
+                return 0
+            assert self._buf.startswith(self.PREFACE), "not an HTTP/2 client connection"
+            self._buf = self._buf[len(self.PREFACE) :]
+            self._preface_done = True
+        opened = 0
+        while len(self._buf) >= 9:
+            length = int.from_bytes(self._buf[:3], "big")
+            if len(self._buf) < 9 + length:
+                break
+            kind = self._buf[3]
+            stream = int.from_bytes(self._buf[5:9], "big") & 0x7FFFFFFF
+            if kind == self.HEADERS and stream not in self._seen:
+                self._seen.add(stream)
+                opened += 1
+            self._buf = self._buf[9 + length :]
+        return opened
 
 
 @pytest.fixture

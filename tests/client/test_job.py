@@ -181,3 +181,49 @@ async def test_spec_builder_refuses_bad_pubs_without_a_connection() -> None:
     target = SubmitTarget(service=None, backend=None)  # type: ignore[arg-type]
     with pytest.raises(InvalidArgument, match="pub 0: "):
         sampler_spec(target, [(bell(), [1.0])], None, None)  # type: ignore[arg-type]
+
+
+async def test_submit_and_follow_costs_one_rpc_where_submit_then_result_costs_two(
+    proxy: TcpProxy,
+) -> None:
+    async with AsyncQRelayService(proxy.address, timeout=20.0) as via_proxy:
+        before = proxy.rpcs_started
+        job = await via_proxy.submit(_spec("aer", one_qubit(), shots=5))
+        await job.result()
+        two_calls = proxy.rpcs_started - before  # Submit, then Watch
+        before = proxy.rpcs_started
+        job = await via_proxy.submit_and_follow(_spec("aer", one_qubit(), shots=5))
+        assert job.job_id().startswith("j-")  # known before waiting for the result
+        assert job.backend_name == "aer"
+        result = await job.result()
+        one_call = proxy.rpcs_started - before  # Run only
+    assert (two_calls, one_call) == (2, 1)
+    assert result[0].data.meas.get_counts() == {"1": 5}
+
+
+async def test_submit_and_follow_streams_every_event_and_repeats_idempotently(
+    aservice: AsyncQRelayService,
+) -> None:
+    job = await aservice.submit_and_follow(_spec("aer", one_qubit(), shots=3), idempotency_key="k1")
+    events = await _collect(job)
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert events[0].data is JobStatus.QUEUED
+    assert events[-1].data is JobStatus.DONE
+    again = await aservice.submit_and_follow(
+        _spec("aer", one_qubit(), shots=3), idempotency_key="k1"
+    )
+    assert again.job_id() == job.job_id()
+    assert [e.seq for e in await _collect(again)] == [e.seq for e in events]
+    # A second reader of the same job (the Run stream is taken) follows with Watch.
+    assert (await job.result())[0].data.meas.get_counts() == {"1": 3}
+
+
+async def test_submit_and_follow_refuses_bad_input_with_the_submit_status(
+    aservice: AsyncQRelayService,
+) -> None:
+    with pytest.raises(NotFound, match="unknown backend 'nope'; known: aer"):
+        await aservice.submit_and_follow(_spec("nope"))
+    bad = _spec("aer")
+    bad.sampler.shots = -1
+    with pytest.raises(InvalidArgument, match="shots"):
+        await aservice.submit_and_follow(bad)
