@@ -88,14 +88,17 @@ def direct_evaluate(problem: Problem) -> Evaluate:
     """The floor: this process calls Aer, ansatz transpiled once.
 
     It uses the same estimator the executor runs (Qiskit's BackendEstimatorV2
-    over AerSimulator, precision -> shots), so the modes differ only in where
-    the loop runs and what travels, not in how expectation values are made.
+    over the executor's own "aer" backend and Aer thread settings, precision ->
+    shots), so the modes differ only in where the loop runs and what travels,
+    not in how expectation values are made.
     """
     from qiskit import transpile
     from qiskit.primitives import BackendEstimatorV2
-    from qiskit_aer import AerSimulator
 
-    backend = AerSimulator()
+    # Before anything imports qiskit_aer: the executor's OpenMP settings hold here too.
+    from qrelay.executor.backends import load_backend
+
+    backend = load_backend("aer").qiskit
     isa = transpile(problem.ansatz(), backend, optimization_level=1, seed_transpiler=SEED)
     obs = problem.hamiltonian().apply_layout(isa.layout)
     estimator = BackendEstimatorV2(

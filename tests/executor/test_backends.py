@@ -20,6 +20,27 @@ def test_aer_is_an_ideal_all_to_all_simulator() -> None:
     assert backend.qiskit.options.noise_model is None
 
 
+def test_aer_builds_its_target_once_and_again_after_an_option_change() -> None:
+    from qiskit_aer import AerSimulator
+
+    sim = load_backend("aer", warm=False).qiskit
+    assert isinstance(sim, AerSimulator)
+    first = sim.target
+    assert sim.target is first  # cached: Aer itself rebuilds it on every access
+    assert first.num_qubits == AerSimulator().target.num_qubits
+    assert set(first.operation_names) == set(AerSimulator().target.operation_names)
+    sim.set_options(method="statevector")
+    assert sim.target is not first  # options can change the target: rebuilt
+
+
+def test_executor_aer_threads_wait_passively_unless_configured() -> None:
+    import os
+
+    import qrelay.executor  # noqa: F401 - sets the default on import
+
+    assert os.environ["OMP_WAIT_POLICY"].upper() in {"PASSIVE", "ACTIVE"}
+
+
 def test_fake_manila_has_the_device_target_and_noise_model() -> None:
     backend = load_backend("fake_manila", warm=False)
     info = backend.info()

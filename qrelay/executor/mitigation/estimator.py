@@ -402,7 +402,11 @@ def _reference(
             for p in pubs
         ]
     estimator = BackendEstimatorV2(backend=qk, options={"seed_simulator": seed})
-    result = estimator.run(pubs).result()
+    # What `estimator.run(pubs).result()` does (pubs are coerced already), minus
+    # the thread PrimitiveJob starts per call: we are in a worker thread already.
+    pubs = [EstimatorPub.coerce(p, estimator.options.default_precision) for p in pubs]
+    estimator._validate_pubs(pubs)
+    result = estimator._run(pubs)
     for pub_result in result:  # pub metadata stays Qiskit's own unless there is a note
         if tech.notes:
             pub_result.metadata["notes"] = list(tech.notes)
