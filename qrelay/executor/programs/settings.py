@@ -34,6 +34,14 @@ class SandboxSettings(BaseSettings):
     wall_timeout_s: float = Field(600.0, gt=0, description="Wall-clock limit per program run.")
     max_log_bytes: int = Field(1 << 20, ge=0, description="Log bytes forwarded per job.")
     warm_pool_size: int = Field(1, ge=0, description="Interpreters kept started and imported.")
+    warm_nice: int = Field(
+        19,
+        ge=0,
+        le=19,
+        description="Nice value a sandbox imports at, ahead of need, so a replacement's 1-2 s "
+        "of imports never takes the CPU from running jobs; a job taking it gets the executor's "
+        "priority back (needs root or RLIMIT_NICE; otherwise sandboxes are not niced).",
+    )
     cache_dir: Path = Field(
         Path(tempfile.gettempdir()) / "qrelay-sandbox",
         description="Unpacked programs, requirement environments and work directories.",
