@@ -6,8 +6,8 @@ very noise model the fake device's own `run` (Runtime's local mode) uses:
 built from its BackendProperties, with each qubit's asymmetric readout error
 P(0|1) != P(1|0). `AerSimulator.from_backend`'s default model is built from
 the Target instead and symmetrizes readout (measured on fake_manila: level-0
-|error| of a TFIM <Z> 0.072 vs 0.044 through Runtime), so it is not used. Real hardware adapters would
-plug in here with the same `Backend` shape.
+|error| of a TFIM <Z> 0.072 vs 0.044 through Runtime), so it is not used.
+Real hardware adapters would plug in here with the same `Backend` shape.
 """
 
 from __future__ import annotations
