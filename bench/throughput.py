@@ -207,9 +207,17 @@ async def processes() -> AsyncIterator[Processes]:
             await procs.stop_all()
 
 
+#: How a client job is sent: "run" (JobService.Run: one call, what the SDK's
+#: primitives use) or "submit" (Submit then Watch: two calls).
+CLIENT_RPC = "run"
+
+
 async def one_job(service: Any, spec: Any) -> float:
     start = time.perf_counter()
-    job = await service.submit(spec)
+    if CLIENT_RPC == "run":
+        job = await service.submit_and_follow(spec)
+    else:
+        job = await service.submit(spec)
     await job.result(timeout=_JOB_TIMEOUT_S)
     return time.perf_counter() - start
 
@@ -279,6 +287,10 @@ async def load_phases(
                         concurrency=c,
                         offered="",
                         jobs_per_s=rate,
+                        broker_cpu_ms_per_job=1e3 * cpu["cpu_broker"] / rate if rate else None,
+                        executor_cpu_ms_per_job=(
+                            1e3 * cpu["cpu_executors"] / rate if rate else None
+                        ),
                         n=stats["n"],
                         p50=stats["p50"],
                         p95=stats["p95"],
@@ -301,6 +313,8 @@ async def load_phases(
                     concurrency=None,
                     offered=f"{frac:.0%} of max",
                     jobs_per_s=rate,
+                    broker_cpu_ms_per_job=1e3 * cpu["cpu_broker"] / rate if rate else None,
+                    executor_cpu_ms_per_job=1e3 * cpu["cpu_executors"] / rate if rate else None,
                     n=stats["n"],
                     p50=stats["p50"],
                     p95=stats["p95"],
@@ -408,6 +422,7 @@ async def run(
     probes: int,
     budget_s: float,
     queue_only: bool = False,
+    load_only: bool = False,
 ) -> Report:
     report = Report(
         "throughput",
@@ -422,6 +437,7 @@ async def run(
             "job": "Sampler, 1 qubit, 1 shot, backend aer",
             "placement": "broker and executors as processes on loopback, one client process",
             "store": "SQLite (WAL)",
+            "client_rpc": CLIENT_RPC,
             "seed": SEED,
             "targets": {
                 "jobs_per_s": 500,
@@ -433,7 +449,8 @@ async def run(
     )
     if not queue_only:
         await load_phases(report, concurrencies, duration_s, slots)
-    await queue_phase(report, levels, probes, budget_s)
+    if not load_only:
+        await queue_phase(report, levels, probes, budget_s)
     return report
 
 
@@ -477,7 +494,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--queue-only", action="store_true", help="skip the load phases (deep-queue phase only)"
     )
+    parser.add_argument(
+        "--load-only", action="store_true", help="skip the deep-queue phase (load phases only)"
+    )
+    parser.add_argument(
+        "--rpc",
+        choices=["run", "submit"],
+        default="run",
+        help="client path per job: Run (one call, as the primitives) or Submit + Watch",
+    )
     args = parser.parse_args(argv)
+    global CLIENT_RPC
+    CLIENT_RPC = args.rpc
     if args.tiny:
         args.concurrency, args.duration_s = [1, 4], 0.5
         args.queue_levels, args.probes = [20, 60], 5
@@ -490,6 +518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.probes,
         args.fill_budget_s,
         args.queue_only,
+        args.load_only,
     )
     report.out_dir = args.results_dir
     report.finish(
@@ -503,6 +532,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "queued",
             "status",
             "jobs_per_s",
+            "broker_cpu_ms_per_job",
+            "executor_cpu_ms_per_job",
             "fill_submits_per_s",
             "broker_rss_mb",
             "n",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -91,17 +91,28 @@ class HubClosed(Exception):
 
 
 async def follow(
-    store: JobStore, hub: EventHub, job_id: str, after_seq: int, *, terminal_seq: int | None
+    store: JobStore,
+    hub: EventHub,
+    job_id: str,
+    after_seq: int,
+    *,
+    terminal_seq: int | None,
+    subscription: Subscription | None = None,
+    history: Sequence[StoredEvent] | None = None,
 ) -> AsyncIterator[StoredEvent]:
     """Events with seq > after_seq, replayed then live, until the terminal event.
 
     `terminal_seq` is the job's last seq if it is already finished (nothing
-    live can follow), else None.
+    live can follow), else None. A caller that subscribed before the job's
+    first commit (Run) passes that `subscription` and the `history` committed
+    before it (the first event), which spares reading it back from the store.
     """
     last = after_seq
-    with hub.subscribe(job_id) as sub:
+    with nullcontext(subscription) if subscription is not None else hub.subscribe(job_id) as sub:
         sub.last_seq = last
-        for event in await store.events_after(job_id, last):
+        if history is None:
+            history = await store.events_after(job_id, last)
+        for event in history:
             last = sub.last_seq = event.seq
             yield event
             if event.terminal:

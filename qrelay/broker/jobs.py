@@ -8,11 +8,11 @@ import structlog
 
 from qrelay._proto.v1 import backends_pb2, types_pb2
 from qrelay.broker import validation
-from qrelay.broker.events import EventHub, HubClosed, follow
+from qrelay.broker.events import EventHub, HubClosed, Subscription, follow
 from qrelay.broker.scheduler import Scheduler
 from qrelay.broker.settings import MIB, BrokerSettings
 from qrelay.broker.store import JobKind, JobRecord, JobState, JobStore, NewJob, StoredEvent
-from qrelay.broker.store.base import JobPage
+from qrelay.broker.store.base import JobPage, new_job_id, state_payload
 from qrelay.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -45,7 +45,7 @@ class Jobs:
         self.program_check: ProgramCheck | None = None
 
     async def submit(
-        self, tenant: str, spec: types_pb2.JobSpec, idempotency_key: str = ""
+        self, tenant: str, spec: types_pb2.JobSpec, idempotency_key: str = "", job_id: str = ""
     ) -> tuple[JobRecord, bool]:
         """Validate, store durably, queue; returns (job, created).
 
@@ -76,6 +76,7 @@ class Jobs:
             tags=dict(spec.tags),
             idempotency_key=idempotency_key,
             program_id=program_id,
+            id=job_id,
         )
         return await self.scheduler.shielded(self._store(new))
 
@@ -149,8 +150,20 @@ class Jobs:
         One call instead of Submit + Watch: a client waiting for the result
         pays one round trip. A repeat with the same key follows the first job.
         """
-        job, _ = await self.submit(tenant, spec, idempotency_key)
-        async for event in self._follow(job, 0):
+        job_id = new_job_id()
+        # Listening before the commit: every event after the first reaches this
+        # subscription, so the first (QUEUED, written by the submit) need not
+        # be read back from the store.
+        with self.hub.subscribe(job_id) as sub:
+            job, created = await self.submit(tenant, spec, idempotency_key, job_id)
+            if created:
+                first = StoredEvent(
+                    job.id, 1, job.created_at, state_payload(JobState.QUEUED, "submitted", 0), False
+                )
+                async for event in self._follow(job, 0, subscription=sub, history=[first]):
+                    yield event
+                return
+        async for event in self._follow(job, 0):  # a repeat: the first job's events
             yield event
 
     async def watch(self, tenant: str, job_id: str, after_seq: int) -> AsyncIterator[StoredEvent]:
@@ -161,13 +174,26 @@ class Jobs:
         async for event in self._follow(job, after_seq):
             yield event
 
-    async def _follow(self, job: JobRecord, after_seq: int) -> AsyncIterator[StoredEvent]:
+    async def _follow(
+        self,
+        job: JobRecord,
+        after_seq: int,
+        *,
+        subscription: Subscription | None = None,
+        history: Sequence[StoredEvent] | None = None,
+    ) -> AsyncIterator[StoredEvent]:
         job_id = job.id
         terminal_seq = job.last_seq if job.state.terminal else None
         last = after_seq
         try:
             async for event in follow(
-                self.store, self.hub, job_id, after_seq, terminal_seq=terminal_seq
+                self.store,
+                self.hub,
+                job_id,
+                after_seq,
+                terminal_seq=terminal_seq,
+                subscription=subscription,
+                history=history,
             ):
                 last = event.seq
                 yield event

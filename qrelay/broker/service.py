@@ -207,21 +207,24 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         self, link: ExecutorLink, incoming: AsyncIterator[executor_pb2.ExecutorMessage]
     ) -> None:
         log_ = log.bind(executor_id=link.executor_id)
-        while True:
-            try:
-                message = await asyncio.wait_for(anext(incoming), self._silence_limit)
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                log_.warning("executor.timed_out", silent_s=self._silence_limit)
-                return
-            which = message.WhichOneof("message")
-            if which == "heartbeat":
-                await self.scheduler.heartbeat(link, list(message.heartbeat.lease_ids))
-            elif which == "update":
-                await self.scheduler.shielded(self.scheduler.update(link, message.update))
-            else:
-                log_.warning("executor.unexpected_message", kind=which)
+        loop = asyncio.get_running_loop()
+        limit = self._silence_limit
+        # One deadline moved along per message (not a wait_for task per message);
+        # off while a message is handled, so a slow commit is not silence.
+        try:
+            async with asyncio.timeout(limit) as silence:
+                async for message in incoming:
+                    silence.reschedule(None)
+                    which = message.WhichOneof("message")
+                    if which == "heartbeat":
+                        await self.scheduler.heartbeat(link, list(message.heartbeat.lease_ids))
+                    elif which == "update":
+                        await self.scheduler.shielded(self.scheduler.update(link, message.update))
+                    else:
+                        log_.warning("executor.unexpected_message", kind=which)
+                    silence.reschedule(loop.time() + limit)
+        except TimeoutError:
+            log_.warning("executor.timed_out", silent_s=limit)
 
     async def _write(self, link: ExecutorLink, context: Context) -> None:
         while True:

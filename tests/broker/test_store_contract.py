@@ -68,6 +68,16 @@ async def test_submit_creates_queued_job_with_first_event(store: JobStore) -> No
     assert event(first.payload).state.state == types_pb2.JOB_STATE_QUEUED
 
 
+async def test_submit_keeps_a_caller_chosen_job_id(store: JobStore) -> None:
+    from qrelay.broker.store.base import new_job_id
+
+    chosen = new_job_id()
+    job, created = await store.submit(new_job(id=chosen), max_queued_per_tenant=10)
+    assert created
+    assert job.id == chosen
+    assert (await store.get(chosen)).id == chosen
+
+
 async def test_idempotency_key_is_unique_per_tenant(store: JobStore) -> None:
     a, created_a = await store.submit(new_job(key="k"), max_queued_per_tenant=10)
     b, created_b = await store.submit(new_job(key="k"), max_queued_per_tenant=10)
@@ -296,9 +306,7 @@ async def test_queued_counters_stay_exact_across_every_transition(store: JobStor
     await assert_queued_counts_exact(store, tenants)
     (again,) = await store.claim(["aer"], "e-2", TTL, 1)
     await assert_queued_counts_exact(store, tenants)
-    released = await store.apply_update(
-        again.job.id, again.job.lease_id, UpdateKind.RELEASED, b""
-    )
+    released = await store.apply_update(again.job.id, again.job.lease_id, UpdateKind.RELEASED, b"")
     assert released.job is not None
     assert released.job.state is JobState.QUEUED
     await assert_queued_counts_exact(store, tenants)

@@ -10,6 +10,7 @@ messages with only the payload oneof set; the store adds `seq` and time.
 from __future__ import annotations
 
 import enum
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -68,6 +69,14 @@ class NewJob:
     # For program jobs: the resolved program id (keeps a deleted program's
     # archive alive until the job finishes).
     program_id: str = ""
+    # The new job's id when the caller chose it (`new_job_id()`, so that Run can
+    # listen for the job's events before it is committed); else the store's.
+    id: str = ""
+
+
+def new_job_id() -> str:
+    """A fresh job id, e.g. "j-8c1f..." (what the stores generate)."""
+    return f"j-{uuid.uuid4().hex}"
 
 
 @dataclass(frozen=True)

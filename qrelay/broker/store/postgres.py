@@ -547,7 +547,7 @@ class PostgresJobStore(JobStore):
                 "tags, idempotency_key, num_pubs, spec, program_id) "
                 "VALUES ($1, $2, $3, $4, 1, $5, $6, $7, $8, $9, $10, $11) "
                 "ON CONFLICT (tenant, idempotency_key) DO NOTHING RETURNING id",
-                _new_id("j"),
+                job.id or _new_id("j"),
                 job.tenant,
                 job.backend,
                 int(job.kind),
@@ -1417,9 +1417,7 @@ class PostgresJobStore(JobStore):
 
     async def queue_lengths(self) -> dict[str, int]:
         async def read(conn: asyncpg.Connection) -> dict[str, int]:
-            rows = await conn.fetch(
-                "SELECT key, n FROM queued_counts WHERE scope = 'b' AND n > 0"
-            )
+            rows = await conn.fetch("SELECT key, n FROM queued_counts WHERE scope = 'b' AND n > 0")
             return {r["key"]: r["n"] for r in rows}
 
         return await self._read(read)

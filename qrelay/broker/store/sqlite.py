@@ -353,7 +353,7 @@ class SQLiteJobStore(JobStore):
                     "(QRELAY_MAX_QUEUED_PER_TENANT); wait for some to finish"
                 )
             now = time.time()
-            job_id = _new_id("j")
+            job_id = job.id or _new_id("j")
             conn.execute(
                 "INSERT INTO jobs (id, tenant, backend, kind, state, created_at, session_id, "
                 "tags, idempotency_key, num_pubs, spec, program_id) "
