@@ -185,30 +185,35 @@ _MIGRATIONS: dict[int, str] = {
     """,
     # Queued counters per tenant ('t') and per backend ('b'), kept exact by a
     # trigger so every path that moves a job in or out of QUEUED keeps them
-    # right: Submit's limit and queue position are O(1) in queue depth.
-    # Row locks on a counter serialise writers of one backend only for the
-    # rest of their (short) transaction; deadlocks are retried by `_tx`.
+    # right: Submit's limit and queue position are O(1) in queue depth. Each
+    # counter is striped by the writing connection (pg_backend_pid() % 16) and
+    # read as a sum, so concurrent submits to one backend do not queue on one
+    # row lock until their commits (a stripe may go negative; the sum is exact).
     3: """
     CREATE TABLE queued_counts (
         scope TEXT NOT NULL,  -- 't': tenant, 'b': backend
         key TEXT NOT NULL,
+        stripe INTEGER NOT NULL,
         n BIGINT NOT NULL,
-        PRIMARY KEY (scope, key)
+        PRIMARY KEY (scope, key, stripe)
     );
-    INSERT INTO queued_counts (scope, key, n)
-        SELECT 't', tenant, COUNT(*) FROM jobs WHERE state = 1 GROUP BY tenant;
-    INSERT INTO queued_counts (scope, key, n)
-        SELECT 'b', backend, COUNT(*) FROM jobs WHERE state = 1 GROUP BY backend;
+    INSERT INTO queued_counts (scope, key, stripe, n)
+        SELECT 't', tenant, 0, COUNT(*) FROM jobs WHERE state = 1 GROUP BY tenant;
+    INSERT INTO queued_counts (scope, key, stripe, n)
+        SELECT 'b', backend, 0, COUNT(*) FROM jobs WHERE state = 1 GROUP BY backend;
     CREATE FUNCTION jobs_queued_count() RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE
+        s INTEGER := pg_backend_pid() % 16;
     BEGIN
         IF TG_OP IN ('UPDATE', 'DELETE') AND OLD.state = 1 THEN
-            UPDATE queued_counts SET n = n - 1
-                WHERE (scope = 't' AND key = OLD.tenant) OR (scope = 'b' AND key = OLD.backend);
+            INSERT INTO queued_counts (scope, key, stripe, n)
+                VALUES ('t', OLD.tenant, s, -1), ('b', OLD.backend, s, -1)
+                ON CONFLICT (scope, key, stripe) DO UPDATE SET n = queued_counts.n - 1;
         END IF;
         IF TG_OP IN ('UPDATE', 'INSERT') AND NEW.state = 1 THEN
-            INSERT INTO queued_counts (scope, key, n)
-                VALUES ('t', NEW.tenant, 1), ('b', NEW.backend, 1)
-                ON CONFLICT (scope, key) DO UPDATE SET n = queued_counts.n + 1;
+            INSERT INTO queued_counts (scope, key, stripe, n)
+                VALUES ('t', NEW.tenant, s, 1), ('b', NEW.backend, s, 1)
+                ON CONFLICT (scope, key, stripe) DO UPDATE SET n = queued_counts.n + 1;
         END IF;
         RETURN NULL;
     END $$;
@@ -452,7 +457,7 @@ class PostgresJobStore(JobStore):
     async def _queued(conn: asyncpg.Connection, scope: str, key: str) -> int:
         """Queued jobs of a tenant ('t') or backend ('b'), from the trigger-kept counters."""
         n = await conn.fetchval(
-            "SELECT n FROM queued_counts WHERE scope = $1 AND key = $2", scope, key
+            "SELECT SUM(n)::bigint FROM queued_counts WHERE scope = $1 AND key = $2", scope, key
         )
         return 0 if n is None else int(n)
 
@@ -1417,7 +1422,10 @@ class PostgresJobStore(JobStore):
 
     async def queue_lengths(self) -> dict[str, int]:
         async def read(conn: asyncpg.Connection) -> dict[str, int]:
-            rows = await conn.fetch("SELECT key, n FROM queued_counts WHERE scope = 'b' AND n > 0")
+            rows = await conn.fetch(
+                "SELECT key, SUM(n)::bigint AS n FROM queued_counts WHERE scope = 'b' "
+                "GROUP BY key HAVING SUM(n) > 0"
+            )
             return {r["key"]: r["n"] for r in rows}
 
         return await self._read(read)
