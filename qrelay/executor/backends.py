@@ -12,13 +12,16 @@ Real hardware adapters would plug in here with the same `Backend` shape.
 
 from __future__ import annotations
 
+import concurrent.futures
 import difflib
 import functools
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from qiskit.transpiler import Target
 from qiskit_aer import AerSimulator
+from qiskit_aer.jobs import AerJob
 
 from qrelay._proto.v1 import backends_pb2
 from qrelay.errors import NotFound
@@ -99,13 +102,35 @@ def load_backend(name: str, *, warm: bool = True) -> Backend:
     return backend
 
 
-class _IdealAerSimulator(AerSimulator):  # type: ignore[misc]
-    """AerSimulator whose Target is built once, not on every `.target` access.
+class _InlineExecutor(concurrent.futures.Executor):
+    """Runs what is submitted at once, in the caller's thread; returns a finished Future."""
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller via the Future
+            future.set_exception(exc)
+        return future
+
+
+_INLINE = _InlineExecutor()
+
+
+class _ExecutorAerSimulator(AerSimulator):  # type: ignore[misc]
+    """AerSimulator as the executor uses it: Target built once, runs in the caller's thread.
 
     The ideal AerSimulator rebuilds its Target (~1 ms of CPU, measured) each
     time it is read, and a reference primitive reads it several times per
     job: that was a third of the executor's CPU for a tiny Sampler job. The
     cache is dropped whenever options or the configuration change.
+
+    Aer hands every run to one process-wide worker thread and the caller
+    blocks on it: a thread hop per job and, worse, jobs of different slots
+    (and backends) simulated one at a time. The executor already calls
+    backends from its own worker threads, so `run` executes there: the
+    returned job is finished. Aer releases the GIL while simulating, so
+    slots now simulate in parallel.
     """
 
     _cached_target: Target | None = None
@@ -129,24 +154,38 @@ class _IdealAerSimulator(AerSimulator):  # type: ignore[misc]
         self._cached_target = None
         super().set_max_qubits(max_qubits)
 
+    def _run_circuits(self, circuits: Any, parameter_binds: Any, **run_options: Any) -> AerJob:
+        """Aer's own `_run_circuits`, with the job executed inline (see the class docstring)."""
+        job = AerJob(
+            self,
+            str(uuid.uuid4()),
+            self._execute_circuits_job,
+            parameter_binds=parameter_binds,
+            circuits=circuits,
+            run_options=run_options,
+            executor=_INLINE,
+        )
+        job.submit()
+        return job
+
 
 def _noisy_simulator(fake: Any) -> AerSimulator:
     """Aer for `fake` with the noise model its own `run` uses (bit-identical counts at
     equal seeds, tested), or Aer's Target-derived model when it has no properties."""
     properties = fake.properties()
     if properties is None:
-        return AerSimulator.from_backend(fake)
+        return _ExecutorAerSimulator.from_backend(fake)
     from qiskit_aer.noise import NoiseModel
 
     noise = NoiseModel.from_backend_properties(properties, dt=fake.dt)
-    return AerSimulator.from_backend(fake, noise_model=noise)
+    return _ExecutorAerSimulator.from_backend(fake, noise_model=noise)
 
 
 def _build(name: str) -> Backend:
     if name == IDEAL:
         return Backend(
             name=IDEAL,
-            qiskit=_IdealAerSimulator(),
+            qiskit=_ExecutorAerSimulator(),
             description="Aer ideal (noiseless) simulator",
         )
     cls = _fake_device_classes().get(name)

@@ -33,6 +33,49 @@ def test_aer_builds_its_target_once_and_again_after_an_option_change() -> None:
     assert sim.target is not first  # options can change the target: rebuilt
 
 
+@pytest.mark.parametrize("name", ["aer", "fake_manila"])
+def test_backend_run_finishes_in_the_calling_thread_with_aers_own_counts(name: str) -> None:
+    import threading
+
+    from qiskit import QuantumCircuit, transpile
+    from qiskit_aer import AerSimulator
+
+    backend = load_backend(name, warm=False)
+    qc = QuantumCircuit(2)
+    qc.h(0)
+    qc.cx(0, 1)
+    qc.measure_all()
+    isa = transpile(qc, backend.qiskit, seed_transpiler=1)
+    seen: list[str] = []
+    original = backend.qiskit._execute_circuits_job
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.append(threading.current_thread().name)
+        return original(*args, **kwargs)
+
+    backend.qiskit._execute_circuits_job = spy
+    job = backend.qiskit.run(isa, shots=200, seed_simulator=7)
+    assert job.done(), "finished when run() returns: no hop to Aer's worker thread"
+    assert seen == [threading.current_thread().name]
+    plain = AerSimulator(noise_model=backend.qiskit.options.noise_model)
+    expected = plain.run(isa, shots=200, seed_simulator=7).result().get_counts()
+    assert job.result().get_counts() == expected
+
+
+def test_backend_run_reports_a_simulation_error_through_the_job() -> None:
+    from qiskit import QuantumCircuit
+    from qiskit.circuit import Parameter
+    from qiskit_aer import AerError
+
+    backend = load_backend("aer", warm=False)
+    qc = QuantumCircuit(1)
+    qc.rx(Parameter("a"), 0)
+    qc.measure_all()
+    job = backend.qiskit.run(qc, shots=1)  # the failure travels in the job, as with Aer's thread
+    with pytest.raises(AerError, match="parameter"):
+        job.result()
+
+
 def test_executor_aer_threads_wait_passively_unless_configured() -> None:
     import os
 
