@@ -138,6 +138,19 @@ def test_level_zero_is_qiskit_backend_estimator_bit_for_bit(manila: Backend) -> 
     assert np.array_equal(got.data.stds, ref.data.stds)
 
 
+def test_level_zero_honours_default_precision_like_runtime(manila: Backend) -> None:
+    """default_precision 1/128 (16,384 shots) at level 0 is what BackendEstimatorV2 does
+    with that precision; it used to fall back to 1/64 silently."""
+    circuit = isa(manila, ghz(3))
+    obs = SparsePauliOp(["ZZI"]).apply_layout(circuit.layout)
+    opts = {"resilience_level": 0, "default_precision": 1 / 128}
+    got = run_estimator(manila, [(circuit, obs)], opts, seed=4)[0]
+    want = BackendEstimatorV2(backend=manila.qiskit, options={"seed_simulator": 4})
+    ref = want.run([(circuit, obs)], precision=1 / 128).result()[0]
+    assert got.metadata["target_precision"] == 1 / 128
+    assert np.array_equal(got.data.evs, ref.data.evs)
+
+
 # ------------------------------------------------------------------ readout
 
 

@@ -395,7 +395,8 @@ def _reference(
 ) -> PrimitiveResult[PubResult]:
     """No technique on (level 0): Qiskit's reference BackendEstimatorV2, bit for bit.
 
-    default_shots becomes precision 1/sqrt(shots), as Runtime's local mode does.
+    default_shots becomes precision 1/sqrt(shots), as Runtime's local mode does;
+    default_precision applies to pubs without their own precision.
     """
     from qiskit.primitives import BackendEstimatorV2
 
@@ -405,7 +406,13 @@ def _reference(
             EstimatorPub(p.circuit, p.observables, p.parameter_values, shots_precision)
             for p in pubs
         ]
-    estimator = BackendEstimatorV2(backend=qk, options={"seed_simulator": seed})
+    estimator = BackendEstimatorV2(
+        backend=qk,
+        options={
+            "seed_simulator": seed,
+            "default_precision": opts.default_precision or DEFAULT_PRECISION,
+        },
+    )
     # What `estimator.run(pubs).result()` does (pubs are coerced already), minus
     # the thread PrimitiveJob starts per call: we are in a worker thread already.
     pubs = [EstimatorPub.coerce(p, estimator.options.default_precision) for p in pubs]
