@@ -227,3 +227,23 @@ async def test_submit_and_follow_refuses_bad_input_with_the_submit_status(
     bad.sampler.shots = -1
     with pytest.raises(InvalidArgument, match="shots"):
         await aservice.submit_and_follow(bad)
+
+
+async def test_submit_and_follow_falls_back_to_submit_past_the_open_stream_limit(
+    proxy: TcpProxy, offline_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import qrelay.client.service as service_module
+
+    monkeypatch.setattr(service_module, "MAX_OPEN_RUNS", 1)
+    async with AsyncQRelayService(proxy.address, timeout=20.0) as via_proxy:
+        before = proxy.rpcs_started
+        waiting = await via_proxy.submit_and_follow(_spec(offline_backend))  # Run stays open
+        assert proxy.rpcs_started - before == 1
+        second = await via_proxy.submit_and_follow(_spec("aer", one_qubit(), shots=4))
+        assert proxy.rpcs_started - before == 2  # a Submit: one Run is already open
+        assert (await second.result())[0].data.meas.get_counts() == {"1": 4}
+        assert proxy.rpcs_started - before == 3  # its Watch
+        await waiting.cancel("test")
+        with pytest.raises(Cancelled):
+            await waiting.result()  # read from the Run stream opened first
+        assert proxy.rpcs_started - before == 4  # the Cancel; no Watch for `waiting`
