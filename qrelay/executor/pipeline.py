@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import structlog
@@ -61,6 +61,8 @@ DEFAULT_PRECISION = 0.015625
 # Executions per pub (shots x parameter sets) beyond which a job would hold an
 # executor slot for hours and produce results too big for a gRPC message.
 MAX_SHOTS_PER_PUB = 100_000_000
+# Distinct option sets remembered validated (oldest dropped first).
+_OPTIONS_CACHE_SIZE = 256
 
 
 class PrimitivePipeline:
@@ -75,6 +77,7 @@ class PrimitivePipeline:
         self.backend = backend
         self.cache = cache
         self._log = log.bind(backend=backend.name)
+        self._options_cache: dict[tuple[str, bytes], SamplerOptions | EstimatorOptions] = {}
 
     def run(
         self, spec: types_pb2.JobSpec, cancelled: threading.Event | None = None
@@ -92,8 +95,7 @@ class PrimitivePipeline:
                 f"not {kind or 'an empty job spec'}"
             )
         started = time.perf_counter()
-        raw_options = json_format.MessageToDict(spec.options) if spec.HasField("options") else {}
-        options = options_from_wire(kind, raw_options)
+        options = self._options(kind, spec)
         result: PrimitiveResult[Any]
         if kind == "sampler":
             assert isinstance(options, SamplerOptions)
@@ -109,6 +111,23 @@ class PrimitivePipeline:
             seconds=round(time.perf_counter() - started, 4),
         )
         return encoded
+
+    def _options(
+        self, kind: Literal["sampler", "estimator"], spec: types_pb2.JobSpec
+    ) -> SamplerOptions | EstimatorOptions:
+        """Validated options, cached by their wire bytes: clients send the same few
+        option sets again and again, and validating one (pydantic) was ~20% of a tiny
+        job's pipeline CPU. Cached objects are shared: nothing here mutates options."""
+        wire = spec.options.SerializeToString(deterministic=True)
+        key = (kind, wire)
+        options = self._options_cache.get(key)
+        if options is None:
+            raw = json_format.MessageToDict(spec.options) if spec.HasField("options") else {}
+            options = options_from_wire(kind, raw)  # raises InvalidArgument: never cached
+            if len(self._options_cache) >= _OPTIONS_CACHE_SIZE:
+                self._options_cache.pop(next(iter(self._options_cache)), None)
+            self._options_cache[key] = options
+        return options
 
     # ----------------------------------------------------------------- sampler
 

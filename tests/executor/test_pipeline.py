@@ -448,6 +448,30 @@ def test_unknown_option_is_invalid_argument(aer: Backend, cache: TranspileCache)
         PrimitivePipeline(aer, cache).run(sampler_spec("aer", [bell()], default_shotz=5))
 
 
+def test_a_bad_option_is_refused_every_time_and_good_ones_are_reused(
+    aer: Backend, cache: TranspileCache
+) -> None:
+    pipeline = PrimitivePipeline(aer, cache)
+    for _ in range(2):  # a refusal is never remembered as valid
+        with pytest.raises(InvalidArgument, match="default_shotz") as err:
+            pipeline.run(sampler_spec("aer", [bell()], default_shotz=5))
+        assert err.value.code == 3
+    first = pipeline._options("sampler", sampler_spec("aer", [bell()], default_shots=7))
+    again = pipeline._options("sampler", sampler_spec("aer", [bell()], default_shots=7))
+    other = pipeline._options("sampler", sampler_spec("aer", [bell()], default_shots=8))
+    assert first is again
+    assert first.default_shots == 7
+    assert other.default_shots == 8
+    # The same bytes as a sampler and as an estimator are different options.
+    assert pipeline._options("estimator", sampler_spec("aer", [bell()])) is not (
+        pipeline._options("sampler", sampler_spec("aer", [bell()]))
+    )
+    result = codec.decode_primitive_result(
+        pipeline.run(sampler_spec("aer", [bell()], default_shots=7)).primitive
+    )
+    assert result[0].data.meas.num_shots == 7
+
+
 def test_program_job_is_refused_by_the_primitive_pipeline(
     aer: Backend, cache: TranspileCache
 ) -> None:
