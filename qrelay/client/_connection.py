@@ -15,7 +15,6 @@ from typing import Any, TypeVar
 
 import anyio
 import grpc
-import structlog
 
 from qrelay._proto.v1 import (
     backends_pb2_grpc,
@@ -25,10 +24,11 @@ from qrelay._proto.v1 import (
     sessions_pb2_grpc,
     types_pb2,
 )
+from qrelay.client._log import get_logger
 from qrelay.errors import InvalidArgument, Unavailable
 from qrelay.rpc import error_from_rpc
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 Resp = TypeVar("Resp")
 

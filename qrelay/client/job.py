@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 import anyio
 import grpc
-import structlog
 from qiskit.primitives import BasePrimitiveJob
 from qiskit.providers import JobStatus
 
 from qrelay._proto.v1 import jobs_pb2, types_pb2
 from qrelay.client._connection import is_resumable
+from qrelay.client._log import get_logger
 from qrelay.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from qrelay.client._loop import LoopThread
     from qrelay.client.service import AsyncQRelayService
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 EventKind = Literal["state", "interim", "log", "result", "error"]
 

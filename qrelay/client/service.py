@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import anyio
 import grpc
-import structlog
 from qiskit.providers import JobStatus
 
 from qrelay._proto.v1 import backends_pb2, jobs_pb2, programs_pb2, sessions_pb2, types_pb2
 from qrelay.client._connection import Connection, RetryPolicy
+from qrelay.client._log import get_logger
 from qrelay.client._loop import LoopThread
 from qrelay.client.backend import QRelayBackend
 from qrelay.client.job import AsyncRuntimeJob, RuntimeJob, state_for_status
@@ -42,7 +42,7 @@ from qrelay.values import encode_value
 if TYPE_CHECKING:
     from qrelay.client.session import Session
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 #: The broker answers at most this many jobs per List page.
 _MAX_PAGE = 1000
