@@ -50,10 +50,15 @@ class ExecutorLink:
     # Queue generation at which a claim for this executor last came back short:
     # until something is queued again for its backends, claiming is pointless.
     idle_generation: int = -1
+    # Set when the executor hands a job back under a still-valid lease (it is
+    # stopping): it gets nothing more until it reconnects.
+    draining: bool = False
 
     @property
     def free(self) -> int:
-        return 0 if self.closed else max(self.slots - len(self.inflight), 0)
+        if self.closed or self.draining:
+            return 0
+        return max(self.slots - len(self.inflight), 0)
 
     def send(self, message: executor_pb2.BrokerMessage) -> None:
         if not self.closed:
@@ -87,6 +92,7 @@ class Scheduler:
         self.settings = settings
         self.metrics = metrics
         self.executors: dict[str, ExecutorLink] = {}
+        self.closing = False
         self.known_backends: set[str] = set()
         self.program_resolver: ProgramResolver | None = None
         # Set by the replica fan-out (PostgreSQL store): executors connected to
@@ -209,7 +215,8 @@ class Scheduler:
         link.close()
         if self.executors.get(link.executor_id) is link:
             del self.executors[link.executor_id]
-        await self.store.touch_backends(list(link.backends), time.time())
+        if not self.closing:  # at shutdown, close_all() has recorded last_seen already
+            await self.store.touch_backends(list(link.backends), time.time())
         log.info("executor.disconnected", executor_id=link.executor_id, inflight=len(link.inflight))
         self._gauge()
         self._executors_changed()
@@ -218,8 +225,18 @@ class Scheduler:
         if self.executors_changed is not None:
             self.executors_changed()
 
-    def close_all(self) -> None:
-        for link in list(self.executors.values()):
+    async def close_all(self) -> None:
+        """Shutdown: record when each backend was last seen, then end every stream.
+
+        Stream handlers may finish after the store has closed, so `detach`
+        skips its store write from here on.
+        """
+        self.closing = True
+        links = list(self.executors.values())
+        backends = sorted({b for link in links for b in link.backends})
+        if backends:
+            await self.store.touch_backends(backends, time.time())
+        for link in links:
             link.close()
 
     def online_executors(self, backend: str) -> int:
@@ -289,6 +306,11 @@ class Scheduler:
                 "job.finished", job_id=job.id, state=job.state.name, executor_id=link.executor_id
             )
         elif job is not None and outcome.events and kind is UpdateKind.RELEASED:
+            # A voluntary hand-back (the executor is stopping): requeue the job
+            # for someone else, and never lease it straight back to this link.
+            if not link.draining:
+                link.draining = True
+                log.info("executor.draining", executor_id=link.executor_id)
             self.queued(job.backend, job.kind)
 
     def job_finished(self, job: JobRecord) -> None:

@@ -199,7 +199,7 @@ class Broker:
         await self.health.enter_graceful_shutdown()
         # Long-lived streams never end on their own: ask them to, so that the
         # grace period is spent on unary calls in flight.
-        self.scheduler.close_all()
+        await self.scheduler.close_all()
         self.hub.close()
         if self._server is not None:
             await self._server.stop(self.settings.shutdown_grace_s)

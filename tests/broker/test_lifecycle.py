@@ -293,3 +293,21 @@ async def test_graceful_shutdown_ends_executor_streams_and_watches(tmp_path: Pat
         jobs = jobs_pb2_grpc.JobServiceStub(ch)
         again = await jobs.Get(jobs_pb2.GetJobRequest(job_id=job.id))
         assert again.state == S.JOB_STATE_RUNNING  # lease still honoured after restart
+
+
+async def test_a_job_handed_back_by_a_stopping_executor_goes_to_another(
+    broker: Broker, jobs: jobs_pb2_grpc.JobServiceStub
+) -> None:
+    async with FakeExecutor(broker.address, executor_id="e-stopping", slots=2) as stopping:
+        job = await jobs.Submit(jobs_pb2.SubmitRequest(spec=sampler_spec()))
+        first = await stopping.recv("assignment")
+        stopping.leases.pop(job.id, None)
+        # Under its still-valid lease: a voluntary hand-back, as on shutdown.
+        stopping.update(job.id, first.lease_id, released=executor_pb2.Released(reason="stopping"))
+        await wait_state(jobs, job.id, S.JOB_STATE_QUEUED)
+        other = await jobs.Submit(jobs_pb2.SubmitRequest(spec=sampler_spec()))
+        async with FakeExecutor(broker.address, executor_id="e-fresh", slots=2) as fresh:
+            got = {(await fresh.recv("assignment")).job_id for _ in range(2)}
+            assert got == {job.id, other.id}
+        # The stopping executor was given nothing more, though it has free slots.
+        assert stopping.inbox.empty()
