@@ -61,8 +61,19 @@ _QRELAY_ROOT = str(Path(qrelay.__file__).resolve().parent.parent)
 # system interpreter's own dist-packages (older compiled builds of cffi,
 # cryptography, ...) never shadow the executor's.
 _EXECUTOR_SITE = [p for p in site.getsitepackages() if os.path.isdir(p)]
+# Privileges are dropped here, as the first statements after exec, rather
+# than by Popen(user=, group=, extra_groups=): with those, CPython forks with
+# plain fork() instead of vfork(), so every native pthread_atfork child
+# handler in the executor (OpenMP, OpenBLAS, gRPC) runs in the child while
+# other threads are busy, which crashed the child before exec now and then
+# ("sandbox failed to start: exit status -11"). Nothing but this fixed code
+# runs before the drop.
 _BOOTSTRAP = (
     "import os, site, sys\n"
+    "if {uid!r} is not None:\n"
+    "    os.setgroups([])\n"
+    "    os.setgid({gid!r})\n"
+    "    os.setuid({uid!r})\n"
     "os.nice({nice})\n"
     "for p in {site!r}:\n"
     "    site.addsitedir(p)\n"
@@ -170,7 +181,13 @@ class Sandbox:
                     "-u",
                     "-B",
                     "-c",
-                    _BOOTSTRAP.format(site=_EXECUTOR_SITE, root=_QRELAY_ROOT, nice=int(nice)),
+                    _BOOTSTRAP.format(
+                        site=_EXECUTOR_SITE,
+                        root=_QRELAY_ROOT,
+                        nice=int(nice),
+                        uid=user.uid,
+                        gid=user.gid,
+                    ),
                     str(child_sock.fileno()),
                 ],
                 stdin=subprocess.DEVNULL,
@@ -180,9 +197,6 @@ class Sandbox:
                 env=dict(_BASE_ENV, HOME=str(idle_dir), TMPDIR=str(idle_dir)),
                 start_new_session=True,
                 pass_fds=(child_sock.fileno(),),
-                user=user.uid,
-                group=user.gid,
-                extra_groups=[] if user.uid is not None else None,
             )
         except BaseException:
             parent_sock.close()
