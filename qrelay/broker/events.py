@@ -142,7 +142,12 @@ def to_proto(event: StoredEvent) -> types_pb2.JobEvent:
     message = types_pb2.JobEvent.FromString(event.payload)
     message.job_id = event.job_id
     message.seq = event.seq
-    ts = Timestamp()
-    ts.FromNanoseconds(int(event.time * 1e9))
-    message.time.CopyFrom(ts)
+    message.time.CopyFrom(timestamp(event.time))
     return message
+
+
+def timestamp(seconds: float) -> Timestamp:
+    """A protobuf Timestamp for seconds since the epoch (how the store keeps times)."""
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts

@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING, Any
 import anyio.to_thread
 import jsonschema
 import structlog
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from qrelay._proto.v1 import executor_pb2, programs_pb2, programs_pb2_grpc, types_pb2
 from qrelay.broker.auth import Authenticator
+from qrelay.broker.events import timestamp
 from qrelay.broker.settings import MIB, BrokerSettings
 from qrelay.broker.store import JobStore
 from qrelay.broker.store.base import NewProgram, ProgramRecord
@@ -224,12 +224,6 @@ def check_inputs(inputs_json: str, validator: Any | None) -> None:
         )
 
 
-def _ts(seconds: float) -> Timestamp:
-    ts = Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
-
-
 def program_to_proto(record: ProgramRecord) -> programs_pb2.Program:
     return programs_pb2.Program(
         id=record.id,
@@ -240,7 +234,7 @@ def program_to_proto(record: ProgramRecord) -> programs_pb2.Program:
         description=record.description,
         size_bytes=record.size_bytes,
         version=record.version,
-        created_at=_ts(record.created_at),
+        created_at=timestamp(record.created_at),
     )
 
 

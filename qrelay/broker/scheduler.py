@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import structlog
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from qrelay._proto.v1 import backends_pb2, executor_pb2, types_pb2
-from qrelay.broker.events import EventHub
+from qrelay.broker.events import EventHub, timestamp
 from qrelay.broker.metrics import BrokerMetrics
 from qrelay.broker.settings import BrokerSettings
 from qrelay.broker.store import BackendRecord, JobKind, JobRecord, JobStore, LeaseGrant, UpdateKind
@@ -32,6 +31,7 @@ T = TypeVar("T")
 FAILED_PRECONDITION = 9
 # Executors without the "program" capability (no sandbox) only get primitive jobs.
 PRIMITIVE_KINDS = (JobKind.SAMPLER, JobKind.ESTIMATOR)
+STALE_LEASE = "lease is no longer valid (expired, cancelled or finished)"
 # Resolves a program job's bundle at assignment time (set by the programs module).
 ProgramResolver = Callable[[types_pb2.JobSpec, str], Awaitable[executor_pb2.ProgramBundle | None]]
 
@@ -64,17 +64,19 @@ class ExecutorLink:
         if not self.closed:
             self.outbox.put_nowait(message)
 
+    def cancel(self, job_id: str, lease_id: str, reason: str = STALE_LEASE) -> None:
+        """Tell the executor to stop a run."""
+        self.send(
+            executor_pb2.BrokerMessage(
+                cancel=executor_pb2.CancelJob(job_id=job_id, lease_id=lease_id, reason=reason)
+            )
+        )
+
     def close(self) -> None:
         """Ask the stream handler to end (replaced by a newer stream, or shutdown)."""
         if not self.closed:
             self.closed = True
             self.outbox.put_nowait(None)
-
-
-def _timestamp(seconds: float) -> Timestamp:
-    ts = Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
 
 
 class Scheduler:
@@ -189,15 +191,7 @@ class Scheduler:
             old.close()
         self.executors[hello.executor_id] = link
         for job_id, lease_id in check.invalid:
-            link.send(
-                executor_pb2.BrokerMessage(
-                    cancel=executor_pb2.CancelJob(
-                        job_id=job_id,
-                        lease_id=lease_id,
-                        reason="lease is no longer valid (expired, cancelled or finished)",
-                    )
-                )
-            )
+            link.cancel(job_id, lease_id)
         log.info(
             "executor.connected",
             executor_id=hello.executor_id,
@@ -255,27 +249,14 @@ class Scheduler:
     def send_cancel(self, executor_id: str, job_id: str, lease_id: str, reason: str) -> None:
         link = self.executors.get(executor_id)
         if link is not None and lease_id in link.inflight:
-            link.send(
-                executor_pb2.BrokerMessage(
-                    cancel=executor_pb2.CancelJob(job_id=job_id, lease_id=lease_id, reason=reason)
-                )
-            )
+            link.cancel(job_id, lease_id, reason)
 
     # --- stream traffic --------------------------------------------------------
     async def heartbeat(self, link: ExecutorLink, lease_ids: list[str]) -> None:
         extended = await self.store.extend_leases(lease_ids, self.settings.lease_ttl_s)
         for lease_id in lease_ids:
             if lease_id not in extended and lease_id in link.inflight:
-                job_id = link.inflight[lease_id]
-                link.send(
-                    executor_pb2.BrokerMessage(
-                        cancel=executor_pb2.CancelJob(
-                            job_id=job_id,
-                            lease_id=lease_id,
-                            reason="lease is no longer valid (expired, cancelled or finished)",
-                        )
-                    )
-                )
+                link.cancel(link.inflight[lease_id], lease_id)
 
     async def update(self, link: ExecutorLink, update: executor_pb2.JobUpdate) -> None:
         which = update.WhichOneof("update")
@@ -390,7 +371,7 @@ class Scheduler:
             attempt=job.attempts,
             tenant=job.tenant,
             spec=spec,
-            lease_expires_at=_timestamp(job.lease_expires_at or time.time()),
+            lease_expires_at=timestamp(job.lease_expires_at or time.time()),
         )
         if spec.WhichOneof("work") == "program" and self.program_resolver is not None:
             bundle = await self.program_resolver(spec, job.tenant)
@@ -417,5 +398,5 @@ class Scheduler:
             online=online > 0,
             online_executors=online,
             queue_length=queue_length,
-            last_seen=_timestamp(time.time() if online else record.last_seen),
+            last_seen=timestamp(time.time() if online else record.last_seen),
         )

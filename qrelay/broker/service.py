@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
 import structlog
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from qrelay._proto.v1 import (
     backends_pb2,
@@ -19,7 +18,7 @@ from qrelay._proto.v1 import (
     types_pb2,
 )
 from qrelay.broker.auth import Authenticator, check_executor_token
-from qrelay.broker.events import to_proto
+from qrelay.broker.events import timestamp, to_proto
 from qrelay.broker.jobs import Backends, Jobs
 from qrelay.broker.scheduler import ExecutorLink, Scheduler
 from qrelay.broker.settings import BrokerSettings
@@ -33,12 +32,6 @@ log = structlog.get_logger(__name__)
 Context: TypeAlias = Any
 
 
-def _ts(seconds: float) -> Timestamp:
-    ts = Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
-
-
 def job_to_proto(job: JobRecord) -> jobs_pb2.Job:
     message = jobs_pb2.Job(
         id=job.id,
@@ -46,7 +39,7 @@ def job_to_proto(job: JobRecord) -> jobs_pb2.Job:
         kind=types_pb2.JobKind.ValueType(int(job.kind)),
         state=types_pb2.JobState.ValueType(int(job.state)),
         attempts=job.attempts,
-        created_at=_ts(job.created_at),
+        created_at=timestamp(job.created_at),
         session_id=job.session_id,
         executor_id=job.executor_id,
         last_seq=job.last_seq,
@@ -56,9 +49,9 @@ def job_to_proto(job: JobRecord) -> jobs_pb2.Job:
         queue_position=job.queue_position,
     )
     if job.started_at is not None:
-        message.started_at.CopyFrom(_ts(job.started_at))
+        message.started_at.CopyFrom(timestamp(job.started_at))
     if job.finished_at is not None:
-        message.finished_at.CopyFrom(_ts(job.finished_at))
+        message.finished_at.CopyFrom(timestamp(job.finished_at))
     if job.error:
         message.error.ParseFromString(job.error)
     return message

@@ -38,6 +38,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from qrelay._proto.v1 import sessions_pb2, sessions_pb2_grpc
 from qrelay.broker.auth import Authenticator
+from qrelay.broker.events import timestamp
 from qrelay.broker.jobs import Jobs
 from qrelay.broker.scheduler import Scheduler
 from qrelay.broker.settings import BrokerSettings
@@ -276,11 +277,7 @@ class Sessions:
 
 
 def _ts(seconds: float | None) -> Timestamp | None:
-    if seconds is None:
-        return None
-    ts = Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
+    return None if seconds is None else timestamp(seconds)
 
 
 def session_to_proto(session: SessionRecord) -> sessions_pb2.Session:
