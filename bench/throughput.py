@@ -26,6 +26,7 @@ import numpy as np
 
 from bench._report import Report, arg_parser, ratio, summarize
 from bench.dispatch import tiny_spec
+from qrelay.testing import free_port
 
 #: Seed of the open-loop arrival process.
 SEED = 11
@@ -33,14 +34,6 @@ SEED = 11
 _START_TIMEOUT_S = 60.0
 #: Deadline for one job in the load phases.
 _JOB_TIMEOUT_S = 120.0
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def cpu_seconds(pid: int) -> float:
@@ -102,7 +95,7 @@ class Processes:
         return proc
 
     async def start_broker(self, max_queued: int) -> str:
-        port = _free_port()
+        port = free_port()
         self.address = f"127.0.0.1:{port}"
         self.broker = self._spawn(
             [

@@ -8,37 +8,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 
 from examples import estimator_sweep, sampler_ghz
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_serving(address: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise SystemExit(f"qrelay dev exited with {proc.returncode}")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return
-            except grpc.RpcError:
-                time.sleep(0.2)
-    raise SystemExit(f"qrelay dev did not start within {timeout:.0f}s")
+from qrelay.testing import free_port, wait_serving
 
 
 def _wait_backends(address: str, names: tuple[str, ...], timeout: float = 60.0) -> None:
@@ -57,7 +34,7 @@ def _wait_backends(address: str, names: tuple[str, ...], timeout: float = 60.0) 
 
 def main() -> int:
     console = Console()
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     console.rule("[bold]qrelay demo")
     console.print(
@@ -66,7 +43,10 @@ def main() -> int:
     env = {**os.environ, "QRELAY_LOG_LEVEL": os.environ.get("QRELAY_LOG_LEVEL", "warning")}
     dev = subprocess.Popen([sys.executable, "-m", "qrelay", "dev", "--port", str(port)], env=env)
     try:
-        _wait_serving(address, dev)
+        try:
+            wait_serving(address, dev, timeout=60)
+        except (RuntimeError, TimeoutError) as exc:
+            raise SystemExit(f"qrelay dev did not start: {exc}") from None
         _wait_backends(address, ("aer", "fake_manila"))
         console.rule("Sampler: GHZ on an ideal and a noisy device")
         sampler_ghz.main(address)

@@ -7,7 +7,10 @@ environment: nothing is mocked, only co-located.
 
 from __future__ import annotations
 
+import socket
+import subprocess
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -15,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import anyio.from_thread
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from qrelay.broker.server import Broker, running_broker
 from qrelay.broker.settings import BrokerSettings
@@ -97,3 +102,31 @@ def local_stack_in_thread(
         portal.wrap_async_context_manager(local_stack(**kwargs)) as env,
     ):
         yield env, portal
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago (for servers started as processes)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_serving(address: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    """Block until the server `proc` started answers grpc.health.v1 SERVING on `address`.
+
+    Raises RuntimeError if the process exits first, TimeoutError after `timeout` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"process exited early with {proc.returncode}")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise TimeoutError(f"{address} not serving after {timeout:g}s")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -16,6 +15,7 @@ from pydantic import ValidationError
 from qrelay._proto.v1 import jobs_pb2, jobs_pb2_grpc
 from qrelay.broker.server import running_broker
 from qrelay.broker.settings import MIB, BrokerSettings
+from qrelay.testing import free_port
 from tests.broker.conftest import FakeExecutor, announce, broker_settings, sampler_spec, until
 
 
@@ -35,12 +35,6 @@ def test_malformed_tokens_are_rejected_with_the_entry(monkeypatch: pytest.Monkey
     monkeypatch.setenv("QRELAY_TOKENS", "tok1=tenantA,oops")
     with pytest.raises(ValidationError, match="'oops' is not of the form token=tenant"):
         BrokerSettings()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def scrape(port: int) -> str:

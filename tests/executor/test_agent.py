@@ -22,7 +22,7 @@ from qrelay.broker.settings import BrokerSettings
 from qrelay.errors import DeadlineExceeded
 from qrelay.executor.agent import Executor, backoff_delay, running_executor
 from qrelay.executor.settings import ExecutorSettings
-from tests.integration.procs import free_port
+from qrelay.testing import free_port
 from tests.integration.rawstubs import (
     BELL_QASM3,
     heavy_qasm3,

@@ -4,21 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from qrelay import testing
 
 
 class Proc:
@@ -56,21 +47,11 @@ class Proc:
 
 
 def wait_serving(address: str, proc: Proc, timeout: float = 30.0) -> None:
-    """Block until the server's grpc.health.v1 says SERVING."""
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if proc.popen.poll() is not None:
-                raise RuntimeError(f"process exited early:\n{proc.output()[-4000:]}")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise TimeoutError(f"{address} not serving after {timeout}s:\n{proc.output()[-4000:]}")
+    """`qrelay.testing.wait_serving`, with the process's log in the error."""
+    try:
+        testing.wait_serving(address, proc.popen, timeout)
+    except (RuntimeError, TimeoutError) as exc:
+        raise type(exc)(f"{exc}:\n{proc.output()[-4000:]}") from None
 
 
 def start_broker(port: int, db: Path, log_dir: Path, env: dict[str, str] | None = None) -> Proc:

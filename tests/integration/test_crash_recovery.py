@@ -11,8 +11,8 @@ import pytest
 from qrelay._proto.v1 import jobs_pb2, jobs_pb2_grpc, types_pb2
 from qrelay.executor.agent import running_executor
 from qrelay.executor.settings import ExecutorSettings
-from qrelay.testing import local_stack
-from tests.integration.procs import Proc, free_port, start_broker
+from qrelay.testing import free_port, local_stack
+from tests.integration.procs import Proc, start_broker
 from tests.integration.rawstubs import heavy_qasm3, sampler_spec, wait_terminal, watch_all
 
 pytestmark = pytest.mark.slow

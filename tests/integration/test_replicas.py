@@ -30,8 +30,9 @@ from qrelay.broker import Broker, BrokerSettings, running_broker
 from qrelay.broker.store.postgres import PostgresJobStore
 from qrelay.executor.agent import running_executor
 from qrelay.executor.settings import ExecutorSettings
+from qrelay.testing import free_port
 from tests.broker.conftest import FakeExecutor, postgres_schema, sampler_spec, until, wait_state
-from tests.integration.procs import free_port, start_broker
+from tests.integration.procs import start_broker
 from tests.integration.rawstubs import unpack_bits, watch_all
 
 # Leases long enough that a loaded machine cannot fake a silent executor (no
