@@ -113,11 +113,18 @@ class Executor:
         self._log = log.bind(executor_id=settings.executor_id)
         self._jobs: dict[str, _Job] = {}
         self._outbox: deque[_Outgoing] = deque()
-        self._outbox_wakeup = anyio.Event()
+        # asyncio primitives on the per-job path: anyio's look up the running
+        # backend on every call, which showed in the executor's profile.
+        self._outbox_wakeup = asyncio.Event()
         self._connected = anyio.Event()
         self._is_connected = False
         self._slots = anyio.Semaphore(settings.slots)
-        self._write_lock = anyio.Lock()
+        self._write_lock = asyncio.Lock()
+        self._busy_gauge = BUSY_SLOTS.labels(settings.executor_id)
+        self._finished = {
+            outcome: JOBS_FINISHED.labels(settings.executor_id, outcome)
+            for outcome in ("succeeded", "failed", "dropped")
+        }
         self._pipelines: dict[str, Any] = {}
         self._backend_infos: list[backends_pb2.BackendInfo] = []
         self._program_runner: Any = None
@@ -198,7 +205,7 @@ class Executor:
             metrics_server, _ = start_http_server(self.settings.metrics_port)
             self._log.info("metrics.serving", port=self.settings.metrics_port)
         SLOTS.labels(self.settings.executor_id).set(self.settings.slots)
-        BUSY_SLOTS.labels(self.settings.executor_id).set(0)
+        self._busy_gauge.set(0)
         async with anyio.create_task_group() as jobs:
             self._job_tg = jobs
             try:
@@ -220,7 +227,9 @@ class Executor:
         cache = TranspileCache(self.settings.transpile_cache_size)
         for name in self.settings.backends:
             backend = await anyio.to_thread.run_sync(load_backend, name)
-            self._pipelines[name] = PrimitivePipeline(backend, cache)
+            self._pipelines[name] = PrimitivePipeline(
+                backend, cache, self.settings.optimization_level
+            )
             self._backend_infos.append(backend.info())
         await self._start_program_runner()
         self._log.info(
@@ -450,7 +459,7 @@ class Executor:
         async with self._write_lock:
             if self._half_closed:
                 raise StreamClosed("stream half-closed for shutdown")
-            with anyio.fail_after(deadline):
+            async with asyncio.timeout(deadline):
                 await call.write(message)
 
     async def _heartbeats(self, call: Any) -> None:
@@ -465,7 +474,7 @@ class Executor:
     async def _sender(self, call: Any) -> None:
         """Write the outbox in order; an item leaves the outbox only once written."""
         while True:
-            self._outbox_wakeup = anyio.Event()
+            self._outbox_wakeup = asyncio.Event()
             while self._outbox:
                 item = self._outbox[0]
                 job = self._jobs.get(item.job_id)
@@ -620,7 +629,7 @@ class Executor:
                     return
                 job.running = True
                 self._in_slots += 1
-                BUSY_SLOTS.labels(self.settings.executor_id).set(self._in_slots)
+                self._busy_gauge.set(self._in_slots)
                 self._peak_running = max(self._peak_running, self._in_slots)
                 try:
                     started = time.perf_counter()
@@ -629,20 +638,20 @@ class Executor:
                         outcome = await self._execute(job, assignment, jlog)
                 finally:
                     self._in_slots -= 1
-                    BUSY_SLOTS.labels(self.settings.executor_id).set(self._in_slots)
+                    self._busy_gauge.set(self._in_slots)
                     job.running = False
                 if job.dropped or outcome is None:
-                    JOBS_FINISHED.labels(self.settings.executor_id, "dropped").inc()
+                    self._finished["dropped"].inc()
                     jlog.info("job.dropped")
                     return
                 if isinstance(outcome, types_pb2.JobResult):
                     message = _update(job.job_id, job.lease_id, result=outcome)
                     jlog.info("job.succeeded", seconds=round(time.perf_counter() - started, 3))
-                    JOBS_FINISHED.labels(self.settings.executor_id, "succeeded").inc()
+                    self._finished["succeeded"].inc()
                 else:
                     message = _update(job.job_id, job.lease_id, error=outcome)
                     jlog.info("job.failed", code=outcome.code, reason=outcome.message)
-                    JOBS_FINISHED.labels(self.settings.executor_id, "failed").inc()
+                    self._finished["failed"].inc()
                 self._enqueue(_Outgoing(job.job_id, job.lease_id, message, final=True))
         finally:
             if job.dropped and self._jobs.get(job.job_id) is job and not self._has_pending(job):
@@ -683,10 +692,6 @@ class Executor:
                 f"backend {spec.backend!r} is not served by executor "
                 f"{self.settings.executor_id} (it serves {', '.join(self.settings.backends)})"
             )
-        if "optimization_level" not in spec.options.fields:
-            # The executor's level is the default for jobs that do not choose one.
-            spec = types_pb2.JobSpec.FromString(spec.SerializeToString())
-            spec.options["optimization_level"] = self.settings.optimization_level
         return await _in_thread(pipeline.run, spec, cancelled)
 
     async def _run_primitive_for_program(self, spec: types_pb2.JobSpec) -> types_pb2.JobResult:
@@ -779,9 +784,6 @@ def _update(job_id: str, lease_id: str, **payload: Any) -> executor_pb2.Executor
     )
 
 
-async def _in_thread(fn: Callable[..., types_pb2.JobResult], *args: Any) -> types_pb2.JobResult:
-    """Blocking work in a worker thread; abandoned (left to finish alone) only at shutdown."""
-    return await anyio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
 
 
 @asynccontextmanager
@@ -818,3 +820,12 @@ async def running_executor(
             current = asyncio.current_task()
             if current is not None and current.cancelling():
                 raise
+
+
+async def _in_thread(fn: Callable[..., types_pb2.JobResult], *args: Any) -> types_pb2.JobResult:
+    """Blocking work in a worker thread; abandoned (left to finish alone) only at shutdown.
+
+    anyio's worker threads are daemons, so an executor stopping during a long
+    simulation exits without waiting for it (a ThreadPoolExecutor would be joined).
+    """
+    return await anyio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)

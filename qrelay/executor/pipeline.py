@@ -73,9 +73,16 @@ class PrimitivePipeline:
     `qrelay.errors.Cancelled`.
     """
 
-    def __init__(self, backend: Backend, cache: TranspileCache) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        cache: TranspileCache,
+        default_optimization_level: int = DEFAULT_OPTIMIZATION_LEVEL,
+    ) -> None:
         self.backend = backend
         self.cache = cache
+        # For jobs whose options name no level (the executor's setting).
+        self.default_optimization_level = default_optimization_level
         self._log = log.bind(backend=backend.name)
         self._options_cache: dict[tuple[str, bytes], SamplerOptions | EstimatorOptions] = {}
 
@@ -209,7 +216,7 @@ class PrimitivePipeline:
         return self.cache.get(
             circuit,
             self.backend,
-            DEFAULT_OPTIMIZATION_LEVEL if level is None else level,
+            self.default_optimization_level if level is None else level,
             DEFAULT_SEED_TRANSPILER,
             what=f"pub {pub_index}: circuit",
         )
