@@ -11,207 +11,44 @@ with no executor for the backend: its RSS and the submit latency with 1k,
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
 import numpy as np
 
+from bench._procs import JOB_TIMEOUT_S, CpuMeter, RawClient, processes, rss_bytes
 from bench._report import Report, arg_parser, ratio, summarize
 from bench.dispatch import tiny_spec
-from qrelay.testing import free_port
 
 #: Seed of the open-loop arrival process.
 SEED = 11
-#: Deadline for a process to come up (health SERVING, executor online).
-_START_TIMEOUT_S = 60.0
 #: Deadline for one job in the load phases.
-_JOB_TIMEOUT_S = 120.0
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds a process has used so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-class CpuMeter:
-    """CPU used by the broker, the executors and this client over one measurement, in cores."""
-
-    def __init__(self, procs: Processes) -> None:
-        self.procs = procs
-
-    def sample(self) -> dict[str, float]:
-        broker = self.procs.broker
-        assert broker is not None
-        executors = [p for p in self.procs.procs if p is not broker and p.poll() is None]
-        return {
-            "broker": cpu_seconds(broker.pid),
-            "executors": sum(cpu_seconds(p.pid) for p in executors),
-            "client": cpu_seconds(os.getpid()),
-            "t": time.perf_counter(),
-        }
-
-    @staticmethod
-    def cores(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-        dt = after["t"] - before["t"]
-        return {f"cpu_{k}": (after[k] - before[k]) / dt for k in ("broker", "executors", "client")}
-
-
-def rss_bytes(pid: int) -> int:
-    """Resident set size of a process (Linux /proc)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-class Processes:
-    """A broker process and executor processes on loopback; all stopped on exit."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.broker: subprocess.Popen[bytes] | None = None
-        self.address = ""
-
-    def _spawn(self, args: Sequence[str], log_name: str) -> subprocess.Popen[bytes]:
-        log = (self.workdir / log_name).open("ab")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "qrelay", "--log-level", "warning", "--log-json", *args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ},
-        )
-        log.close()
-        self.procs.append(proc)
-        return proc
-
-    async def start_broker(self, max_queued: int) -> str:
-        port = free_port()
-        self.address = f"127.0.0.1:{port}"
-        self.broker = self._spawn(
-            [
-                "broker",
-                "serve",
-                "--listen",
-                self.address,
-                "--db",
-                str(self.workdir / "broker.db"),
-                "--max-queued-per-tenant",
-                str(max_queued),
-            ],
-            "broker.log",
-        )
-        await self._wait_serving()
-        return self.address
-
-    async def _wait_serving(self) -> None:
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        with anyio.fail_after(_START_TIMEOUT_S):
-            async with grpc.aio.insecure_channel(self.address) as channel:
-                stub = health_pb2_grpc.HealthStub(channel)
-                while True:
-                    self._check_alive()
-                    try:
-                        reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                        if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                            return
-                    except grpc.RpcError:
-                        pass
-                    await anyio.sleep(0.1)
-
-    def _check_alive(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is not None:
-                logs = "\n".join(p.read_text()[-2000:] for p in self.workdir.glob("*.log"))
-                raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}:\n{logs}")
-
-    async def add_executor(
-        self, service: Any, backend: str, slots: int, expect_online: int
-    ) -> subprocess.Popen[bytes]:
-        proc = self._spawn(
-            [
-                "executor",
-                "serve",
-                "--broker",
-                self.address,
-                "--backend",
-                backend,
-                "--slots",
-                str(slots),
-            ],
-            f"executor-{len(self.procs)}.log",
-        )
-        await self.wait_online(service, backend, expect_online)
-        return proc
-
-    async def wait_online(self, service: Any, backend: str, executors: int) -> None:
-        from qrelay._proto.v1 import backends_pb2
-        from qrelay.errors import NotFound
-
-        conn = service.connection
-        with anyio.fail_after(_START_TIMEOUT_S):
-            while True:
-                self._check_alive()
-                try:
-                    b = await conn.unary(
-                        conn.backends.Get, backends_pb2.GetBackendRequest(name=backend)
-                    )
-                    if b.online_executors == executors:
-                        return
-                except NotFound:
-                    pass
-                await anyio.sleep(0.1)
-
-    async def stop(self, proc: subprocess.Popen[bytes]) -> None:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                await anyio.to_thread.run_sync(proc.wait, 20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                await anyio.to_thread.run_sync(proc.wait, 10)
-        if proc in self.procs:
-            self.procs.remove(proc)
-
-    async def stop_all(self) -> None:
-        with anyio.CancelScope(shield=True):
-            for proc in reversed(list(self.procs)):
-                await self.stop(proc)
-
-
-@asynccontextmanager
-async def processes() -> AsyncIterator[Processes]:
-    with tempfile.TemporaryDirectory(prefix="qrelay-bench-") as tmp:
-        procs = Processes(Path(tmp))
-        try:
-            yield procs
-        finally:
-            await procs.stop_all()
+_JOB_TIMEOUT_S = JOB_TIMEOUT_S
 
 
 #: How a client job is sent: "run" (JobService.Run: one call, what the SDK's
 #: primitives use) or "submit" (Submit then Watch: two calls).
 CLIENT_RPC = "run"
+#: The load generator: "raw" (generated stubs, events read but the result not
+#: decoded into Qiskit objects: a light client, as a load generator should be,
+#: since here it shares the broker's two cores) or "sdk" (AsyncQRelayService,
+#: decoding every result as a user's program would).
+CLIENT = "raw"
 
 
 async def one_job(service: Any, spec: Any) -> float:
     start = time.perf_counter()
-    if CLIENT_RPC == "run":
-        job = await service.submit_and_follow(spec)
+    if isinstance(service, RawClient):
+        await service.run(spec)
     else:
-        job = await service.submit(spec)
-    await job.result(timeout=_JOB_TIMEOUT_S)
+        if CLIENT_RPC == "run":
+            job = await service.submit_and_follow(spec)
+        else:
+            job = await service.submit(spec)
+        await job.result(timeout=_JOB_TIMEOUT_S)
     return time.perf_counter() - start
 
 
@@ -263,15 +100,19 @@ async def load_phases(
     async with processes() as procs:
         address = await procs.start_broker(max_queued=1_000_000)
         meter = CpuMeter(procs)
-        async with AsyncQRelayService(address) as service:
+        async with (
+            AsyncQRelayService(address) as service,
+            RawClient(address) as raw,
+        ):
+            load: Any = raw if CLIENT == "raw" else service
             best: dict[int, float] = {}
             for executors in (1, 2):
                 await procs.add_executor(service, "aer", slots, expect_online=executors)
-                await closed_loop(service, spec, max(concurrencies), min(2.0, duration_s))
+                await closed_loop(load, spec, max(concurrencies), min(2.0, duration_s))
                 for c in concurrencies:
                     progress(f"closed loop, {executors} executor(s), {c} clients")
                     before = meter.sample()
-                    rate, lat = await closed_loop(service, spec, c, duration_s)
+                    rate, lat = await closed_loop(load, spec, c, duration_s)
                     cpu = CpuMeter.cores(before, meter.sample())
                     stats = summarize(lat, 1e3)
                     report.add_row(
@@ -297,7 +138,7 @@ async def load_phases(
             for frac in (0.25, 0.5, 0.75):
                 progress(f"open loop at {frac:.0%} of {top:.0f} jobs/s")
                 before = meter.sample()
-                rate, lat = await open_loop(service, spec, frac * top, duration_s, SEED)
+                rate, lat = await open_loop(load, spec, frac * top, duration_s, SEED)
                 cpu = CpuMeter.cores(before, meter.sample())
                 stats = summarize(lat, 1e3)
                 report.add_row(
@@ -430,7 +271,8 @@ async def run(
             "job": "Sampler, 1 qubit, 1 shot, backend aer",
             "placement": "broker and executors as processes on loopback, one client process",
             "store": "SQLite (WAL)",
-            "client_rpc": CLIENT_RPC,
+            "client": CLIENT,
+            "client_rpc": CLIENT_RPC if CLIENT == "sdk" else "run",
             "seed": SEED,
             "targets": {
                 "jobs_per_s": 500,
@@ -494,11 +336,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--rpc",
         choices=["run", "submit"],
         default="run",
-        help="client path per job: Run (one call, as the primitives) or Submit + Watch",
+        help="SDK client path per job: Run (one call, as the primitives) or Submit + Watch",
+    )
+    parser.add_argument(
+        "--client",
+        choices=["raw", "sdk"],
+        default="raw",
+        help="load generator: raw stubs (light, the default) or the SDK (decodes each result)",
     )
     args = parser.parse_args(argv)
-    global CLIENT_RPC
-    CLIENT_RPC = args.rpc
+    global CLIENT_RPC, CLIENT
+    CLIENT_RPC, CLIENT = args.rpc, args.client
     if args.tiny:
         args.concurrency, args.duration_s = [1, 4], 0.5
         args.queue_levels, args.probes = [20, 60], 5

@@ -45,11 +45,20 @@ def test_echo_records_direct_and_proxied_round_trips(tmp_path: Path) -> None:
 def test_dispatch_records_job_and_echo_percentiles_and_ratios(tmp_path: Path) -> None:
     data = run_tiny("dispatch", tmp_path)
     whats = [r["what"] for r in data["rows"]]
-    assert whats == ["grpc echo", "tiny job submit->result"]
-    job = data["rows"][1]
+    assert whats == [
+        "grpc echo",
+        "executor pipeline alone",
+        "floor: 2 echo + pipeline (p50)",
+        "tiny job run->result",
+    ]
+    echo, pipeline, floor, job = data["rows"]
     assert job["n"] == data["parameters"]["jobs"]
     assert {"p50", "p95", "p99", "broker_running_to_finished_p50_ms"} <= job.keys()
+    # The floor is its parts, exactly: two echo round trips and the pipeline's median.
+    assert floor["p50"] == pytest.approx(2 * echo["p50"] + pipeline["p50"])
     assert {
+        "floor_p50_over_echo_p50",
+        "dispatch_p50_over_floor",
         "dispatch_p50_over_echo_p50",
         "dispatch_p99_over_echo_p50",
         "target_p50_le_3x_echo_met",
