@@ -784,8 +784,6 @@ def _update(job_id: str, lease_id: str, **payload: Any) -> executor_pb2.Executor
     )
 
 
-
-
 @asynccontextmanager
 async def running_executor(
     settings: ExecutorSettings, *, connect_timeout: float = 60.0
