@@ -40,6 +40,7 @@ from qrelay.broker.service import (
 from qrelay.broker.settings import BrokerSettings
 from qrelay.broker.store import open_store
 from qrelay.broker.store.postgres import PostgresJobStore, safe_dsn
+from qrelay.broker.streams import RunStreams
 
 if TYPE_CHECKING:
     from qrelay.broker.programs import Programs
@@ -112,7 +113,10 @@ class Broker:
                 ("grpc.http2.min_ping_interval_without_data_ms", 5000),
             ]
         )
-        jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.jobs, self.auth), server)
+        streams = RunStreams(self.jobs, self.settings.max_stream_jobs)
+        jobs_pb2_grpc.add_JobServiceServicer_to_server(
+            JobServicer(self.jobs, self.auth, streams), server
+        )
         backends_pb2_grpc.add_BackendServiceServicer_to_server(
             BackendServicer(self.backends, self.auth), server
         )

@@ -23,7 +23,8 @@ from qrelay.broker.jobs import Backends, Jobs
 from qrelay.broker.scheduler import ExecutorLink, Scheduler
 from qrelay.broker.settings import BrokerSettings
 from qrelay.broker.store import JobRecord
-from qrelay.errors import InvalidArgument
+from qrelay.broker.streams import Item, RunStreams, Submission
+from qrelay.errors import InvalidArgument, QRelayError
 from qrelay.rpc import grpc_errors
 
 log = structlog.get_logger(__name__)
@@ -57,10 +58,20 @@ def job_to_proto(job: JobRecord) -> jobs_pb2.Job:
     return message
 
 
+def _stream_item(item: Item) -> jobs_pb2.RunStreamItem:
+    tag, what = item
+    if isinstance(what, QRelayError):
+        return jobs_pb2.RunStreamItem(
+            tag=tag, error=jobs_pb2.RunStreamError(code=what.code, message=what.message)
+        )
+    return jobs_pb2.RunStreamItem(tag=tag, event=to_proto(what))
+
+
 class JobServicer(jobs_pb2_grpc.JobServiceServicer):
-    def __init__(self, jobs: Jobs, auth: Authenticator) -> None:
+    def __init__(self, jobs: Jobs, auth: Authenticator, streams: RunStreams) -> None:
         self.jobs = jobs
         self.auth = auth
+        self.streams = streams
 
     def _tenant(self, context: Context) -> str:
         return self.auth.tenant(context.invocation_metadata())
@@ -117,6 +128,21 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                 yield to_proto(event)
         finally:
             await events.aclose()  # type: ignore[attr-defined]
+
+    @grpc_errors
+    async def RunStream(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[jobs_pb2.RunStreamRequest], context: Context
+    ) -> None:
+        tenant = self._tenant(context)
+
+        async def submissions() -> AsyncIterator[Submission]:
+            async for request in request_iterator:
+                yield Submission(request.tag, request.submit.spec, request.submit.idempotency_key)
+
+        async def send(batch: list[Item]) -> None:
+            await context.write(jobs_pb2.RunStreamReply(items=[_stream_item(i) for i in batch]))
+
+        await self.streams.serve(tenant, submissions(), send)
 
     @grpc_errors
     async def GetResult(

@@ -50,6 +50,8 @@ class BrokerSettings(BaseSettings):
     max_attempts: int = 3
     max_job_bytes: int = 8 * MIB
     max_queued_per_tenant: int = 10_000
+    # JobService.RunStream: jobs one stream follows at once (more wait unread).
+    max_stream_jobs: int = 1024
     tokens: Annotated[dict[str, str], NoDecode] = {}
     executor_token: str | None = None
     default_tenant: str = "default"
@@ -123,6 +125,7 @@ class BrokerSettings(BaseSettings):
         "max_attempts",
         "max_job_bytes",
         "max_queued_per_tenant",
+        "max_stream_jobs",
         "max_program_bytes",
         "session_max_time_s",
         "session_max_idle_s",

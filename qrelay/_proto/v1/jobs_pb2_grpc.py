@@ -71,6 +71,11 @@ class JobServiceStub:
                 request_serializer=qrelay_dot_v1_dot_jobs__pb2.SubmitRequest.SerializeToString,
                 response_deserializer=qrelay_dot_v1_dot_types__pb2.JobEvent.FromString,
                 _registered_method=True)
+        self.RunStream = channel.stream_stream(
+                '/qrelay.v1.JobService/RunStream',
+                request_serializer=qrelay_dot_v1_dot_jobs__pb2.RunStreamRequest.SerializeToString,
+                response_deserializer=qrelay_dot_v1_dot_jobs__pb2.RunStreamReply.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -135,6 +140,25 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RunStream(self, request_iterator, context):
+        """Many Runs on one stream, for clients that send jobs at a high rate: each
+        request is a Run (same validation, limits, idempotency and durability)
+        under a client-chosen tag, and the replies carry every event of every
+        job, each under its tag, in seq order per job. A reply may batch several
+        items (events of different jobs that were ready together), so a busy
+        stream costs a fraction of a call per job. A refused submission answers
+        with an error item under its tag and the stream goes on. Closing the
+        sending side ends the stream once every job it carries has ended. If the
+        stream drops, follow each job with Watch(job_id, last seq seen); a
+        submission whose first event never arrived is repeated safely with the
+        same idempotency_key. A stream follows at most QRELAY_MAX_STREAM_JOBS
+        jobs at once; beyond that the broker reads the next request only as a
+        job ends (HTTP/2 flow control then holds the client's writes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -172,6 +196,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.Run,
                     request_deserializer=qrelay_dot_v1_dot_jobs__pb2.SubmitRequest.FromString,
                     response_serializer=qrelay_dot_v1_dot_types__pb2.JobEvent.SerializeToString,
+            ),
+            'RunStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.RunStream,
+                    request_deserializer=qrelay_dot_v1_dot_jobs__pb2.RunStreamRequest.FromString,
+                    response_serializer=qrelay_dot_v1_dot_jobs__pb2.RunStreamReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -363,6 +392,33 @@ class JobService:
             '/qrelay.v1.JobService/Run',
             qrelay_dot_v1_dot_jobs__pb2.SubmitRequest.SerializeToString,
             qrelay_dot_v1_dot_types__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/qrelay.v1.JobService/RunStream',
+            qrelay_dot_v1_dot_jobs__pb2.RunStreamRequest.SerializeToString,
+            qrelay_dot_v1_dot_jobs__pb2.RunStreamReply.FromString,
             options,
             channel_credentials,
             insecure,

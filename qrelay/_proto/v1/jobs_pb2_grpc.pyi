@@ -65,6 +65,21 @@ class JobServiceStub:
     dropped stream with Watch(job_id, last seq seen), or repeat Run with the
     same idempotency_key (it answers with the first job's events).
     """
+    RunStream: _grpc.StreamStreamMultiCallable[_jobs_pb2.RunStreamRequest, _jobs_pb2.RunStreamReply]
+    """Many Runs on one stream, for clients that send jobs at a high rate: each
+    request is a Run (same validation, limits, idempotency and durability)
+    under a client-chosen tag, and the replies carry every event of every
+    job, each under its tag, in seq order per job. A reply may batch several
+    items (events of different jobs that were ready together), so a busy
+    stream costs a fraction of a call per job. A refused submission answers
+    with an error item under its tag and the stream goes on. Closing the
+    sending side ends the stream once every job it carries has ended. If the
+    stream drops, follow each job with Watch(job_id, last seq seen); a
+    submission whose first event never arrived is repeated safely with the
+    same idempotency_key. A stream follows at most QRELAY_MAX_STREAM_JOBS
+    jobs at once; beyond that the broker reads the next request only as a
+    job ends (HTTP/2 flow control then holds the client's writes).
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -97,6 +112,21 @@ class JobServiceAsyncStub(JobServiceStub):
     (seq 1, QUEUED, whose job_id names the job) to the terminal one. Resume a
     dropped stream with Watch(job_id, last seq seen), or repeat Run with the
     same idempotency_key (it answers with the first job's events).
+    """
+    RunStream: _aio.StreamStreamMultiCallable[_jobs_pb2.RunStreamRequest, _jobs_pb2.RunStreamReply]  # type: ignore[assignment]
+    """Many Runs on one stream, for clients that send jobs at a high rate: each
+    request is a Run (same validation, limits, idempotency and durability)
+    under a client-chosen tag, and the replies carry every event of every
+    job, each under its tag, in seq order per job. A reply may batch several
+    items (events of different jobs that were ready together), so a busy
+    stream costs a fraction of a call per job. A refused submission answers
+    with an error item under its tag and the stream goes on. Closing the
+    sending side ends the stream once every job it carries has ended. If the
+    stream drops, follow each job with Watch(job_id, last seq seen); a
+    submission whose first event never arrived is repeated safely with the
+    same idempotency_key. A stream follows at most QRELAY_MAX_STREAM_JOBS
+    jobs at once; beyond that the broker reads the next request only as a
+    job ends (HTTP/2 flow control then holds the client's writes).
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -169,6 +199,27 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         (seq 1, QUEUED, whose job_id names the job) to the terminal one. Resume a
         dropped stream with Watch(job_id, last seq seen), or repeat Run with the
         same idempotency_key (it answers with the first job's events).
+        """
+
+    @_abc_1.abstractmethod
+    def RunStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_jobs_pb2.RunStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_jobs_pb2.RunStreamReply], _abc.AsyncIterator[_jobs_pb2.RunStreamReply]]:
+        """Many Runs on one stream, for clients that send jobs at a high rate: each
+        request is a Run (same validation, limits, idempotency and durability)
+        under a client-chosen tag, and the replies carry every event of every
+        job, each under its tag, in seq order per job. A reply may batch several
+        items (events of different jobs that were ready together), so a busy
+        stream costs a fraction of a call per job. A refused submission answers
+        with an error item under its tag and the stream goes on. Closing the
+        sending side ends the stream once every job it carries has ended. If the
+        stream drops, follow each job with Watch(job_id, last seq seen); a
+        submission whose first event never arrived is repeated safely with the
+        same idempotency_key. A stream follows at most QRELAY_MAX_STREAM_JOBS
+        jobs at once; beyond that the broker reads the next request only as a
+        job ends (HTTP/2 flow control then holds the client's writes).
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

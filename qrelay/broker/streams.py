@@ -1,0 +1,122 @@
+"""JobService.RunStream: many Runs on one stream, their events merged into batches.
+
+Why: a gRPC call costs the broker (and the client) several times what one
+more message on an open stream costs, and a busy client has many events
+ready at once. One stream per client, with every event that is ready sent
+in one reply, makes a job cost a fraction of a call on both sides.
+
+Each submission is exactly `Jobs.run` (validation, limits, idempotency,
+durability), followed in its own task; all of them feed one bounded queue
+that a single writer drains into batches. Per job, events keep their order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from qrelay._proto.v1 import types_pb2
+from qrelay.broker.jobs import Jobs
+from qrelay.broker.store import StoredEvent
+from qrelay.errors import InvalidArgument, QRelayError
+
+#: Longest tag accepted (tags are held while their job is followed).
+MAX_TAG_CHARS = 128
+#: Items in one reply at most (keeps a reply far below the message limits
+#: for small events; a big result travels alone soon enough).
+MAX_BATCH_ITEMS = 256
+#: Items waiting for the writer before followers pause (bounded memory when
+#: the client reads slowly; a paused follower catches up from the store).
+MAX_PENDING_ITEMS = 4096
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One request on the stream, already off the wire."""
+
+    tag: str
+    spec: types_pb2.JobSpec
+    idempotency_key: str
+
+
+#: One reply item: a tag and either the job's next event or why it was refused.
+Item = tuple[str, StoredEvent | QRelayError]
+#: Sends one batch to the client (the servicer's write).
+Send = Callable[[list[Item]], Awaitable[None]]
+
+
+class RunStreams:
+    """Serves RunStream calls for one broker."""
+
+    def __init__(self, jobs: Jobs, max_jobs_per_stream: int) -> None:
+        self.jobs = jobs
+        self.max_jobs_per_stream = max_jobs_per_stream
+
+    async def serve(self, tenant: str, submissions: AsyncIterator[Submission], send: Send) -> None:
+        """Run every submission until the client stops sending and all its jobs ended.
+
+        Cancelled (the client went away) it cancels every follower; nothing
+        is lost, the jobs themselves go on and can be watched.
+        """
+        pending: asyncio.Queue[Item | None] = asyncio.Queue(MAX_PENDING_ITEMS)
+        slots = asyncio.Semaphore(self.max_jobs_per_stream)
+        live: set[str] = set()
+
+        async def follow(sub: Submission) -> None:
+            # The tag is free again before its last item can reach the client,
+            # so a client may reuse it as soon as it has seen that item.
+            try:
+                async for event in self.jobs.run(tenant, sub.spec, sub.idempotency_key):
+                    if event.terminal:
+                        live.discard(sub.tag)
+                    await pending.put((sub.tag, event))
+            except QRelayError as exc:
+                live.discard(sub.tag)
+                await pending.put((sub.tag, exc))
+            finally:
+                live.discard(sub.tag)
+                slots.release()
+
+        async def read() -> None:
+            async with asyncio.TaskGroup() as followers:
+                async for sub in submissions:
+                    refusal = _check_tag(sub.tag, live)
+                    if refusal is not None:
+                        await pending.put((sub.tag, refusal))
+                        continue
+                    await slots.acquire()
+                    live.add(sub.tag)
+                    followers.create_task(follow(sub))
+            await pending.put(None)  # the client is done sending and every job ended
+
+        async def write() -> None:
+            while True:
+                first = await pending.get()
+                if first is None:
+                    return
+                batch = [first]
+                done = False
+                while len(batch) < MAX_BATCH_ITEMS and not pending.empty():
+                    item = pending.get_nowait()
+                    if item is None:
+                        done = True
+                        break
+                    batch.append(item)
+                await send(batch)
+                if done:
+                    return
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(read())
+            tg.create_task(write())
+
+
+def _check_tag(tag: str, live: set[str]) -> InvalidArgument | None:
+    if not tag:
+        return InvalidArgument("RunStream request needs a tag to name its job in the replies")
+    if len(tag) > MAX_TAG_CHARS:
+        return InvalidArgument(f"tag is {len(tag)} characters; at most {MAX_TAG_CHARS} allowed")
+    if tag in live:
+        return InvalidArgument(f"tag {tag!r} already names a job this stream is following")
+    return None
