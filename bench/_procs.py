@@ -9,6 +9,9 @@ sharing the machine takes as little CPU from qrelay as it can.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import itertools
 import os
 import subprocess
 import sys
@@ -194,23 +197,96 @@ async def processes() -> AsyncIterator[Processes]:
 
 
 class RawClient:
-    """JobService.Run over the generated stubs: submit, read events to the terminal one."""
+    """A load generator over the generated stubs: events read, results never decoded.
 
-    def __init__(self, address: str) -> None:
+    `rpc="stream"` sends every job on one JobService.RunStream (tags name
+    them; a reader task hands each job its items); `rpc="run"` makes one
+    JobService.Run call per job.
+    """
+
+    def __init__(self, address: str, rpc: str = "stream") -> None:
         import grpc
 
         from qrelay._proto.v1 import jobs_pb2_grpc
 
+        if rpc not in ("stream", "run"):
+            raise ValueError(f"rpc must be 'stream' or 'run', not {rpc!r}")
+        self.rpc = rpc
         self._channel = grpc.aio.insecure_channel(address)
         self._stub = jobs_pb2_grpc.JobServiceStub(self._channel)
+        self._stream: Any = None
+        self._reader: asyncio.Task[None] | None = None
+        self._waiting: dict[str, asyncio.Future[None]] = {}
+        self._seen_result: set[str] = set()
+        self._write_lock = asyncio.Lock()
+        self._tags = itertools.count()
 
     async def __aenter__(self) -> RawClient:
+        if self.rpc == "stream":
+            self._stream = self._stub.RunStream()
+            self._reader = asyncio.create_task(self._read_stream())
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        if self._stream is not None:
+            self._stream.cancel()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
         await self._channel.close()
 
     async def run(self, spec: Any) -> None:
+        if self.rpc == "run":
+            await self._run_call(spec)
+            return
+        from qrelay._proto.v1 import jobs_pb2
+
+        tag = str(next(self._tags))
+        done = asyncio.get_running_loop().create_future()
+        self._waiting[tag] = done
+        try:
+            async with self._write_lock:  # one write at a time on a gRPC stream
+                await self._stream.write(
+                    jobs_pb2.RunStreamRequest(tag=tag, submit=jobs_pb2.SubmitRequest(spec=spec))
+                )
+            async with asyncio.timeout(JOB_TIMEOUT_S):
+                await done
+        finally:
+            self._waiting.pop(tag, None)
+            self._seen_result.discard(tag)
+
+    async def _read_stream(self) -> None:
+        import grpc
+
+        from qrelay._proto.v1 import types_pb2
+
+        try:
+            while (reply := await self._stream.read()) is not grpc.aio.EOF:
+                for item in reply.items:
+                    waiter = self._waiting.get(item.tag)
+                    if waiter is None or waiter.done():
+                        continue
+                    if item.HasField("error"):
+                        waiter.set_exception(RuntimeError(f"refused: {item.error.message}"))
+                        continue
+                    event = item.event
+                    which = event.WhichOneof("payload")
+                    if which == "result":
+                        self._seen_result.add(item.tag)
+                    elif which == "error":
+                        waiter.set_exception(RuntimeError(f"job failed: {event.error.message}"))
+                    elif which == "state" and event.state.state >= types_pb2.JOB_STATE_DONE:
+                        if item.tag in self._seen_result:
+                            waiter.set_result(None)
+                        else:
+                            waiter.set_exception(RuntimeError("job ended without a result"))
+        finally:
+            for waiter in self._waiting.values():
+                if not waiter.done():
+                    waiter.set_exception(RuntimeError("RunStream ended"))
+
+    async def _run_call(self, spec: Any) -> None:
         from qrelay._proto.v1 import jobs_pb2, types_pb2
 
         got_result = False

@@ -32,11 +32,12 @@ _JOB_TIMEOUT_S = JOB_TIMEOUT_S
 #: How a client job is sent: "run" (JobService.Run: one call, what the SDK's
 #: primitives use) or "submit" (Submit then Watch: two calls).
 CLIENT_RPC = "run"
-#: The load generator: "raw" (generated stubs, events read but the result not
-#: decoded into Qiskit objects: a light client, as a load generator should be,
-#: since here it shares the broker's two cores) or "sdk" (AsyncQRelayService,
-#: decoding every result as a user's program would).
-CLIENT = "raw"
+#: The load generator: "stream" (generated stubs, every job on one
+#: JobService.RunStream), "run" (generated stubs, one JobService.Run call per
+#: job) -- both read events but never decode results, so the client takes as
+#: little as it can of the two cores it shares with qrelay -- or "sdk"
+#: (AsyncQRelayService, decoding every result as a user's program would).
+CLIENT = "stream"
 
 
 async def one_job(service: Any, spec: Any) -> float:
@@ -102,9 +103,9 @@ async def load_phases(
         meter = CpuMeter(procs)
         async with (
             AsyncQRelayService(address) as service,
-            RawClient(address) as raw,
+            RawClient(address, rpc="run" if CLIENT == "run" else "stream") as raw,
         ):
-            load: Any = raw if CLIENT == "raw" else service
+            load: Any = service if CLIENT == "sdk" else raw
             best: dict[int, float] = {}
             for executors in (1, 2):
                 await procs.add_executor(service, "aer", slots, expect_online=executors)
@@ -272,7 +273,7 @@ async def run(
             "placement": "broker and executors as processes on loopback, one client process",
             "store": "SQLite (WAL)",
             "client": CLIENT,
-            "client_rpc": CLIENT_RPC if CLIENT == "sdk" else "run",
+            "client_rpc": {"sdk": CLIENT_RPC, "run": "run", "stream": "run_stream"}[CLIENT],
             "seed": SEED,
             "targets": {
                 "jobs_per_s": 500,
@@ -340,9 +341,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--client",
-        choices=["raw", "sdk"],
-        default="raw",
-        help="load generator: raw stubs (light, the default) or the SDK (decodes each result)",
+        choices=["stream", "run", "sdk"],
+        default="stream",
+        help=(
+            "load generator: raw stubs on one RunStream (the default) or one Run per job, "
+            "or the SDK (decodes each result)"
+        ),
     )
     args = parser.parse_args(argv)
     global CLIENT_RPC, CLIENT
