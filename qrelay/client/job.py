@@ -13,7 +13,7 @@ from collections.abc import AsyncGenerator, Iterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 import anyio
 import grpc
@@ -165,8 +165,18 @@ async def decode_event(ev: types_pb2.JobEvent) -> JobEvent:
     return JobEvent(job_id=ev.job_id, seq=ev.seq, kind=kind, data=data, time=when, raw=ev)
 
 
+class EventCall(Protocol):
+    """What follows one job's events: a Run or Watch call, or a job's share of a RunStream."""
+
+    async def read(self) -> Any: ...
+
+    def cancel(self) -> bool: ...
+
+    def add_done_callback(self, callback: Any) -> None: ...
+
+
 async def _read_events(
-    pending: list[types_pb2.JobEvent], call: grpc.aio.UnaryStreamCall[Any, Any]
+    pending: list[types_pb2.JobEvent], call: EventCall
 ) -> AsyncGenerator[types_pb2.JobEvent, None]:
     """Events already read from `call`, then the rest of it (read() only: never mixed)."""
     for ev in pending:
@@ -193,7 +203,7 @@ class AsyncRuntimeJob:
         service: AsyncQRelayService,
         job: jobs_pb2.Job,
         *,
-        run_stream: tuple[types_pb2.JobEvent, grpc.aio.UnaryStreamCall[Any, Any]] | None = None,
+        run_stream: tuple[types_pb2.JobEvent, EventCall] | None = None,
     ) -> None:
         self._service = service
         self._job = job

@@ -24,8 +24,9 @@ from qrelay._proto.v1 import backends_pb2, jobs_pb2, programs_pb2, sessions_pb2,
 from qrelay.client._connection import Connection, RetryPolicy
 from qrelay.client._log import get_logger
 from qrelay.client._loop import LoopThread
+from qrelay.client._runstream import RunStreamMux
 from qrelay.client.backend import QRelayBackend
-from qrelay.client.job import AsyncRuntimeJob, RuntimeJob, state_for_status
+from qrelay.client.job import AsyncRuntimeJob, EventCall, RuntimeJob, state_for_status
 from qrelay.client.programs import (
     PathLike,
     Program,
@@ -35,7 +36,7 @@ from qrelay.client.programs import (
     upload_request,
 )
 from qrelay.client.session import AsyncBatch, AsyncSession
-from qrelay.errors import DeadlineExceeded, Internal, InvalidArgument, Unavailable
+from qrelay.errors import DeadlineExceeded, Internal, InvalidArgument, QRelayError, Unavailable
 from qrelay.rpc import error_from_rpc
 from qrelay.values import encode_value
 
@@ -153,6 +154,8 @@ class AsyncQRelayService:
             raise InvalidArgument(f"timeout must be > 0 seconds, got {timeout}")
         self.connection = Connection(address, token, timeout=timeout, retry=retry or RetryPolicy())
         self._open_runs = 0
+        # Every submit-and-follow shares one RunStream (Run on brokers without it).
+        self._runs = RunStreamMux(self.connection)
 
     def __repr__(self) -> str:
         return f"<AsyncQRelayService {self.connection.address}>"
@@ -174,6 +177,7 @@ class AsyncQRelayService:
 
     async def close(self) -> None:
         """Close the channel; calls still in flight are cancelled. Idempotent."""
+        await self._runs.aclose()
         await self.connection.close()
 
     async def _backend_protos(self) -> list[backends_pb2.Backend]:
@@ -254,13 +258,15 @@ class AsyncQRelayService:
     async def submit_and_follow(
         self, spec: types_pb2.JobSpec, *, idempotency_key: str | None = None
     ) -> AsyncRuntimeJob:
-        """Submit a job spec and keep its event stream open (`JobService.Run`).
+        """Submit a job spec and keep following its events (`JobService.RunStream`).
 
         Returns once the job is stored (its first event names it), like
-        `submit`; `result()` then reads the same stream, so submit-and-wait
-        costs one round trip instead of two. Retried on UNAVAILABLE before
-        the first event under one idempotency key. With `MAX_OPEN_RUNS` streams
-        already open (jobs nobody has awaited yet) it falls back to `submit`.
+        `submit`; `result()` then reads the same events, so submit-and-wait
+        costs one round trip instead of two, and all jobs share the service's
+        one RunStream (a broker without it gets one `Run` call per job).
+        Retried on UNAVAILABLE before the first event under one idempotency
+        key. With `MAX_OPEN_RUNS` jobs already followed (jobs nobody has
+        awaited yet) it falls back to `submit`.
         """
         key = idempotency_key or uuid.uuid4().hex
         if self._open_runs >= MAX_OPEN_RUNS:
@@ -271,18 +277,24 @@ class AsyncQRelayService:
         attempt = 0
         while True:
             attempt += 1
-            call = conn.run(request)
+            on_stream = self._runs.supported
+            call: EventCall = await self._runs.start(request) if on_stream else conn.run(request)
             try:
                 with anyio.fail_after(max(deadline - time.monotonic(), 0.001)):
                     first = await call.read()
+                if first is grpc.aio.EOF and on_stream:
+                    raise Unavailable("the RunStream ended before the job's first event")
             except TimeoutError:
                 call.cancel()
                 raise DeadlineExceeded(
                     f"broker at {conn.address} did not accept the job within {conn.timeout:g} s"
                 ) from None
-            except grpc.aio.AioRpcError as exc:
+            except (grpc.aio.AioRpcError, QRelayError) as exc:
                 call.cancel()
-                error = error_from_rpc(exc)
+                if on_stream and not self._runs.supported:
+                    attempt -= 1  # an older broker: the same job again, by Run
+                    continue
+                error = error_from_rpc(exc) if isinstance(exc, grpc.aio.AioRpcError) else exc
                 pause = conn.retry.backoff(attempt)
                 if (
                     not isinstance(error, Unavailable)

@@ -196,8 +196,13 @@ async def test_submit_and_follow_costs_one_rpc_where_submit_then_result_costs_tw
         assert job.job_id().startswith("j-")  # known before waiting for the result
         assert job.backend_name == "aer"
         result = await job.result()
-        one_call = proxy.rpcs_started - before  # Run only
-    assert (two_calls, one_call) == (2, 1)
+        one_call = proxy.rpcs_started - before  # the RunStream, opened now
+        before = proxy.rpcs_started
+        for shots in (6, 7):
+            again = await via_proxy.submit_and_follow(_spec("aer", one_qubit(), shots=shots))
+            assert (await again.result())[0].data.meas.get_counts() == {"1": shots}
+        no_call = proxy.rpcs_started - before  # both on the open RunStream
+    assert (two_calls, one_call, no_call) == (2, 1, 0)
     assert result[0].data.meas.get_counts() == {"1": 5}
 
 
@@ -237,13 +242,14 @@ async def test_submit_and_follow_falls_back_to_submit_past_the_open_stream_limit
     monkeypatch.setattr(service_module, "MAX_OPEN_RUNS", 1)
     async with AsyncQRelayService(proxy.address, timeout=20.0) as via_proxy:
         before = proxy.rpcs_started
-        waiting = await via_proxy.submit_and_follow(_spec(offline_backend))  # Run stays open
+        # Followed on the RunStream this opens, and waiting there.
+        waiting = await via_proxy.submit_and_follow(_spec(offline_backend))
         assert proxy.rpcs_started - before == 1
         second = await via_proxy.submit_and_follow(_spec("aer", one_qubit(), shots=4))
-        assert proxy.rpcs_started - before == 2  # a Submit: one Run is already open
+        assert proxy.rpcs_started - before == 2  # a Submit: one job is already followed
         assert (await second.result())[0].data.meas.get_counts() == {"1": 4}
         assert proxy.rpcs_started - before == 3  # its Watch
         await waiting.cancel("test")
         with pytest.raises(Cancelled):
-            await waiting.result()  # read from the Run stream opened first
+            await waiting.result()  # read from the RunStream opened first
         assert proxy.rpcs_started - before == 4  # the Cancel; no Watch for `waiting`
