@@ -2,8 +2,8 @@
 
 A broker and one Aer executor run as separate processes on loopback (as
 deployed; `--in-process` puts them in this process, sharing its GIL); one
-SDK client runs a job (JobService.Run, as the primitives do), waits for its
-result, and repeats. The raw grpc.aio echo round trip is measured in the
+SDK client runs a job (submit_and_follow, on the SDK's RunStream, as the
+primitives do), waits for its result, and repeats. The raw grpc.aio echo round trip is measured in the
 same run, interleaved in blocks with the jobs so both see the same machine
 noise; the ratios of percentiles are the figures that matter. With
 `--rtt-ms` both go through the WAN proxy.
@@ -168,7 +168,7 @@ async def run(jobs: int, rtts_ms: Sequence[float], warmup: int, in_process: bool
                 if in_process
                 else "broker and executor as processes on loopback, SDK client in this one"
             ),
-            "client_rpc": "JobService.Run (SDK submit_and_follow)",
+            "client_rpc": "SDK submit_and_follow (JobService.RunStream)",
             "targets": {"p50_over_echo": 3.0, "p99_over_echo": 10.0},
         },
     )
