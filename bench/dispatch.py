@@ -5,8 +5,8 @@ deployed; `--in-process` puts them in this process, sharing its GIL); one
 SDK client runs a job (submit_and_follow, on the SDK's RunStream, as the
 primitives do), waits for its result, and repeats. The raw grpc.aio echo
 round trip is measured in the same run, interleaved in blocks with the jobs
-so both see the same machine noise; the ratios of percentiles are the figures that matter. With
-`--rtt-ms` both go through the WAN proxy.
+so both see the same machine noise; the ratios of percentiles are the
+figures that matter. With `--rtt-ms` both go through the WAN proxy.
 
 The floor printed beside them is what any broker with a separate executor
 must pay: two echo round trips (client<->broker, broker<->executor) plus
