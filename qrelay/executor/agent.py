@@ -29,7 +29,8 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,6 +121,9 @@ class Executor:
         self._is_connected = False
         self._slots = anyio.Semaphore(settings.slots)
         self._write_lock = asyncio.Lock()
+        # Primitive work runs in these threads (created by run()): a plain pool costs
+        # the job path far less than anyio.to_thread's limiter and cancel scopes.
+        self._threads: ThreadPoolExecutor | None = None
         self._busy_gauge = BUSY_SLOTS.labels(settings.executor_id)
         self._finished = {
             outcome: JOBS_FINISHED.labels(settings.executor_id, outcome)
@@ -206,6 +210,9 @@ class Executor:
             self._log.info("metrics.serving", port=self.settings.metrics_port)
         SLOTS.labels(self.settings.executor_id).set(self.settings.slots)
         self._busy_gauge.set(0)
+        # A slot holds its thread until the work really ends (even when cancelled),
+        # so `slots` threads suffice; twice that leaves room for programs' calls.
+        self._threads = ThreadPoolExecutor(2 * self.settings.slots, "qrelay-job")
         async with anyio.create_task_group() as jobs:
             self._job_tg = jobs
             try:
@@ -213,6 +220,7 @@ class Executor:
             finally:
                 self._job_tg = None
                 jobs.cancel_scope.cancel()
+                self._threads.shutdown(wait=False, cancel_futures=True)
                 CONNECTED.labels(self.settings.executor_id).set(0)
                 if metrics_server is not None:
                     metrics_server.shutdown()
@@ -692,7 +700,11 @@ class Executor:
                 f"backend {spec.backend!r} is not served by executor "
                 f"{self.settings.executor_id} (it serves {', '.join(self.settings.backends)})"
             )
-        return await _in_thread(pipeline.run, spec, cancelled)
+        if self._threads is None:
+            raise Internal(f"executor {self.settings.executor_id} is not running")
+        # A cancelled caller abandons the thread: it sees `cancelled` between pubs.
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._threads, pipeline.run, spec, cancelled)
 
     async def _run_primitive_for_program(self, spec: types_pb2.JobSpec) -> types_pb2.JobResult:
         """A running program's primitive call: same local pipeline, the job's cancel event."""
@@ -818,12 +830,3 @@ async def running_executor(
             current = asyncio.current_task()
             if current is not None and current.cancelling():
                 raise
-
-
-async def _in_thread(fn: Callable[..., types_pb2.JobResult], *args: Any) -> types_pb2.JobResult:
-    """Blocking work in a worker thread; abandoned (left to finish alone) only at shutdown.
-
-    anyio's worker threads are daemons, so an executor stopping during a long
-    simulation exits without waiting for it (a ThreadPoolExecutor would be joined).
-    """
-    return await anyio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
