@@ -130,6 +130,9 @@ def _run(fn: Callable[[], Awaitable[T]]) -> T:
 
 async def _until_signal(serve: Callable[[], Awaitable[None]]) -> None:
     """Run `serve` until it returns or SIGINT/SIGTERM arrives, then cancel it cleanly."""
+    # A serving process configures logging once: each logger may keep its bound
+    # form instead of rebuilding it on every call (the job path logs several times).
+    structlog.configure(cache_logger_on_first_use=True)
     async with anyio.create_task_group() as tg:
 
         async def watch_signals() -> None:
