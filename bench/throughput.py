@@ -135,6 +135,12 @@ async def load_phases(
                     best[executors] = max(best.get(executors, 0.0), rate)
                 report.figures[f"max_jobs_per_s_{executors}_executor"] = best[executors]
             report.figures["scaling_2_over_1_executor"] = ratio(best[2], best[1])
+            if CLIENT != "sdk":
+                best_c = max(
+                    (r for r in report.rows if r["phase"] == "closed loop" and r["executors"] == 2),
+                    key=lambda r: r["jobs_per_s"],
+                )["concurrency"]
+                await compare_rpcs(report, address, raw, spec, best_c, duration_s, meter)
             top = best[2]
             for frac in (0.25, 0.5, 0.75):
                 progress(f"open loop at {frac:.0%} of {top:.0f} jobs/s")
@@ -158,6 +164,43 @@ async def load_phases(
                 )
                 if frac == 0.5:
                     report.figures["p99_ms_at_half_max_rate"] = stats["p99"]
+
+
+async def compare_rpcs(
+    report: Report,
+    address: str,
+    stream: RawClient,
+    spec: Any,
+    concurrency: int,
+    duration_s: float,
+    meter: CpuMeter,
+    rounds: int = 3,
+) -> None:
+    """The same closed loop with one RunStream vs one Run call per job, in alternating
+    rounds (so both see the same machine noise); medians of the rounds."""
+    rates: dict[str, list[float]] = {"run_stream": [], "run": []}
+    broker_ms: dict[str, list[float]] = {"run_stream": [], "run": []}
+    async with RawClient(address, rpc="run") as per_call:
+        for i in range(rounds):
+            for name, client in (("run_stream", stream), ("run", per_call)):
+                progress(f"RunStream vs Run, round {i + 1}/{rounds}: {name}")
+                before = meter.sample()
+                rate, _ = await closed_loop(client, spec, concurrency, duration_s)
+                cpu = CpuMeter.cores(before, meter.sample())
+                rates[name].append(rate)
+                broker_ms[name].append(1e3 * cpu["cpu_broker"] / rate if rate else float("nan"))
+    for name in rates:
+        report.add_row(
+            phase=f"closed loop, {name}",
+            executors=2,
+            concurrency=concurrency,
+            offered=f"median of {rounds}",
+            jobs_per_s=float(np.median(rates[name])),
+            broker_cpu_ms_per_job=float(np.median(broker_ms[name])),
+        )
+    report.figures["run_stream_over_run_jobs_per_s"] = ratio(
+        float(np.median(rates["run_stream"])), float(np.median(rates["run"]))
+    )
 
 
 def progress(text: str) -> None:
