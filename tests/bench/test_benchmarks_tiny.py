@@ -82,7 +82,14 @@ def test_transpile_cache_counts_transpilations_per_pass(tmp_path: Path) -> None:
 def test_throughput_records_load_and_queue_phases(tmp_path: Path) -> None:
     data = run_tiny("throughput", tmp_path)
     phases = {r["phase"] for r in data["rows"]}
-    assert phases == {"closed loop", "open loop", "queue depth"}
+    assert phases == {
+        "closed loop",
+        "closed loop, run_stream",
+        "closed loop, run",
+        "open loop",
+        "queue depth",
+    }
+    assert data["parameters"]["client"] == "stream"
     closed = [r for r in data["rows"] if r["phase"] == "closed loop"]
     assert {r["executors"] for r in closed} == {1, 2}
     assert all(r["jobs_per_s"] > 0 for r in closed)
@@ -100,6 +107,7 @@ def test_throughput_records_load_and_queue_phases(tmp_path: Path) -> None:
         "max_jobs_per_s_2_executor",
         "p99_ms_at_half_max_rate",
         "broker_rss_mb_idle",
+        "run_stream_over_run_jobs_per_s",
     } <= data["figures"].keys()
 
 
