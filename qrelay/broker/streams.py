@@ -95,6 +95,9 @@ class RunStreams:
                 first = await pending.get()
                 if first is None:
                     return
+                # One turn of the loop lets events published together (one commit,
+                # several jobs) reach the queue, so they share this reply.
+                await asyncio.sleep(0)
                 batch = [first]
                 done = False
                 while len(batch) < MAX_BATCH_ITEMS and not pending.empty():
