@@ -132,6 +132,11 @@ def jobs(channel: grpc.aio.Channel) -> jobs_pb2_grpc.JobServiceStub:
     return jobs_pb2_grpc.JobServiceStub(channel)
 
 
+def auth(token: str) -> tuple[tuple[str, str]]:
+    """Call metadata carrying `token` as a bearer token."""
+    return (("authorization", f"Bearer {token}"),)
+
+
 def sampler_spec(backend: str = "aer", shots: int = 100, **kwargs: Any) -> types_pb2.JobSpec:
     task = types_pb2.SamplerTask(pubs=[types_pb2.SamplerPub(circuit=types_pb2.Circuit(qasm3=BELL))])
     task.shots = shots

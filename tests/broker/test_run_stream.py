@@ -15,6 +15,7 @@ from qrelay.broker.server import Broker, running_broker
 from tests.broker.conftest import (
     FakeExecutor,
     announce,
+    auth,
     broker_settings,
     result_for,
     sampler_spec,
@@ -34,10 +35,6 @@ async def broker(tmp_path: Path) -> AsyncIterator[Broker]:
     async with running_broker(settings) as b:
         await announce(b.address)
         yield b
-
-
-def auth(token: str) -> tuple[tuple[str, str]]:
-    return (("authorization", f"Bearer {token}"),)
 
 
 def request(tag: str, spec: types_pb2.JobSpec, key: str = "") -> jobs_pb2.RunStreamRequest:

@@ -25,6 +25,7 @@ from qrelay.broker.settings import MIB
 from tests.broker.conftest import (
     FakeExecutor,
     announce,
+    auth,
     broker_settings,
     sampler_spec,
     until,
@@ -48,10 +49,6 @@ async def tenant_broker(tmp_path: Path) -> AsyncIterator[Broker]:
     async with running_broker(settings) as broker:
         await announce(broker.address)
         yield broker
-
-
-def auth(token: str) -> tuple[tuple[str, str]]:
-    return (("authorization", f"Bearer {token}"),)
 
 
 async def test_tenants_see_only_their_own_jobs(tenant_broker: Broker) -> None:
