@@ -23,9 +23,11 @@ def test_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("QRELAY_TOKENS", "tok1=tenantA, tok2=tenantB")
     monkeypatch.setenv("QRELAY_LEASE_TTL_S", "2.5")
     monkeypatch.setenv("QRELAY_SQLITE_SYNCHRONOUS", "full")
+    monkeypatch.setenv("QRELAY_MAX_STREAM_JOBS", "64")
     settings = BrokerSettings()
     assert settings.tokens == {"tok1": "tenantA", "tok2": "tenantB"}
     assert settings.lease_ttl_s == 2.5
+    assert settings.max_stream_jobs == 64
     assert settings.sqlite_synchronous == "FULL"
     assert settings.max_job_bytes == 8 * MIB
     assert settings.default_tenant == "default"
@@ -70,3 +72,8 @@ def test_the_broker_never_imports_qiskit() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_stream_must_follow_at_least_one_job() -> None:
+    with pytest.raises(ValidationError, match="must be >= 1"):
+        BrokerSettings(max_stream_jobs=0)
