@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from qrelay.errors import DeadlineExceeded, QRelayError
+from qrelay.errors import DeadlineExceeded, QRelayError, exception_leaves
 from qrelay.logging import configure_logging
 
 if TYPE_CHECKING:
@@ -100,19 +100,13 @@ def _fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
-    return [exc]
-
-
 @contextmanager
 def _reported_errors() -> Iterator[None]:
     """Turn qrelay errors and bad settings into one line and an exit code."""
     try:
         yield
     except (QRelayError, ValidationError, BaseExceptionGroup) as exc:
-        for leaf in _leaves(exc):
+        for leaf in exception_leaves(exc):
             if isinstance(leaf, QRelayError):
                 _fail(f"{leaf.code_name}: {leaf.message}")
             if isinstance(leaf, ValidationError):

@@ -95,3 +95,14 @@ _BY_CODE: dict[int, type[QRelayError]] = {
 def error_for_code(code: int, message: str) -> QRelayError:
     """The exception for a google.rpc.Code number (QRelayError for UNKNOWN and others)."""
     return _BY_CODE.get(code, QRelayError)(message)
+
+
+def exception_leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, or [exc] itself.
+
+    Task groups wrap what their tasks raised; callers that answer with one
+    status or one log line look at the leaves.
+    """
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in exception_leaves(sub)]
+    return [exc]

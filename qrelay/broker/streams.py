@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from qrelay._proto.v1 import types_pb2
 from qrelay.broker.jobs import Jobs
 from qrelay.broker.store import StoredEvent
-from qrelay.errors import InvalidArgument, QRelayError
+from qrelay.errors import InvalidArgument, QRelayError, exception_leaves
 
 #: Longest tag accepted (tags are held while their job is followed).
 MAX_TAG_CHARS = 128
@@ -57,7 +57,9 @@ class RunStreams:
         """Run every submission until the client stops sending and all its jobs ended.
 
         Cancelled (the client went away) it cancels every follower; nothing
-        is lost, the jobs themselves go on and can be watched.
+        is lost, the jobs themselves go on and can be watched. A malformed tag
+        is a client bug that no reply item could name unambiguously: the
+        stream ends with InvalidArgument (its jobs go on, as above).
         """
         pending: asyncio.Queue[Item | None] = asyncio.Queue(MAX_PENDING_ITEMS)
         slots = asyncio.Semaphore(self.max_jobs_per_stream)
@@ -81,10 +83,7 @@ class RunStreams:
         async def read() -> None:
             async with asyncio.TaskGroup() as followers:
                 async for sub in submissions:
-                    refusal = _check_tag(sub.tag, live)
-                    if refusal is not None:
-                        await pending.put((sub.tag, refusal))
-                        continue
+                    _check_tag(sub.tag, live)
                     await slots.acquire()
                     live.add(sub.tag)
                     followers.create_task(follow(sub))
@@ -110,16 +109,21 @@ class RunStreams:
                 if done:
                     return
 
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(read())
-            tg.create_task(write())
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(read())
+                tg.create_task(write())
+        except BaseExceptionGroup as group:
+            leaves = exception_leaves(group)
+            if len(leaves) == 1 and isinstance(leaves[0], QRelayError):
+                raise leaves[0] from None  # the status the stream ends with
+            raise
 
 
-def _check_tag(tag: str, live: set[str]) -> InvalidArgument | None:
+def _check_tag(tag: str, live: set[str]) -> None:
     if not tag:
-        return InvalidArgument("RunStream request needs a tag to name its job in the replies")
+        raise InvalidArgument("RunStream request needs a tag to name its job in the replies")
     if len(tag) > MAX_TAG_CHARS:
-        return InvalidArgument(f"tag is {len(tag)} characters; at most {MAX_TAG_CHARS} allowed")
+        raise InvalidArgument(f"tag is {len(tag)} characters; at most {MAX_TAG_CHARS} allowed")
     if tag in live:
-        return InvalidArgument(f"tag {tag!r} already names a job this stream is following")
-    return None
+        raise InvalidArgument(f"tag {tag!r} already names a job this stream is following")

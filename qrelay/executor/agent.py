@@ -43,7 +43,13 @@ from prometheus_client import Counter, Gauge, start_http_server
 
 import qrelay
 from qrelay._proto.v1 import backends_pb2, executor_pb2, executor_pb2_grpc, types_pb2
-from qrelay.errors import DeadlineExceeded, Internal, InvalidArgument, QRelayError
+from qrelay.errors import (
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    QRelayError,
+    exception_leaves,
+)
 from qrelay.executor.settings import ExecutorSettings
 from qrelay.rpc import error_from_rpc
 
@@ -763,16 +769,10 @@ class _JobFailed(QRelayError):
         self.code = error.code  # type: ignore[misc]
 
 
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
-    return [exc]
-
-
 def _reason(exc: BaseException) -> str:
     """A one-line reason for a broken connection (task groups wrap errors in groups)."""
     parts = []
-    for leaf in _leaves(exc):
+    for leaf in exception_leaves(exc):
         if isinstance(leaf, grpc.aio.AioRpcError):
             parts.append(f"{leaf.code().name}: {leaf.details()}")
         else:
@@ -783,7 +783,7 @@ def _reason(exc: BaseException) -> str:
 def _unexpected(exc: BaseException) -> bool:
     """True unless a failure is a plain network/stream event (then no traceback is logged)."""
     expected = (StreamClosed, grpc.aio.AioRpcError, TimeoutError, OSError)
-    return not all(isinstance(leaf, expected) for leaf in _leaves(exc))
+    return not all(isinstance(leaf, expected) for leaf in exception_leaves(exc))
 
 
 def _is_released(item: _Outgoing) -> bool:

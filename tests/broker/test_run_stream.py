@@ -122,41 +122,59 @@ async def test_a_refused_submission_answers_under_its_tag_and_the_stream_goes_on
         bad.sampler.pubs.add(circuit=types_pb2.Circuit(qasm3="x"), shots=0)
         await call.write(request("bad-shots", bad))
         await call.write(request("nowhere", sampler_spec("ibm_nowhere")))
-        await call.write(request("", sampler_spec()))
-        await call.write(request("x" * 129, sampler_spec()))
         await call.write(request("good", sampler_spec()))
-        await call.write(request("good", sampler_spec()))  # tag still in use
         ex.finish(await ex.recv("assignment"))
         await call.done_writing()
         await asyncio.wait_for(reader, 10)
 
-        def error(tag: str, index: int = 0) -> tuple[int, str]:
-            item = [i for i in got.by_tag[tag] if i.HasField("error")][index]
+        def only_error(tag: str) -> tuple[int, str]:
+            (item,) = got.by_tag[tag]  # the tag's one and last item
             return item.error.code, item.error.message
 
-        assert error("bad-shots") == (
+        assert only_error("bad-shots") == (
             Code.INVALID_ARGUMENT.value[0],
             "pub 1: shots must be > 0, got 0",
         )
-        assert error("nowhere") == (
+        assert only_error("nowhere") == (
             Code.NOT_FOUND.value[0],
             "unknown backend 'ibm_nowhere'; known: aer, fake_manila",
         )
-        assert error("")[0] == Code.INVALID_ARGUMENT.value[0]
-        assert "needs a tag" in error("")[1]
-        assert error("x" * 129) == (
-            Code.INVALID_ARGUMENT.value[0],
-            "tag is 129 characters; at most 128 allowed",
-        )
-        assert error("good") == (
-            Code.INVALID_ARGUMENT.value[0],
-            "tag 'good' already names a job this stream is following",
-        )
-        good = [i.event for i in got.by_tag["good"] if i.HasField("event")]
+        good = [i.event for i in got.by_tag["good"]]
         assert good[-1].state.state == types_pb2.JOB_STATE_DONE
         # Nothing was stored for the refused ones: the tenant has exactly one job.
         listed = await jobs.List(jobs_pb2.ListJobsRequest(), metadata=auth("tok-a"))
         assert [j.id for j in listed.jobs] == [good[0].job_id]
+
+
+@pytest.mark.parametrize(
+    ("tag", "message"),
+    [
+        ("", "RunStream request needs a tag to name its job in the replies"),
+        ("x" * 129, "tag is 129 characters; at most 128 allowed"),
+        ("first", "tag 'first' already names a job this stream is following"),
+    ],
+)
+async def test_a_malformed_tag_ends_the_stream_and_its_jobs_go_on(
+    broker: Broker, tag: str, message: str
+) -> None:
+    async with (
+        grpc.aio.insecure_channel(broker.address) as ch,
+        FakeExecutor(broker.address) as ex,
+    ):
+        jobs = jobs_pb2_grpc.JobServiceStub(ch)
+        call = jobs.RunStream(metadata=auth("tok-a"))
+        await call.write(request("first", sampler_spec()))
+        first = (await call.read()).items[0].event
+        await call.write(request(tag, sampler_spec()))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await drain(call, Collected())
+        assert (err.value.code(), err.value.details()) == (Code.INVALID_ARGUMENT, message)
+        # The job the stream carried goes on; Watch follows it to its end.
+        ex.finish(await ex.recv("assignment"))
+        events = await watch_all(jobs, first.job_id, metadata=auth("tok-a"))
+        assert events[-1].state.state == types_pb2.JOB_STATE_DONE
+        listed = await jobs.List(jobs_pb2.ListJobsRequest(), metadata=auth("tok-a"))
+        assert [j.id for j in listed.jobs] == [first.job_id]
 
 
 async def test_tenant_limits_and_idempotency_hold_per_submission(broker: Broker) -> None:

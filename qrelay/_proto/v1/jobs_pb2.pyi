@@ -31,8 +31,10 @@ class RunStreamRequest(_message.Message):
     TAG_FIELD_NUMBER: _builtins.int
     SUBMIT_FIELD_NUMBER: _builtins.int
     tag: _builtins.str
-    """Names the submission in the replies; unique among the stream's jobs
-    still being followed (a repeat is refused with INVALID_ARGUMENT).
+    """Names the submission in the replies: 1 to 128 characters, unique among
+    the stream's jobs still being followed. A tag breaking that is a client
+    bug no reply could name unambiguously, so the stream ends with
+    INVALID_ARGUMENT (the jobs it carried go on; Watch them).
     """
     @_builtins.property
     def submit(self) -> Global___SubmitRequest: ...
