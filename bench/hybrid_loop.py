@@ -92,6 +92,14 @@ def direct_evaluate(problem: Problem) -> Evaluate:
     shots), so the modes differ only in where the loop runs and what travels,
     not in how expectation values are made.
     """
+    estimator, isa, obs = reference_estimator(problem.ansatz(), problem.hamiltonian())
+    return estimator_evaluate(estimator, isa, obs)
+
+
+def reference_estimator(circuit: Any, observable: Any) -> tuple[Any, Any, Any]:
+    """(estimator, ISA circuit, observable on its layout) as the direct floor runs them:
+    Qiskit's BackendEstimatorV2 over the executor's "aer" backend, this module's
+    precision and seed, the circuit transpiled once."""
     from qiskit import transpile
     from qiskit.primitives import BackendEstimatorV2
 
@@ -99,13 +107,11 @@ def direct_evaluate(problem: Problem) -> Evaluate:
     from qrelay.executor.backends import load_backend
 
     backend = load_backend("aer").qiskit
-    isa = transpile(problem.ansatz(), backend, optimization_level=1, seed_transpiler=SEED)
-    obs = problem.hamiltonian().apply_layout(isa.layout)
+    isa = transpile(circuit, backend, optimization_level=1, seed_transpiler=SEED)
     estimator = BackendEstimatorV2(
         backend=backend, options={"default_precision": PRECISION, "seed_simulator": SEED}
     )
-
-    return estimator_evaluate(estimator, isa, obs)
+    return estimator, isa, observable.apply_layout(isa.layout)
 
 
 #: Estimator options every broker mode sends: the direct floor's settings, no mitigation.
@@ -126,25 +132,18 @@ def smallest_call_ms(two_bases: bool, repeats: int = 30) -> float:
     can cost less, so (this + link RTT) / this bounds any mode's speedup over
     the client loop.
     """
-    from qiskit import QuantumCircuit, transpile
+    from qiskit import QuantumCircuit
     from qiskit.circuit import Parameter
-    from qiskit.primitives import BackendEstimatorV2
     from qiskit.quantum_info import SparsePauliOp
 
-    from qrelay.executor.backends import load_backend
-
-    backend = load_backend("aer").qiskit
     theta = Parameter("θ")
     qc = QuantumCircuit(2 if two_bases else 1)
     qc.ry(theta, 0)
     if two_bases:
         qc.cx(0, 1)
     obs = SparsePauliOp(["ZZ", "XX"]) if two_bases else SparsePauliOp("Z")
-    isa = transpile(qc, backend, optimization_level=1, seed_transpiler=SEED)
-    estimator = BackendEstimatorV2(
-        backend=backend, options={"default_precision": PRECISION, "seed_simulator": SEED}
-    )
-    pub = (isa, obs.apply_layout(isa.layout), [[0.3]])
+    estimator, isa, isa_obs = reference_estimator(qc, obs)
+    pub = (isa, isa_obs, [[0.3]])
     estimator.run([pub]).result()
     times = []
     for _ in range(repeats):

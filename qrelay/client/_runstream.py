@@ -25,6 +25,7 @@ import grpc
 from qrelay._proto.v1 import jobs_pb2, types_pb2
 from qrelay.client._connection import Connection
 from qrelay.client._log import get_logger
+from qrelay.client.job import is_terminal
 from qrelay.errors import QRelayError, error_for_code
 
 log = get_logger(__name__)
@@ -161,7 +162,7 @@ class RunStreamMux:
                         continue
                     event = item.event
                     tag_call._deliver(event)
-                    if _is_terminal(event):
+                    if is_terminal(event):
                         self.forget(item.tag)
                         tag_call._end(_EOF)
             self._broken(call, None)
@@ -187,11 +188,3 @@ class RunStreamMux:
         tags, self._tags = self._tags, {}
         for tag_call in tags.values():
             tag_call._end(last)
-
-
-def _is_terminal(ev: types_pb2.JobEvent) -> bool:
-    return ev.WhichOneof("payload") == "state" and ev.state.state in (
-        types_pb2.JOB_STATE_DONE,
-        types_pb2.JOB_STATE_FAILED,
-        types_pb2.JOB_STATE_CANCELLED,
-    )

@@ -188,7 +188,8 @@ async def _read_events(
         yield ev
 
 
-def _is_terminal(ev: types_pb2.JobEvent) -> bool:
+def is_terminal(ev: types_pb2.JobEvent) -> bool:
+    """True for the job's last event: its DONE/FAILED/CANCELLED state change."""
     return ev.WhichOneof("payload") == "state" and ev.state.state in _FINAL_STATES
 
 
@@ -293,7 +294,7 @@ class AsyncRuntimeJob:
                         continue  # already delivered before the reconnect
                     last, failures, stalled_since = ev.seq, 0, None
                     yield ev
-                    if _is_terminal(ev):
+                    if is_terminal(ev):
                         return
                 reason = "stream ended before the job's terminal event"
             except grpc.aio.AioRpcError as exc:
