@@ -10,10 +10,12 @@ their updates wait in an outbox, so a broker restart costs no work.
 Concurrency: `run()` owns one task group for jobs (they outlive a connection)
 and, per connection, a task group for the reader, the sender and the
 heartbeat. Every write to the stream goes through one lock, job updates
-through one ordered outbox; primitive work runs in a worker thread so a slow
-circuit does not delay a heartbeat. (Native code that holds the GIL for long
--- Aer turning a million shots into Python objects -- can still pause the
-loop for about a second; heartbeat intervals well above that are safe.)
+through one ordered outbox. Quantum work never runs in this process: each
+primitive job (and each primitive call of a program) runs in a worker process
+of the `WorkerPool`, so an hour-long simulation, a gigabyte result being
+built or a malicious QPY cannot delay a heartbeat; this process only moves
+bytes. Heartbeats prove the executor alive, not the job short: a job may run
+up to its backend's `max_run_time_s`.
 
 Stopping (cancelling `run()`) is graceful within SHUTDOWN_GRACE_S: results
 already computed are sent, every other held job is Released so the broker
@@ -23,20 +25,18 @@ requeues it at once, and the stream is half-closed.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import random
-import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import grpc
 import structlog
 from prometheus_client import Counter, Gauge, start_http_server
@@ -50,7 +50,9 @@ from qrelay.errors import (
     QRelayError,
     exception_leaves,
 )
+from qrelay.executor import guards
 from qrelay.executor.settings import ExecutorSettings
+from qrelay.executor.workers import Progress, WorkerPool, WorkerPoolConfig
 from qrelay.rpc import error_from_rpc
 
 log = structlog.get_logger(__name__)
@@ -72,11 +74,6 @@ JOBS_FINISHED = Counter(
 )
 RECONNECTS = Counter("qrelay_executor_reconnects", "Broken broker streams.", ["executor_id"])
 
-# The program job whose sandbox is asking for a primitive (set in the job's task).
-_CURRENT_JOB: contextvars.ContextVar[_Job | None] = contextvars.ContextVar(
-    "qrelay_current_job", default=None
-)
-
 
 class StreamClosed(Exception):
     """The broker ended the stream (EOF or an error status); reconnect."""
@@ -90,7 +87,6 @@ class _Job:
     lease_id: str
     attempt: int
     kind: str
-    cancelled: threading.Event = field(default_factory=threading.Event)
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     # Set on CancelJob/UpdateRejected: the job's result is dropped, nothing more is sent.
     dropped: bool = False
@@ -127,15 +123,13 @@ class Executor:
         self._is_connected = False
         self._slots = anyio.Semaphore(settings.slots)
         self._write_lock = asyncio.Lock()
-        # Primitive work runs in these threads (created by run()): a plain pool costs
-        # the job path far less than anyio.to_thread's limiter and cancel scopes.
-        self._threads: ThreadPoolExecutor | None = None
+        # Where primitive work runs (created by run()).
+        self._pool: WorkerPool | None = None
         self._busy_gauge = BUSY_SLOTS.labels(settings.executor_id)
         self._finished = {
             outcome: JOBS_FINISHED.labels(settings.executor_id, outcome)
             for outcome in ("succeeded", "failed", "dropped")
         }
-        self._pipelines: dict[str, Any] = {}
         self._backend_infos: list[backends_pb2.BackendInfo] = []
         self._program_runner: Any = None
         self._programs_unavailable = ""
@@ -163,7 +157,7 @@ class Executor:
 
     @property
     def busy_slots(self) -> int:
-        """Slots in use, counting cancelled jobs whose thread has not ended yet."""
+        """Slots in use (a cancelled job's slot frees once its worker is killed)."""
         return self._in_slots
 
     @property
@@ -208,17 +202,40 @@ class Executor:
     # -- lifecycle ---------------------------------------------------------
 
     async def run(self) -> None:
-        """Serve until cancelled: load backends, then connect, and reconnect, forever."""
-        await self._load_backends()
+        """Serve until cancelled: start the workers, then connect, and reconnect, forever."""
+        async with WorkerPool(self._pool_config()) as pool:
+            self._pool = pool
+            self._backend_infos = list(pool.infos)
+            await self._start_program_runner()
+            self._log.info(
+                "executor.started", backends=self.settings.backends, slots=self.settings.slots
+            )
+            try:
+                await self._serve()
+            finally:
+                self._pool = None
+
+    def _pool_config(self) -> WorkerPoolConfig:
+        s = self.settings
+        return WorkerPoolConfig(
+            backends=list(s.backends),
+            size=s.slots,
+            optimization_level=s.optimization_level,
+            transpile_cache_size=s.transpile_cache_size,
+            memory_limit_bytes=s.worker_memory_bytes,
+            max_message_bytes=s.max_message_bytes,
+            start_timeout_s=s.worker_start_timeout_s,
+            nice=s.worker_nice,
+            executor_id=s.executor_id,
+        )
+
+    async def _serve(self) -> None:
         metrics_server = None
         if self.settings.metrics_port:
             metrics_server, _ = start_http_server(self.settings.metrics_port)
             self._log.info("metrics.serving", port=self.settings.metrics_port)
         SLOTS.labels(self.settings.executor_id).set(self.settings.slots)
         self._busy_gauge.set(0)
-        # A slot holds its thread until the work really ends (even when cancelled),
-        # so `slots` threads suffice; twice that leaves room for programs' calls.
-        self._threads = ThreadPoolExecutor(2 * self.settings.slots, "qrelay-job")
         async with anyio.create_task_group() as jobs:
             self._job_tg = jobs
             try:
@@ -226,29 +243,11 @@ class Executor:
             finally:
                 self._job_tg = None
                 jobs.cancel_scope.cancel()
-                self._threads.shutdown(wait=False, cancel_futures=True)
                 CONNECTED.labels(self.settings.executor_id).set(0)
                 if metrics_server is not None:
                     metrics_server.shutdown()
                     metrics_server.server_close()
                 await self._close_program_runner()
-
-    async def _load_backends(self) -> None:
-        from qrelay.executor.backends import load_backend
-        from qrelay.executor.pipeline import PrimitivePipeline
-        from qrelay.executor.transpile import TranspileCache
-
-        cache = TranspileCache(self.settings.transpile_cache_size)
-        for name in self.settings.backends:
-            backend = await anyio.to_thread.run_sync(load_backend, name)
-            self._pipelines[name] = PrimitivePipeline(
-                backend, cache, self.settings.optimization_level
-            )
-            self._backend_infos.append(backend.info())
-        await self._start_program_runner()
-        self._log.info(
-            "executor.started", backends=self.settings.backends, slots=self.settings.slots
-        )
 
     async def _start_program_runner(self) -> None:
         """Start the program sandbox runner (warm pool) unless programs are switched off.
@@ -626,14 +625,10 @@ class Executor:
                 self._jobs.pop(job.job_id, None)
 
     def _drop(self, job: _Job) -> None:
-        """Stop a job and forget its result: the thread sees `cancelled`, the task its scope."""
+        """Stop a job and forget its result: its task is cancelled, which kills its
+        worker process (primitive) or sandbox (program) at once."""
         job.dropped = True
-        job.cancelled.set()
-        if job.kind == "program":
-            # A program's task kills its sandbox when cancelled. A primitive's
-            # thread cannot be interrupted: it sees `cancelled` and its task
-            # keeps the slot until the CPU is really free.
-            job.scope.cancel()
+        job.scope.cancel()
 
     async def _run_job(self, job: _Job, assignment: executor_pb2.Assignment) -> None:
         jlog = self._log.bind(job_id=job.job_id, lease_id=job.lease_id)
@@ -694,28 +689,45 @@ class Executor:
             )
 
     async def _execute_primitive(self, job: _Job, spec: types_pb2.JobSpec) -> types_pb2.JobResult:
-        return await self._run_spec(spec, job.cancelled)
+        jlog = self._log.bind(job_id=job.job_id)
+
+        def progress(stage: str, done: int, total: int) -> None:
+            jlog.debug("job.progress", stage=stage, done=done, total=total)
+
+        return await self._run_spec(spec, progress)
 
     async def _run_spec(
-        self, spec: types_pb2.JobSpec, cancelled: threading.Event
+        self, spec: types_pb2.JobSpec, progress: Progress | None = None
     ) -> types_pb2.JobResult:
-        """Run one primitive spec on this executor's pipeline for its backend, in a thread."""
-        pipeline = self._pipelines.get(spec.backend)
-        if pipeline is None:
+        """Run one primitive spec in a worker process; refusals before any work."""
+        info = next((b for b in self._backend_infos if b.name == spec.backend), None)
+        if info is None:
             raise InvalidArgument(
                 f"backend {spec.backend!r} is not served by executor "
                 f"{self.settings.executor_id} (it serves {', '.join(self.settings.backends)})"
             )
-        if self._threads is None:
+        if self._pool is None:
             raise Internal(f"executor {self.settings.executor_id} is not running")
-        # A cancelled caller abandons the thread: it sees `cancelled` between pubs.
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._threads, pipeline.run, spec, cancelled)
+        for i, circuit in enumerate(guards.spec_circuits(spec)):
+            guards.check_circuit(
+                circuit, spec.backend, info.num_qubits, info.simulator, f"pub {i}: circuit"
+            )
+            if i % 16 == 15:  # a job of thousands of pubs must not hold the loop
+                await anyio.lowlevel.checkpoint()
+        outcome = await self._pool.run(
+            spec, max_run_time_s=self.settings.max_run_time_for(spec.backend), progress=progress
+        )
+        if isinstance(outcome, types_pb2.JobError):
+            raise _JobFailed(outcome)
+        return outcome
 
     async def _run_primitive_for_program(self, spec: types_pb2.JobSpec) -> types_pb2.JobResult:
-        """A running program's primitive call: same local pipeline, the job's cancel event."""
-        job = _CURRENT_JOB.get()
-        return await self._run_spec(spec, job.cancelled if job else threading.Event())
+        """A running program's primitive call: the same guards and worker processes.
+
+        It runs in the program job's task, so cancelling the job kills the
+        worker as well as the sandbox.
+        """
+        return await self._run_spec(spec)
 
     async def _execute_program(
         self, job: _Job, assignment: executor_pb2.Assignment
@@ -748,7 +760,6 @@ class Executor:
                 message = _update(job.job_id, job.lease_id, log=item)
             self._enqueue(_Outgoing(job.job_id, job.lease_id, message, final=False))
 
-        token = _CURRENT_JOB.set(job)
         try:
             result: types_pb2.JobResult = await self._program_runner.run(
                 job.job_id, assignment.program, spec.program.inputs_json, info, emit
@@ -756,8 +767,6 @@ class Executor:
             return result
         except ProgramFailed as exc:
             raise _JobFailed(exc.job_error) from None
-        finally:
-            _CURRENT_JOB.reset(token)
 
 
 class _JobFailed(QRelayError):

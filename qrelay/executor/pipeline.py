@@ -16,9 +16,11 @@ gets its own derived seed (`_pub_seed`), pub 0 the job's seed itself.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -36,6 +38,7 @@ from qiskit.primitives.containers.sampler_pub import SamplerPub
 from qrelay import codec
 from qrelay._proto.v1 import types_pb2
 from qrelay.errors import Cancelled, InvalidArgument, ResourceExhausted
+from qrelay.executor import guards
 from qrelay.executor.backends import Backend
 from qrelay.executor.mitigation import run_estimator, run_sampler
 from qrelay.executor.transpile import (
@@ -64,6 +67,13 @@ MAX_SHOTS_PER_PUB = 100_000_000
 # Distinct option sets remembered validated (oldest dropped first).
 _OPTIONS_CACHE_SIZE = 256
 
+# progress(stage, done, total): "transpile" and "run", counted in pubs.
+Progress = Callable[[str, int, int], None]
+
+
+def _no_progress(stage: str, done: int, total: int) -> None:
+    """The default progress callback: nobody is listening."""
+
 
 class PrimitivePipeline:
     """Runs Sampler/Estimator JobSpecs on one backend; blocking, thread-safe.
@@ -78,16 +88,35 @@ class PrimitivePipeline:
         backend: Backend,
         cache: TranspileCache,
         default_optimization_level: int = DEFAULT_OPTIMIZATION_LEVEL,
+        memory_limit_bytes: int = 0,
     ) -> None:
         self.backend = backend
         self.cache = cache
         # For jobs whose options name no level (the executor's setting).
         self.default_optimization_level = default_optimization_level
+        # Memory one simulation may take (0: unchecked); see `limit_memory`.
+        self.memory_budget_bytes = memory_limit_bytes
         self._log = log.bind(backend=backend.name)
         self._options_cache: dict[tuple[str, bytes], SamplerOptions | EstimatorOptions] = {}
 
+    def limit_memory(self, budget_bytes: int) -> None:
+        """Refuse simulations needing more than `budget_bytes`, here and in Aer itself.
+
+        Called in a worker once its address-space limit is set, with what is
+        left under it; Aer's own `max_memory_mb` check then refuses (instead
+        of crashing on) what the statevector estimate does not foresee.
+        """
+        self.memory_budget_bytes = max(budget_bytes, 0)
+        if budget_bytes > 0 and self.backend.simulator:
+            # AttributeError: a simulator without Aer's memory option.
+            with contextlib.suppress(AttributeError):
+                self.backend.qiskit.set_options(max_memory_mb=max(budget_bytes >> 20, 1))
+
     def run(
-        self, spec: types_pb2.JobSpec, cancelled: threading.Event | None = None
+        self,
+        spec: types_pb2.JobSpec,
+        cancelled: threading.Event | None = None,
+        progress: Progress | None = None,
     ) -> types_pb2.JobResult:
         """Execute one primitive job and return its encoded result."""
         if spec.backend and spec.backend != self.backend.name:
@@ -102,14 +131,16 @@ class PrimitivePipeline:
                 f"not {kind or 'an empty job spec'}"
             )
         started = time.perf_counter()
+        guards.check_spec(spec, self.backend.num_qubits, self.backend.simulator)
         options = self._options(kind, spec)
         result: PrimitiveResult[Any]
+        report = progress or _no_progress
         if kind == "sampler":
             assert isinstance(options, SamplerOptions)
-            result = self.run_sampler(spec.sampler, options, cancelled)
+            result = self.run_sampler(spec.sampler, options, cancelled, report)
         else:
             assert isinstance(options, EstimatorOptions)
-            result = self.run_estimator(spec.estimator, options, cancelled)
+            result = self.run_estimator(spec.estimator, options, cancelled, report)
         encoded = types_pb2.JobResult(primitive=codec.encode_primitive_result(result))
         self._log.debug(
             "primitive.executed",
@@ -143,12 +174,15 @@ class PrimitivePipeline:
         task: types_pb2.SamplerTask,
         options: SamplerOptions,
         cancelled: threading.Event | None = None,
+        progress: Progress = _no_progress,
     ) -> PrimitiveResult[SamplerPubResult]:
         """Sampler semantics of BackendSamplerV2: pub shots > task shots > default_shots."""
         job_shots = codec.check_sampler_task(task)
         shots = job_shots if job_shots is not None else options.default_shots or DEFAULT_SHOTS
         isa_pubs: list[SamplerPub] = []
+        total = len(task.pubs)
         for i, wire in enumerate(task.pubs):
+            progress("transpile", i, total)
             tc = self._transpiled(wire.circuit, options, i)
             bindings = _isa_bindings(tc, wire, i)
             pub_shots = wire.shots if wire.HasField("shots") else None
@@ -162,9 +196,11 @@ class PrimitivePipeline:
         results: list[SamplerPubResult] = []
         for k, pub in enumerate(isa_pubs):
             _check_cancelled(cancelled, k)
+            progress("run", k, total)
             results.extend(
                 _run_isa_sampler(self.backend, [pub], options, shots, _pub_seed(seed, k))
             )
+        progress("run", total, total)
         return PrimitiveResult(results, metadata={"version": 2})
 
     # ----------------------------------------------------------------- estimator
@@ -174,6 +210,7 @@ class PrimitivePipeline:
         task: types_pb2.EstimatorTask,
         options: EstimatorOptions,
         cancelled: threading.Event | None = None,
+        progress: Progress = _no_progress,
     ) -> PrimitiveResult[PubResult]:
         """Estimator semantics of BackendEstimatorV2: pub precision > task > default."""
         job_precision = codec.check_estimator_task(task)
@@ -183,7 +220,9 @@ class PrimitivePipeline:
             else options.default_precision or DEFAULT_PRECISION
         )
         isa_pubs: list[EstimatorPub] = []
+        total = len(task.pubs)
         for i, wire in enumerate(task.pubs):
+            progress("transpile", i, total)
             tc = self._transpiled(wire.circuit, options, i)
             bindings = _isa_bindings(tc, wire, i)
             observables = codec.decode_observables(wire.observables, tc.num_qubits, i)
@@ -199,9 +238,11 @@ class PrimitivePipeline:
         results: list[PubResult] = []
         for k, pub in enumerate(isa_pubs):
             _check_cancelled(cancelled, k)
+            progress("run", k, total)
             results.extend(
                 _run_isa_estimator(self.backend, [pub], options, precision, _pub_seed(seed, k))
             )
+        progress("run", total, total)
         return PrimitiveResult(results, metadata={"version": 2})
 
     # ----------------------------------------------------------------- helpers
@@ -213,13 +254,18 @@ class PrimitivePipeline:
         pub_index: int,
     ) -> TranspiledCircuit:
         level = options.optimization_level
-        return self.cache.get(
+        tc = self.cache.get(
             circuit,
             self.backend,
             self.default_optimization_level if level is None else level,
             DEFAULT_SEED_TRANSPILER,
             what=f"pub {pub_index}: circuit",
         )
+        if self.backend.simulator:
+            guards.check_simulation_memory(
+                tc.isa, self.memory_budget_bytes, f"pub {pub_index}: circuit"
+            )
+        return tc
 
 
 def _run_isa_sampler(

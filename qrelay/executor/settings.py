@@ -64,6 +64,33 @@ class ExecutorSettings(BaseSettings):
         default=256 * 1024 * 1024, gt=0, description="Largest gRPC message sent or received."
     )
     metrics_port: int = Field(default=0, ge=0, le=65535, description="Prometheus port; 0 for none.")
+    worker_memory_mb: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "Address-space limit of each worker process in MiB (a simulation or a bomb "
+            "beyond it fails only its job); 0: three quarters of the machine's memory "
+            "shared by the slots, at least 4096."
+        ),
+    )
+    worker_nice: int = Field(
+        default=5,
+        ge=0,
+        le=19,
+        description="How much lower the worker processes' CPU priority is than the executor's.",
+    )
+    worker_start_timeout_s: float = Field(
+        default=120.0, gt=0, description="Deadline for the worker processes to load the backends."
+    )
+    max_run_time_s: float = Field(
+        default=86400.0,
+        gt=0,
+        description="Longest a primitive job may run before it is stopped and FAILED.",
+    )
+    max_run_time_by_backend: dict[str, float] = Field(
+        default_factory=dict,
+        description='Per-backend overrides of max_run_time_s, e.g. {"aer": 3600}.',
+    )
     programs: bool = Field(
         default=True, description="Run program jobs in sandboxes (a warm pool is kept)."
     )
@@ -71,6 +98,19 @@ class ExecutorSettings(BaseSettings):
         default_factory=dict,
         description="Program sandbox settings (fields of SandboxSettings), nested with '__'.",
     )
+
+    @property
+    def worker_memory_bytes(self) -> int:
+        """The per-worker address-space limit in bytes (resolving the 0 default)."""
+        from qrelay.executor.workers import default_worker_memory_bytes
+
+        if self.worker_memory_mb:
+            return self.worker_memory_mb << 20
+        return default_worker_memory_bytes(self.slots)
+
+    def max_run_time_for(self, backend: str) -> float:
+        """The maximum run time of one primitive job on `backend`, in seconds."""
+        return self.max_run_time_by_backend.get(backend, self.max_run_time_s)
 
     @field_validator("backends", mode="before")
     @classmethod

@@ -1,0 +1,291 @@
+"""The processes where quantum work runs: a warm zygote and the workers it forks.
+
+The executor's control plane (gRPC, heartbeats, scheduling) never runs a
+circuit: Aer holds the interpreter lock for seconds and a hostile QPY can
+allocate gigabytes, and neither may delay a heartbeat. So:
+
+    executor (asyncio, gRPC)
+      └─ zygote   `python -m qrelay.executor._workerproc`, started by fork+exec;
+         │        imports qiskit and loads the backends (pass managers warm) once
+         └─ worker one per slot, os.fork()ed by the zygote on request: ready at
+                  once, holds its backends and transpile cache across jobs, runs
+                  one job at a time; killed and re-forked on cancel or crash.
+
+Forking is safe here because the zygote is single-threaded Python that never
+started gRPC and never simulated (no OpenMP pool yet); gRPC lives only in the
+executor, which starts the zygote by fork+exec. A worker is forked in
+milliseconds, so replacing a killed one costs nothing a job would notice.
+
+Channels:
+- executor <-> zygote: a SOCK_SEQPACKET pair, one JSON object per packet.
+  `fork` carries the worker's end of a fresh socketpair (SCM_RIGHTS);
+  the zygote answers `forked`, reports `exited` with the status when it reaps
+  a worker, and performs `kill` (it is the parent, so a pid it kills is never
+  a recycled one).
+- executor <-> worker: a stream socketpair with `_frames` frames: RUN (a
+  JobSpec) answered by PROGRESS frames and then one RESULT or ERROR.
+
+Every worker dies with its zygote and the zygote with the executor
+(PR_SET_PDEATHSIG), so no simulation outlives the process that wanted it.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import ctypes
+import json
+import os
+import resource
+import select
+import signal
+import socket
+import sys
+import time
+import uuid
+from typing import Any
+
+# zygote -> executor ops: ready, failed, forked, exited; executor -> zygote: fork, kill.
+CONFIG_ENV = "QRELAY_WORKER_CONFIG"
+CONTROL_PACKET = 1 << 20
+# worker channel frame kinds
+RUN = ord("J")  # executor -> worker: types_pb2.JobSpec
+PROGRESS = ord("p")  # worker -> executor: JSON {"stage", "done", "total"}
+RESULT = ord("R")  # worker -> executor: types_pb2.JobResult
+ERROR = ord("E")  # worker -> executor: types_pb2.JobError
+
+_PR_SET_PDEATHSIG = 1
+PROGRESS_INTERVAL_S = 0.5
+
+
+def die_with_parent(expected_parent: int) -> None:
+    """Ask the kernel for SIGKILL when the parent dies; exit now if it already has."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != expected_parent:
+        os._exit(0)
+
+
+def _send(control: socket.socket, **message: Any) -> None:
+    control.send(json.dumps(message).encode())
+
+
+def _load(config: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Pipelines by backend name (one shared transpile cache) and their BackendInfos."""
+    from qrelay.executor.backends import load_backend
+    from qrelay.executor.pipeline import PrimitivePipeline
+    from qrelay.executor.transpile import TranspileCache
+
+    cache = TranspileCache(int(config["transpile_cache_size"]))
+    pipelines: dict[str, Any] = {}
+    infos: list[str] = []
+    for name in config["backends"]:
+        backend = load_backend(name)
+        pipelines[name] = PrimitivePipeline(
+            backend,
+            cache,
+            int(config["optimization_level"]),
+            memory_limit_bytes=int(config["memory_limit_bytes"]),
+        )
+        infos.append(base64.b64encode(backend.info().SerializeToString()).decode())
+    return pipelines, infos
+
+
+def zygote_main() -> None:
+    """Load once, announce the backends, then fork workers until the executor hangs up."""
+    config = json.loads(os.environ.pop(CONFIG_ENV))
+    die_with_parent(int(config["parent_pid"]))
+    # Below the control plane: on a busy machine the executor's heartbeats and
+    # stream win the CPU over a simulation (inherited by every worker).
+    os.nice(int(config.get("nice", 0)))
+    control = socket.socket(fileno=int(config["control_fd"]))
+    from qrelay.logging import configure_logging
+
+    configure_logging(config.get("log_level", "info"))
+    try:
+        pipelines, infos = _load(config)
+    except Exception as exc:  # noqa: BLE001 - reported to the executor, which fails to start
+        from qrelay.errors import QRelayError
+
+        if isinstance(exc, QRelayError):
+            _send(control, op="failed", code=exc.code, message=exc.message)
+        else:
+            _send(control, op="failed", code=13, message=f"{type(exc).__name__}: {exc}")
+        sys.exit(1)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    _send(control, op="ready", pid=os.getpid(), backends=infos)
+    children: set[int] = set()
+    try:
+        while True:
+            readable, _, _ = select.select([control.fileno(), wake_r], [], [])
+            if wake_r in readable:
+                os.read(wake_r, 4096)
+            _reap(control, children)
+            if control.fileno() not in readable:
+                continue
+            data, fds, _, _ = socket.recv_fds(control, CONTROL_PACKET, 1)
+            if not data:
+                return  # the executor closed the control channel: stop everything
+            message = json.loads(data)
+            if message.get("op") == "kill":
+                pid = int(message["pid"])
+                if pid in children:
+                    os.kill(pid, signal.SIGKILL)
+                continue
+            if message.get("op") != "fork" or not fds:
+                for fd in fds:
+                    os.close(fd)
+                continue
+            zygote_pid = os.getpid()
+            pid = os.fork()
+            if pid == 0:
+                code = 70  # EX_SOFTWARE: the worker loop itself failed
+                try:
+                    os.close(wake_r)
+                    os.close(wake_w)
+                    control.close()
+                    signal.set_wakeup_fd(-1)
+                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    code = _worker_main(fds[0], pipelines, config, zygote_pid)
+                finally:
+                    os._exit(code)  # never back into the zygote's loop
+            os.close(fds[0])
+            children.add(pid)
+            _send(control, op="forked", worker=message["worker"], pid=pid)
+    finally:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        control.close()
+
+
+def _reap(control: socket.socket, children: set[int]) -> None:
+    """Collect finished workers and tell the executor how each ended."""
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        children.discard(pid)
+        code = os.waitstatus_to_exitcode(status)
+        try:
+            _send(control, op="exited", pid=pid, status=code)
+        except OSError:
+            return
+
+
+def _worker_main(
+    fd: int, pipelines: dict[str, Any], config: dict[str, Any], zygote_pid: int
+) -> int:
+    """One worker: run jobs from the channel, one at a time, until it closes."""
+    import structlog
+
+    from qrelay._proto.v1 import types_pb2
+    from qrelay.executor._frames import ChannelClosed, recv_frame, send_frame
+
+    die_with_parent(zygote_pid)
+    limit = int(config["memory_limit_bytes"])
+    if limit > 0:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        # What a simulation may still allocate under the limit.
+        for pipeline in pipelines.values():
+            pipeline.limit_memory(limit - _address_space())
+    sock = socket.socket(fileno=fd)
+    wlog = structlog.get_logger("qrelay.executor.worker").bind(worker_pid=os.getpid())
+    max_frame = int(config["max_message_bytes"])
+    while True:
+        try:
+            kind, payload = recv_frame(sock, max_frame)
+        except ChannelClosed:
+            return 0
+        if kind != RUN:
+            wlog.warning("worker.frame_ignored", kind=kind)
+            continue
+        spec = types_pb2.JobSpec.FromString(payload)
+
+        progress = _Progress(sock)
+        kind, body = _run_one(pipelines, spec, progress, limit, wlog)
+        try:
+            send_frame(sock, kind, body)
+        except OSError:
+            return 0
+
+
+class _Progress:
+    """Progress frames for one job, at most one per PROGRESS_INTERVAL_S per stage.
+
+    A 400-pub job would otherwise send 800 frames for the executor to relay;
+    the first report of each stage and the last of the job always go out.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._stage = ""
+        self._sent_at = 0.0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        from qrelay.executor._frames import send_frame
+
+        now = time.monotonic()
+        final = stage == "run" and done == total
+        if stage == self._stage and not final and now - self._sent_at < PROGRESS_INTERVAL_S:
+            return
+        self._stage, self._sent_at = stage, now
+        body = json.dumps({"stage": stage, "done": done, "total": total}).encode()
+        send_frame(self._sock, PROGRESS, body)
+
+
+def _run_one(
+    pipelines: dict[str, Any], spec: Any, progress: Any, limit: int, wlog: Any
+) -> tuple[int, bytes]:
+    """Run a JobSpec; every failure becomes a JobError (a traceback stays in this log)."""
+    from qrelay._proto.v1 import types_pb2
+    from qrelay.errors import QRelayError, ResourceExhausted
+
+    def error(code: int, message: str) -> tuple[int, bytes]:
+        return ERROR, types_pb2.JobError(code=code, message=message).SerializeToString()
+
+    pipeline = pipelines.get(spec.backend)
+    if pipeline is None:
+        return error(3, f"backend {spec.backend!r} is not loaded in this worker")
+    try:
+        result = pipeline.run(spec, progress=progress)
+        return RESULT, result.SerializeToString()
+    except QRelayError as exc:
+        return error(exc.code, exc.message)
+    except MemoryError:
+        return error(
+            ResourceExhausted.code,
+            f"the job ran out of memory in its worker (limit {_mib(limit)})",
+        )
+    except Exception as exc:  # noqa: BLE001 - see below
+        text = str(exc)
+        if "Insufficient memory" in text:
+            # Aer's own check against max_memory_mb (density matrices, noise).
+            return error(
+                ResourceExhausted.code,
+                "the simulation needs more memory than this executor allows per job "
+                f"(limit {_mib(limit)}): {text.strip().splitlines()[-1][:300]}",
+            )
+        incident = uuid.uuid4().hex[:12]
+        wlog.error("job.crashed", incident=incident, exc_info=exc)
+        return error(13, f"internal error on the executor (incident {incident})")
+
+
+def _address_space() -> int:
+    """This process's current virtual size in bytes (VmSize)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB" if n > 0 else "unlimited"
+
+
+if __name__ == "__main__":
+    zygote_main()

@@ -1,0 +1,400 @@
+"""The control plane's side of the worker processes (see `_workerproc` for theirs).
+
+`WorkerPool` starts the zygote, learns the backends from it, and runs each
+primitive job in a worker process of its own: the job's bytes go down a
+socket, progress and the encoded result come back, and the executor's event
+loop only moves bytes. A job that is cancelled or outlives its backend's
+maximum run time has its worker killed (by the zygote, its parent) and the
+next job gets a freshly forked one; a worker that dies on its own (SIGKILL,
+segfault, out of memory) fails only its job, with a message saying how it
+ended. If the zygote itself dies it is started again.
+
+This module never imports qiskit: the executor's process stays small and
+its start-up and heartbeats never wait on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+import structlog
+from anyio.abc import SocketStream
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from qrelay._proto.v1 import backends_pb2, types_pb2
+from qrelay.errors import Aborted, DeadlineExceeded, Internal, error_for_code
+from qrelay.executor import _workerproc as proc
+from qrelay.executor._frames import ChannelClosed, encode_frame, read_frame
+
+log = structlog.get_logger(__name__)
+
+__all__ = ["Progress", "WorkerPool", "WorkerPoolConfig", "default_worker_memory_bytes"]
+
+# progress(stage, done, total) as a worker reports it.
+Progress = Callable[[str, int, int], None]
+# How long to wait for a dead worker's exit status before reporting without it.
+_EXIT_STATUS_WAIT_S = 2.0
+
+
+def default_worker_memory_bytes(workers: int) -> int:
+    """Three quarters of the machine's memory shared by the workers, at least 4 GiB each."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 0
+    return max(int(total * 0.75) // max(workers, 1), 4 << 30)
+
+
+@dataclass(frozen=True)
+class WorkerPoolConfig:
+    """What the workers load and the limits they run under (no secrets: it travels in env)."""
+
+    backends: list[str]
+    size: int
+    optimization_level: int = 1
+    transpile_cache_size: int = 256
+    memory_limit_bytes: int = 0
+    max_message_bytes: int = 256 << 20
+    start_timeout_s: float = 120.0
+    nice: int = 5
+    executor_id: str = ""
+
+
+@dataclass(eq=False)
+class _Worker:
+    worker_id: str
+    pid: int
+    stream: SocketStream
+    frames: BufferedByteReceiveStream
+    zygote: _Zygote
+
+
+@dataclass(eq=False)
+class _Zygote:
+    process: anyio.abc.Process
+    control: socket.socket
+    pid: int = 0
+    infos: list[backends_pb2.BackendInfo] = field(default_factory=list)
+    forks: dict[str, asyncio.Future[int]] = field(default_factory=dict)
+    exits: dict[int, int] = field(default_factory=dict)
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+    closed: bool = False
+
+    def send(self, **message: Any) -> None:
+        self.control.send(json.dumps(message).encode())
+
+
+class WorkerPool:
+    """Up to `size` jobs at once, each in its own worker process; async context manager."""
+
+    def __init__(self, config: WorkerPoolConfig) -> None:
+        self.config = config
+        self._log = log.bind(executor_id=config.executor_id)
+        self._capacity = anyio.Semaphore(config.size)
+        self._idle: deque[_Worker] = deque()
+        self._zygote: _Zygote | None = None
+        self._zygote_lock = anyio.Lock()
+        self._tg: anyio.abc.TaskGroup | None = None
+        self.infos: list[backends_pb2.BackendInfo] = []
+        self.workers_started = 0
+        self.workers_lost = 0
+
+    async def __aenter__(self) -> WorkerPool:
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        try:
+            zygote = await self._ensure_zygote()
+            self.infos = list(zygote.infos)
+            # Fork every worker now: a failure shows at start, not on the first job.
+            for _ in range(self.config.size):
+                self._idle.append(await self._fork(zygote))
+        except BaseException:
+            await self.__aexit__(*sys.exc_info())
+            raise
+        self._log.info(
+            "workers.started",
+            workers=self.config.size,
+            zygote_pid=zygote.pid,
+            memory_limit_mib=self.config.memory_limit_bytes >> 20,
+        )
+        return self
+
+    async def __aexit__(self, *exc: Any) -> bool | None:
+        with anyio.CancelScope(shield=True):
+            for worker in self._idle:
+                await worker.stream.aclose()
+            self._idle.clear()
+            if self._zygote is not None:
+                await self._stop_zygote(self._zygote)
+        assert self._tg is not None
+        self._tg.cancel_scope.cancel()
+        return await self._tg.__aexit__(*exc)
+
+    # -- running jobs ------------------------------------------------------------
+
+    @property
+    def idle_workers(self) -> int:
+        """Worker processes forked and waiting for a job."""
+        return len(self._idle)
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """Pids of idle workers (tests kill them to prove recovery)."""
+        return [w.pid for w in self._idle]
+
+    async def run(
+        self,
+        spec: types_pb2.JobSpec,
+        *,
+        max_run_time_s: float,
+        progress: Progress | None = None,
+        on_worker: Callable[[int], None] | None = None,
+    ) -> types_pb2.JobResult | types_pb2.JobError:
+        """Run one Sampler/Estimator spec in a worker; its JobResult or JobError.
+
+        Raises DeadlineExceeded past `max_run_time_s`, Aborted when the worker
+        died under the job; on either, and on cancellation, the worker is killed.
+        """
+        async with self._capacity:
+            if self._idle:
+                worker = self._idle.pop()
+            else:
+                worker = await self._fork(await self._ensure_zygote())
+            if on_worker is not None:
+                on_worker(worker.pid)
+            healthy = False
+            try:
+                with anyio.move_on_after(max_run_time_s):
+                    outcome = await self._exchange(worker, spec, progress)
+                    healthy = True
+                    return outcome
+                raise DeadlineExceeded(
+                    f"the job ran longer than the maximum run time of {max_run_time_s:g} s "
+                    f"for backend {spec.backend!r} (executor setting max_run_time_s) and "
+                    "was stopped"
+                )
+            finally:
+                if healthy:
+                    self._idle.append(worker)
+                else:
+                    with anyio.CancelScope(shield=True):
+                        await self._discard(worker)
+
+    async def _exchange(
+        self, worker: _Worker, spec: types_pb2.JobSpec, progress: Progress | None
+    ) -> types_pb2.JobResult | types_pb2.JobError:
+        try:
+            await worker.stream.send(encode_frame(proc.RUN, spec.SerializeToString()))
+            while True:
+                kind, payload = await read_frame(worker.frames, self.config.max_message_bytes)
+                # Buffered frames are read without yielding: let the heartbeats in.
+                await anyio.lowlevel.checkpoint()
+                if kind == proc.PROGRESS:
+                    if progress is not None:
+                        report = json.loads(payload)
+                        progress(str(report["stage"]), int(report["done"]), int(report["total"]))
+                elif kind == proc.RESULT:
+                    return types_pb2.JobResult.FromString(payload)
+                elif kind == proc.ERROR:
+                    return types_pb2.JobError.FromString(payload)
+                else:
+                    raise Internal(f"worker sent an unknown frame kind {kind}")
+        except (ChannelClosed, anyio.BrokenResourceError, OSError):
+            pass
+        raise Aborted(await self._death_notice(worker))
+
+    async def _death_notice(self, worker: _Worker) -> str:
+        """Why a worker's channel closed under a job, in words for the job's error."""
+        self.workers_lost += 1
+        zygote = worker.zygote
+        with anyio.move_on_after(_EXIT_STATUS_WAIT_S):
+            while worker.pid not in zygote.exits and not zygote.closed:
+                zygote.exited.clear()
+                await zygote.exited.wait()
+        status = zygote.exits.pop(worker.pid, None)
+        if status is None:
+            how = "its channel closed"
+        elif status < 0:
+            try:
+                how = f"killed by {signal.Signals(-status).name}"
+            except ValueError:
+                how = f"killed by signal {-status}"
+        else:
+            how = f"exit status {status}"
+        hint = ""
+        if status == -signal.SIGKILL and self.config.memory_limit_bytes:
+            hint = (
+                "; a kill can mean the machine ran out of memory (the executor allows "
+                f"{self.config.memory_limit_bytes >> 20} MiB per job)"
+            )
+        elif status == -signal.SIGSEGV:
+            hint = "; the simulator crashed on this job"
+        self._log.warning("worker.died", worker_pid=worker.pid, how=how)
+        return (
+            f"the worker process running this job died ({how}){hint}; the executor "
+            "replaced it and goes on serving"
+        )
+
+    async def _discard(self, worker: _Worker) -> None:
+        """Kill a worker (cancel, run-time limit, broken channel) and forget it."""
+        zygote = worker.zygote
+        if not zygote.closed:
+            with contextlib.suppress(OSError):
+                zygote.send(op="kill", pid=worker.pid)
+        await worker.stream.aclose()
+        self._log.info("worker.killed", worker_pid=worker.pid)
+
+    # -- processes ---------------------------------------------------------------
+
+    async def _ensure_zygote(self) -> _Zygote:
+        async with self._zygote_lock:
+            if self._zygote is None or self._zygote.closed:
+                self._zygote = await self._start_zygote()
+            return self._zygote
+
+    async def _start_zygote(self) -> _Zygote:
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        config = {
+            "control_fd": child_end.fileno(),
+            "parent_pid": os.getpid(),
+            "backends": self.config.backends,
+            "optimization_level": self.config.optimization_level,
+            "transpile_cache_size": self.config.transpile_cache_size,
+            "memory_limit_bytes": self.config.memory_limit_bytes,
+            "max_message_bytes": self.config.max_message_bytes,
+            "nice": self.config.nice,
+            "log_level": logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
+        }
+        env = dict(os.environ, **{proc.CONFIG_ENV: json.dumps(config)})
+        # Secrets of the executor stay here: workers never talk to the broker.
+        for name in list(env):
+            if name.endswith("TOKEN") or name.endswith("TOKEN_FILE"):
+                del env[name]
+        try:
+            process = await anyio.open_process(
+                [sys.executable, "-m", "qrelay.executor._workerproc"],
+                stdin=None,
+                stdout=None,
+                stderr=None,
+                env=env,
+                pass_fds=(child_end.fileno(),),
+            )
+        except BaseException:
+            parent_end.close()
+            raise
+        finally:
+            child_end.close()
+        parent_end.setblocking(False)
+        zygote = _Zygote(process=process, control=parent_end)
+        try:
+            with anyio.fail_after(self.config.start_timeout_s):
+                message = await self._receive(zygote)
+        except TimeoutError:
+            await self._stop_zygote(zygote)
+            raise Internal(
+                f"worker processes did not start within {self.config.start_timeout_s:g} s"
+            ) from None
+        if message is None or message.get("op") != "ready":
+            await self._stop_zygote(zygote)
+            if message is None:
+                raise Internal("worker processes failed to start: the zygote exited")
+            raise error_for_code(int(message.get("code", 13)), str(message.get("message")))
+        zygote.pid = int(message["pid"])
+        zygote.infos = [
+            backends_pb2.BackendInfo.FromString(base64.b64decode(b)) for b in message["backends"]
+        ]
+        assert self._tg is not None
+        self._tg.start_soon(self._follow_zygote, zygote, name="worker zygote")
+        return zygote
+
+    async def _receive(self, zygote: _Zygote) -> dict[str, Any] | None:
+        loop = asyncio.get_running_loop()
+        data = await loop.sock_recv(zygote.control, proc.CONTROL_PACKET)
+        return json.loads(data) if data else None
+
+    async def _follow_zygote(self, zygote: _Zygote) -> None:
+        """Read fork answers and exit reports until the zygote goes away."""
+        try:
+            while True:
+                try:
+                    message = await self._receive(zygote)
+                except OSError:
+                    message = None
+                if message is None:
+                    break
+                op = message.get("op")
+                if op == "forked":
+                    future = zygote.forks.pop(str(message["worker"]), None)
+                    if future is not None and not future.done():
+                        future.set_result(int(message["pid"]))
+                elif op == "exited":
+                    zygote.exits[int(message["pid"])] = int(message["status"])
+                    if len(zygote.exits) > 1024:  # nobody asked about these
+                        zygote.exits.pop(next(iter(zygote.exits)))
+                    zygote.exited.set()
+        finally:
+            zygote.closed = True
+            zygote.exited.set()
+            for future in zygote.forks.values():
+                if not future.done():
+                    future.set_exception(Internal("the worker zygote exited"))
+            if not self._closing(zygote):
+                self._log.warning("workers.zygote_exited", zygote_pid=zygote.pid)
+                self._idle = deque(w for w in self._idle if w.zygote is not zygote)
+
+    def _closing(self, zygote: _Zygote) -> bool:
+        return self._zygote is not zygote
+
+    async def _fork(self, zygote: _Zygote) -> _Worker:
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        worker_id = uuid.uuid4().hex[:12]
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        zygote.forks[worker_id] = future
+        try:
+            socket.send_fds(
+                zygote.control,
+                [json.dumps({"op": "fork", "worker": worker_id}).encode()],
+                [child_end.fileno()],
+            )
+            with anyio.fail_after(self.config.start_timeout_s):
+                pid = await future
+        except BaseException:
+            zygote.forks.pop(worker_id, None)
+            parent_end.close()
+            raise
+        finally:
+            child_end.close()
+        stream = await SocketStream.from_socket(parent_end)
+        self.workers_started += 1
+        return _Worker(worker_id, pid, stream, BufferedByteReceiveStream(stream), zygote)
+
+    async def _stop_zygote(self, zygote: _Zygote) -> None:
+        """Hang up (the zygote kills its workers and exits); SIGKILL if it lingers."""
+        if self._zygote is zygote:
+            self._zygote = None
+        with contextlib.suppress(OSError):
+            zygote.control.close()
+        with anyio.move_on_after(5):
+            await zygote.process.wait()
+            return
+        try:
+            zygote.process.kill()
+        except ProcessLookupError:
+            return
+        await zygote.process.wait()
