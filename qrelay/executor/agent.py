@@ -29,7 +29,7 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,6 +131,8 @@ class Executor:
             for outcome in ("succeeded", "failed", "dropped")
         }
         self._backend_infos: list[backends_pb2.BackendInfo] = []
+        # job id -> pid of the worker process running it (primitive jobs).
+        self._worker_pids: dict[str, int] = {}
         self._program_runner: Any = None
         self._programs_unavailable = ""
         self._job_tg: anyio.abc.TaskGroup | None = None
@@ -183,6 +185,16 @@ class Executor:
     def peak_running(self) -> int:
         """Most jobs that ever ran at once (bounded by `slots`)."""
         return self._peak_running
+
+    @property
+    def job_worker_pids(self) -> dict[str, int]:
+        """Worker process of each primitive job running now (tests kill them)."""
+        return dict(self._worker_pids)
+
+    @property
+    def worker_pool(self) -> WorkerPool | None:
+        """The worker processes, while `run()` runs."""
+        return self._pool
 
     @property
     def connections(self) -> int:
@@ -694,10 +706,19 @@ class Executor:
         def progress(stage: str, done: int, total: int) -> None:
             jlog.debug("job.progress", stage=stage, done=done, total=total)
 
-        return await self._run_spec(spec, progress)
+        def on_worker(pid: int) -> None:
+            self._worker_pids[job.job_id] = pid
+
+        try:
+            return await self._run_spec(spec, progress, on_worker)
+        finally:
+            self._worker_pids.pop(job.job_id, None)
 
     async def _run_spec(
-        self, spec: types_pb2.JobSpec, progress: Progress | None = None
+        self,
+        spec: types_pb2.JobSpec,
+        progress: Progress | None = None,
+        on_worker: Callable[[int], None] | None = None,
     ) -> types_pb2.JobResult:
         """Run one primitive spec in a worker process; refusals before any work."""
         info = next((b for b in self._backend_infos if b.name == spec.backend), None)
@@ -715,7 +736,10 @@ class Executor:
             if i % 16 == 15:  # a job of thousands of pubs must not hold the loop
                 await anyio.lowlevel.checkpoint()
         outcome = await self._pool.run(
-            spec, max_run_time_s=self.settings.max_run_time_for(spec.backend), progress=progress
+            spec,
+            max_run_time_s=self.settings.max_run_time_for(spec.backend),
+            progress=progress,
+            on_worker=on_worker,
         )
         if isinstance(outcome, types_pb2.JobError):
             raise _JobFailed(outcome)

@@ -17,7 +17,6 @@ gets its own derived seed (`_pub_seed`), pub 0 the job's seed itself.
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -40,7 +39,14 @@ from qrelay._proto.v1 import types_pb2
 from qrelay.errors import Cancelled, InvalidArgument, ResourceExhausted
 from qrelay.executor import guards
 from qrelay.executor.backends import Backend
-from qrelay.executor.mitigation import run_estimator, run_sampler
+from qrelay.executor.mitigation import (
+    Techniques,
+    resolve_estimator,
+    resolve_sampler,
+    run_estimator,
+    run_sampler,
+)
+from qrelay.executor.mitigation.estimator import estimator_shots
 from qrelay.executor.transpile import (
     DEFAULT_OPTIMIZATION_LEVEL,
     DEFAULT_SEED_TRANSPILER,
@@ -179,6 +185,7 @@ class PrimitivePipeline:
         """Sampler semantics of BackendSamplerV2: pub shots > task shots > default_shots."""
         job_shots = codec.check_sampler_task(task)
         shots = job_shots if job_shots is not None else options.default_shots or DEFAULT_SHOTS
+        tech = resolve_sampler(options, self.backend)
         isa_pubs: list[SamplerPub] = []
         total = len(task.pubs)
         for i, wire in enumerate(task.pubs):
@@ -190,7 +197,7 @@ class PrimitivePipeline:
                 pub = SamplerPub.coerce((tc.isa, bindings, pub_shots), shots)
             except (TypeError, ValueError) as exc:
                 raise InvalidArgument(f"pub {i}: {exc}") from None
-            _check_budget(i, pub.shots or shots, pub.size)
+            _check_budget(i, tech, pub.shots or shots, pub.size)
             isa_pubs.append(pub)
         seed = options.effective_seed()
         results: list[SamplerPubResult] = []
@@ -219,6 +226,7 @@ class PrimitivePipeline:
             if job_precision is not None
             else options.default_precision or DEFAULT_PRECISION
         )
+        tech = resolve_estimator(options, self.backend)
         isa_pubs: list[EstimatorPub] = []
         total = len(task.pubs)
         for i, wire in enumerate(task.pubs):
@@ -232,7 +240,7 @@ class PrimitivePipeline:
             pub = codec.make_estimator_pub(
                 tc.isa, isa_observables, bindings, pub_precision or precision, i
             )
-            _check_budget(i, math.ceil(1.0 / (pub.precision or precision) ** 2), pub.size)
+            _check_budget(i, tech, estimator_shots(options, pub.precision)[0], pub.size)
             isa_pubs.append(pub)
         seed = options.effective_seed()
         results: list[PubResult] = []
@@ -319,13 +327,26 @@ def _pub_seed(seed: int | None, k: int) -> int | None:
     return int(np.random.SeedSequence([seed % 2**64, k]).generate_state(1, dtype=np.uint32)[0])
 
 
-def _check_budget(pub_index: int, shots: int, size: int) -> None:
-    """Refuse a pub whose shots x bindings would occupy the backend for hours."""
-    if shots * max(size, 1) > MAX_SHOTS_PER_PUB:
+def _check_budget(pub_index: int, tech: Techniques, shots: int, size: int) -> None:
+    """Refuse a pub whose executed shots would occupy the backend for hours.
+
+    Counts what really runs: twirling's randomizations x shots each (which
+    can exceed the requested shots many times over) and one circuit per ZNE
+    noise factor, for every parameter set.
+    """
+    randomizations, each = tech.twirl.split(shots)
+    factors = len(tech.zne.noise_factors) if tech.zne else 1
+    executed = randomizations * each * factors
+    if executed * max(size, 1) > MAX_SHOTS_PER_PUB:
+        detail = f"{shots} shots"
+        if randomizations > 1 or each != shots:
+            detail = f"{randomizations} twirling randomizations x {each} shots"
+        if factors > 1:
+            detail += f" x {factors} ZNE noise factors"
         raise ResourceExhausted(
-            f"pub {pub_index}: {shots} shots x {size} parameter sets exceeds the limit of "
-            f"{MAX_SHOTS_PER_PUB} shots per pub; use fewer shots, a larger precision or "
-            "split the sweep"
+            f"pub {pub_index}: {detail} x {size} parameter sets exceeds the limit of "
+            f"{MAX_SHOTS_PER_PUB} executed shots per pub; use fewer shots or randomizations, "
+            "a larger precision or split the sweep"
         )
 
 

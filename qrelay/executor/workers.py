@@ -158,6 +158,11 @@ class WorkerPool:
         """Pids of idle workers (tests kill them to prove recovery)."""
         return [w.pid for w in self._idle]
 
+    @property
+    def zygote_pid(self) -> int:
+        """Pid of the process the workers are forked from (0 before it started)."""
+        return self._zygote.pid if self._zygote is not None else 0
+
     async def run(
         self,
         spec: types_pb2.JobSpec,
