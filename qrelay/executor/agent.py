@@ -144,8 +144,16 @@ class Executor:
         self._stopping = anyio.Event()
         self._half_closed = False
         self.broker_id = ""
+        # Broker replicas, tried in turn: a lost link fails over to the next.
+        self._brokers = settings.broker_addresses
+        self._broker_index = 0
 
     # -- properties for tests and the CLI ---------------------------------
+
+    @property
+    def broker(self) -> str:
+        """The broker replica this executor talks to (or tries next)."""
+        return self._brokers[self._broker_index]
 
     @property
     def connected(self) -> bool:
@@ -334,7 +342,7 @@ class Executor:
                 if not self._stopping.is_set():
                     self._log.warning(
                         "connection.lost",
-                        broker=self.settings.broker,
+                        broker=self.broker,
                         reason=_reason(exc),
                         exc_info=exc if _unexpected(exc) else None,
                     )
@@ -345,10 +353,18 @@ class Executor:
                     self._is_connected = False
                     self._connected = anyio.Event()
                     attempt = 0
+                if len(self._brokers) > 1:
+                    # Fail over: results finished meanwhile go out through the
+                    # next replica (same store, same leases) instead of waiting
+                    # for this one to come back.
+                    self._broker_index = (self._broker_index + 1) % len(self._brokers)
             if self._stopping.is_set():
                 return
+            # The backoff grows once per round of replicas, not per replica.
             delay = backoff_delay(
-                attempt, self.settings.reconnect_initial_s, self.settings.reconnect_max_s
+                attempt // len(self._brokers),
+                self.settings.reconnect_initial_s,
+                self.settings.reconnect_max_s,
             )
             attempt += 1
             self._log.info("reconnect.scheduled", attempt=attempt, delay_s=round(delay, 3))
@@ -381,14 +397,13 @@ class Executor:
             ("grpc.keepalive_permit_without_calls", 1),
         ]
         timeout = self.settings.connect_timeout_s
-        async with grpc.aio.insecure_channel(self.settings.broker, options=options) as channel:
+        broker = self.broker
+        async with grpc.aio.insecure_channel(broker, options=options) as channel:
             try:
                 with anyio.fail_after(timeout):
                     await channel.channel_ready()
             except TimeoutError:
-                raise StreamClosed(
-                    f"could not reach {self.settings.broker} within {timeout:g}s"
-                ) from None
+                raise StreamClosed(f"could not reach {broker} within {timeout:g}s") from None
             stub = executor_pb2_grpc.ExecutorServiceStub(channel)
             call = stub.Connect(metadata=self._metadata())
             try:
@@ -452,7 +467,7 @@ class Executor:
                 reply = await call.read()
         except TimeoutError:
             raise StreamClosed(
-                f"no Welcome from {self.settings.broker} within {timeout:g}s"
+                f"no Welcome from {self.broker} within {timeout:g}s"
             ) from None
         except grpc.aio.AioRpcError as exc:
             err = error_from_rpc(exc)
@@ -472,7 +487,7 @@ class Executor:
         self._outbox_wakeup.set()
         self._log.info(
             "executor.connected",
-            broker=self.settings.broker,
+            broker=self.broker,
             broker_id=welcome.broker_id,
             held=len(held),
             heartbeat_interval_ms=welcome.heartbeat_interval_ms,

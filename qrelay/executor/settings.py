@@ -35,7 +35,12 @@ class ExecutorSettings(BaseSettings):
     )
 
     broker: str = Field(
-        default="127.0.0.1:50051", description="Broker address HOST:PORT to connect to."
+        default="127.0.0.1:50051",
+        min_length=1,
+        description=(
+            "Broker address HOST:PORT; several replicas comma-separated "
+            "(HOST:PORT,HOST:PORT), tried in turn when one is lost."
+        ),
     )
     backends: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["aer"], description="Backend names this executor serves."
@@ -98,6 +103,11 @@ class ExecutorSettings(BaseSettings):
         default_factory=dict,
         description="Program sandbox settings (fields of SandboxSettings), nested with '__'.",
     )
+
+    @property
+    def broker_addresses(self) -> list[str]:
+        """The broker replicas, in the order they are tried."""
+        return [part.strip() for part in self.broker.split(",") if part.strip()]
 
     @property
     def worker_memory_bytes(self) -> int:

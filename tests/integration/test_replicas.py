@@ -33,7 +33,7 @@ from qrelay.executor.settings import ExecutorSettings
 from qrelay.testing import free_port
 from tests.broker.conftest import FakeExecutor, postgres_schema, sampler_spec, until, wait_state
 from tests.integration.procs import start_broker
-from tests.integration.rawstubs import unpack_bits, watch_all
+from tests.integration.rawstubs import heavy_qasm3, unpack_bits, watch_all
 
 # Leases long enough that a loaded machine cannot fake a silent executor (no
 # test here waits for one to expire).
@@ -316,5 +316,66 @@ async def test_kill9_of_a_replica_hands_its_running_job_to_an_executor_of_anothe
                 assert running == ["e-doomed", "e-survivor"]
                 assert events[-1].state.state == types_pb2.JOB_STATE_DONE
                 assert [e.WhichOneof("payload") for e in events].count("result") == 1
+        finally:
+            doomed.stop()
+
+
+@pytest.mark.slow
+async def test_an_executor_fails_over_to_another_replica_and_reports_its_result_there(
+    tmp_path: Path,
+) -> None:
+    """kill -9 of the executor's replica mid-job: the result goes out through the other one.
+
+    The lease outlives the failover, so the job is not re-run: one attempt,
+    one result, and the executor's next stream is to the survivor.
+    """
+    async with postgres_schema() as (dsn, schema):
+        env = {
+            "QRELAY_DATABASE_URL": dsn,
+            "QRELAY_DATABASE_SCHEMA": schema,
+            "QRELAY_LEASE_TTL_S": "30",
+            "QRELAY_HEARTBEAT_INTERVAL_S": "0.25",
+            "QRELAY_REPLICA_SYNC_INTERVAL_S": "0.3",
+        }
+        port = free_port()
+        doomed = await asyncio.to_thread(start_broker, port, tmp_path / "unused.db", tmp_path, env)
+        settings = BrokerSettings(
+            listen="127.0.0.1:0",
+            db_path=tmp_path / "unused-a.db",
+            database_url=dsn,
+            database_schema=schema,
+            lease_ttl_s=30.0,
+            heartbeat_interval_s=0.25,
+            replica_sync_interval_s=0.3,
+            shutdown_grace_s=1.0,
+        )
+        try:
+            async with running_broker(settings) as survivor:
+                executor_settings = ExecutorSettings(
+                    broker=f"127.0.0.1:{port},{survivor.address}",
+                    backends=["aer"],
+                    slots=1,
+                    programs=False,
+                    reconnect_initial_s=0.05,
+                    reconnect_max_s=0.5,
+                )
+                async with (
+                    running_executor(executor_settings) as executor,
+                    grpc.aio.insecure_channel(survivor.address) as channel,
+                ):
+                    assert executor.broker == f"127.0.0.1:{port}"
+                    jobs = jobs_pb2_grpc.JobServiceStub(channel)
+                    spec = sampler_spec("aer")
+                    spec.sampler.pubs[0].circuit.qasm3 = heavy_qasm3(num_qubits=18, layers=40)
+                    job = await jobs.Submit(jobs_pb2.SubmitRequest(spec=spec))
+                    await wait_state(jobs, job.id, types_pb2.JOB_STATE_RUNNING, within=30)
+                    await asyncio.to_thread(doomed.kill9)
+                    events = await watch_all(jobs, job.id)
+                    done = await jobs.Get(jobs_pb2.GetJobRequest(job_id=job.id))
+                    assert executor.broker == survivor.address
+                final = [e for e in events if e.WhichOneof("payload") == "state"][-1]
+                assert final.state.state == types_pb2.JOB_STATE_DONE
+                assert [e.WhichOneof("payload") for e in events].count("result") == 1
+                assert done.attempts == 1, "finished once, reported through the survivor"
         finally:
             doomed.stop()
