@@ -173,3 +173,19 @@ def test_report_json_is_strict_with_nan_as_null(tmp_path: Path) -> None:
 def test_tiny_and_quick_are_the_same_flag(flag: str) -> None:
     args = _report.arg_parser("x", None).parse_args([flag])
     assert args.tiny is True
+
+
+def test_long_jobs_records_list_latency_idle_and_busy_per_placement(tmp_path: Path) -> None:
+    data = run_tiny("long_jobs", tmp_path)
+    rows = [(r["placement"], r["phase"]) for r in data["rows"]]
+    assert rows == [
+        ("deployed", "idle"),
+        ("deployed", "2 jobs simulating"),
+        ("dev", "idle"),
+        ("dev", "2 jobs simulating"),
+    ]
+    for placement in ("deployed", "dev"):
+        # Every long job finished, each on its first attempt.
+        assert data["figures"][f"{placement}_jobs_done"] == 2
+        assert data["figures"][f"{placement}_max_attempts"] == 1
+        assert data["figures"][f"{placement}_list_p99_busy_over_idle"] > 0
