@@ -22,8 +22,9 @@ Channels:
   the zygote answers `forked`, reports `exited` with the status when it reaps
   a worker, and performs `kill` (it is the parent, so a pid it kills is never
   a recycled one).
-- executor <-> worker: a stream socketpair with `_frames` frames: RUN (a
-  JobSpec) answered by PROGRESS frames and then one RESULT or ERROR.
+- executor <-> worker: a stream socketpair with `_frames` frames, each
+  naming its request: RUN (a JobSpec) answered by PROGRESS frames and then
+  one RESULT or ERROR; CANCEL for a job on a shared (remote-device) worker.
 
 Every worker dies with its zygote and the zygote with the executor
 (PR_SET_PDEATHSIG), so no simulation outlives the process that wanted it.
@@ -40,16 +41,21 @@ import resource
 import select
 import signal
 import socket
+import struct
 import sys
+import threading
 import time
+import traceback
 import uuid
 from typing import Any
 
 # zygote -> executor ops: ready, failed, forked, exited; executor -> zygote: fork, kill.
 CONFIG_ENV = "QRELAY_WORKER_CONFIG"
 CONTROL_PACKET = 1 << 20
-# worker channel frame kinds
+# Worker channel frames: each payload starts with the request's 8-byte number.
+REQUEST = struct.Struct(">Q")
 RUN = ord("J")  # executor -> worker: types_pb2.JobSpec
+CANCEL = ord("C")  # executor -> worker: (nothing more)
 PROGRESS = ord("p")  # worker -> executor: JSON {"stage", "done", "total"}
 RESULT = ord("R")  # worker -> executor: types_pb2.JobResult
 ERROR = ord("E")  # worker -> executor: types_pb2.JobError
@@ -70,15 +76,18 @@ def _send(control: socket.socket, **message: Any) -> None:
     control.send(json.dumps(message).encode())
 
 
-def _load(config: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """Pipelines by backend name (one shared transpile cache) and their BackendInfos."""
-    from qrelay.executor.backends import load_backend
+def _load(config: dict[str, Any]) -> tuple[dict[str, Any], list[str], list[str]]:
+    """Pipelines by backend name (one shared transpile cache), their BackendInfos,
+    and the names of the backends whose jobs may share a worker (remote devices)."""
+    from qrelay.executor.backends import load_backend, load_providers
     from qrelay.executor.pipeline import PrimitivePipeline
     from qrelay.executor.transpile import TranspileCache
 
+    load_providers(config.get("backend_providers", []))
     cache = TranspileCache(int(config["transpile_cache_size"]))
     pipelines: dict[str, Any] = {}
     infos: list[str] = []
+    shared: list[str] = []
     for name in config["backends"]:
         backend = load_backend(name)
         pipelines[name] = PrimitivePipeline(
@@ -88,7 +97,9 @@ def _load(config: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
             memory_limit_bytes=int(config["memory_limit_bytes"]),
         )
         infos.append(base64.b64encode(backend.info().SerializeToString()).decode())
-    return pipelines, infos
+        if not backend.local:
+            shared.append(name)
+    return pipelines, infos, shared
 
 
 def zygote_main() -> None:
@@ -103,7 +114,7 @@ def zygote_main() -> None:
 
     configure_logging(config.get("log_level", "info"))
     try:
-        pipelines, infos = _load(config)
+        pipelines, infos, shared = _load(config)
     except Exception as exc:  # noqa: BLE001 - reported to the executor, which fails to start
         from qrelay.errors import QRelayError
 
@@ -116,7 +127,7 @@ def zygote_main() -> None:
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
-    _send(control, op="ready", pid=os.getpid(), backends=infos)
+    _send(control, op="ready", pid=os.getpid(), backends=infos, shared=shared)
     children: set[int] = set()
     try:
         while True:
@@ -150,6 +161,9 @@ def zygote_main() -> None:
                     signal.set_wakeup_fd(-1)
                     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                     code = _worker_main(fds[0], pipelines, config, zygote_pid)
+                except BaseException:
+                    traceback.print_exc()
+                    raise
                 finally:
                     os._exit(code)  # never back into the zygote's loop
             os.close(fds[0])
@@ -182,11 +196,18 @@ def _reap(control: socket.socket, children: set[int]) -> None:
 def _worker_main(
     fd: int, pipelines: dict[str, Any], config: dict[str, Any], zygote_pid: int
 ) -> int:
-    """One worker: run jobs from the channel, one at a time, until it closes."""
+    """One worker: run the jobs the channel sends until it closes.
+
+    Each job runs on a thread of its own, so a worker can hold several jobs
+    of a remote device that only wait on their provider; the control plane
+    sends a simulator's worker one job at a time. CANCEL sets the job's
+    event, seen between pubs (a simulator's job is cancelled by killing its
+    worker instead).
+    """
     import structlog
 
     from qrelay._proto.v1 import types_pb2
-    from qrelay.executor._frames import ChannelClosed, recv_frame, send_frame
+    from qrelay.executor._frames import ChannelClosed, recv_frame
 
     die_with_parent(zygote_pid)
     limit = int(config["memory_limit_bytes"])
@@ -195,25 +216,55 @@ def _worker_main(
         # What a simulation may still allocate under the limit.
         for pipeline in pipelines.values():
             pipeline.limit_memory(limit - _address_space())
-    sock = socket.socket(fileno=fd)
+    channel = _Channel(socket.socket(fileno=fd))
     wlog = structlog.get_logger("qrelay.executor.worker").bind(worker_pid=os.getpid())
     max_frame = int(config["max_message_bytes"])
+    cancels: dict[int, threading.Event] = {}
+
+    def job(request: int, spec: Any, cancelled: threading.Event) -> None:
+        try:
+            kind, body = _run_one(
+                pipelines, spec, cancelled, _Progress(channel, request), limit, wlog
+            )
+            channel.send(kind, request, body)
+        except OSError:
+            pass  # the executor hung up; nobody wants this result
+        finally:
+            cancels.pop(request, None)
+
     while True:
         try:
-            kind, payload = recv_frame(sock, max_frame)
+            kind, payload = recv_frame(channel.sock, max_frame)
         except ChannelClosed:
             return 0
+        (request,) = REQUEST.unpack_from(payload)
+        if kind == CANCEL:
+            event = cancels.get(request)
+            if event is not None:
+                event.set()
+            continue
         if kind != RUN:
             wlog.warning("worker.frame_ignored", kind=kind)
             continue
-        spec = types_pb2.JobSpec.FromString(payload)
+        spec = types_pb2.JobSpec.FromString(payload[REQUEST.size :])
+        cancels[request] = threading.Event()
+        threading.Thread(
+            target=job, args=(request, spec, cancels[request]), name=f"job-{request}", daemon=True
+        ).start()
 
-        progress = _Progress(sock)
-        kind, body = _run_one(pipelines, spec, progress, limit, wlog)
-        try:
-            send_frame(sock, kind, body)
-        except OSError:
-            return 0
+
+class _Channel:
+    """The worker's end: frames from several job threads, one at a time."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._lock = threading.Lock()
+
+    def send(self, kind: int, request: int, body: bytes) -> None:
+        from qrelay.executor._frames import send_frame
+
+        with self._lock:
+            send_frame(self.sock, kind, REQUEST.pack(request) + body)
 
 
 class _Progress:
@@ -223,25 +274,29 @@ class _Progress:
     the first report of each stage and the last of the job always go out.
     """
 
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
+    def __init__(self, channel: _Channel, request: int) -> None:
+        self._channel = channel
+        self._request = request
         self._stage = ""
         self._sent_at = 0.0
 
     def __call__(self, stage: str, done: int, total: int) -> None:
-        from qrelay.executor._frames import send_frame
-
         now = time.monotonic()
         final = stage == "run" and done == total
         if stage == self._stage and not final and now - self._sent_at < PROGRESS_INTERVAL_S:
             return
         self._stage, self._sent_at = stage, now
         body = json.dumps({"stage": stage, "done": done, "total": total}).encode()
-        send_frame(self._sock, PROGRESS, body)
+        self._channel.send(PROGRESS, self._request, body)
 
 
 def _run_one(
-    pipelines: dict[str, Any], spec: Any, progress: Any, limit: int, wlog: Any
+    pipelines: dict[str, Any],
+    spec: Any,
+    cancelled: threading.Event,
+    progress: Any,
+    limit: int,
+    wlog: Any,
 ) -> tuple[int, bytes]:
     """Run a JobSpec; every failure becomes a JobError (a traceback stays in this log)."""
     from qrelay._proto.v1 import types_pb2
@@ -254,7 +309,7 @@ def _run_one(
     if pipeline is None:
         return error(3, f"backend {spec.backend!r} is not loaded in this worker")
     try:
-        result = pipeline.run(spec, progress=progress)
+        result = pipeline.run(spec, cancelled, progress)
         return RESULT, result.SerializeToString()
     except QRelayError as exc:
         return error(exc.code, exc.message)

@@ -240,6 +240,7 @@ class Executor:
         return WorkerPoolConfig(
             backends=list(s.backends),
             size=s.slots,
+            backend_providers=list(s.backend_providers),
             optimization_level=s.optimization_level,
             transpile_cache_size=s.transpile_cache_size,
             memory_limit_bytes=s.worker_memory_bytes,
@@ -466,9 +467,7 @@ class Executor:
                 await call.write(executor_pb2.ExecutorMessage(hello=hello))
                 reply = await call.read()
         except TimeoutError:
-            raise StreamClosed(
-                f"no Welcome from {self.broker} within {timeout:g}s"
-            ) from None
+            raise StreamClosed(f"no Welcome from {self.broker} within {timeout:g}s") from None
         except grpc.aio.AioRpcError as exc:
             err = error_from_rpc(exc)
             self._log.error("connection.refused", code=err.code_name, reason=err.message)

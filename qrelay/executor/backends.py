@@ -7,16 +7,28 @@ built from its BackendProperties, with each qubit's asymmetric readout error
 P(0|1) != P(1|0). `AerSimulator.from_backend`'s default model is built from
 the Target instead and symmetrizes readout (measured on fake_manila: level-0
 |error| of a TFIM <Z> 0.072 vs 0.044 through Runtime), so it is not used.
-Real hardware adapters would plug in here with the same `Backend` shape.
+
+Every backend is found by name through one registry of `BackendProvider`s:
+the built-in ones above, those an installed package announces under the
+entry-point group `qrelay.backends`, and those named by the executor's
+`backend_providers` setting ("module:attribute"). A provider says whether
+its backends simulate on this host (`local`: a job occupies a whole worker
+process) or only wait on a remote service (a device: many jobs share one
+worker process), so a real device plugs in without touching the control
+plane.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import difflib
 import functools
+import importlib
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from typing import Any
 
 from qiskit.transpiler import Target
@@ -26,9 +38,18 @@ from qiskit_aer.jobs import AerJob
 from qrelay._proto.v1 import backends_pb2
 from qrelay.errors import NotFound
 
-__all__ = ["Backend", "available_backends", "load_backend"]
+__all__ = [
+    "Backend",
+    "BackendProvider",
+    "available_backends",
+    "load_backend",
+    "load_providers",
+    "provider_for",
+]
 
 IDEAL = "aer"
+#: Entry-point group under which installed packages announce BackendProviders.
+ENTRY_POINT_GROUP = "qrelay.backends"
 
 
 @dataclass(frozen=True, eq=False)
@@ -39,6 +60,8 @@ class Backend:
     qiskit: Any  # a qiskit BackendV2 (AerSimulator); qiskit ships no type stubs
     description: str
     simulator: bool = True
+    # False for a device whose run only waits on its provider (see BackendProvider).
+    local: bool = True
 
     @property
     def target(self) -> Target:
@@ -83,9 +106,86 @@ def _fake_device_classes() -> dict[str, type[Any]]:
     return classes
 
 
+@dataclass(frozen=True)
+class BackendProvider:
+    """A family of backends, found by name.
+
+    `names()` lists what it offers (for `available_backends` and hints);
+    `build(name)` makes one (blocking; called in a worker process). `local`
+    is True when a job's run occupies this host's CPU (a simulator: one job
+    per worker process) and False when it only waits on a remote service
+    (a device: many jobs share one worker process).
+    """
+
+    name: str
+    names: Callable[[], Sequence[str]]
+    build: Callable[[str], Backend]
+    local: bool = True
+
+
+def _build_ideal(name: str) -> Backend:
+    return Backend(
+        name=IDEAL, qiskit=_ExecutorAerSimulator(), description="Aer ideal (noiseless) simulator"
+    )
+
+
+def _build_fake(name: str) -> Backend:
+    cls = _fake_device_classes()[name]
+    fake = cls()
+    return Backend(
+        name=name,
+        qiskit=_noisy_simulator(fake),
+        description=f"Aer with {cls.__name__}'s noise model and {fake.num_qubits}-qubit target",
+    )
+
+
+BUILT_IN = (
+    BackendProvider("aer", lambda: [IDEAL], _build_ideal),
+    BackendProvider("fake devices", lambda: sorted(_fake_device_classes()), _build_fake),
+)
+_extra: list[BackendProvider] = []
+
+
+def load_providers(references: Sequence[str]) -> None:
+    """Add the providers named "module:attribute" (the executor's `backend_providers`)."""
+    for reference in references:
+        module, _, attribute = reference.partition(":")
+        provider = getattr(importlib.import_module(module), attribute)
+        if not isinstance(provider, BackendProvider):
+            raise TypeError(f"{reference} is not a qrelay BackendProvider")
+        if provider not in _extra:
+            _extra.append(provider)
+
+
+@functools.cache
+def _installed() -> tuple[BackendProvider, ...]:
+    found = []
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        provider = entry.load()
+        if isinstance(provider, BackendProvider):
+            found.append(provider)
+    return tuple(found)
+
+
+def providers() -> list[BackendProvider]:
+    """Every provider, in the order names are looked up (built-in ones first)."""
+    return [*BUILT_IN, *_installed(), *_extra]
+
+
+def provider_for(name: str) -> BackendProvider:
+    """The provider that offers `name`; NotFound with the nearest names otherwise."""
+    for provider in providers():
+        if name in provider.names():
+            return provider
+    names = available_backends()
+    close = difflib.get_close_matches(name, names, n=3)
+    hint = f"did you mean {' or '.join(close)}?" if close else f"e.g. {', '.join(names[:6])}"
+    raise NotFound(f"unknown backend {name!r} ({len(names)} are available); {hint}")
+
+
 def available_backends() -> list[str]:
-    """Every name `load_backend` accepts: "aer" then the fake devices, sorted."""
-    return [IDEAL, *sorted(_fake_device_classes())]
+    """Every name `load_backend` accepts: "aer", the fake devices, then plug-ins'."""
+    return [name for provider in providers() for name in provider.names()]
 
 
 def load_backend(name: str, *, warm: bool = True) -> Backend:
@@ -94,7 +194,10 @@ def load_backend(name: str, *, warm: bool = True) -> Backend:
     With `warm`, the default pass manager is built now (once per process), so
     the first job does not pay for it.
     """
-    backend = _build(name)
+    provider = provider_for(name)
+    backend = provider.build(name)
+    if backend.local != provider.local:
+        backend = dataclasses.replace(backend, local=provider.local)
     if warm:
         from qrelay.executor.transpile import pass_manager
 
@@ -179,24 +282,3 @@ def _noisy_simulator(fake: Any) -> AerSimulator:
 
     noise = NoiseModel.from_backend_properties(properties, dt=fake.dt)
     return _ExecutorAerSimulator.from_backend(fake, noise_model=noise)
-
-
-def _build(name: str) -> Backend:
-    if name == IDEAL:
-        return Backend(
-            name=IDEAL,
-            qiskit=_ExecutorAerSimulator(),
-            description="Aer ideal (noiseless) simulator",
-        )
-    cls = _fake_device_classes().get(name)
-    if cls is None:
-        names = available_backends()
-        close = difflib.get_close_matches(name, names, n=3)
-        hint = f"did you mean {' or '.join(close)}?" if close else f"e.g. {', '.join(names[:6])}"
-        raise NotFound(f"unknown backend {name!r} ({len(names)} are available); {hint}")
-    fake = cls()
-    return Backend(
-        name=name,
-        qiskit=_noisy_simulator(fake),
-        description=f"Aer with {cls.__name__}'s noise model and {fake.num_qubits}-qubit target",
-    )

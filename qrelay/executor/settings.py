@@ -46,6 +46,13 @@ class ExecutorSettings(BaseSettings):
         default_factory=lambda: ["aer"], description="Backend names this executor serves."
     )
     slots: int = Field(default=2, ge=1, le=1024, description="Jobs run at once.")
+    backend_providers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Extra BackendProviders as module:attribute (besides the built-in ones and "
+            "those installed under the 'qrelay.backends' entry point)."
+        ),
+    )
     executor_id: str = Field(
         default_factory=default_executor_id, min_length=1, description="Stable executor id."
     )
@@ -122,7 +129,7 @@ class ExecutorSettings(BaseSettings):
         """The maximum run time of one primitive job on `backend`, in seconds."""
         return self.max_run_time_by_backend.get(backend, self.max_run_time_s)
 
-    @field_validator("backends", mode="before")
+    @field_validator("backends", "backend_providers", mode="before")
     @classmethod
     def _split_backends(cls, value: Any) -> Any:
         """Accept 'aer,fake_manila' and a JSON list, as env vars arrive as strings."""

@@ -18,8 +18,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import itertools
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -36,11 +38,12 @@ import anyio.lowlevel
 import structlog
 from anyio.abc import SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from qrelay._proto.v1 import backends_pb2, types_pb2
 from qrelay.errors import Aborted, DeadlineExceeded, Internal, error_for_code
 from qrelay.executor import _workerproc as proc
-from qrelay.executor._frames import ChannelClosed, encode_frame, read_frame
+from qrelay.executor._frames import ChannelClosed, FrameTooLarge, encode_frame, read_frame
 
 log = structlog.get_logger(__name__)
 
@@ -48,6 +51,8 @@ __all__ = ["Progress", "WorkerPool", "WorkerPoolConfig", "default_worker_memory_
 
 # progress(stage, done, total) as a worker reports it.
 Progress = Callable[[str, int, int], None]
+# Jobs of remote devices (which only wait on their provider) one worker holds at once.
+SHARED_JOBS_PER_WORKER = 64
 # How long to wait for a dead worker's exit status before reporting without it.
 _EXIT_STATUS_WAIT_S = 2.0
 
@@ -67,6 +72,7 @@ class WorkerPoolConfig:
 
     backends: list[str]
     size: int
+    backend_providers: list[str] = field(default_factory=list)
     optimization_level: int = 1
     transpile_cache_size: int = 256
     memory_limit_bytes: int = 0
@@ -81,8 +87,18 @@ class _Worker:
     worker_id: str
     pid: int
     stream: SocketStream
-    frames: BufferedByteReceiveStream
     zygote: _Zygote
+    # False: one simulator job at a time, killed to cancel. True: many jobs of
+    # remote devices, cancelled with CANCEL frames.
+    shared: bool = False
+    # request number -> where its frames go; closed when the worker's channel is.
+    pending: dict[int, MemoryObjectSendStream[tuple[int, bytes]]] = field(default_factory=dict)
+    send_lock: anyio.Lock = field(default_factory=anyio.Lock)
+    closed: bool = False
+
+    async def send(self, kind: int, request: int, body: bytes = b"") -> None:
+        async with self.send_lock:
+            await self.stream.send(encode_frame(kind, proc.REQUEST.pack(request) + body))
 
 
 @dataclass(eq=False)
@@ -91,6 +107,7 @@ class _Zygote:
     control: socket.socket
     pid: int = 0
     infos: list[backends_pb2.BackendInfo] = field(default_factory=list)
+    shared: list[str] = field(default_factory=list)
     forks: dict[str, asyncio.Future[int]] = field(default_factory=dict)
     exits: dict[int, int] = field(default_factory=dict)
     exited: asyncio.Event = field(default_factory=asyncio.Event)
@@ -108,6 +125,10 @@ class WorkerPool:
         self._log = log.bind(executor_id=config.executor_id)
         self._capacity = anyio.Semaphore(config.size)
         self._idle: deque[_Worker] = deque()
+        self._shared: list[_Worker] = []
+        self._shared_lock = anyio.Lock()
+        self._shared_backends: frozenset[str] = frozenset()
+        self._requests = itertools.count(1)
         self._zygote: _Zygote | None = None
         self._zygote_lock = anyio.Lock()
         self._tg: anyio.abc.TaskGroup | None = None
@@ -121,6 +142,7 @@ class WorkerPool:
         try:
             zygote = await self._ensure_zygote()
             self.infos = list(zygote.infos)
+            self._shared_backends = frozenset(zygote.shared)
             # Fork every worker now: a failure shows at start, not on the first job.
             for _ in range(self.config.size):
                 self._idle.append(await self._fork(zygote))
@@ -137,9 +159,10 @@ class WorkerPool:
 
     async def __aexit__(self, *exc: Any) -> bool | None:
         with anyio.CancelScope(shield=True):
-            for worker in self._idle:
+            for worker in [*self._idle, *self._shared]:
                 await worker.stream.aclose()
             self._idle.clear()
+            self._shared.clear()
             if self._zygote is not None:
                 await self._stop_zygote(self._zygote)
         assert self._tg is not None
@@ -174,55 +197,120 @@ class WorkerPool:
         """Run one Sampler/Estimator spec in a worker; its JobResult or JobError.
 
         Raises DeadlineExceeded past `max_run_time_s`, Aborted when the worker
-        died under the job; on either, and on cancellation, the worker is killed.
+        died under the job. A simulator's worker is killed on either and on
+        cancellation; a shared (remote-device) worker is told to cancel the job.
         """
+        if spec.backend in self._shared_backends:
+            worker = await self._shared_worker()
+            return await self._run_on(worker, spec, max_run_time_s, progress, on_worker)
         async with self._capacity:
-            if self._idle:
-                worker = self._idle.pop()
-            else:
-                worker = await self._fork(await self._ensure_zygote())
-            if on_worker is not None:
-                on_worker(worker.pid)
-            healthy = False
-            try:
-                with anyio.move_on_after(max_run_time_s):
-                    outcome = await self._exchange(worker, spec, progress)
-                    healthy = True
-                    return outcome
-                raise DeadlineExceeded(
-                    f"the job ran longer than the maximum run time of {max_run_time_s:g} s "
-                    f"for backend {spec.backend!r} (executor setting max_run_time_s) and "
-                    "was stopped"
-                )
-            finally:
-                if healthy:
+            worker = await self._idle_worker()
+            return await self._run_on(worker, spec, max_run_time_s, progress, on_worker)
+
+    async def _idle_worker(self) -> _Worker:
+        while self._idle:
+            worker = self._idle.pop()
+            if not worker.closed:
+                return worker
+            await self._discard(worker)  # died while idle
+        return await self._fork(await self._ensure_zygote())
+
+    async def _shared_worker(self) -> _Worker:
+        async with self._shared_lock:  # jobs arriving together share the first fork
+            self._shared = [w for w in self._shared if not w.closed]
+            live = [w for w in self._shared if len(w.pending) < SHARED_JOBS_PER_WORKER]
+            if live:
+                return min(live, key=lambda w: len(w.pending))
+            worker = await self._fork(await self._ensure_zygote(), shared=True)
+            self._shared.append(worker)
+            return worker
+
+    async def _run_on(
+        self,
+        worker: _Worker,
+        spec: types_pb2.JobSpec,
+        max_run_time_s: float,
+        progress: Progress | None,
+        on_worker: Callable[[int], None] | None,
+    ) -> types_pb2.JobResult | types_pb2.JobError:
+        if on_worker is not None:
+            on_worker(worker.pid)
+        request = next(self._requests)
+        sender, receiver = anyio.create_memory_object_stream[tuple[int, bytes]](math.inf)
+        worker.pending[request] = sender
+        answered = False
+        try:
+            with anyio.move_on_after(max_run_time_s):
+                outcome = await self._exchange(worker, request, spec, receiver, progress)
+                answered = True
+                return outcome
+            raise DeadlineExceeded(
+                f"the job ran longer than the maximum run time of {max_run_time_s:g} s "
+                f"for backend {spec.backend!r} (executor setting max_run_time_s) and "
+                "was stopped"
+            )
+        finally:
+            worker.pending.pop(request, None)
+            sender.close()
+            receiver.close()
+            with anyio.CancelScope(shield=True):
+                if worker.shared:
+                    if not answered and not worker.closed:
+                        with contextlib.suppress(anyio.BrokenResourceError, OSError):
+                            await worker.send(proc.CANCEL, request)
+                elif answered and not worker.closed:
                     self._idle.append(worker)
                 else:
-                    with anyio.CancelScope(shield=True):
-                        await self._discard(worker)
+                    await self._discard(worker)
 
     async def _exchange(
-        self, worker: _Worker, spec: types_pb2.JobSpec, progress: Progress | None
+        self,
+        worker: _Worker,
+        request: int,
+        spec: types_pb2.JobSpec,
+        frames: MemoryObjectReceiveStream[tuple[int, bytes]],
+        progress: Progress | None,
     ) -> types_pb2.JobResult | types_pb2.JobError:
         try:
-            await worker.stream.send(encode_frame(proc.RUN, spec.SerializeToString()))
+            await worker.send(proc.RUN, request, spec.SerializeToString())
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            raise Aborted(await self._death_notice(worker)) from None
+        async for kind, payload in frames:
+            if kind == proc.PROGRESS:
+                if progress is not None:
+                    report = json.loads(payload)
+                    progress(str(report["stage"]), int(report["done"]), int(report["total"]))
+            elif kind == proc.RESULT:
+                return types_pb2.JobResult.FromString(payload)
+            elif kind == proc.ERROR:
+                return types_pb2.JobError.FromString(payload)
+        raise Aborted(await self._death_notice(worker))
+
+    async def _read(self, worker: _Worker) -> None:
+        """Hand each frame from a worker to its request; close them all when it goes."""
+        buffered = BufferedByteReceiveStream(worker.stream)
+        try:
             while True:
-                kind, payload = await read_frame(worker.frames, self.config.max_message_bytes)
+                kind, payload = await read_frame(buffered, self.config.max_message_bytes)
+                (request,) = proc.REQUEST.unpack_from(payload)
+                target = worker.pending.get(request)
+                if target is not None:
+                    with contextlib.suppress(anyio.BrokenResourceError):
+                        target.send_nowait((kind, payload[proc.REQUEST.size :]))
                 # Buffered frames are read without yielding: let the heartbeats in.
                 await anyio.lowlevel.checkpoint()
-                if kind == proc.PROGRESS:
-                    if progress is not None:
-                        report = json.loads(payload)
-                        progress(str(report["stage"]), int(report["done"]), int(report["total"]))
-                elif kind == proc.RESULT:
-                    return types_pb2.JobResult.FromString(payload)
-                elif kind == proc.ERROR:
-                    return types_pb2.JobError.FromString(payload)
-                else:
-                    raise Internal(f"worker sent an unknown frame kind {kind}")
-        except (ChannelClosed, anyio.BrokenResourceError, OSError):
-            pass
-        raise Aborted(await self._death_notice(worker))
+        except (ChannelClosed, FrameTooLarge, anyio.BrokenResourceError, OSError) as exc:
+            if isinstance(exc, FrameTooLarge):
+                self._log.error("worker.frame_too_large", worker_pid=worker.pid, reason=str(exc))
+        except anyio.ClosedResourceError:
+            pass  # we closed it: discarded or shutting down
+        finally:
+            worker.closed = True
+            for target in worker.pending.values():
+                target.close()
+            if not worker.zygote.closed:
+                with contextlib.suppress(OSError):
+                    worker.zygote.send(op="kill", pid=worker.pid)
 
     async def _death_notice(self, worker: _Worker) -> str:
         """Why a worker's channel closed under a job, in words for the job's error."""
@@ -279,6 +367,7 @@ class WorkerPool:
             "control_fd": child_end.fileno(),
             "parent_pid": os.getpid(),
             "backends": self.config.backends,
+            "backend_providers": self.config.backend_providers,
             "optimization_level": self.config.optimization_level,
             "transpile_cache_size": self.config.transpile_cache_size,
             "memory_limit_bytes": self.config.memory_limit_bytes,
@@ -321,6 +410,7 @@ class WorkerPool:
                 raise Internal("worker processes failed to start: the zygote exited")
             raise error_for_code(int(message.get("code", 13)), str(message.get("message")))
         zygote.pid = int(message["pid"])
+        zygote.shared = [str(name) for name in message.get("shared", [])]
         zygote.infos = [
             backends_pb2.BackendInfo.FromString(base64.b64decode(b)) for b in message["backends"]
         ]
@@ -366,7 +456,7 @@ class WorkerPool:
     def _closing(self, zygote: _Zygote) -> bool:
         return self._zygote is not zygote
 
-    async def _fork(self, zygote: _Zygote) -> _Worker:
+    async def _fork(self, zygote: _Zygote, shared: bool = False) -> _Worker:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         worker_id = uuid.uuid4().hex[:12]
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -387,7 +477,10 @@ class WorkerPool:
             child_end.close()
         stream = await SocketStream.from_socket(parent_end)
         self.workers_started += 1
-        return _Worker(worker_id, pid, stream, BufferedByteReceiveStream(stream), zygote)
+        worker = _Worker(worker_id, pid, stream, zygote, shared=shared)
+        assert self._tg is not None
+        self._tg.start_soon(self._read, worker, name=f"worker {pid}")
+        return worker
 
     async def _stop_zygote(self, zygote: _Zygote) -> None:
         """Hang up (the zygote kills its workers and exits); SIGKILL if it lingers."""

@@ -409,3 +409,38 @@ async def test_a_killed_executor_takes_its_zygote_and_workers_with_it(
         finally:
             executor.kill9()
         await poll_until(lambda: not any(alive(pid) for pid in descendants), 10)
+
+
+# -- backends from other providers -------------------------------------------------------
+
+
+async def test_jobs_of_a_device_that_only_waits_share_one_worker_and_cancel_alone(
+    tmp_path: Path, stub: Any
+) -> None:
+    """Six jobs of a remote device run at once in one worker process, not six."""
+    async with running_broker(broker_settings(tmp_path)) as broker:
+        settings = executor_settings(
+            broker.address,
+            backends=["remote_wait"],
+            slots=6,
+            backend_providers=["tests.executor.remote_provider:provider"],
+        )
+        async with running_executor(settings) as executor:
+            jobs = stub(broker.address)
+            ids = [
+                await submit(jobs, sampler_spec("remote_wait", BELL_QASM3, shots=10))
+                for _ in range(6)
+            ]
+            pids: set[int] = set()
+
+            def all_running() -> bool:
+                pids.update(executor.job_worker_pids.values())
+                return len(executor.job_worker_pids) == 6
+
+            await poll_until(all_running, 30)
+            await jobs.Cancel(jobs_pb2.CancelJobRequest(job_id=ids[0]), timeout=5)
+            done = await wait_terminal(jobs, ids, deadline=60)
+        assert len(pids) == 1, "one worker process holds every waiting job"
+        assert done[ids[0]].state == types_pb2.JOB_STATE_CANCELLED
+        assert [done[i].state for i in ids[1:]] == [types_pb2.JOB_STATE_DONE] * 5
+        assert executor.peak_running == 6
