@@ -116,6 +116,11 @@ class _Zygote:
     def send(self, **message: Any) -> None:
         self.control.send(json.dumps(message).encode())
 
+    def notify_exit(self) -> None:
+        """Wake everyone waiting for an exit report (each waits on the current event)."""
+        woken, self.exited = self.exited, asyncio.Event()
+        woken.set()
+
 
 class WorkerPool:
     """Up to `size` jobs at once, each in its own worker process; async context manager."""
@@ -318,9 +323,8 @@ class WorkerPool:
         zygote = worker.zygote
         with anyio.move_on_after(_EXIT_STATUS_WAIT_S):
             while worker.pid not in zygote.exits and not zygote.closed:
-                zygote.exited.clear()
                 await zygote.exited.wait()
-        status = zygote.exits.pop(worker.pid, None)
+        status = zygote.exits.get(worker.pid)
         if status is None:
             how = "its channel closed"
         elif status < 0:
@@ -357,7 +361,9 @@ class WorkerPool:
 
     async def _ensure_zygote(self) -> _Zygote:
         async with self._zygote_lock:
-            if self._zygote is None or self._zygote.closed:
+            if self._zygote is not None and self._zygote.closed:
+                await self._stop_zygote(self._zygote)  # died: reap it, start anew
+            if self._zygote is None:
                 self._zygote = await self._start_zygote()
             return self._zygote
 
@@ -440,12 +446,12 @@ class WorkerPool:
                         future.set_result(int(message["pid"]))
                 elif op == "exited":
                     zygote.exits[int(message["pid"])] = int(message["status"])
-                    if len(zygote.exits) > 1024:  # nobody asked about these
+                    if len(zygote.exits) > 1024:  # the oldest are long reported
                         zygote.exits.pop(next(iter(zygote.exits)))
-                    zygote.exited.set()
+                    zygote.notify_exit()
         finally:
             zygote.closed = True
-            zygote.exited.set()
+            zygote.notify_exit()
             for future in zygote.forks.values():
                 if not future.done():
                     future.set_exception(Internal("the worker zygote exited"))

@@ -444,3 +444,23 @@ async def test_jobs_of_a_device_that_only_waits_share_one_worker_and_cancel_alon
         assert done[ids[0]].state == types_pb2.JOB_STATE_CANCELLED
         assert [done[i].state for i in ids[1:]] == [types_pb2.JOB_STATE_DONE] * 5
         assert executor.peak_running == 6
+
+
+async def test_a_killed_zygote_is_started_again_and_the_next_job_runs(
+    tmp_path: Path, stub: Any
+) -> None:
+    async with (
+        running_broker(broker_settings(tmp_path)) as broker,
+        running_executor(executor_settings(broker.address, slots=1)) as executor,
+    ):
+        pool = executor.worker_pool
+        assert pool is not None
+        first = pool.zygote_pid
+        os.kill(first, signal.SIGKILL)
+        await poll_until(lambda: not alive(first), 10)
+        jobs = stub(broker.address)
+        job_id = await submit(jobs, sampler_spec("aer", BELL_QASM3, shots=10))
+        job = (await wait_terminal(jobs, [job_id], deadline=120))[job_id]
+        assert job.state == types_pb2.JOB_STATE_DONE, job.error.message
+        assert pool.zygote_pid not in (0, first)
+        assert executor.connected
