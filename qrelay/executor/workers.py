@@ -16,6 +16,7 @@ its start-up and heartbeats never wait on it.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import base64
 import contextlib
 import itertools
@@ -25,10 +26,13 @@ import math
 import os
 import signal
 import socket
+import subprocess
 import sys
+import threading
 import uuid
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,16 +106,48 @@ class _Worker:
 
 
 @dataclass(eq=False)
-class _Zygote:
-    process: anyio.abc.Process
+class _ZygoteProcess:
+    """A started zygote: loop-independent, so a later pool may reuse it (see _WARM)."""
+
+    popen: subprocess.Popen[bytes]
     control: socket.socket
+    key: str
     pid: int = 0
     infos: list[backends_pb2.BackendInfo] = field(default_factory=list)
     shared: list[str] = field(default_factory=list)
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self) -> None:
+        """Hang up (it kills its workers and exits); SIGKILL if it lingers. Blocking."""
+        with contextlib.suppress(OSError):
+            self.control.close()
+        try:
+            self.popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+
+
+@dataclass(eq=False)
+class _Zygote:
+    """One pool's use of a zygote process: fork answers and exit reports."""
+
+    process: _ZygoteProcess
     forks: dict[str, asyncio.Future[int]] = field(default_factory=dict)
     exits: dict[int, int] = field(default_factory=dict)
     exited: asyncio.Event = field(default_factory=asyncio.Event)
+    forked: set[int] = field(default_factory=set)
     closed: bool = False
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def control(self) -> socket.socket:
+        return self.process.control
 
     def send(self, **message: Any) -> None:
         self.control.send(json.dumps(message).encode())
@@ -120,6 +156,49 @@ class _Zygote:
         """Wake everyone waiting for an exit report (each waits on the current event)."""
         woken, self.exited = self.exited, asyncio.Event()
         woken.set()
+
+
+class _WarmZygotes:
+    """Zygotes kept loaded for the life of this process, by what they loaded.
+
+    An executor that stops hands its zygote back here and the next one with
+    the same backends and settings starts in milliseconds instead of seconds
+    (tests and embedded use start many). Zygotes are started from one
+    long-lived thread, since PR_SET_PDEATHSIG fires when the *thread* that
+    started the child ends; they die with this process.
+    """
+
+    KEEP = 2
+
+    def __init__(self) -> None:
+        self._idle: list[_ZygoteProcess] = []
+        self._lock = threading.Lock()
+        self.spawner = ThreadPoolExecutor(1, thread_name_prefix="qrelay-zygote-spawner")
+        atexit.register(self.close)
+
+    def take(self, key: str) -> _ZygoteProcess | None:
+        with self._lock:
+            for process in list(self._idle):
+                if process.key == key:
+                    self._idle.remove(process)
+                    if process.alive():
+                        return process
+        return None
+
+    def give(self, process: _ZygoteProcess) -> _ZygoteProcess | None:
+        """Keep `process` warm; returns the one to stop instead (it, or the oldest)."""
+        with self._lock:
+            self._idle.append(process)
+            return self._idle.pop(0) if len(self._idle) > self.KEEP else None
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for process in idle:
+            process.stop()
+
+
+_WARM = _WarmZygotes()
 
 
 class WorkerPool:
@@ -146,8 +225,8 @@ class WorkerPool:
         await self._tg.__aenter__()
         try:
             zygote = await self._ensure_zygote()
-            self.infos = list(zygote.infos)
-            self._shared_backends = frozenset(zygote.shared)
+            self.infos = list(zygote.process.infos)
+            self._shared_backends = frozenset(zygote.process.shared)
             # Fork every worker now: a failure shows at start, not on the first job.
             for _ in range(self.config.size):
                 self._idle.append(await self._fork(zygote))
@@ -169,7 +248,7 @@ class WorkerPool:
             self._idle.clear()
             self._shared.clear()
             if self._zygote is not None:
-                await self._stop_zygote(self._zygote)
+                await self._release_zygote(self._zygote)
         assert self._tg is not None
         self._tg.cancel_scope.cancel()
         return await self._tg.__aexit__(*exc)
@@ -364,13 +443,20 @@ class WorkerPool:
             if self._zygote is not None and self._zygote.closed:
                 await self._stop_zygote(self._zygote)  # died: reap it, start anew
             if self._zygote is None:
-                self._zygote = await self._start_zygote()
+                process = _WARM.take(self._zygote_key())
+                if process is None:
+                    process = await self._start_zygote()
+                self._zygote = _Zygote(process)
+                assert self._tg is not None
+                self._tg.start_soon(self._follow_zygote, self._zygote, name="worker zygote")
             return self._zygote
 
-    async def _start_zygote(self) -> _Zygote:
-        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        config = {
-            "control_fd": child_end.fileno(),
+    def _zygote_key(self) -> str:
+        """What a zygote loaded and how its workers run: equal keys are interchangeable."""
+        return json.dumps(self._zygote_config(), sort_keys=True)
+
+    def _zygote_config(self) -> dict[str, Any]:
+        return {
             "parent_pid": os.getpid(),
             "backends": self.config.backends,
             "backend_providers": self.config.backend_providers,
@@ -381,52 +467,54 @@ class WorkerPool:
             "nice": self.config.nice,
             "log_level": logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
         }
+
+    async def _start_zygote(self) -> _ZygoteProcess:
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        config = {**self._zygote_config(), "control_fd": child_end.fileno()}
         env = dict(os.environ, **{proc.CONFIG_ENV: json.dumps(config)})
         # Secrets of the executor stay here: workers never talk to the broker.
         for name in list(env):
             if name.endswith("TOKEN") or name.endswith("TOKEN_FILE"):
                 del env[name]
+        command = [sys.executable, "-m", "qrelay.executor._workerproc"]
+
+        def spawn() -> subprocess.Popen[bytes]:
+            return subprocess.Popen(command, env=env, pass_fds=(child_end.fileno(),))
+
         try:
-            process = await anyio.open_process(
-                [sys.executable, "-m", "qrelay.executor._workerproc"],
-                stdin=None,
-                stdout=None,
-                stderr=None,
-                env=env,
-                pass_fds=(child_end.fileno(),),
-            )
+            popen = await asyncio.get_running_loop().run_in_executor(_WARM.spawner, spawn)
         except BaseException:
             parent_end.close()
             raise
         finally:
             child_end.close()
         parent_end.setblocking(False)
-        zygote = _Zygote(process=process, control=parent_end)
+        process = _ZygoteProcess(popen, parent_end, self._zygote_key())
         try:
             with anyio.fail_after(self.config.start_timeout_s):
-                message = await self._receive(zygote)
-        except TimeoutError:
-            await self._stop_zygote(zygote)
-            raise Internal(
-                f"worker processes did not start within {self.config.start_timeout_s:g} s"
-            ) from None
+                message = await self._receive(process.control)
+        except BaseException as exc:
+            await anyio.to_thread.run_sync(process.stop)
+            if isinstance(exc, TimeoutError):
+                raise Internal(
+                    f"worker processes did not start within {self.config.start_timeout_s:g} s"
+                ) from None
+            raise
         if message is None or message.get("op") != "ready":
-            await self._stop_zygote(zygote)
+            await anyio.to_thread.run_sync(process.stop)
             if message is None:
                 raise Internal("worker processes failed to start: the zygote exited")
             raise error_for_code(int(message.get("code", 13)), str(message.get("message")))
-        zygote.pid = int(message["pid"])
-        zygote.shared = [str(name) for name in message.get("shared", [])]
-        zygote.infos = [
+        process.pid = int(message["pid"])
+        process.shared = [str(name) for name in message.get("shared", [])]
+        process.infos = [
             backends_pb2.BackendInfo.FromString(base64.b64decode(b)) for b in message["backends"]
         ]
-        assert self._tg is not None
-        self._tg.start_soon(self._follow_zygote, zygote, name="worker zygote")
-        return zygote
+        return process
 
-    async def _receive(self, zygote: _Zygote) -> dict[str, Any] | None:
+    async def _receive(self, control: socket.socket) -> dict[str, Any] | None:
         loop = asyncio.get_running_loop()
-        data = await loop.sock_recv(zygote.control, proc.CONTROL_PACKET)
+        data = await loop.sock_recv(control, proc.CONTROL_PACKET)
         return json.loads(data) if data else None
 
     async def _follow_zygote(self, zygote: _Zygote) -> None:
@@ -434,7 +522,7 @@ class WorkerPool:
         try:
             while True:
                 try:
-                    message = await self._receive(zygote)
+                    message = await self._receive(zygote.control)
                 except OSError:
                     message = None
                 if message is None:
@@ -445,6 +533,7 @@ class WorkerPool:
                     if future is not None and not future.done():
                         future.set_result(int(message["pid"]))
                 elif op == "exited":
+                    zygote.forked.discard(int(message["pid"]))
                     zygote.exits[int(message["pid"])] = int(message["status"])
                     if len(zygote.exits) > 1024:  # the oldest are long reported
                         zygote.exits.pop(next(iter(zygote.exits)))
@@ -482,23 +571,28 @@ class WorkerPool:
         finally:
             child_end.close()
         stream = await SocketStream.from_socket(parent_end)
+        zygote.forked.add(pid)
         self.workers_started += 1
         worker = _Worker(worker_id, pid, stream, zygote, shared=shared)
         assert self._tg is not None
         self._tg.start_soon(self._read, worker, name=f"worker {pid}")
         return worker
 
+    async def _release_zygote(self, zygote: _Zygote) -> None:
+        """Kill this pool's workers; keep a healthy zygote warm for the next pool."""
+        self._zygote = None
+        if zygote.closed or not zygote.process.alive():
+            await anyio.to_thread.run_sync(zygote.process.stop)
+            return
+        for pid in zygote.forked:
+            with contextlib.suppress(OSError):
+                zygote.send(op="kill", pid=pid)
+        surplus = _WARM.give(zygote.process)
+        if surplus is not None:
+            await anyio.to_thread.run_sync(surplus.stop)
+
     async def _stop_zygote(self, zygote: _Zygote) -> None:
-        """Hang up (the zygote kills its workers and exits); SIGKILL if it lingers."""
+        """Stop a zygote for good (it died, or this pool is done with it)."""
         if self._zygote is zygote:
             self._zygote = None
-        with contextlib.suppress(OSError):
-            zygote.control.close()
-        with anyio.move_on_after(5):
-            await zygote.process.wait()
-            return
-        try:
-            zygote.process.kill()
-        except ProcessLookupError:
-            return
-        await zygote.process.wait()
+        await anyio.to_thread.run_sync(zygote.process.stop)
