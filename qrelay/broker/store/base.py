@@ -15,17 +15,17 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from qrelay._proto.v1 import types_pb2
+from qrelay._proto.v1 import sessions_pb2, types_pb2
 
 
 class JobState(enum.IntEnum):
     """Lifecycle state, numbered as qrelay.v1.JobState."""
 
-    QUEUED = 1
-    RUNNING = 2
-    DONE = 3
-    FAILED = 4
-    CANCELLED = 5
+    QUEUED = types_pb2.JOB_STATE_QUEUED
+    RUNNING = types_pb2.JOB_STATE_RUNNING
+    DONE = types_pb2.JOB_STATE_DONE
+    FAILED = types_pb2.JOB_STATE_FAILED
+    CANCELLED = types_pb2.JOB_STATE_CANCELLED
 
     @property
     def terminal(self) -> bool:
@@ -35,9 +35,9 @@ class JobState(enum.IntEnum):
 class JobKind(enum.IntEnum):
     """Kind of work, numbered as qrelay.v1.JobKind."""
 
-    SAMPLER = 1
-    ESTIMATOR = 2
-    PROGRAM = 3
+    SAMPLER = types_pb2.JOB_KIND_SAMPLER
+    ESTIMATOR = types_pb2.JOB_KIND_ESTIMATOR
+    PROGRAM = types_pb2.JOB_KIND_PROGRAM
 
 
 class UpdateKind(enum.Enum):
@@ -211,18 +211,18 @@ class ProgramRecord:
 class SessionMode(enum.IntEnum):
     """Numbered as qrelay.v1.SessionMode."""
 
-    DEDICATED = 1
-    BATCH = 2
+    DEDICATED = sessions_pb2.SESSION_MODE_DEDICATED
+    BATCH = sessions_pb2.SESSION_MODE_BATCH
 
 
 class SessionState(enum.IntEnum):
     """Numbered as qrelay.v1.SessionState."""
 
-    OPEN = 1
-    ACTIVE = 2
-    CLOSED = 3
-    CANCELLED = 4
-    EXPIRED = 5
+    OPEN = sessions_pb2.SESSION_STATE_OPEN
+    ACTIVE = sessions_pb2.SESSION_STATE_ACTIVE
+    CLOSED = sessions_pb2.SESSION_STATE_CLOSED
+    CANCELLED = sessions_pb2.SESSION_STATE_CANCELLED
+    EXPIRED = sessions_pb2.SESSION_STATE_EXPIRED
 
     @property
     def accepting(self) -> bool:
@@ -265,7 +265,9 @@ class SessionRecord:
 
 
 class JobStore(ABC):
-    """Durable state of the broker. Implementations: SQLite (here), PostgreSQL (later).
+    """Durable state of the broker. Implementations: `SQLiteJobStore` (embedded)
+    and `PostgresJobStore` (shared by replicas); the lifecycle rules both
+    execute are in `lifecycle.py`.
 
     `tenant=None` on reads means "any tenant" (internal callers); a tenant's
     view of another tenant's job raises NotFound so existence never leaks.
@@ -469,11 +471,10 @@ def state_payload(state: JobState, message: str, attempt: int, executor_id: str 
     ).SerializeToString()
 
 
+# JobEvent's payload fields, numbered as the descriptor has them.
 _PAYLOAD_FIELD = {
-    UpdateKind.INTERIM: 5,
-    UpdateKind.LOG: 6,
-    UpdateKind.RESULT: 7,
-    UpdateKind.ERROR: 8,
+    kind: types_pb2.JobEvent.DESCRIPTOR.fields_by_name[kind.value].number
+    for kind in (UpdateKind.INTERIM, UpdateKind.LOG, UpdateKind.RESULT, UpdateKind.ERROR)
 }
 
 
