@@ -14,6 +14,7 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from qrelay._proto.v1 import sessions_pb2, types_pb2
 
@@ -264,6 +265,17 @@ class SessionRecord:
         return self.counts[JobState.QUEUED] + self.counts[JobState.RUNNING]
 
 
+@dataclass(frozen=True)
+class Presence:
+    """One executor connected to some broker replica, as the replicas publish them."""
+
+    executor_id: str
+    broker_id: str
+    backends: tuple[str, ...]
+    slots: int
+    last_seen: float
+
+
 class JobStore(ABC):
     """Durable state of the broker. Implementations: `SQLiteJobStore` (embedded)
     and `PostgresJobStore` (shared by replicas); the lifecycle rules both
@@ -276,6 +288,15 @@ class JobStore(ABC):
     @abstractmethod
     async def open(self) -> None:
         """Create or migrate the schema; safe to call on an existing store."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """Where the data lives, for logs (no secrets)."""
+
+    def replicas(self) -> ReplicaStore | None:
+        """What sibling broker replicas sharing this store need of it (the
+        replica fan-out's side of the store), or None: only this broker uses it."""
+        return None
 
     @abstractmethod
     async def close(self) -> None: ...
@@ -454,6 +475,32 @@ class JobStore(ABC):
 
     @abstractmethod
     async def count_by_state(self) -> dict[JobState, int]: ...
+
+
+class ReplicaStore(Protocol):
+    """A store several broker replicas share: change hints on a channel
+    (tagged with `origin`) and the table of executors connected to each replica."""
+
+    channel: str
+    origin: str
+
+    def connect_kwargs(self) -> dict[str, Any]:
+        """How to open one more connection (the fan-out's listener)."""
+        ...
+
+    async def events_after(self, job_id: str, after_seq: int) -> list[StoredEvent]: ...
+
+    async def list_backends(self) -> list[BackendRecord]: ...
+
+    async def job_seqs(self, job_ids: Sequence[str]) -> dict[str, int]: ...
+
+    async def publish_presence(
+        self, broker_id: str, executors: Sequence[tuple[str, Sequence[str], int]], now: float
+    ) -> None: ...
+
+    async def withdraw_presence(self, broker_id: str) -> None: ...
+
+    async def list_presence(self, since: float) -> list[Presence]: ...
 
 
 # --- event payload helpers (shared by every implementation) ---------------

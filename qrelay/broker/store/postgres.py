@@ -52,6 +52,7 @@ from qrelay.broker.store.base import (
     NewJob,
     NewProgram,
     NewSession,
+    Presence,
     ProgramRecord,
     SessionRecord,
     SessionState,
@@ -174,17 +175,6 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-@dataclass(frozen=True)
-class Presence:
-    """One executor connected to some replica, as the presence table has it."""
-
-    executor_id: str
-    broker_id: str
-    backends: tuple[str, ...]
-    slots: int
-    last_seen: float
-
-
 @dataclass
 class _Tx:
     """One transaction's connection plus the notifications it sends on commit."""
@@ -225,6 +215,13 @@ class PostgresJobStore(JobStore):
         self._min_size = min_size
         self._max_size = max_size
         self._pool: asyncpg.Pool | None = None
+
+    def describe(self) -> str:
+        return f"{safe_dsn(self.dsn)} schema {self.schema}"
+
+    def replicas(self) -> PostgresJobStore:
+        """Replicas share this store: it is its own `ReplicaStore`."""
+        return self
 
     # --- plumbing ----------------------------------------------------------
     def connect_kwargs(self) -> dict[str, Any]:
