@@ -21,10 +21,10 @@ from qrelay.errors import (
     Unavailable,
     error_for_code,
 )
+from qrelay.limits import MAX_PAGE_SIZE
 
 log = structlog.get_logger(__name__)
 
-MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
 # Submit-time hook (`Programs.check_job`): checks a program job's inputs and
 # rewrites spec.program.program to the resolved id, which it returns.

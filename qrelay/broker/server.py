@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import uuid
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
@@ -227,18 +226,3 @@ async def running_broker(settings: BrokerSettings) -> AsyncIterator[Broker]:
         yield broker
     finally:
         await broker.shutdown()
-
-
-async def serve_forever(settings: BrokerSettings) -> None:
-    """Run until SIGINT or SIGTERM (the CLI's `qrelay broker serve`)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        async with running_broker(settings):
-            await stop.wait()
-            log.info("broker.stopping")
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)

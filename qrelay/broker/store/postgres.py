@@ -33,6 +33,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import structlog
@@ -1230,5 +1231,9 @@ def _connection_lost(exc: BaseException, conn: Any) -> bool:
 
 
 def safe_dsn(dsn: str) -> str:
-    """The DSN without its password, for logs and messages."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", dsn)
+    """The DSN without its password, for logs and messages (a password may hold '@')."""
+    parts = urlsplit(dsn)
+    if parts.password is None:
+        return dsn
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
