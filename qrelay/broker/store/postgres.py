@@ -33,7 +33,6 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import structlog
@@ -90,6 +89,7 @@ from qrelay.broker.store.schema import (
     zero_counts,
 )
 from qrelay.errors import InvalidArgument, NotFound, QRelayError, Unavailable
+from qrelay.logging import safe_dsn
 
 log = structlog.get_logger(__name__)
 
@@ -1228,12 +1228,3 @@ def _connection_lost(exc: BaseException, conn: Any) -> bool:
     if isinstance(exc, QRelayError):
         return False
     return isinstance(exc, _CONNECTION_ERRORS) or bool(conn.is_closed())
-
-
-def safe_dsn(dsn: str) -> str:
-    """The DSN without its password, for logs and messages (a password may hold '@')."""
-    parts = urlsplit(dsn)
-    if parts.password is None:
-        return dsn
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urlunsplit(parts._replace(netloc=netloc))
