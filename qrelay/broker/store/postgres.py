@@ -83,12 +83,13 @@ from qrelay.broker.store.schema import (
     event_record,
     job_record,
     migrations,
+    page_cursor,
     program_record,
     qualified,
     session_record,
     zero_counts,
 )
-from qrelay.errors import InvalidArgument, NotFound, QRelayError, Unavailable
+from qrelay.errors import NotFound, QRelayError, Unavailable
 from qrelay.logging import safe_dsn
 
 log = structlog.get_logger(__name__)
@@ -537,13 +538,7 @@ class PostgresJobStore(JobStore):
             return f"${len(params)}"
 
         if page_token:
-            try:
-                cursor = int(page_token)
-            except ValueError:
-                raise InvalidArgument(
-                    f"page_token {page_token!r} is not one this broker issued"
-                ) from None
-            where.append(f"qseq < {param(cursor)}")
+            where.append(f"qseq < {param(page_cursor(page_token))}")
         if states:
             where.append(f"state = ANY({param([int(s) for s in states])}::int[])")
         if backend:

@@ -25,6 +25,7 @@ from qrelay.broker.store.base import (
     SessionState,
     StoredEvent,
 )
+from qrelay.errors import InvalidArgument
 
 # --- literals for SQL text (numbers from the proto enums via base) ------------
 QUEUED = int(JobState.QUEUED)
@@ -59,6 +60,14 @@ NEW_JOB_COLUMNS = (
     "id, tenant, backend, kind, state, created_at, session_id, tags, idempotency_key, "
     "num_pubs, spec, program_id, last_seq"
 )
+
+
+def page_cursor(page_token: str) -> int:
+    """The qseq a ListJobs page token stands for (the page holds older jobs)."""
+    try:
+        return int(page_token)
+    except ValueError:
+        raise InvalidArgument(f"page_token {page_token!r} is not one this broker issued") from None
 
 
 def qualified(columns: str, alias: str) -> str:

@@ -69,12 +69,13 @@ from qrelay.broker.store.schema import (
     event_values,
     job_record,
     migrations,
+    page_cursor,
     program_record,
     qualified,
     session_record,
     zero_counts,
 )
-from qrelay.errors import InvalidArgument, NotFound
+from qrelay.errors import NotFound
 
 log = structlog.get_logger(__name__)
 
@@ -333,14 +334,8 @@ class SQLiteJobStore(JobStore):
         where = ["tenant = ?"]
         params: list[Any] = [tenant]
         if page_token:
-            try:
-                cursor = int(page_token)
-            except ValueError:
-                raise InvalidArgument(
-                    f"page_token {page_token!r} is not one this broker issued"
-                ) from None
             where.append("qseq < ?")
-            params.append(cursor)
+            params.append(page_cursor(page_token))
         if states:
             where.append(f"state IN ({_marks(len(states))})")
             params.extend(int(s) for s in states)
