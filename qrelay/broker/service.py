@@ -382,9 +382,8 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
         try:
             mode = SessionMode(request.mode) if request.mode else None
         except ValueError:
-            raise InvalidArgument(
-                f"mode {request.mode} is not a SessionMode (DEDICATED=1, BATCH=2)"
-            ) from None
+            modes = ", ".join(f"{m.name}={m.value}" for m in SessionMode)
+            raise InvalidArgument(f"mode {request.mode} is not a SessionMode ({modes})") from None
         session = await self.sessions.create(
             tenant, request.backend, mode, request.max_time_s, request.max_idle_s
         )
