@@ -125,7 +125,7 @@ class _Move:
     payloads: list[tuple[bytes, bool]] = field(default_factory=list)
 
 
-def events(
+def _numbered(
     job_id: str, last_seq: int, payloads: Sequence[tuple[bytes, bool]], now: float
 ) -> list[StoredEvent]:
     """Events after `last_seq`, numbered on (seqs are per job, gap-free)."""
@@ -136,7 +136,7 @@ def events(
 
 
 def _transition(job: JobFacts, move: _Move, now: float, **flags: Any) -> Transition:
-    appended = events(job.id, job.last_seq, move.payloads, now)
+    appended = _numbered(job.id, job.last_seq, move.payloads, now)
     columns = dict(move.columns)
     if appended:
         columns["last_seq"] = appended[-1].seq
@@ -286,14 +286,7 @@ def expire(job: JobFacts, max_attempts: int, now: float) -> Transition:
             "job (QRELAY_MAX_ATTEMPTS)"
         )
         error = job_error(Unavailable.code, message)
-        move = _Move(
-            {"state": int(JobState.FAILED), "error": error, "finished_at": now, **_NO_LEASE},
-            [
-                (update_payload(UpdateKind.ERROR, error), False),
-                (state_payload(JobState.FAILED, message, job.attempts, job.executor_id), True),
-            ],
-        )
-        return _transition(job, move, now, stop=stop)
+        return _transition(job, _finish(job, JobState.FAILED, message, error, now), now, stop=stop)
     message = (
         f"lease expired on executor {job.executor_id}; requeued "
         f"(attempt {job.attempts} of {max_attempts})"
