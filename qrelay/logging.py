@@ -1,10 +1,11 @@
-"""structlog set-up: one event per line, JSON off a terminal, pretty on one."""
+"""structlog set-up: one event per line, JSON off a terminal, pretty on one; secrets kept out."""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
+from urllib.parse import urlsplit, urlunsplit
 
 import structlog
 
@@ -41,3 +42,12 @@ def configure_logging(level: str = "info", json: bool | None = None) -> None:
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr)
+
+
+def safe_dsn(dsn: str) -> str:
+    """A database URL without its password, for logs and messages (a password may hold '@')."""
+    parts = urlsplit(dsn)
+    if parts.password is None:
+        return dsn
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -86,3 +86,9 @@ def test_database_url_password_never_reaches_the_log_line() -> None:
 
     assert _redacted("postgresql://qrelay:s3cret@db:5432/q") == "postgresql://qrelay:***@db:5432/q"
     assert _redacted("postgresql://qrelay@db/q") == "postgresql://qrelay@db/q"
+
+
+def test_a_password_holding_an_at_sign_is_hidden_whole() -> None:
+    from qrelay.cli import _redacted
+
+    assert _redacted("postgresql://qrelay:p@ss@db/q") == "postgresql://qrelay:***@db/q"

@@ -31,16 +31,16 @@ import contextlib
 import json
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import asyncpg
 import structlog
 
 from qrelay.broker.events import EventHub
-from qrelay.broker.scheduler import Scheduler
+from qrelay.broker.scheduler import RemoteExecutors, Scheduler
 from qrelay.broker.store import JobKind
-from qrelay.broker.store.postgres import PostgresJobStore, Presence
+from qrelay.broker.store.base import ReplicaStore
 
 log = structlog.get_logger(__name__)
 
@@ -56,33 +56,23 @@ class ReplicaFanout:
 
     def __init__(
         self,
-        store: PostgresJobStore,
+        store: ReplicaStore,
+        remote: RemoteExecutors,
         hub: EventHub,
         scheduler: Scheduler,
         broker_id: str,
         sync_interval_s: float,
     ) -> None:
         self.store = store
+        self.remote = remote  # the scheduler's view of other replicas' executors
         self.hub = hub
         self.scheduler = scheduler
         self.broker_id = broker_id
         self.sync_interval_s = sync_interval_s
-        # executor_id -> presence, for executors connected to other replicas.
-        self.remote: dict[str, Presence] = {}
         self.connected = asyncio.Event()
         self.listener_pid: int | None = None  # server pid of the LISTEN connection
         self._inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(_INBOX_LIMIT)
         self._overflowed = False
-        self._presence_dirty = asyncio.Event()
-
-    # --- hooks for the scheduler ------------------------------------------------
-    def presence_changed(self) -> None:
-        """An executor connected here or left: publish this replica's presence soon."""
-        self._presence_dirty.set()
-
-    def remote_executors(self) -> Mapping[str, Sequence[str]]:
-        """executor_id -> backends, for executors online on other replicas."""
-        return {p.executor_id: p.backends for p in self.remote.values()}
 
     # --- lifecycle ----------------------------------------------------------------
     async def run(self) -> None:
@@ -204,8 +194,8 @@ class ReplicaFanout:
         """Publish this replica's executors on change, and refresh them every tick."""
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._presence_dirty.wait(), self.sync_interval_s)
-            self._presence_dirty.clear()
+                await asyncio.wait_for(self.remote.changed.wait(), self.sync_interval_s)
+            self.remote.changed.clear()
             executors = [
                 (link.executor_id, link.backends, link.slots)
                 for link in list(self.scheduler.executors.values())
@@ -219,7 +209,9 @@ class ReplicaFanout:
     async def _reload_presence(self) -> None:
         since = time.time() - _PRESENCE_TICKS * self.sync_interval_s
         rows = await self.store.list_presence(since)
-        self.remote = {p.executor_id: p for p in rows if p.broker_id != self.broker_id}
+        self.remote.backends = {
+            p.executor_id: p.backends for p in rows if p.broker_id != self.broker_id
+        }
 
     # --- the sync tick --------------------------------------------------------------
     async def _tick_forever(self) -> None:

@@ -21,13 +21,13 @@ from qrelay.errors import (
     Unavailable,
     error_for_code,
 )
+from qrelay.limits import MAX_PAGE_SIZE
 
 log = structlog.get_logger(__name__)
 
-MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
-# Submit-time hook set by the programs module (see its register()): checks the
-# inputs and rewrites spec.program.program to the resolved id, which it returns.
+# Submit-time hook (`Programs.check_job`): checks a program job's inputs and
+# rewrites spec.program.program to the resolved id, which it returns.
 # (Sessions need no hook: the store checks a job's session in the submit transaction.)
 ProgramCheck = Callable[[str, types_pb2.JobSpec], Awaitable[str]]
 
@@ -36,13 +36,19 @@ class Jobs:
     """Submit, inspect, cancel and follow jobs of one tenant at a time."""
 
     def __init__(
-        self, store: JobStore, hub: EventHub, scheduler: Scheduler, settings: BrokerSettings
+        self,
+        store: JobStore,
+        hub: EventHub,
+        scheduler: Scheduler,
+        settings: BrokerSettings,
+        *,
+        program_check: ProgramCheck | None = None,
     ) -> None:
         self.store = store
         self.hub = hub
         self.scheduler = scheduler
         self.settings = settings
-        self.program_check: ProgramCheck | None = None
+        self.program_check = program_check
 
     async def submit(
         self, tenant: str, spec: types_pb2.JobSpec, idempotency_key: str = "", job_id: str = ""

@@ -26,29 +26,19 @@ import re
 import tarfile
 import zlib
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio.to_thread
 import jsonschema
 import structlog
 
-from qrelay._proto.v1 import executor_pb2, programs_pb2, programs_pb2_grpc, types_pb2
-from qrelay.broker.auth import Authenticator
-from qrelay.broker.events import timestamp
+from qrelay._proto.v1 import executor_pb2, types_pb2
 from qrelay.broker.settings import MIB, BrokerSettings
 from qrelay.broker.store import JobStore
 from qrelay.broker.store.base import NewProgram, ProgramRecord
 from qrelay.errors import InvalidArgument, NotFound, ResourceExhausted
-from qrelay.rpc import grpc_errors
-
-if TYPE_CHECKING:
-    import grpc
-
-    from qrelay.broker.server import Broker
 
 log = structlog.get_logger(__name__)
-
-Context = Any  # grpc.aio.ServicerContext (grpc ships no type hints)
 
 MAX_NAME = 128
 MAX_REQUIREMENTS = 200
@@ -224,20 +214,6 @@ def check_inputs(inputs_json: str, validator: Any | None) -> None:
         )
 
 
-def program_to_proto(record: ProgramRecord) -> programs_pb2.Program:
-    return programs_pb2.Program(
-        id=record.id,
-        name=record.name,
-        entry_point=record.entry_point,
-        requirements=list(record.requirements),
-        input_schema_json=record.input_schema_json,
-        description=record.description,
-        size_bytes=record.size_bytes,
-        version=record.version,
-        created_at=timestamp(record.created_at),
-    )
-
-
 class Programs:
     """Program storage and program-job resolution for one broker."""
 
@@ -372,61 +348,3 @@ class Programs:
                 _, old = self._bundles.popitem(last=False)
                 self._bundle_bytes -= len(old.archive)
         return bundle
-
-
-class ProgramServicer(programs_pb2_grpc.ProgramServiceServicer):
-    """Thin: authenticate, call `Programs`, encode."""
-
-    def __init__(self, programs: Programs, auth: Authenticator) -> None:
-        self.programs = programs
-        self.auth = auth
-
-    def _tenant(self, context: Context) -> str:
-        return self.auth.tenant(context.invocation_metadata())
-
-    @grpc_errors
-    async def Upload(
-        self, request: programs_pb2.UploadProgramRequest, context: Context
-    ) -> programs_pb2.Program:
-        record, _ = await self.programs.upload(
-            self._tenant(context),
-            name=request.name,
-            archive=request.archive,
-            entry_point=request.entry_point,
-            requirements=list(request.requirements),
-            input_schema_json=request.input_schema_json,
-            description=request.description,
-        )
-        return program_to_proto(record)
-
-    @grpc_errors
-    async def Get(
-        self, request: programs_pb2.GetProgramRequest, context: Context
-    ) -> programs_pb2.Program:
-        return program_to_proto(await self.programs.get(self._tenant(context), request.program))
-
-    @grpc_errors
-    async def List(
-        self, request: programs_pb2.ListProgramsRequest, context: Context
-    ) -> programs_pb2.ListProgramsResponse:
-        records = await self.programs.list(self._tenant(context), request.name)
-        return programs_pb2.ListProgramsResponse(programs=[program_to_proto(r) for r in records])
-
-    @grpc_errors
-    async def Delete(
-        self, request: programs_pb2.DeleteProgramRequest, context: Context
-    ) -> programs_pb2.DeleteProgramResponse:
-        deleted = await self.programs.delete(self._tenant(context), request.program)
-        return programs_pb2.DeleteProgramResponse(deleted=deleted)
-
-
-async def register(broker: Broker, server: grpc.aio.Server) -> list[str]:
-    """Called by the broker at start: service, submit hook and assignment resolver."""
-    programs = Programs(broker.store, broker.settings)
-    broker.programs = programs
-    broker.jobs.program_check = programs.check_job
-    broker.scheduler.program_resolver = programs.bundle
-    programs_pb2_grpc.add_ProgramServiceServicer_to_server(
-        ProgramServicer(programs, broker.auth), server
-    )
-    return [programs_pb2.DESCRIPTOR.services_by_name["ProgramService"].full_name]

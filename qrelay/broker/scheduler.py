@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -23,17 +23,29 @@ from qrelay.broker.events import EventHub, timestamp
 from qrelay.broker.metrics import BrokerMetrics
 from qrelay.broker.settings import BrokerSettings
 from qrelay.broker.store import BackendRecord, JobKind, JobRecord, JobStore, LeaseGrant, UpdateKind
-from qrelay.errors import InvalidArgument, QRelayError
+from qrelay.errors import FailedPrecondition, InvalidArgument, QRelayError
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
-FAILED_PRECONDITION = 9
 # Executors without the "program" capability (no sandbox) only get primitive jobs.
 PRIMITIVE_KINDS = (JobKind.SAMPLER, JobKind.ESTIMATOR)
 STALE_LEASE = "lease is no longer valid (expired, cancelled or finished)"
-# Resolves a program job's bundle at assignment time (set by the programs module).
+# Resolves a program job's bundle at assignment time (`Programs.bundle`).
 ProgramResolver = Callable[[types_pb2.JobSpec, str], Awaitable[executor_pb2.ProgramBundle | None]]
+
+
+class RemoteExecutors:
+    """Executors connected to sibling broker replicas (a store replicas share).
+
+    The replica fan-out keeps `backends` as the presence table has it; the
+    scheduler counts them as online and sets `changed` whenever its own
+    executors come or go, so the fan-out publishes them.
+    """
+
+    def __init__(self) -> None:
+        self.backends: dict[str, tuple[str, ...]] = {}  # executor_id -> backends
+        self.changed = asyncio.Event()
 
 
 @dataclass(eq=False)
@@ -88,6 +100,9 @@ class Scheduler:
         hub: EventHub,
         settings: BrokerSettings,
         metrics: BrokerMetrics,
+        *,
+        program_resolver: ProgramResolver | None = None,
+        remote: RemoteExecutors | None = None,
     ) -> None:
         self.store = store
         self.hub = hub
@@ -96,11 +111,9 @@ class Scheduler:
         self.executors: dict[str, ExecutorLink] = {}
         self.closing = False
         self.known_backends: set[str] = set()
-        self.program_resolver: ProgramResolver | None = None
-        # Set by the replica fan-out (PostgreSQL store): executors connected to
-        # other replicas (executor_id -> backends), and a call on connect/leave.
-        self.remote_executors: Callable[[], Mapping[str, Sequence[str]]] | None = None
-        self.executors_changed: Callable[[], None] | None = None
+        self.program_resolver = program_resolver
+        # With broker replicas: executors connected to the others.
+        self.remote = remote
         self._wake = asyncio.Event()
         self._steps: set[asyncio.Task[Any]] = set()
         # How often a job was queued per (backend, is_program). An executor whose
@@ -216,8 +229,8 @@ class Scheduler:
         self._executors_changed()
 
     def _executors_changed(self) -> None:
-        if self.executors_changed is not None:
-            self.executors_changed()
+        if self.remote is not None:
+            self.remote.changed.set()
 
     async def close_all(self) -> None:
         """Shutdown: record when each backend was last seen, then end every stream.
@@ -236,15 +249,15 @@ class Scheduler:
     def online_executors(self, backend: str) -> int:
         """Executors serving this backend, here and (with replicas) on the others."""
         online = {eid for eid, link in self.executors.items() if backend in link.backends}
-        if self.remote_executors is not None:
-            online.update(eid for eid, bs in self.remote_executors().items() if backend in bs)
+        if self.remote is not None:
+            online.update(eid for eid, bs in self.remote.backends.items() if backend in bs)
         return len(online)
 
     def executor_online(self, executor_id: str) -> bool:
         """Whether this executor is connected here or (with replicas) to another broker."""
         if executor_id in self.executors:
             return True
-        return self.remote_executors is not None and executor_id in self.remote_executors()
+        return self.remote is not None and executor_id in self.remote.backends
 
     def send_cancel(self, executor_id: str, job_id: str, lease_id: str, reason: str) -> None:
         link = self.executors.get(executor_id)
@@ -261,7 +274,7 @@ class Scheduler:
     async def update(self, link: ExecutorLink, update: executor_pb2.JobUpdate) -> None:
         which = update.WhichOneof("update")
         if which is None:
-            link.send(self._rejected(update, 3, "JobUpdate carries no update"))
+            link.send(self._rejected(update, InvalidArgument.code, "JobUpdate carries no update"))
             return
         kind = UpdateKind(which)
         payload = getattr(update, which).SerializeToString()
@@ -277,7 +290,7 @@ class Scheduler:
                 lease_id=update.lease_id,
                 reason=outcome.message,
             )
-            link.send(self._rejected(update, FAILED_PRECONDITION, outcome.message))
+            link.send(self._rejected(update, FailedPrecondition.code, outcome.message))
             return
         self.hub.publish(outcome.events)
         job = outcome.job

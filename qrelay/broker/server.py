@@ -1,15 +1,18 @@
-"""Running a broker: store, scheduler, reaper and the gRPC server, with graceful shutdown."""
+"""Running a broker: store, scheduler, reapers and the gRPC server, with graceful shutdown.
+
+`Broker` builds every part itself and hands each what it needs: the
+programs' hooks go to `Jobs` and the scheduler as constructor arguments, and
+a store that replicas share (`store.replicas()`) adds the replica fan-out.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
-import signal
 import uuid
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 import structlog
@@ -23,6 +26,10 @@ from qrelay._proto.v1 import (
     executor_pb2_grpc,
     jobs_pb2,
     jobs_pb2_grpc,
+    programs_pb2,
+    programs_pb2_grpc,
+    sessions_pb2,
+    sessions_pb2_grpc,
 )
 from qrelay.broker.auth import Authenticator
 from qrelay.broker.events import EventHub
@@ -30,21 +37,20 @@ from qrelay.broker.fanout import ReplicaFanout
 from qrelay.broker.jobs import Backends, Jobs
 from qrelay.broker.leases import LeaseReaper
 from qrelay.broker.metrics import BrokerMetrics
-from qrelay.broker.scheduler import Scheduler
+from qrelay.broker.programs import Programs
+from qrelay.broker.scheduler import RemoteExecutors, Scheduler
 from qrelay.broker.service import (
     BackendServicer,
     ExecutorServicer,
     JobServicer,
+    ProgramServicer,
+    SessionServicer,
     max_message_bytes,
 )
+from qrelay.broker.sessions import Sessions
 from qrelay.broker.settings import BrokerSettings
 from qrelay.broker.store import open_store
-from qrelay.broker.store.postgres import PostgresJobStore, safe_dsn
 from qrelay.broker.streams import RunStreams
-
-if TYPE_CHECKING:
-    from qrelay.broker.programs import Programs
-    from qrelay.broker.sessions import Sessions
 
 log = structlog.get_logger(__name__)
 
@@ -52,11 +58,12 @@ SERVICE_NAMES = (
     jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
     backends_pb2.DESCRIPTOR.services_by_name["BackendService"].full_name,
     executor_pb2.DESCRIPTOR.services_by_name["ExecutorService"].full_name,
+    programs_pb2.DESCRIPTOR.services_by_name["ProgramService"].full_name,
+    sessions_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
 )
 METRICS_REFRESH_S = 2.0
 # How long start() waits for the replica fan-out to listen before serving anyway.
 FANOUT_CONNECT_S = 10.0
-EXTENSION_MODULES = ("qrelay.broker.programs", "qrelay.broker.sessions")
 
 
 class Broker:
@@ -68,27 +75,39 @@ class Broker:
         self.store = open_store(settings, origin=self.broker_id)
         self.hub = EventHub()
         self.metrics = BrokerMetrics()
-        self.scheduler = Scheduler(self.store, self.hub, settings, self.metrics)
+        self.programs = Programs(self.store, settings)
+        # Replicas sharing the store hear each other through the fan-out, which
+        # keeps the scheduler's view of the executors connected to the others.
+        replicas = self.store.replicas()
+        remote = None if replicas is None else RemoteExecutors()
+        self.scheduler = Scheduler(
+            self.store,
+            self.hub,
+            settings,
+            self.metrics,
+            program_resolver=self.programs.bundle,
+            remote=remote,
+        )
         self.reaper = LeaseReaper(self.store, self.hub, self.scheduler, settings)
         self.auth = Authenticator(settings.tokens, settings.default_tenant)
-        self.jobs = Jobs(self.store, self.hub, self.scheduler, settings)
+        self.jobs = Jobs(
+            self.store, self.hub, self.scheduler, settings, program_check=self.programs.check_job
+        )
         self.backends = Backends(self.store, self.scheduler)
-        self.health = health.aio.HealthServicer()
-        # Set by the extension modules' register() (programs.py, sessions.py).
-        self.programs: Programs | None = None
-        self.sessions: Sessions | None = None
-        # Replicas over PostgreSQL hear each other through the fan-out.
-        self.fanout: ReplicaFanout | None = None
-        if isinstance(self.store, PostgresJobStore):
-            self.fanout = ReplicaFanout(
-                self.store,
+        self.sessions = Sessions(self.store, self.scheduler, self.jobs, settings)
+        self.fanout = (
+            None
+            if replicas is None or remote is None
+            else ReplicaFanout(
+                replicas,
+                remote,
                 self.hub,
                 self.scheduler,
                 self.broker_id,
                 settings.replica_sync_interval_s,
             )
-            self.scheduler.remote_executors = self.fanout.remote_executors
-            self.scheduler.executors_changed = self.fanout.presence_changed
+        )
+        self.health = health.aio.HealthServicer()
         self.address = ""
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -123,10 +142,15 @@ class Broker:
         executor_pb2_grpc.add_ExecutorServiceServicer_to_server(
             ExecutorServicer(self.scheduler, self.settings, self.broker_id), server
         )
-        extra = await self._register_extensions(server)
+        programs_pb2_grpc.add_ProgramServiceServicer_to_server(
+            ProgramServicer(self.programs, self.auth), server
+        )
+        sessions_pb2_grpc.add_SessionServiceServicer_to_server(
+            SessionServicer(self.sessions, self.auth), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (*SERVICE_NAMES, *extra, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         port = server.add_insecure_port(self.settings.listen)
         host = self.settings.listen.rsplit(":", 1)[0]
@@ -137,48 +161,20 @@ class Broker:
         self._server = server
         self._spawn(self.scheduler.run())
         self._spawn(self.reaper.run())
+        self._spawn(self.sessions.run())
         if self.settings.metrics_port:
             self.metrics.serve(self.settings.metrics_port)
             self._spawn(self._refresh_metrics())
-        for name in (*SERVICE_NAMES, *extra, ""):
+        for name in (*SERVICE_NAMES, ""):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.scheduler.wake()
         log.info(
             "broker.started",
             address=self.address,
             broker_id=self.broker_id,
-            db=self._db_description(),
+            db=self.store.describe(),
             leases_renewed=renewed,
         )
-
-    def _db_description(self) -> str:
-        if isinstance(self.store, PostgresJobStore):
-            return f"{safe_dsn(self.store.dsn)} schema {self.store.schema}"
-        return str(self.settings.db_path)
-
-    async def _register_extensions(self, server: grpc.aio.Server) -> list[str]:
-        """Services that live in their own broker modules (programs, sessions).
-
-        Each such module, once it exists, provides `async def register(broker,
-        server) -> list[str]` that adds its servicers (and tables, hooks such as
-        `scheduler.program_resolver`) and returns the full service names.
-        """
-        names: list[str] = []
-        for module_name in EXTENSION_MODULES:
-            try:
-                module = importlib.import_module(module_name)
-            except ModuleNotFoundError as exc:
-                if exc.name != module_name:
-                    raise
-                continue
-            register = getattr(module, "register", None)
-            if register is not None:
-                names.extend(await register(self, server))
-        return names
-
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run a background loop (e.g. a reaper) until shutdown cancels it."""
-        self._spawn(coro)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -230,18 +226,3 @@ async def running_broker(settings: BrokerSettings) -> AsyncIterator[Broker]:
         yield broker
     finally:
         await broker.shutdown()
-
-
-async def serve_forever(settings: BrokerSettings) -> None:
-    """Run until SIGINT or SIGTERM (the CLI's `qrelay broker serve`)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        async with running_broker(settings):
-            await stop.wait()
-            log.info("broker.stopping")
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)

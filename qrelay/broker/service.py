@@ -1,4 +1,5 @@
-"""gRPC servicers: authenticate, decode, call the logic in jobs.py/scheduler.py, encode."""
+"""gRPC servicers of every broker service: authenticate, decode, call the logic
+(jobs.py, scheduler.py, programs.py, sessions.py), encode."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
 import structlog
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from qrelay._proto.v1 import (
     backends_pb2,
@@ -15,14 +17,21 @@ from qrelay._proto.v1 import (
     executor_pb2_grpc,
     jobs_pb2,
     jobs_pb2_grpc,
+    programs_pb2,
+    programs_pb2_grpc,
+    sessions_pb2,
+    sessions_pb2_grpc,
     types_pb2,
 )
 from qrelay.broker.auth import Authenticator, check_executor_token
 from qrelay.broker.events import timestamp, to_proto
 from qrelay.broker.jobs import Backends, Jobs
+from qrelay.broker.programs import Programs
 from qrelay.broker.scheduler import ExecutorLink, Scheduler
+from qrelay.broker.sessions import Sessions
 from qrelay.broker.settings import BrokerSettings
-from qrelay.broker.store import JobRecord
+from qrelay.broker.store import JobRecord, JobState
+from qrelay.broker.store.base import ProgramRecord, SessionMode, SessionRecord
 from qrelay.broker.streams import Item, RunStreams, Submission
 from qrelay.errors import InvalidArgument, QRelayError
 from qrelay.rpc import grpc_errors
@@ -258,3 +267,144 @@ def max_message_bytes(settings: BrokerSettings) -> int:
     so our own size checks (with their clear messages) are what callers just
     above a limit meet."""
     return max(4 * settings.max_job_bytes, 2 * settings.max_program_bytes) + 1024 * 1024
+
+
+# --- programs ---------------------------------------------------------------
+
+
+def program_to_proto(record: ProgramRecord) -> programs_pb2.Program:
+    return programs_pb2.Program(
+        id=record.id,
+        name=record.name,
+        entry_point=record.entry_point,
+        requirements=list(record.requirements),
+        input_schema_json=record.input_schema_json,
+        description=record.description,
+        size_bytes=record.size_bytes,
+        version=record.version,
+        created_at=timestamp(record.created_at),
+    )
+
+
+class ProgramServicer(programs_pb2_grpc.ProgramServiceServicer):
+    """Thin: authenticate, call `Programs`, encode."""
+
+    def __init__(self, programs: Programs, auth: Authenticator) -> None:
+        self.programs = programs
+        self.auth = auth
+
+    def _tenant(self, context: Context) -> str:
+        return self.auth.tenant(context.invocation_metadata())
+
+    @grpc_errors
+    async def Upload(
+        self, request: programs_pb2.UploadProgramRequest, context: Context
+    ) -> programs_pb2.Program:
+        record, _ = await self.programs.upload(
+            self._tenant(context),
+            name=request.name,
+            archive=request.archive,
+            entry_point=request.entry_point,
+            requirements=list(request.requirements),
+            input_schema_json=request.input_schema_json,
+            description=request.description,
+        )
+        return program_to_proto(record)
+
+    @grpc_errors
+    async def Get(
+        self, request: programs_pb2.GetProgramRequest, context: Context
+    ) -> programs_pb2.Program:
+        return program_to_proto(await self.programs.get(self._tenant(context), request.program))
+
+    @grpc_errors
+    async def List(
+        self, request: programs_pb2.ListProgramsRequest, context: Context
+    ) -> programs_pb2.ListProgramsResponse:
+        records = await self.programs.list(self._tenant(context), request.name)
+        return programs_pb2.ListProgramsResponse(programs=[program_to_proto(r) for r in records])
+
+    @grpc_errors
+    async def Delete(
+        self, request: programs_pb2.DeleteProgramRequest, context: Context
+    ) -> programs_pb2.DeleteProgramResponse:
+        deleted = await self.programs.delete(self._tenant(context), request.program)
+        return programs_pb2.DeleteProgramResponse(deleted=deleted)
+
+
+# --- sessions ---------------------------------------------------------------
+
+
+def _ts(seconds: float | None) -> Timestamp | None:
+    return None if seconds is None else timestamp(seconds)
+
+
+def session_to_proto(session: SessionRecord) -> sessions_pb2.Session:
+    counts = session.counts
+    message = sessions_pb2.Session(
+        id=session.id,
+        backend=session.backend,
+        mode=sessions_pb2.SessionMode.ValueType(int(session.mode)),
+        state=sessions_pb2.SessionState.ValueType(int(session.state)),
+        state_reason=session.state_reason,
+        executor_id=session.executor_id,
+        max_time_s=session.max_time_s,
+        max_idle_s=session.max_idle_s,
+        created_at=_ts(session.created_at),
+        activated_at=_ts(session.activated_at),
+        closed_at=_ts(session.closed_at),
+        last_job_at=_ts(session.last_job_at),
+        jobs_total=sum(counts.values()),
+        jobs_queued=counts[JobState.QUEUED],
+        jobs_running=counts[JobState.RUNNING],
+        jobs_done=counts[JobState.DONE],
+        jobs_failed=counts[JobState.FAILED],
+        jobs_cancelled=counts[JobState.CANCELLED],
+    )
+    return message
+
+
+class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
+    """Thin: authenticate, call `Sessions`, encode."""
+
+    def __init__(self, sessions: Sessions, auth: Authenticator) -> None:
+        self.sessions = sessions
+        self.auth = auth
+
+    def _tenant(self, context: Context) -> str:
+        return self.auth.tenant(context.invocation_metadata())
+
+    @grpc_errors
+    async def Create(
+        self, request: sessions_pb2.CreateSessionRequest, context: Context
+    ) -> sessions_pb2.Session:
+        tenant = self._tenant(context)
+        try:
+            mode = SessionMode(request.mode) if request.mode else None
+        except ValueError:
+            modes = ", ".join(f"{m.name}={m.value}" for m in SessionMode)
+            raise InvalidArgument(f"mode {request.mode} is not a SessionMode ({modes})") from None
+        session = await self.sessions.create(
+            tenant, request.backend, mode, request.max_time_s, request.max_idle_s
+        )
+        return session_to_proto(session)
+
+    @grpc_errors
+    async def Get(
+        self, request: sessions_pb2.GetSessionRequest, context: Context
+    ) -> sessions_pb2.Session:
+        return session_to_proto(await self.sessions.get(self._tenant(context), request.session_id))
+
+    @grpc_errors
+    async def Close(
+        self, request: sessions_pb2.CloseSessionRequest, context: Context
+    ) -> sessions_pb2.Session:
+        tenant = self._tenant(context)
+        return session_to_proto(await self.sessions.close(tenant, request.session_id))
+
+    @grpc_errors
+    async def Cancel(
+        self, request: sessions_pb2.CancelSessionRequest, context: Context
+    ) -> sessions_pb2.Session:
+        tenant = self._tenant(context)
+        return session_to_proto(await self.sessions.cancel(tenant, request.session_id))

@@ -30,31 +30,18 @@ has a program job waiting (that executor could never run it).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
 
 import anyio
 import structlog
-from google.protobuf.timestamp_pb2 import Timestamp
 
-from qrelay._proto.v1 import sessions_pb2, sessions_pb2_grpc
-from qrelay.broker.auth import Authenticator
-from qrelay.broker.events import timestamp
 from qrelay.broker.jobs import Jobs
 from qrelay.broker.scheduler import Scheduler
 from qrelay.broker.settings import BrokerSettings
 from qrelay.broker.store import JobKind, JobState, JobStore
 from qrelay.broker.store.base import NewSession, SessionMode, SessionRecord, SessionState
 from qrelay.errors import InvalidArgument, NotFound
-from qrelay.rpc import grpc_errors
-
-if TYPE_CHECKING:
-    import grpc
-
-    from qrelay.broker.server import Broker
 
 log = structlog.get_logger(__name__)
-
-Context = Any  # grpc.aio.ServicerContext (grpc ships no type hints)
 
 UNFINISHED = (JobState.QUEUED, JobState.RUNNING)
 
@@ -274,90 +261,3 @@ class Sessions:
             except Exception as exc:  # the reaper must outlive a bad moment (logged)
                 log.error("session_reaper.failed", retry_in_s=interval, exc_info=exc)
             await anyio.sleep(interval)
-
-
-def _ts(seconds: float | None) -> Timestamp | None:
-    return None if seconds is None else timestamp(seconds)
-
-
-def session_to_proto(session: SessionRecord) -> sessions_pb2.Session:
-    counts = session.counts
-    message = sessions_pb2.Session(
-        id=session.id,
-        backend=session.backend,
-        mode=sessions_pb2.SessionMode.ValueType(int(session.mode)),
-        state=sessions_pb2.SessionState.ValueType(int(session.state)),
-        state_reason=session.state_reason,
-        executor_id=session.executor_id,
-        max_time_s=session.max_time_s,
-        max_idle_s=session.max_idle_s,
-        created_at=_ts(session.created_at),
-        activated_at=_ts(session.activated_at),
-        closed_at=_ts(session.closed_at),
-        last_job_at=_ts(session.last_job_at),
-        jobs_total=sum(counts.values()),
-        jobs_queued=counts[JobState.QUEUED],
-        jobs_running=counts[JobState.RUNNING],
-        jobs_done=counts[JobState.DONE],
-        jobs_failed=counts[JobState.FAILED],
-        jobs_cancelled=counts[JobState.CANCELLED],
-    )
-    return message
-
-
-class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
-    """Thin: authenticate, call `Sessions`, encode."""
-
-    def __init__(self, sessions: Sessions, auth: Authenticator) -> None:
-        self.sessions = sessions
-        self.auth = auth
-
-    def _tenant(self, context: Context) -> str:
-        return self.auth.tenant(context.invocation_metadata())
-
-    @grpc_errors
-    async def Create(
-        self, request: sessions_pb2.CreateSessionRequest, context: Context
-    ) -> sessions_pb2.Session:
-        tenant = self._tenant(context)
-        try:
-            mode = SessionMode(request.mode) if request.mode else None
-        except ValueError:
-            raise InvalidArgument(
-                f"mode {request.mode} is not a SessionMode (DEDICATED=1, BATCH=2)"
-            ) from None
-        session = await self.sessions.create(
-            tenant, request.backend, mode, request.max_time_s, request.max_idle_s
-        )
-        return session_to_proto(session)
-
-    @grpc_errors
-    async def Get(
-        self, request: sessions_pb2.GetSessionRequest, context: Context
-    ) -> sessions_pb2.Session:
-        return session_to_proto(await self.sessions.get(self._tenant(context), request.session_id))
-
-    @grpc_errors
-    async def Close(
-        self, request: sessions_pb2.CloseSessionRequest, context: Context
-    ) -> sessions_pb2.Session:
-        tenant = self._tenant(context)
-        return session_to_proto(await self.sessions.close(tenant, request.session_id))
-
-    @grpc_errors
-    async def Cancel(
-        self, request: sessions_pb2.CancelSessionRequest, context: Context
-    ) -> sessions_pb2.Session:
-        tenant = self._tenant(context)
-        return session_to_proto(await self.sessions.cancel(tenant, request.session_id))
-
-
-async def register(broker: Broker, server: grpc.aio.Server) -> list[str]:
-    """Called by the broker at start: the service and the session reaper."""
-    sessions = Sessions(broker.store, broker.scheduler, broker.jobs, broker.settings)
-    broker.sessions = sessions
-    sessions_pb2_grpc.add_SessionServiceServicer_to_server(
-        SessionServicer(sessions, broker.auth), server
-    )
-    broker.spawn(sessions.run())
-    return [sessions_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name]

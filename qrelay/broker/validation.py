@@ -16,9 +16,9 @@ from google.protobuf.json_format import MessageToDict
 from qrelay._proto.v1 import types_pb2
 from qrelay.broker.store import JobKind
 from qrelay.errors import InvalidArgument, NotFound
+from qrelay.limits import MAX_TAGS
 from qrelay.options import options_from_wire
 
-MAX_TAGS = 32
 MAX_IDEMPOTENCY_KEY = 128
 # numpy array-protocol strings accepted in NDArray.dtype, with their item size.
 DTYPES: dict[str, int] = {

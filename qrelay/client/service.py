@@ -37,6 +37,8 @@ from qrelay.client.programs import (
 )
 from qrelay.client.session import AsyncBatch, AsyncSession
 from qrelay.errors import DeadlineExceeded, Internal, InvalidArgument, QRelayError, Unavailable
+from qrelay.limits import MAX_PAGE_SIZE as _MAX_PAGE
+from qrelay.limits import MAX_TAGS as _MAX_TAGS
 from qrelay.rpc import error_from_rpc
 from qrelay.values import encode_value
 
@@ -45,8 +47,6 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-#: The broker answers at most this many jobs per List page.
-_MAX_PAGE = 1000
 #: Run streams one service keeps open for jobs nobody awaited yet; beyond
 #: that, jobs are submitted with Submit and followed with Watch when awaited.
 MAX_OPEN_RUNS = 64
@@ -57,10 +57,6 @@ _KINDS = {
 }
 
 StateFilter: TypeAlias = JobStatus | str | Iterable[JobStatus | str] | None
-
-
-#: The broker keeps at most this many tags per job.
-_MAX_TAGS = 32
 
 
 def _tags(tags: Mapping[str, str] | Iterable[str] | None) -> dict[str, str]:

@@ -206,6 +206,17 @@ def test_settings_choose_the_store_and_check_the_url(tmp_path: Path) -> None:
         PostgresJobStore("postgresql://u@h/q", schema="a-b")
 
 
+def test_only_a_store_replicas_share_offers_them_a_link(tmp_path: Path) -> None:
+    sqlite = open_store(BrokerSettings(db_path=tmp_path / "b.db"))
+    assert sqlite.replicas() is None
+    assert sqlite.describe() == str(tmp_path / "b.db")
+    postgres = open_store(
+        BrokerSettings(database_url="postgresql://u:pw@h:5432/q", database_schema="prod")
+    )
+    assert postgres.replicas() is postgres
+    assert postgres.describe() == "postgresql://u:***@h:5432/q schema prod"
+
+
 async def test_store_survives_the_database_dropping_its_connections(
     pair: tuple[PostgresJobStore, PostgresJobStore],
 ) -> None:

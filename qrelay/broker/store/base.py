@@ -14,18 +14,19 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from qrelay._proto.v1 import types_pb2
+from qrelay._proto.v1 import sessions_pb2, types_pb2
 
 
 class JobState(enum.IntEnum):
     """Lifecycle state, numbered as qrelay.v1.JobState."""
 
-    QUEUED = 1
-    RUNNING = 2
-    DONE = 3
-    FAILED = 4
-    CANCELLED = 5
+    QUEUED = types_pb2.JOB_STATE_QUEUED
+    RUNNING = types_pb2.JOB_STATE_RUNNING
+    DONE = types_pb2.JOB_STATE_DONE
+    FAILED = types_pb2.JOB_STATE_FAILED
+    CANCELLED = types_pb2.JOB_STATE_CANCELLED
 
     @property
     def terminal(self) -> bool:
@@ -35,9 +36,9 @@ class JobState(enum.IntEnum):
 class JobKind(enum.IntEnum):
     """Kind of work, numbered as qrelay.v1.JobKind."""
 
-    SAMPLER = 1
-    ESTIMATOR = 2
-    PROGRAM = 3
+    SAMPLER = types_pb2.JOB_KIND_SAMPLER
+    ESTIMATOR = types_pb2.JOB_KIND_ESTIMATOR
+    PROGRAM = types_pb2.JOB_KIND_PROGRAM
 
 
 class UpdateKind(enum.Enum):
@@ -211,18 +212,18 @@ class ProgramRecord:
 class SessionMode(enum.IntEnum):
     """Numbered as qrelay.v1.SessionMode."""
 
-    DEDICATED = 1
-    BATCH = 2
+    DEDICATED = sessions_pb2.SESSION_MODE_DEDICATED
+    BATCH = sessions_pb2.SESSION_MODE_BATCH
 
 
 class SessionState(enum.IntEnum):
     """Numbered as qrelay.v1.SessionState."""
 
-    OPEN = 1
-    ACTIVE = 2
-    CLOSED = 3
-    CANCELLED = 4
-    EXPIRED = 5
+    OPEN = sessions_pb2.SESSION_STATE_OPEN
+    ACTIVE = sessions_pb2.SESSION_STATE_ACTIVE
+    CLOSED = sessions_pb2.SESSION_STATE_CLOSED
+    CANCELLED = sessions_pb2.SESSION_STATE_CANCELLED
+    EXPIRED = sessions_pb2.SESSION_STATE_EXPIRED
 
     @property
     def accepting(self) -> bool:
@@ -264,8 +265,21 @@ class SessionRecord:
         return self.counts[JobState.QUEUED] + self.counts[JobState.RUNNING]
 
 
+@dataclass(frozen=True)
+class Presence:
+    """One executor connected to some broker replica, as the replicas publish them."""
+
+    executor_id: str
+    broker_id: str
+    backends: tuple[str, ...]
+    slots: int
+    last_seen: float
+
+
 class JobStore(ABC):
-    """Durable state of the broker. Implementations: SQLite (here), PostgreSQL (later).
+    """Durable state of the broker. Implementations: `SQLiteJobStore` (embedded)
+    and `PostgresJobStore` (shared by replicas); the lifecycle rules both
+    execute are in `lifecycle.py`.
 
     `tenant=None` on reads means "any tenant" (internal callers); a tenant's
     view of another tenant's job raises NotFound so existence never leaks.
@@ -274,6 +288,15 @@ class JobStore(ABC):
     @abstractmethod
     async def open(self) -> None:
         """Create or migrate the schema; safe to call on an existing store."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """Where the data lives, for logs (no secrets)."""
+
+    def replicas(self) -> ReplicaStore | None:
+        """What sibling broker replicas sharing this store need of it (the
+        replica fan-out's side of the store), or None: only this broker uses it."""
+        return None
 
     @abstractmethod
     async def close(self) -> None: ...
@@ -454,6 +477,32 @@ class JobStore(ABC):
     async def count_by_state(self) -> dict[JobState, int]: ...
 
 
+class ReplicaStore(Protocol):
+    """A store several broker replicas share: change hints on a channel
+    (tagged with `origin`) and the table of executors connected to each replica."""
+
+    channel: str
+    origin: str
+
+    def connect_kwargs(self) -> dict[str, Any]:
+        """How to open one more connection (the fan-out's listener)."""
+        ...
+
+    async def events_after(self, job_id: str, after_seq: int) -> list[StoredEvent]: ...
+
+    async def list_backends(self) -> list[BackendRecord]: ...
+
+    async def job_seqs(self, job_ids: Sequence[str]) -> dict[str, int]: ...
+
+    async def publish_presence(
+        self, broker_id: str, executors: Sequence[tuple[str, Sequence[str], int]], now: float
+    ) -> None: ...
+
+    async def withdraw_presence(self, broker_id: str) -> None: ...
+
+    async def list_presence(self, since: float) -> list[Presence]: ...
+
+
 # --- event payload helpers (shared by every implementation) ---------------
 
 
@@ -469,11 +518,10 @@ def state_payload(state: JobState, message: str, attempt: int, executor_id: str 
     ).SerializeToString()
 
 
+# JobEvent's payload fields, numbered as the descriptor has them.
 _PAYLOAD_FIELD = {
-    UpdateKind.INTERIM: 5,
-    UpdateKind.LOG: 6,
-    UpdateKind.RESULT: 7,
-    UpdateKind.ERROR: 8,
+    kind: types_pb2.JobEvent.DESCRIPTOR.fields_by_name[kind.value].number
+    for kind in (UpdateKind.INTERIM, UpdateKind.LOG, UpdateKind.RESULT, UpdateKind.ERROR)
 }
 
 

@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 import asyncpg
 import structlog
 
+from qrelay.broker.store import lifecycle
 from qrelay.broker.store.base import (
     BackendRecord,
     CancelOutcome,
@@ -51,32 +52,50 @@ from qrelay.broker.store.base import (
     NewJob,
     NewProgram,
     NewSession,
+    Presence,
     ProgramRecord,
-    SessionMode,
     SessionRecord,
     SessionState,
     StoredEvent,
     UpdateKind,
     UpdateOutcome,
-    job_error,
-    state_payload,
-    update_payload,
 )
-from qrelay.errors import (
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    QRelayError,
-    ResourceExhausted,
-    Unavailable,
+from qrelay.broker.store.lifecycle import FACT_COLUMNS, JobFacts, Transition
+from qrelay.broker.store.schema import (
+    BACKEND_COLUMNS,
+    DEDICATED,
+    EVENT_COLUMNS,
+    JOB_COLUMNS,
+    NEW_JOB_COLUMNS,
+    PROGRAM_COLUMNS,
+    QUEUED,
+    RUNNING,
+    SCHEMA_VERSION,
+    SESSION_ACTIVE,
+    SESSION_CLOSED,
+    SESSION_COLUMNS,
+    SESSION_LIVE,
+    SESSION_OPEN,
+    UNFINISHED,
+    Dialect,
+    Row,
+    backend_record,
+    event_record,
+    job_record,
+    migrations,
+    page_cursor,
+    program_record,
+    qualified,
+    session_record,
+    zero_counts,
 )
+from qrelay.errors import NotFound, QRelayError, Unavailable
+from qrelay.logging import safe_dsn
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 3
-UNAVAILABLE = 14
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
 # Deadlocks (e.g. a heartbeat's multi-row update against a renewal) are retried.
 _RETRIES = 4
@@ -91,50 +110,15 @@ _CONNECTION_ERRORS = (
     asyncpg.exceptions.InsufficientResourcesError,
 )
 
-_MIGRATIONS: dict[int, str] = {
-    1: """
-    CREATE TABLE jobs (
-        qseq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,  -- FIFO order, page cursor
-        id TEXT NOT NULL UNIQUE,
-        tenant TEXT NOT NULL,
-        backend TEXT NOT NULL,
-        kind INTEGER NOT NULL,
-        state INTEGER NOT NULL,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        created_at DOUBLE PRECISION NOT NULL,
-        started_at DOUBLE PRECISION,
-        finished_at DOUBLE PRECISION,
-        error BYTEA,
-        session_id TEXT NOT NULL DEFAULT '',
-        executor_id TEXT NOT NULL DEFAULT '',
-        lease_id TEXT NOT NULL DEFAULT '',
-        lease_expires_at DOUBLE PRECISION,
-        last_seq BIGINT NOT NULL DEFAULT 0,
-        tags TEXT NOT NULL DEFAULT '{}',
-        idempotency_key TEXT,
-        num_pubs INTEGER NOT NULL DEFAULT 0,
-        spec BYTEA NOT NULL,
-        result BYTEA
-    );
-    CREATE UNIQUE INDEX jobs_idempotency ON jobs (tenant, idempotency_key);
-    CREATE INDEX jobs_queued ON jobs (backend, qseq) WHERE state = 1;
-    CREATE INDEX jobs_tenant_queued ON jobs (tenant) WHERE state = 1;
-    CREATE INDEX jobs_lease ON jobs (lease_id) WHERE lease_id <> '';
-    CREATE INDEX jobs_lease_expiry ON jobs (lease_expires_at) WHERE state = 2;
-    CREATE INDEX jobs_tenant ON jobs (tenant, qseq);
-    CREATE TABLE events (
-        job_id TEXT NOT NULL,
-        seq BIGINT NOT NULL,
-        time DOUBLE PRECISION NOT NULL,
-        payload BYTEA NOT NULL,
-        terminal BOOLEAN NOT NULL DEFAULT FALSE,
-        PRIMARY KEY (job_id, seq)
-    );
-    CREATE TABLE backends (
-        name TEXT PRIMARY KEY,
-        info BYTEA NOT NULL,
-        last_seen DOUBLE PRECISION NOT NULL
-    );
+_DIALECT = Dialect(
+    serial_key="BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+    real="DOUBLE PRECISION",
+    big="BIGINT",
+    blob="BYTEA",
+    flag="BOOLEAN NOT NULL DEFAULT FALSE",
+    strings="TEXT[]",
+    extra={
+        1: """
     -- Executors connected to each replica, refreshed while they stay connected;
     -- rows not refreshed for a while belong to a replica that died.
     CREATE TABLE executor_presence (
@@ -145,51 +129,11 @@ _MIGRATIONS: dict[int, str] = {
         last_seen DOUBLE PRECISION NOT NULL
     );
     """,
-    2: """
-    ALTER TABLE jobs ADD COLUMN program_id TEXT NOT NULL DEFAULT '';
-    CREATE INDEX jobs_session ON jobs (session_id, state) WHERE session_id <> '';
-    CREATE INDEX jobs_program ON jobs (tenant, program_id) WHERE program_id <> '';
-    CREATE TABLE programs (
-        tenant TEXT NOT NULL,
-        id TEXT NOT NULL,
-        name TEXT NOT NULL,
-        version INTEGER NOT NULL,
-        entry_point TEXT NOT NULL,
-        requirements TEXT[] NOT NULL,
-        input_schema_json TEXT NOT NULL,
-        description TEXT NOT NULL,
-        size_bytes BIGINT NOT NULL,
-        created_at DOUBLE PRECISION NOT NULL,
-        deleted BOOLEAN NOT NULL DEFAULT FALSE,  -- hidden, kept for unfinished jobs
-        archive BYTEA NOT NULL,
-        PRIMARY KEY (tenant, id)
-    );
-    CREATE UNIQUE INDEX programs_name ON programs (tenant, name, version);
-    CREATE TABLE sessions (
-        id TEXT PRIMARY KEY,
-        tenant TEXT NOT NULL,
-        backend TEXT NOT NULL,
-        mode INTEGER NOT NULL,
-        state INTEGER NOT NULL,
-        state_reason TEXT NOT NULL DEFAULT '',
-        executor_id TEXT NOT NULL DEFAULT '',
-        max_time_s INTEGER NOT NULL,
-        max_idle_s INTEGER NOT NULL,
-        created_at DOUBLE PRECISION NOT NULL,
-        activated_at DOUBLE PRECISION,
-        closed_at DOUBLE PRECISION,
-        last_job_at DOUBLE PRECISION
-    );
-    CREATE INDEX sessions_live ON sessions (state) WHERE state IN (1, 2);
-    CREATE INDEX sessions_pinned ON sessions (executor_id) WHERE executor_id <> '';
-    """,
-    # Queued counters per tenant ('t') and per backend ('b'), kept exact by a
-    # trigger so every path that moves a job in or out of QUEUED keeps them
-    # right: Submit's limit and queue position are O(1) in queue depth. Each
-    # counter is striped by the writing connection (pg_backend_pid() % 16) and
-    # read as a sum, so concurrent submits to one backend do not queue on one
-    # row lock until their commits (a stripe may go negative; the sum is exact).
-    3: """
+        # Counters kept by a trigger (see schema.MIGRATIONS[3]), each striped by
+        # the writing connection (pg_backend_pid() % 16) and read as a sum, so
+        # concurrent submits to one backend do not queue on one row lock until
+        # their commits (a stripe may go negative; the sum is exact).
+        3: f"""
     CREATE TABLE queued_counts (
         scope TEXT NOT NULL,  -- 't': tenant, 'b': backend
         key TEXT NOT NULL,
@@ -198,19 +142,19 @@ _MIGRATIONS: dict[int, str] = {
         PRIMARY KEY (scope, key, stripe)
     );
     INSERT INTO queued_counts (scope, key, stripe, n)
-        SELECT 't', tenant, 0, COUNT(*) FROM jobs WHERE state = 1 GROUP BY tenant;
+        SELECT 't', tenant, 0, COUNT(*) FROM jobs WHERE state = {QUEUED} GROUP BY tenant;
     INSERT INTO queued_counts (scope, key, stripe, n)
-        SELECT 'b', backend, 0, COUNT(*) FROM jobs WHERE state = 1 GROUP BY backend;
+        SELECT 'b', backend, 0, COUNT(*) FROM jobs WHERE state = {QUEUED} GROUP BY backend;
     CREATE FUNCTION jobs_queued_count() RETURNS trigger LANGUAGE plpgsql AS $$
     DECLARE
         s INTEGER := pg_backend_pid() % 16;
     BEGIN
-        IF TG_OP IN ('UPDATE', 'DELETE') AND OLD.state = 1 THEN
+        IF TG_OP IN ('UPDATE', 'DELETE') AND OLD.state = {QUEUED} THEN
             INSERT INTO queued_counts (scope, key, stripe, n)
                 VALUES ('t', OLD.tenant, s, -1), ('b', OLD.backend, s, -1)
                 ON CONFLICT (scope, key, stripe) DO UPDATE SET n = queued_counts.n - 1;
         END IF;
-        IF TG_OP IN ('UPDATE', 'INSERT') AND NEW.state = 1 THEN
+        IF TG_OP IN ('UPDATE', 'INSERT') AND NEW.state = {QUEUED} THEN
             INSERT INTO queued_counts (scope, key, stripe, n)
                 VALUES ('t', NEW.tenant, s, 1), ('b', NEW.backend, s, 1)
                 ON CONFLICT (scope, key, stripe) DO UPDATE SET n = queued_counts.n + 1;
@@ -220,46 +164,17 @@ _MIGRATIONS: dict[int, str] = {
     CREATE TRIGGER jobs_queued_count AFTER INSERT OR DELETE OR UPDATE OF state, tenant, backend
         ON jobs FOR EACH ROW EXECUTE FUNCTION jobs_queued_count();
     """,
-}
-
-_PROGRAM_COLUMNS = (
-    "id, tenant, name, version, entry_point, requirements, input_schema_json, description, "
-    "size_bytes, created_at"
+    },
 )
-_SESSION_COLUMNS = (
-    "id, tenant, backend, mode, state, state_reason, executor_id, max_time_s, max_idle_s, "
-    "created_at, activated_at, closed_at, last_job_at"
-)
-_SESSION_WORDS = {
-    SessionState.CLOSED: "closed",
-    SessionState.CANCELLED: "cancelled",
-    SessionState.EXPIRED: "expired",
-}
-
-_JOB_COLUMNS = (
-    "id, tenant, backend, kind, state, attempts, created_at, started_at, finished_at, error, "
-    "session_id, executor_id, lease_id, lease_expires_at, last_seq, tags, idempotency_key, "
-    "num_pubs, qseq"
-)
+_MIGRATIONS = migrations(_DIALECT)
 _POSITION = (
-    "CASE WHEN j.state = 1 THEN (SELECT COUNT(*) FROM jobs q WHERE q.state = 1 "
+    f"CASE WHEN j.state = {QUEUED} THEN (SELECT COUNT(*) FROM jobs q WHERE q.state = {QUEUED} "
     "AND q.backend = j.backend AND q.qseq <= j.qseq) ELSE 0 END AS position"
 )
 
 
 def _new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
-
-
-@dataclass(frozen=True)
-class Presence:
-    """One executor connected to some replica, as the presence table has it."""
-
-    executor_id: str
-    broker_id: str
-    backends: tuple[str, ...]
-    slots: int
-    last_seen: float
 
 
 @dataclass
@@ -302,6 +217,13 @@ class PostgresJobStore(JobStore):
         self._min_size = min_size
         self._max_size = max_size
         self._pool: asyncpg.Pool | None = None
+
+    def describe(self) -> str:
+        return f"{safe_dsn(self.dsn)} schema {self.schema}"
+
+    def replicas(self) -> PostgresJobStore:
+        """Replicas share this store: it is its own `ReplicaStore`."""
+        return self
 
     # --- plumbing ----------------------------------------------------------
     def connect_kwargs(self) -> dict[str, Any]:
@@ -430,30 +352,6 @@ class PostgresJobStore(JobStore):
         raise AssertionError("unreachable")
 
     @staticmethod
-    def _record(row: Mapping[str, Any], queue_position: int = 0) -> JobRecord:
-        return JobRecord(
-            id=row["id"],
-            tenant=row["tenant"],
-            backend=row["backend"],
-            kind=JobKind(row["kind"]),
-            state=JobState(row["state"]),
-            attempts=row["attempts"],
-            created_at=row["created_at"],
-            started_at=row["started_at"],
-            finished_at=row["finished_at"],
-            error=row["error"],
-            session_id=row["session_id"],
-            executor_id=row["executor_id"],
-            lease_id=row["lease_id"],
-            lease_expires_at=row["lease_expires_at"],
-            last_seq=row["last_seq"],
-            tags=json.loads(row["tags"]),
-            idempotency_key=row["idempotency_key"] or "",
-            num_pubs=row["num_pubs"],
-            queue_position=queue_position,
-        )
-
-    @staticmethod
     async def _queued(conn: asyncpg.Connection, scope: str, key: str) -> int:
         """Queued jobs of a tenant ('t') or backend ('b'), from the trigger-kept counters."""
         n = await conn.fetchval(
@@ -471,16 +369,16 @@ class PostgresJobStore(JobStore):
     ) -> JobRecord:
         """Load a job; its exact queue position is counted unless the caller knows it."""
         if position is not None:
-            row = await conn.fetchrow(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = $1", job_id)
+            row = await conn.fetchrow(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1", job_id)
             if row is None or (tenant is not None and row["tenant"] != tenant):
                 raise NotFound(f"job {job_id!r} not found")
-            return self._record(row, position)
+            return job_record(row, position)
         row = await conn.fetchrow(
-            f"SELECT {_JOB_COLUMNS}, {_POSITION} FROM jobs j WHERE id = $1", job_id
+            f"SELECT {JOB_COLUMNS}, {_POSITION} FROM jobs j WHERE id = $1", job_id
         )
         if row is None or (tenant is not None and row["tenant"] != tenant):
             raise NotFound(f"job {job_id!r} not found")
-        return self._record(row, row["position"])
+        return job_record(row, row["position"])
 
     @staticmethod
     async def _insert_events(tx: _Tx, events: Sequence[StoredEvent]) -> None:
@@ -488,7 +386,7 @@ class PostgresJobStore(JobStore):
         if not events:
             return
         await tx.conn.execute(
-            "INSERT INTO events (job_id, seq, time, payload, terminal) "
+            f"INSERT INTO events ({EVENT_COLUMNS}) "
             "SELECT * FROM unnest($1::text[], $2::bigint[], $3::float8[], $4::bytea[], "
             "$5::bool[])",
             [e.job_id for e in events],
@@ -503,22 +401,35 @@ class PostgresJobStore(JobStore):
         for job_id, seq in last.items():
             tx.notify("e", j=job_id, s=seq)
 
-    async def _append(
-        self,
-        tx: _Tx,
-        job_id: str,
-        last_seq: int,
-        payloads: Sequence[tuple[bytes, bool]],
-        now: float,
-    ) -> list[StoredEvent]:
-        """Append events after `last_seq` (caller holds the row lock) and move last_seq."""
-        events = [
-            StoredEvent(job_id, last_seq + i + 1, now, payload, terminal)
-            for i, (payload, terminal) in enumerate(payloads)
-        ]
-        await self._insert_events(tx, events)
-        await tx.conn.execute("UPDATE jobs SET last_seq = $1 WHERE id = $2", events[-1].seq, job_id)
-        return events
+    async def _write(self, tx: _Tx, job: JobFacts, change: Transition) -> None:
+        """Execute a lifecycle decision (caller holds the job's row lock): the
+        job's new columns, its new events, and the hints other replicas need."""
+        sets = ", ".join(f"{column} = ${i}" for i, column in enumerate(change.columns, 1))
+        await tx.conn.execute(
+            f"UPDATE jobs SET {sets} WHERE id = ${len(change.columns) + 1}",
+            *change.columns.values(),
+            change.job_id,
+        )
+        await self._insert_events(tx, change.events)
+        if change.requeued:
+            tx.notify("q", b=job.backend, n=job.kind)
+        if change.stop is not None:
+            # The executor may be connected to another replica: it relays the stop.
+            stop = change.stop
+            tx.notify(
+                "c",
+                x=stop.executor_id,
+                j=change.job_id,
+                l=stop.lease_id,
+                r=stop.reason[:_MAX_REASON],
+            )
+
+    async def _facts(self, conn: asyncpg.Connection, job_id: str, *, more: str = "") -> Row | None:
+        """The decision's facts of a job (plus `more` columns), its row locked."""
+        row: Row | None = await conn.fetchrow(
+            f"SELECT {FACT_COLUMNS}{more} FROM jobs WHERE id = $1 FOR UPDATE", job_id
+        )
+        return row
 
     # --- jobs --------------------------------------------------------------
     async def submit(self, job: NewJob, *, max_queued_per_tenant: int) -> tuple[JobRecord, bool]:
@@ -538,24 +449,28 @@ class PostgresJobStore(JobStore):
                 if existing is not None:
                     return await self._load(conn, existing), False
             if job.session_id:
-                await self._check_session_accepts(conn, job)
-            queued = await self._queued(conn, "t", job.tenant)
-            if queued >= max_queued_per_tenant:
-                raise ResourceExhausted(
-                    f"tenant {job.tenant!r} already has {queued} queued jobs; this broker "
-                    f"queues at most {max_queued_per_tenant} per tenant "
-                    "(QRELAY_MAX_QUEUED_PER_TENANT); wait for some to finish"
+                # FOR UPDATE: a concurrent close of the session waits for this submit
+                # (or this submit sees it closed), never a job slipping into a closed one.
+                session = await conn.fetchrow(
+                    "SELECT tenant, backend, state FROM sessions WHERE id = $1 FOR UPDATE",
+                    job.session_id,
                 )
+                lifecycle.check_session_accepts(job, session)
+            lifecycle.check_queue_room(
+                job.tenant, await self._queued(conn, "t", job.tenant), max_queued_per_tenant
+            )
             now = time.time()
+            new_id = job.id or _new_id("j")
+            event = lifecycle.submitted(new_id, now)
             job_id = await conn.fetchval(
-                "INSERT INTO jobs (id, tenant, backend, kind, state, created_at, session_id, "
-                "tags, idempotency_key, num_pubs, spec, program_id) "
-                "VALUES ($1, $2, $3, $4, 1, $5, $6, $7, $8, $9, $10, $11) "
+                f"INSERT INTO jobs ({NEW_JOB_COLUMNS}) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) "
                 "ON CONFLICT (tenant, idempotency_key) DO NOTHING RETURNING id",
-                job.id or _new_id("j"),
+                new_id,
                 job.tenant,
                 job.backend,
                 int(job.kind),
+                QUEUED,
                 now,
                 job.session_id,
                 json.dumps(job.tags, sort_keys=True),
@@ -563,6 +478,7 @@ class PostgresJobStore(JobStore):
                 job.num_pubs,
                 job.spec,
                 job.program_id,
+                event.seq,
             )
             if job_id is None:  # a concurrent submit with the same key won
                 existing = await conn.fetchval(
@@ -575,36 +491,13 @@ class PostgresJobStore(JobStore):
                 await conn.execute(
                     "UPDATE sessions SET last_job_at = $1 WHERE id = $2", now, job.session_id
                 )
-            await self._append(
-                t, job_id, 0, [(state_payload(JobState.QUEUED, "submitted", 0), False)], now
-            )
+            await self._insert_events(t, [event])
             t.notify("q", b=job.backend, n=int(job.kind))
             # A fresh job is last in its backend's FIFO: its position is the count.
             position = await self._queued(conn, "b", job.backend)
             return await self._load(conn, job_id, position=position), True
 
         return await self._tx(tx)
-
-    @staticmethod
-    async def _check_session_accepts(conn: asyncpg.Connection, job: NewJob) -> None:
-        # FOR UPDATE: a concurrent close of the session waits for this submit
-        # (or this submit sees it closed), never a job slipping into a closed one.
-        row = await conn.fetchrow(
-            "SELECT tenant, backend, state FROM sessions WHERE id = $1 FOR UPDATE", job.session_id
-        )
-        if row is None or row["tenant"] != job.tenant:
-            raise NotFound(f"session {job.session_id!r} not found")
-        if row["backend"] != job.backend:
-            raise InvalidArgument(
-                f"job backend {job.backend!r} differs from the backend {row['backend']!r} of "
-                f"session {job.session_id}"
-            )
-        state = SessionState(row["state"])
-        if not state.accepting:
-            raise FailedPrecondition(
-                f"session {job.session_id} is {_SESSION_WORDS[state]}; it accepts no new jobs "
-                "(create a new session)"
-            )
 
     async def get(self, job_id: str, tenant: str | None = None) -> JobRecord:
         return await self._read(lambda conn: self._load(conn, job_id, tenant))
@@ -645,13 +538,7 @@ class PostgresJobStore(JobStore):
             return f"${len(params)}"
 
         if page_token:
-            try:
-                cursor = int(page_token)
-            except ValueError:
-                raise InvalidArgument(
-                    f"page_token {page_token!r} is not one this broker issued"
-                ) from None
-            where.append(f"qseq < {param(cursor)}")
+            where.append(f"qseq < {param(page_cursor(page_token))}")
         if states:
             where.append(f"state = ANY({param([int(s) for s in states])}::int[])")
         if backend:
@@ -662,25 +549,26 @@ class PostgresJobStore(JobStore):
 
         async def read(conn: asyncpg.Connection) -> JobPage:
             rows = await conn.fetch(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE {' AND '.join(where)} "
+                f"SELECT {JOB_COLUMNS} FROM jobs WHERE {' AND '.join(where)} "
                 f"ORDER BY qseq DESC LIMIT {limit}",
                 *params,
             )
             more = len(rows) > page_size
             rows = rows[:page_size]
             positions: dict[str, int] = {}
-            queued_backends = sorted({r["backend"] for r in rows if r["state"] == JobState.QUEUED})
+            queued_backends = sorted({r["backend"] for r in rows if r["state"] == QUEUED})
             if queued_backends:
                 # One pass over those backends' queues, not one count per job.
                 positions = {
                     r["id"]: r["position"]
                     for r in await conn.fetch(
                         "SELECT id, ROW_NUMBER() OVER (PARTITION BY backend ORDER BY qseq) "
-                        "AS position FROM jobs WHERE state = 1 AND backend = ANY($1::text[])",
+                        f"AS position FROM jobs WHERE state = {QUEUED} "
+                        "AND backend = ANY($1::text[])",
                         queued_backends,
                     )
                 }
-            jobs = [self._record(r, positions.get(r["id"], 0)) for r in rows]
+            jobs = [job_record(r, positions.get(r["id"], 0)) for r in rows]
             return JobPage(jobs, str(rows[-1]["qseq"]) if more else "")
 
         return await self._read(read)
@@ -693,10 +581,7 @@ class PostgresJobStore(JobStore):
                 job_id,
                 after_seq,
             )
-            return [
-                StoredEvent(job_id, r["seq"], r["time"], bytes(r["payload"]), r["terminal"])
-                for r in rows
-            ]
+            return [event_record(job_id, r) for r in rows]
 
         return await self._read(read)
 
@@ -713,7 +598,7 @@ class PostgresJobStore(JobStore):
             return []
         kind_list = None if kinds is None else [int(k) for k in kinds]
         where = (
-            "j.state = 1 AND j.backend = ANY($1::text[]) "
+            f"j.state = {QUEUED} AND j.backend = ANY($1::text[]) "
             "AND ($2::int[] IS NULL OR j.kind = ANY($2::int[]))"
         )
 
@@ -726,8 +611,8 @@ class PostgresJobStore(JobStore):
             picked = list(
                 await conn.fetch(
                     "SELECT j.qseq, j.session_id FROM sessions s JOIN jobs j "
-                    "ON j.session_id = s.id WHERE s.executor_id = $3 AND s.mode = 1 "
-                    f"AND s.state = 2 AND {where} ORDER BY j.qseq LIMIT $4 "
+                    f"ON j.session_id = s.id WHERE s.executor_id = $3 AND s.mode = {DEDICATED} "
+                    f"AND s.state = {SESSION_ACTIVE} AND {where} ORDER BY j.qseq LIMIT $4 "
                     "FOR UPDATE OF j SKIP LOCKED",
                     list(backends),
                     kind_list,
@@ -738,8 +623,9 @@ class PostgresJobStore(JobStore):
             if len(picked) < limit:
                 picked += await conn.fetch(
                     "SELECT j.qseq, j.session_id FROM jobs j LEFT JOIN sessions s "
-                    f"ON s.id = j.session_id WHERE {where} AND (s.id IS NULL OR s.mode <> 1 "
-                    "OR s.executor_id = '' OR (s.executor_id = $3 AND s.state <> 2)) "
+                    f"ON s.id = j.session_id WHERE {where} AND (s.id IS NULL "
+                    f"OR s.mode <> {DEDICATED} OR s.executor_id = '' "
+                    f"OR (s.executor_id = $3 AND s.state <> {SESSION_ACTIVE})) "
                     "AND NOT (j.qseq = ANY($5::bigint[])) "
                     "ORDER BY j.qseq LIMIT $4 FOR UPDATE OF j SKIP LOCKED",
                     list(backends),
@@ -753,10 +639,11 @@ class PostgresJobStore(JobStore):
             now = time.time()
             chosen = await self._claim_sessions(conn, picked, executor_id, now)
             rows = await conn.fetch(
-                "UPDATE jobs j SET state = 2, attempts = j.attempts + 1, started_at = $1, "
+                # The columns of lifecycle.claim(), for many rows in one statement.
+                f"UPDATE jobs j SET state = {RUNNING}, attempts = j.attempts + 1, started_at = $1, "
                 "executor_id = $2, lease_id = 'l-' || replace(gen_random_uuid()::text, '-', ''), "
                 "lease_expires_at = $3, last_seq = j.last_seq + 1 "
-                f"WHERE j.qseq = ANY($4::bigint[]) RETURNING {_qualified('j')}, j.spec",
+                f"WHERE j.qseq = ANY($4::bigint[]) RETURNING {qualified(JOB_COLUMNS, 'j')}, j.spec",
                 now,
                 executor_id,
                 now + lease_ttl_s,
@@ -767,18 +654,9 @@ class PostgresJobStore(JobStore):
             grants = []
             all_events = []
             for row in rows:
-                job = self._record(row)
-                event = StoredEvent(
-                    job.id,
-                    job.last_seq,
-                    now,
-                    state_payload(
-                        JobState.RUNNING,
-                        f"running on executor {executor_id}",
-                        job.attempts,
-                        executor_id,
-                    ),
-                    False,
+                job = job_record(row)
+                event = lifecycle.running_event(
+                    job.id, job.last_seq, job.attempts, executor_id, now
                 )
                 all_events.append(event)
                 grants.append(LeaseGrant(job, bytes(row["spec"]), [event]))
@@ -808,7 +686,7 @@ class PostgresJobStore(JobStore):
                 session_ids,
             )
         }
-        pinned = {sid: r["executor_id"] for sid, r in sessions.items() if r["mode"] == 1}
+        pinned = {sid: r["executor_id"] for sid, r in sessions.items() if r["mode"] == DEDICATED}
         chosen = []
         used: set[str] = set()
         for r in picked:
@@ -823,8 +701,8 @@ class PostgresJobStore(JobStore):
         if used:
             await conn.execute(
                 "UPDATE sessions SET activated_at = COALESCE(activated_at, $1), "
-                "state = CASE state WHEN 1 THEN 2 ELSE state END, "
-                "executor_id = CASE WHEN mode = 1 AND executor_id = '' THEN $2 "
+                f"state = CASE state WHEN {SESSION_OPEN} THEN {SESSION_ACTIVE} ELSE state END, "
+                f"executor_id = CASE WHEN mode = {DEDICATED} AND executor_id = '' THEN $2 "
                 "ELSE executor_id END WHERE id = ANY($3::text[])",
                 now,
                 executor_id,
@@ -839,7 +717,7 @@ class PostgresJobStore(JobStore):
         async def tx(t: _Tx) -> set[str]:
             rows = await t.conn.fetch(
                 "UPDATE jobs SET lease_expires_at = $1 WHERE lease_id = ANY($2::text[]) "
-                "AND state = 2 RETURNING lease_id",
+                f"AND state = {RUNNING} RETURNING lease_id",
                 time.time() + lease_ttl_s,
                 list(lease_ids),
             )
@@ -857,7 +735,8 @@ class PostgresJobStore(JobStore):
             rows = await t.conn.fetch(
                 "UPDATE jobs SET lease_expires_at = $1, executor_id = $2 "
                 "FROM unnest($3::text[], $4::text[]) AS h(job_id, lease_id) "
-                "WHERE jobs.id = h.job_id AND jobs.lease_id = h.lease_id AND jobs.state = 2 "
+                "WHERE jobs.id = h.job_id AND jobs.lease_id = h.lease_id "
+                f"AND jobs.state = {RUNNING} "
                 "RETURNING jobs.id, jobs.lease_id",
                 time.time() + lease_ttl_s,
                 executor_id,
@@ -875,164 +754,41 @@ class PostgresJobStore(JobStore):
         self, job_id: str, lease_id: str, kind: UpdateKind, payload: bytes
     ) -> UpdateOutcome:
         async def tx(t: _Tx) -> UpdateOutcome:
-            conn = t.conn
-            row = await conn.fetchrow(
-                "SELECT state, lease_id, last_seq, attempts, executor_id, backend, kind "
-                "FROM jobs WHERE id = $1 FOR UPDATE",
-                job_id,
-            )
-            if row is None:
-                return UpdateOutcome(False, f"unknown job {job_id!r}", None, [])
-            state = JobState(row["state"])
-            last_seq, attempts, executor_id = row["last_seq"], row["attempts"], row["executor_id"]
-            if kind is UpdateKind.RELEASED and state is JobState.CANCELLED:
-                return UpdateOutcome(True, "already cancelled", await self._load(conn, job_id), [])
-            if not lease_id or lease_id != row["lease_id"] or state is not JobState.RUNNING:
-                why = (
-                    f"job is {state.name}"
-                    if state is not JobState.RUNNING
-                    else "it was re-leased after this lease expired"
-                )
-                return UpdateOutcome(
-                    False,
-                    f"lease {lease_id!r} is not the current lease of job {job_id}; {why}",
-                    await self._load(conn, job_id),
-                    [],
-                )
-            now = time.time()
-            if kind in (UpdateKind.INTERIM, UpdateKind.LOG):
-                events = await self._append(
-                    t, job_id, last_seq, [(update_payload(kind, payload), False)], now
-                )
-            elif kind is UpdateKind.RESULT:
-                await conn.execute(
-                    "UPDATE jobs SET state = 3, result = $1, finished_at = $2, lease_id = '', "
-                    "lease_expires_at = NULL WHERE id = $3",
-                    payload,
-                    now,
-                    job_id,
-                )
-                events = await self._append(
-                    t,
-                    job_id,
-                    last_seq,
-                    [
-                        (update_payload(kind, payload), False),
-                        (state_payload(JobState.DONE, "done", attempts, executor_id), True),
-                    ],
-                    now,
-                )
-            elif kind is UpdateKind.ERROR:
-                await conn.execute(
-                    "UPDATE jobs SET state = 4, error = $1, finished_at = $2, lease_id = '', "
-                    "lease_expires_at = NULL WHERE id = $3",
-                    payload,
-                    now,
-                    job_id,
-                )
-                events = await self._append(
-                    t,
-                    job_id,
-                    last_seq,
-                    [
-                        (update_payload(kind, payload), False),
-                        (state_payload(JobState.FAILED, "failed", attempts, executor_id), True),
-                    ],
-                    now,
-                )
-            else:  # RELEASED under a valid lease: the executor gave the job back unrun
-                requeued_attempts = max(attempts - 1, 0)
-                await conn.execute(
-                    "UPDATE jobs SET state = 1, attempts = $1, lease_id = '', "
-                    "lease_expires_at = NULL WHERE id = $2",
-                    requeued_attempts,
-                    job_id,
-                )
-                events = await self._append(
-                    t,
-                    job_id,
-                    last_seq,
-                    [
-                        (
-                            state_payload(
-                                JobState.QUEUED,
-                                f"released by executor {executor_id}; requeued",
-                                requeued_attempts,
-                            ),
-                            False,
-                        )
-                    ],
-                    now,
-                )
-                t.notify("q", b=row["backend"], n=row["kind"])
-            return UpdateOutcome(True, "accepted", await self._load(conn, job_id), events)
+            row = await self._facts(t.conn, job_id)
+            facts = None if row is None else JobFacts.of(row)
+            decision = lifecycle.update(job_id, facts, lease_id, kind, payload, time.time())
+            if facts is not None and isinstance(decision, Transition):
+                await self._write(t, facts, decision)
+            job = None if facts is None else await self._load(t.conn, job_id)
+            return lifecycle.update_outcome(decision, job)
 
         return await self._tx(tx)
 
     async def expire_leases(self, now: float, max_attempts: int) -> list[ExpiredLease]:
         async def tx(t: _Tx) -> list[ExpiredLease]:
-            conn = t.conn
             # SKIP LOCKED: another replica's reaper (or an update) holding a row
             # deals with it; we take the rest.
-            rows = await conn.fetch(
-                "SELECT id, lease_id, executor_id, attempts, last_seq, backend, kind FROM jobs "
-                "WHERE state = 2 AND lease_expires_at < $1 ORDER BY lease_expires_at "
-                "FOR UPDATE SKIP LOCKED",
+            rows = await t.conn.fetch(
+                f"SELECT {FACT_COLUMNS} FROM jobs WHERE state = {RUNNING} "
+                "AND lease_expires_at < $1 ORDER BY lease_expires_at FOR UPDATE SKIP LOCKED",
                 now,
             )
             expired = []
             for row in rows:
-                job_id, lease_id, executor_id = row["id"], row["lease_id"], row["executor_id"]
-                attempts = row["attempts"]
-                if attempts >= max_attempts:
-                    message = (
-                        f"lease expired on executor {executor_id} on attempt {attempts} of "
-                        f"{max_attempts}; giving up: executors kept vanishing while running this "
-                        "job (QRELAY_MAX_ATTEMPTS)"
-                    )
-                    error = job_error(UNAVAILABLE, message)
-                    await conn.execute(
-                        "UPDATE jobs SET state = 4, error = $1, finished_at = $2, lease_id = '', "
-                        "lease_expires_at = NULL WHERE id = $3",
-                        error,
-                        now,
-                        job_id,
-                    )
-                    payloads = [
-                        (update_payload(UpdateKind.ERROR, error), False),
-                        (state_payload(JobState.FAILED, message, attempts, executor_id), True),
-                    ]
-                else:
-                    message = (
-                        f"lease expired on executor {executor_id}; requeued "
-                        f"(attempt {attempts} of {max_attempts})"
-                    )
-                    await conn.execute(
-                        "UPDATE jobs SET state = 1, lease_id = '', lease_expires_at = NULL "
-                        "WHERE id = $1",
-                        job_id,
-                    )
-                    payloads = [(state_payload(JobState.QUEUED, message, attempts), False)]
-                    t.notify("q", b=row["backend"], n=row["kind"])
-                events = await self._append(t, job_id, row["last_seq"], payloads, now)
-                # The executor may be connected to another replica: tell it to stop.
-                t.notify(
-                    "c",
-                    x=executor_id,
-                    j=job_id,
-                    l=lease_id,
-                    r="lease expired; the job was requeued",
-                )
-                expired.append(
-                    ExpiredLease(await self._load(conn, job_id), lease_id, executor_id, events)
-                )
+                job = JobFacts.of(row)
+                change = lifecycle.expire(job, max_attempts, now)
+                await self._write(t, job, change)
+                record = await self._load(t.conn, job.id)
+                expired.append(ExpiredLease(record, job.lease_id, job.executor_id, change.events))
             return expired
 
         return await self._tx(tx)
 
     async def next_lease_expiry(self) -> float | None:
         async def read(conn: asyncpg.Connection) -> float | None:
-            value = await conn.fetchval("SELECT MIN(lease_expires_at) FROM jobs WHERE state = 2")
+            value = await conn.fetchval(
+                f"SELECT MIN(lease_expires_at) FROM jobs WHERE state = {RUNNING}"
+            )
             return None if value is None else float(value)
 
         return await self._read(read)
@@ -1041,7 +797,8 @@ class PostgresJobStore(JobStore):
         async def tx(t: _Tx) -> int:
             floor = time.time() + lease_ttl_s
             rows = await t.conn.fetch(
-                "UPDATE jobs SET lease_expires_at = $1 WHERE state = 2 AND lease_expires_at < $1 "
+                f"UPDATE jobs SET lease_expires_at = $1 WHERE state = {RUNNING} "
+                "AND lease_expires_at < $1 "
                 "RETURNING id",
                 floor,
             )
@@ -1051,76 +808,37 @@ class PostgresJobStore(JobStore):
 
     async def cancel(self, job_id: str, tenant: str | None, reason: str) -> CancelOutcome:
         async def tx(t: _Tx) -> CancelOutcome:
-            conn = t.conn
-            row = await conn.fetchrow(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = $1 FOR UPDATE", job_id
-            )
+            row = await self._facts(t.conn, job_id, more=", tenant")
             if row is None or (tenant is not None and row["tenant"] != tenant):
                 raise NotFound(f"job {job_id!r} not found")
-            job = self._record(row)
-            if job.state.terminal:
-                return CancelOutcome(job, job.state, "", "", [])
-            now = time.time()
-            await conn.execute(
-                "UPDATE jobs SET state = 5, finished_at = $1, lease_id = '', "
-                "lease_expires_at = NULL WHERE id = $2",
-                now,
-                job_id,
-            )
-            message = f"cancelled: {reason}" if reason else "cancelled"
-            events = await self._append(
-                t,
-                job_id,
-                job.last_seq,
-                [(state_payload(JobState.CANCELLED, message, job.attempts, job.executor_id), True)],
-                now,
-            )
-            running = job.state is JobState.RUNNING
-            lease = job.lease_id if running else ""
-            executor = job.executor_id if running else ""
-            if running:
-                # The executor may be connected to another replica: it relays the stop.
-                stop = f"cancelled: {reason}" if reason else "cancelled by the client"
-                t.notify("c", x=executor, j=job_id, l=lease, r=stop[:_MAX_REASON])
-            return CancelOutcome(await self._load(conn, job_id), job.state, lease, executor, events)
+            job = JobFacts.of(row)
+            change = lifecycle.cancel(job, reason, time.time())
+            if change is not None:
+                await self._write(t, job, change)
+            return lifecycle.cancel_outcome(job, change, await self._load(t.conn, job_id))
 
         return await self._tx(tx)
 
     # --- programs -----------------------------------------------------------
-    @staticmethod
-    def _program(row: Mapping[str, Any]) -> ProgramRecord:
-        return ProgramRecord(
-            id=row["id"],
-            tenant=row["tenant"],
-            name=row["name"],
-            version=row["version"],
-            entry_point=row["entry_point"],
-            requirements=tuple(row["requirements"]),
-            input_schema_json=row["input_schema_json"],
-            description=row["description"],
-            size_bytes=row["size_bytes"],
-            created_at=row["created_at"],
-        )
-
     async def _find_program(
         self, conn: asyncpg.Connection, tenant: str, program: str, include_deleted: bool
     ) -> ProgramRecord:
         hidden = "" if include_deleted else " AND NOT deleted"
         row = await conn.fetchrow(
-            f"SELECT {_PROGRAM_COLUMNS} FROM programs WHERE tenant = $1 AND id = $2{hidden}",
+            f"SELECT {PROGRAM_COLUMNS} FROM programs WHERE tenant = $1 AND id = $2{hidden}",
             tenant,
             program,
         )
         if row is None:
             row = await conn.fetchrow(
-                f"SELECT {_PROGRAM_COLUMNS} FROM programs WHERE tenant = $1 AND name = $2"
+                f"SELECT {PROGRAM_COLUMNS} FROM programs WHERE tenant = $1 AND name = $2"
                 f"{hidden} ORDER BY version DESC LIMIT 1",
                 tenant,
                 program,
             )
         if row is None:
             raise NotFound(f"program {program!r} not found (no such id or name)")
-        return self._program(row)
+        return program_record(row)
 
     async def put_program(self, program: NewProgram) -> tuple[ProgramRecord, bool]:
         async def tx(t: _Tx) -> tuple[ProgramRecord, bool]:
@@ -1193,18 +911,18 @@ class PostgresJobStore(JobStore):
         async def read(conn: asyncpg.Connection) -> list[ProgramRecord]:
             if name:
                 rows = await conn.fetch(
-                    f"SELECT {_PROGRAM_COLUMNS} FROM programs WHERE tenant = $1 AND name = $2 "
+                    f"SELECT {PROGRAM_COLUMNS} FROM programs WHERE tenant = $1 AND name = $2 "
                     "AND NOT deleted ORDER BY version DESC",
                     tenant,
                     name,
                 )
             else:
                 rows = await conn.fetch(
-                    f"SELECT DISTINCT ON (name) {_PROGRAM_COLUMNS} FROM programs "
+                    f"SELECT DISTINCT ON (name) {PROGRAM_COLUMNS} FROM programs "
                     "WHERE tenant = $1 AND NOT deleted ORDER BY name, version DESC",
                     tenant,
                 )
-            return [self._program(r) for r in rows]
+            return [program_record(r) for r in rows]
 
         return await self._read(read)
 
@@ -1239,7 +957,7 @@ class PostgresJobStore(JobStore):
             await conn.execute(
                 "DELETE FROM programs p WHERE p.tenant = $1 AND p.deleted AND NOT EXISTS "
                 "(SELECT 1 FROM jobs j WHERE j.tenant = $1 AND j.program_id = p.id "
-                "AND j.state IN (1, 2))",
+                f"AND j.state IN {UNFINISHED})",
                 tenant,
             )
             return len(ids)
@@ -1254,7 +972,7 @@ class PostgresJobStore(JobStore):
         """Session records with their jobs' counts, from one aggregate query."""
         if not rows:
             return []
-        counts: dict[str, dict[JobState, int]] = {r["id"]: {s: 0 for s in JobState} for r in rows}
+        counts = {r["id"]: zero_counts() for r in rows}
         finished: dict[str, float | None] = {}
         for agg in await conn.fetch(
             "SELECT session_id, state, COUNT(*) AS n, MAX(finished_at) AS f FROM jobs "
@@ -1265,32 +983,13 @@ class PostgresJobStore(JobStore):
             counts[sid][JobState(agg["state"])] = agg["n"]
             if agg["f"] is not None:
                 finished[sid] = max(finished.get(sid) or 0.0, agg["f"])
-        return [
-            SessionRecord(
-                id=r["id"],
-                tenant=r["tenant"],
-                backend=r["backend"],
-                mode=SessionMode(r["mode"]),
-                state=SessionState(r["state"]),
-                state_reason=r["state_reason"],
-                executor_id=r["executor_id"],
-                max_time_s=r["max_time_s"],
-                max_idle_s=r["max_idle_s"],
-                created_at=r["created_at"],
-                activated_at=r["activated_at"],
-                closed_at=r["closed_at"],
-                last_job_at=r["last_job_at"],
-                last_finished_at=finished.get(r["id"]),
-                counts=counts[r["id"]],
-            )
-            for r in rows
-        ]
+        return [session_record(r, counts[r["id"]], finished.get(r["id"])) for r in rows]
 
     async def _load_session(
         self, conn: asyncpg.Connection, session_id: str, tenant: str | None, *, lock: bool = False
     ) -> SessionRecord:
         row = await conn.fetchrow(
-            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE id = $1"
+            f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id = $1"
             + (" FOR UPDATE" if lock else ""),
             session_id,
         )
@@ -1304,11 +1003,12 @@ class PostgresJobStore(JobStore):
             session_id = _new_id("s")
             await t.conn.execute(
                 "INSERT INTO sessions (id, tenant, backend, mode, state, max_time_s, max_idle_s, "
-                "created_at) VALUES ($1, $2, $3, $4, 1, $5, $6, $7)",
+                "created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
                 session_id,
                 session.tenant,
                 session.backend,
                 int(session.mode),
+                SESSION_OPEN,
                 session.max_time_s,
                 session.max_idle_s,
                 time.time(),
@@ -1323,15 +1023,11 @@ class PostgresJobStore(JobStore):
     async def end_session(
         self, session_id: str, tenant: str | None, state: SessionState, reason: str
     ) -> tuple[SessionRecord, bool]:
-        if state not in _SESSION_WORDS:
-            raise ValueError(f"cannot end a session as {state.name}")
+        lifecycle.check_session_end(state)
 
         async def tx(t: _Tx) -> tuple[SessionRecord, bool]:
             current = await self._load_session(t.conn, session_id, tenant, lock=True)
-            allowed = current.state.accepting or (
-                state is SessionState.CANCELLED and current.state is SessionState.CLOSED
-            )
-            if not allowed:
+            if not lifecycle.session_may_end(current.state, state):
                 return current, False
             await t.conn.execute(
                 "UPDATE sessions SET state = $1, state_reason = $2, "
@@ -1348,9 +1044,10 @@ class PostgresJobStore(JobStore):
     async def live_sessions(self) -> list[SessionRecord]:
         async def read(conn: asyncpg.Connection) -> list[SessionRecord]:
             rows = await conn.fetch(
-                f"SELECT {_SESSION_COLUMNS} FROM sessions s WHERE state IN (1, 2) "
-                "OR (state = 3 AND executor_id <> '' AND EXISTS (SELECT 1 FROM jobs j "
-                "WHERE j.session_id = s.id AND j.state IN (1, 2))) ORDER BY created_at"
+                f"SELECT {SESSION_COLUMNS} FROM sessions s WHERE state IN {SESSION_LIVE} "
+                f"OR (state = {SESSION_CLOSED} AND executor_id <> '' AND EXISTS (SELECT 1 "
+                f"FROM jobs j WHERE j.session_id = s.id AND j.state IN {UNFINISHED})) "
+                "ORDER BY created_at"
             )
             return await self._sessions(conn, rows)
 
@@ -1359,13 +1056,15 @@ class PostgresJobStore(JobStore):
     async def unpin_sessions(self, executor_id: str) -> list[SessionRecord]:
         async def tx(t: _Tx) -> list[SessionRecord]:
             rows = await t.conn.fetch(
-                f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE executor_id = $1 AND mode = 1 "
+                f"SELECT {SESSION_COLUMNS} FROM sessions WHERE executor_id = $1 "
+                f"AND mode = {DEDICATED} "
                 "ORDER BY id FOR UPDATE",
                 executor_id,
             )
             changed = await self._sessions(t.conn, rows)
             await t.conn.execute(
-                "UPDATE sessions SET executor_id = '' WHERE executor_id = $1 AND mode = 1",
+                "UPDATE sessions SET executor_id = '' WHERE executor_id = $1 "
+                f"AND mode = {DEDICATED}",
                 executor_id,
             )
             # Their queued jobs may now go to any executor, on any replica.
@@ -1406,17 +1105,15 @@ class PostgresJobStore(JobStore):
 
     async def list_backends(self) -> list[BackendRecord]:
         async def read(conn: asyncpg.Connection) -> list[BackendRecord]:
-            rows = await conn.fetch("SELECT name, info, last_seen FROM backends ORDER BY name")
-            return [BackendRecord(r["name"], bytes(r["info"]), r["last_seen"]) for r in rows]
+            rows = await conn.fetch(f"SELECT {BACKEND_COLUMNS} FROM backends ORDER BY name")
+            return [backend_record(r) for r in rows]
 
         return await self._read(read)
 
     async def get_backend(self, name: str) -> BackendRecord | None:
         async def read(conn: asyncpg.Connection) -> BackendRecord | None:
-            r = await conn.fetchrow(
-                "SELECT name, info, last_seen FROM backends WHERE name = $1", name
-            )
-            return None if r is None else BackendRecord(r["name"], bytes(r["info"]), r["last_seen"])
+            r = await conn.fetchrow(f"SELECT {BACKEND_COLUMNS} FROM backends WHERE name = $1", name)
+            return None if r is None else backend_record(r)
 
         return await self._read(read)
 
@@ -1433,7 +1130,7 @@ class PostgresJobStore(JobStore):
     async def count_by_state(self) -> dict[JobState, int]:
         async def read(conn: asyncpg.Connection) -> dict[JobState, int]:
             rows = await conn.fetch("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
-            counts = {s: 0 for s in JobState}
+            counts = zero_counts()
             for r in rows:
                 counts[JobState(r["state"])] = r["n"]
             return counts
@@ -1526,12 +1223,3 @@ def _connection_lost(exc: BaseException, conn: Any) -> bool:
     if isinstance(exc, QRelayError):
         return False
     return isinstance(exc, _CONNECTION_ERRORS) or bool(conn.is_closed())
-
-
-def _qualified(alias: str) -> str:
-    return ", ".join(f"{alias}.{c.strip()}" for c in _JOB_COLUMNS.split(","))
-
-
-def safe_dsn(dsn: str) -> str:
-    """The DSN without its password, for logs and messages."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", dsn)

@@ -1,0 +1,292 @@
+"""The tables both stores keep: one migration description, the column lists,
+state literals for SQL, and rows mapped to records by column name.
+
+A row here is anything addressed by column name: `sqlite3.Row` and
+`asyncpg.Record` alike. What stays per dialect is what must: column types,
+the queued counters (SQLite triggers; striped PostgreSQL counters) and the
+tables only replicas need.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from qrelay.broker.store.base import (
+    BackendRecord,
+    JobKind,
+    JobRecord,
+    JobState,
+    ProgramRecord,
+    SessionMode,
+    SessionRecord,
+    SessionState,
+    StoredEvent,
+)
+from qrelay.errors import InvalidArgument
+
+# --- literals for SQL text (numbers from the proto enums via base) ------------
+QUEUED = int(JobState.QUEUED)
+RUNNING = int(JobState.RUNNING)
+#: `state IN {UNFINISHED}`: QUEUED or RUNNING.
+UNFINISHED = f"({QUEUED}, {RUNNING})"
+DEDICATED = int(SessionMode.DEDICATED)
+SESSION_OPEN = int(SessionState.OPEN)
+SESSION_ACTIVE = int(SessionState.ACTIVE)
+SESSION_CLOSED = int(SessionState.CLOSED)
+#: `state IN {SESSION_LIVE}`: OPEN or ACTIVE.
+SESSION_LIVE = f"({SESSION_OPEN}, {SESSION_ACTIVE})"
+
+# --- column lists -------------------------------------------------------------
+JOB_COLUMNS = (
+    "id, tenant, backend, kind, state, attempts, created_at, started_at, finished_at, error, "
+    "session_id, executor_id, lease_id, lease_expires_at, last_seq, tags, idempotency_key, "
+    "num_pubs, qseq"
+)
+PROGRAM_COLUMNS = (
+    "id, tenant, name, version, entry_point, requirements, input_schema_json, description, "
+    "size_bytes, created_at"
+)
+SESSION_COLUMNS = (
+    "id, tenant, backend, mode, state, state_reason, executor_id, max_time_s, max_idle_s, "
+    "created_at, activated_at, closed_at, last_job_at"
+)
+EVENT_COLUMNS = "job_id, seq, time, payload, terminal"
+BACKEND_COLUMNS = "name, info, last_seen"
+#: Columns of a new job's INSERT, in `job_values` order.
+NEW_JOB_COLUMNS = (
+    "id, tenant, backend, kind, state, created_at, session_id, tags, idempotency_key, "
+    "num_pubs, spec, program_id, last_seq"
+)
+
+
+def page_cursor(page_token: str) -> int:
+    """The qseq a ListJobs page token stands for (the page holds older jobs)."""
+    try:
+        return int(page_token)
+    except ValueError:
+        raise InvalidArgument(f"page_token {page_token!r} is not one this broker issued") from None
+
+
+def qualified(columns: str, alias: str) -> str:
+    """`a, b` as `t.a, t.b`."""
+    return ", ".join(f"{alias}.{c.strip()}" for c in columns.split(","))
+
+
+# --- rows to records, by name ---------------------------------------------------
+class Row(Protocol):
+    """A result row addressed by column name (sqlite3.Row, asyncpg.Record)."""
+
+    def __getitem__(self, column: str, /) -> Any: ...
+
+
+def job_record(row: Row, queue_position: int = 0) -> JobRecord:
+    return JobRecord(
+        id=row["id"],
+        tenant=row["tenant"],
+        backend=row["backend"],
+        kind=JobKind(row["kind"]),
+        state=JobState(row["state"]),
+        attempts=row["attempts"],
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        error=row["error"],
+        session_id=row["session_id"],
+        executor_id=row["executor_id"],
+        lease_id=row["lease_id"],
+        lease_expires_at=row["lease_expires_at"],
+        last_seq=row["last_seq"],
+        tags=json.loads(row["tags"]),
+        idempotency_key=row["idempotency_key"] or "",
+        num_pubs=row["num_pubs"],
+        queue_position=queue_position,
+    )
+
+
+def program_record(row: Row) -> ProgramRecord:
+    requirements = row["requirements"]
+    if isinstance(requirements, str):  # SQLite keeps the list as JSON text
+        requirements = json.loads(requirements)
+    return ProgramRecord(
+        id=row["id"],
+        tenant=row["tenant"],
+        name=row["name"],
+        version=row["version"],
+        entry_point=row["entry_point"],
+        requirements=tuple(requirements),
+        input_schema_json=row["input_schema_json"],
+        description=row["description"],
+        size_bytes=row["size_bytes"],
+        created_at=row["created_at"],
+    )
+
+
+def session_record(
+    row: Row, counts: dict[JobState, int], last_finished_at: float | None
+) -> SessionRecord:
+    return SessionRecord(
+        id=row["id"],
+        tenant=row["tenant"],
+        backend=row["backend"],
+        mode=SessionMode(row["mode"]),
+        state=SessionState(row["state"]),
+        state_reason=row["state_reason"],
+        executor_id=row["executor_id"],
+        max_time_s=row["max_time_s"],
+        max_idle_s=row["max_idle_s"],
+        created_at=row["created_at"],
+        activated_at=row["activated_at"],
+        closed_at=row["closed_at"],
+        last_job_at=row["last_job_at"],
+        last_finished_at=last_finished_at,
+        counts=counts,
+    )
+
+
+def event_record(job_id: str, row: Row) -> StoredEvent:
+    return StoredEvent(
+        job_id, row["seq"], row["time"], bytes(row["payload"]), bool(row["terminal"])
+    )
+
+
+def event_values(event: StoredEvent) -> tuple[str, int, float, bytes, bool]:
+    """An event as the values of `EVENT_COLUMNS`."""
+    return (event.job_id, event.seq, event.time, event.payload, event.terminal)
+
+
+def backend_record(row: Row) -> BackendRecord:
+    return BackendRecord(row["name"], bytes(row["info"]), row["last_seen"])
+
+
+def zero_counts() -> dict[JobState, int]:
+    """A count for every JobState, all zero."""
+    return {s: 0 for s in JobState}
+
+
+# --- one migration description --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """The column types and dialect-only steps that render `MIGRATIONS`."""
+
+    serial_key: str  # jobs.qseq: FIFO order, also the page cursor
+    real: str
+    big: str
+    blob: str
+    flag: str  # a boolean column, NOT NULL, false by default
+    strings: str  # a list of strings
+    extra: Mapping[int, str]  # per version, run after the shared step
+
+
+#: Schema migrations by target version, rendered by `migrations(dialect)`.
+MIGRATIONS: dict[int, str] = {
+    1: f"""
+    CREATE TABLE jobs (
+        qseq {{serial_key}},
+        id TEXT NOT NULL UNIQUE,
+        tenant TEXT NOT NULL,
+        backend TEXT NOT NULL,
+        kind INTEGER NOT NULL,
+        state INTEGER NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        created_at {{real}} NOT NULL,
+        started_at {{real}},
+        finished_at {{real}},
+        error {{blob}},
+        session_id TEXT NOT NULL DEFAULT '',
+        executor_id TEXT NOT NULL DEFAULT '',
+        lease_id TEXT NOT NULL DEFAULT '',
+        lease_expires_at {{real}},
+        last_seq {{big}} NOT NULL DEFAULT 0,
+        tags TEXT NOT NULL DEFAULT '{{{{}}}}',
+        idempotency_key TEXT,
+        num_pubs INTEGER NOT NULL DEFAULT 0,
+        spec {{blob}} NOT NULL,
+        result {{blob}}
+    );
+    CREATE UNIQUE INDEX jobs_idempotency ON jobs (tenant, idempotency_key);
+    CREATE INDEX jobs_queued ON jobs (backend, qseq) WHERE state = {QUEUED};
+    CREATE INDEX jobs_tenant_queued ON jobs (tenant) WHERE state = {QUEUED};
+    CREATE INDEX jobs_lease ON jobs (lease_id) WHERE lease_id != '';
+    CREATE INDEX jobs_lease_expiry ON jobs (lease_expires_at) WHERE state = {RUNNING};
+    CREATE INDEX jobs_tenant ON jobs (tenant, qseq);
+    CREATE TABLE events (
+        job_id TEXT NOT NULL,
+        seq {{big}} NOT NULL,
+        time {{real}} NOT NULL,
+        payload {{blob}} NOT NULL,
+        terminal {{flag}},
+        PRIMARY KEY (job_id, seq)
+    );
+    CREATE TABLE backends (
+        name TEXT PRIMARY KEY,
+        info {{blob}} NOT NULL,
+        last_seen {{real}} NOT NULL
+    );
+    """,
+    2: f"""
+    ALTER TABLE jobs ADD COLUMN program_id TEXT NOT NULL DEFAULT '';
+    CREATE INDEX jobs_session ON jobs (session_id, state) WHERE session_id != '';
+    CREATE INDEX jobs_program ON jobs (tenant, program_id) WHERE program_id != '';
+    CREATE TABLE programs (
+        tenant TEXT NOT NULL,
+        id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        entry_point TEXT NOT NULL,
+        requirements {{strings}} NOT NULL,
+        input_schema_json TEXT NOT NULL,
+        description TEXT NOT NULL,
+        size_bytes {{big}} NOT NULL,
+        created_at {{real}} NOT NULL,
+        deleted {{flag}},  -- hidden, kept for unfinished jobs
+        archive {{blob}} NOT NULL,
+        PRIMARY KEY (tenant, id)
+    );
+    CREATE UNIQUE INDEX programs_name ON programs (tenant, name, version);
+    CREATE TABLE sessions (
+        id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        backend TEXT NOT NULL,
+        mode INTEGER NOT NULL,
+        state INTEGER NOT NULL,
+        state_reason TEXT NOT NULL DEFAULT '',
+        executor_id TEXT NOT NULL DEFAULT '',
+        max_time_s INTEGER NOT NULL,
+        max_idle_s INTEGER NOT NULL,
+        created_at {{real}} NOT NULL,
+        activated_at {{real}},
+        closed_at {{real}},
+        last_job_at {{real}}
+    );
+    CREATE INDEX sessions_live ON sessions (state) WHERE state IN {SESSION_LIVE};
+    CREATE INDEX sessions_pinned ON sessions (executor_id) WHERE executor_id != '';
+    """,
+    # Queued counters per tenant ('t') and per backend ('b'), kept exact in the
+    # database so every path that moves a job in or out of QUEUED (present and
+    # future) keeps them right: Submit's limit and queue position stay O(1) in
+    # queue depth instead of two COUNT(*) scans. How they are kept is the
+    # dialect's (see each store's `extra[3]`).
+    3: "",
+}
+SCHEMA_VERSION = max(MIGRATIONS)
+
+
+def migrations(dialect: Dialect) -> dict[int, str]:
+    """Each version's SQL for this dialect: the shared step, then its own."""
+    return {
+        version: sql.format(
+            serial_key=dialect.serial_key,
+            real=dialect.real,
+            big=dialect.big,
+            blob=dialect.blob,
+            flag=dialect.flag,
+            strings=dialect.strings,
+        )
+        + dialect.extra.get(version, "")
+        for version, sql in MIGRATIONS.items()
+    }

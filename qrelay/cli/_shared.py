@@ -1,0 +1,155 @@
+"""What every `qrelay` command group shares: consoles, options, error reporting,
+running a coroutine, serving until a signal, and how states and times print."""
+
+from __future__ import annotations
+
+import gc
+import signal
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
+
+import anyio
+import structlog
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from qrelay._proto.v1 import types_pb2
+from qrelay.errors import QRelayError, exception_leaves
+
+if TYPE_CHECKING:
+    from qrelay.client import AsyncQRelayService
+
+log = structlog.get_logger(__name__)
+console = Console()
+err_console = Console(stderr=True)
+T = TypeVar("T")
+
+BrokerAddr = Annotated[
+    str, typer.Option("--broker", envvar="QRELAY_BROKER", help="Broker address HOST:PORT.")
+]
+Token = Annotated[
+    str | None,
+    typer.Option("--token", envvar="QRELAY_TOKEN", help="Bearer token naming your tenant."),
+]
+
+
+def _enum_names(enum: Any, prefix: str) -> dict[int, str]:
+    """Number -> name of a proto enum's values, without its prefix (UNSPECIFIED left out)."""
+    return {v.number: v.name.removeprefix(prefix) for v in enum.DESCRIPTOR.values if v.number}
+
+
+_STATE_NAMES = _enum_names(types_pb2.JobState, "JOB_STATE_")
+_STATE_STYLE = {
+    "QUEUED": "yellow",
+    "RUNNING": "cyan",
+    "DONE": "green",
+    "FAILED": "red",
+    "CANCELLED": "magenta",
+}
+_KIND_NAMES = {n: name.lower() for n, name in _enum_names(types_pb2.JobKind, "JOB_KIND_").items()}
+DONE = types_pb2.JOB_STATE_DONE
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    err_console.print(f"[red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def _reported_errors() -> Iterator[None]:
+    """Turn qrelay errors and bad settings into one line and an exit code."""
+    try:
+        yield
+    except (QRelayError, ValidationError, BaseExceptionGroup) as exc:
+        for leaf in exception_leaves(exc):
+            if isinstance(leaf, QRelayError):
+                _fail(f"{leaf.code_name}: {leaf.message}")
+            if isinstance(leaf, ValidationError):
+                problems = "; ".join(
+                    f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}"
+                    for e in leaf.errors()
+                )
+                _fail(f"invalid settings: {problems}", 2)
+        raise
+
+
+def _run(fn: Callable[[], Awaitable[T]]) -> T:
+    with _reported_errors():
+        return anyio.run(fn, backend="asyncio")
+
+
+def _freeze_startup_heap() -> None:
+    """Move everything alive after start-up out of the garbage collector's view.
+
+    An executor holds Qiskit, Aer and its backends: ~180k long-lived objects
+    that every full collection walks (~80 ms here, with the GIL held, so a job
+    or a heartbeat waits). Frozen, a full collection only sees what jobs made.
+    """
+    gc.collect()
+    gc.freeze()
+
+
+async def _until_signal(serve: Callable[[], Awaitable[None]]) -> None:
+    """Run `serve` until it returns or SIGINT/SIGTERM arrives, then cancel it cleanly."""
+    # A serving process configures logging once: each logger may keep its bound
+    # form instead of rebuilding it on every call (the job path logs several times).
+    structlog.configure(cache_logger_on_first_use=True)
+    async with anyio.create_task_group() as tg:
+
+        async def watch_signals() -> None:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    log.info("shutdown.requested", signal=signal.Signals(signum).name)
+                    tg.cancel_scope.cancel()
+                    return
+
+        tg.start_soon(watch_signals)
+        await serve()
+        tg.cancel_scope.cancel()
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    """Only the flags the user gave, so environment variables and defaults still apply."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _service(broker: str, token: str | None) -> AsyncQRelayService:
+    from qrelay.client import AsyncQRelayService
+
+    return AsyncQRelayService(broker, token, timeout=15.0)
+
+
+def _state(state: int) -> str:
+    return _STATE_NAMES.get(state, "UNSPECIFIED")
+
+
+def _styled_state(state: int) -> str:
+    name = _state(state)
+    return f"[{_STATE_STYLE.get(name, 'white')}]{name}[/]"
+
+
+def _ts(value: Any) -> str:
+    """A protobuf Timestamp as local 'YYYY-MM-DD HH:MM:SS', '' when unset."""
+    if value is None or (value.seconds == 0 and value.nanos == 0):
+        return ""
+    return datetime.fromtimestamp(value.seconds + value.nanos / 1e9).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _code_name(code: int) -> str:
+    from qrelay.errors import error_for_code
+
+    cls = type(error_for_code(code, ""))
+    return cls.code_name if cls is not QRelayError else f"code {code}"
+
+
+def _print_rows(rows: list[tuple[str, str]]) -> None:
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")  # ids stay whole, if on two lines
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)

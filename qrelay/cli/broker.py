@@ -1,0 +1,83 @@
+"""`qrelay broker serve`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import anyio
+import structlog
+import typer
+
+from qrelay.cli._shared import _freeze_startup_heap, _given, _reported_errors, _run, _until_signal
+from qrelay.logging import safe_dsn as _redacted
+
+log = structlog.get_logger(__name__)
+
+broker_app = typer.Typer(help="Run a broker.", no_args_is_help=True)
+
+
+@broker_app.command("serve")
+def broker_serve(
+    listen: Annotated[str | None, typer.Option(help="Address to listen on, HOST:PORT.")] = None,
+    db: Annotated[Path | None, typer.Option(help="SQLite database file.")] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option(help="PostgreSQL URL (postgresql://...) for replicas; overrides --db."),
+    ] = None,
+    lease_ttl: Annotated[
+        float | None, typer.Option(help="Seconds a lease lives without a heartbeat.")
+    ] = None,
+    heartbeat_interval: Annotated[
+        float | None, typer.Option(help="Seconds between executor heartbeats.")
+    ] = None,
+    max_attempts: Annotated[
+        int | None, typer.Option(help="Attempts before a job whose executors vanish FAILS.")
+    ] = None,
+    tokens: Annotated[
+        str | None, typer.Option(help="Client tokens, 'token=tenant,token2=tenant2'.")
+    ] = None,
+    executor_token: Annotated[
+        str | None, typer.Option(help="Token executors must present.")
+    ] = None,
+    default_tenant: Annotated[
+        str | None, typer.Option(help="Tenant of callers when no tokens are configured.")
+    ] = None,
+    max_job_bytes: Annotated[int | None, typer.Option(help="Largest job accepted.")] = None,
+    max_queued_per_tenant: Annotated[
+        int | None, typer.Option(help="Queued jobs allowed per tenant.")
+    ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Prometheus metrics port; 0 for none.")
+    ] = None,
+) -> None:
+    """Run a broker until SIGINT/SIGTERM. Every flag is also QRELAY_<NAME> in the environment."""
+    from qrelay.broker.server import running_broker
+    from qrelay.broker.settings import BrokerSettings
+
+    with _reported_errors():
+        settings = BrokerSettings(
+            **_given(
+                listen=listen,
+                db_path=db,
+                database_url=database_url,
+                lease_ttl_s=lease_ttl,
+                heartbeat_interval_s=heartbeat_interval,
+                max_attempts=max_attempts,
+                tokens=tokens,
+                executor_token=executor_token,
+                default_tenant=default_tenant,
+                max_job_bytes=max_job_bytes,
+                max_queued_per_tenant=max_queued_per_tenant,
+                metrics_port=metrics_port,
+            )
+        )
+
+    async def serve() -> None:
+        async with running_broker(settings) as broker:
+            store = _redacted(settings.database_url) if settings.database_url else settings.db_path
+            log.info("broker.serving", address=broker.address, store=str(store))
+            _freeze_startup_heap()
+            await anyio.sleep_forever()
+
+    _run(lambda: _until_signal(serve))

@@ -1,0 +1,106 @@
+"""`qrelay executor serve`."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Any
+
+import anyio
+import typer
+
+from qrelay.cli._shared import _freeze_startup_heap, _given, _reported_errors, _run, _until_signal
+from qrelay.errors import DeadlineExceeded
+
+executor_app = typer.Typer(help="Run an executor beside its backends.", no_args_is_help=True)
+
+
+async def _executor_frozen_once_connected(executor: Any) -> None:
+    """Freeze the heap once the executor is up (backends loaded, first Welcome)."""
+    while True:
+        try:
+            await executor.wait_connected(3600)
+        except DeadlineExceeded:
+            continue
+        _freeze_startup_heap()
+        return
+
+
+def _executor_settings(**flags: Any) -> Any:
+    from qrelay.executor.settings import ExecutorSettings
+
+    values = _given(**flags)
+    if (
+        "broker" not in values
+        and "QRELAY_EXECUTOR_BROKER" not in os.environ
+        and os.environ.get("QRELAY_BROKER")
+    ):
+        values["broker"] = os.environ["QRELAY_BROKER"]
+    return ExecutorSettings(**values)
+
+
+@executor_app.command("serve")
+def executor_serve(
+    broker: Annotated[
+        str | None,
+        typer.Option(
+            help="Broker address HOST:PORT (env QRELAY_EXECUTOR_BROKER or QRELAY_BROKER)."
+        ),
+    ] = None,
+    backend: Annotated[
+        list[str] | None, typer.Option(help="Backend to serve (repeat for several).")
+    ] = None,
+    slots: Annotated[int | None, typer.Option(help="Jobs run at once.")] = None,
+    executor_id: Annotated[str | None, typer.Option(help="Stable executor id.")] = None,
+    token: Annotated[
+        str | None, typer.Option(help="Executor token (env QRELAY_EXECUTOR_TOKEN).")
+    ] = None,
+    optimization_level: Annotated[
+        int | None, typer.Option(help="Transpiler optimization level 0-3.")
+    ] = None,
+    transpile_cache_size: Annotated[
+        int | None, typer.Option(help="Transpiled circuits kept in memory.")
+    ] = None,
+    reconnect_initial: Annotated[
+        float | None, typer.Option(help="First reconnect backoff in seconds.")
+    ] = None,
+    reconnect_max: Annotated[float | None, typer.Option(help="Reconnect backoff cap.")] = None,
+    connect_timeout: Annotated[
+        float | None, typer.Option(help="Deadline for connecting and for the Welcome.")
+    ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Prometheus metrics port; 0 for none.")
+    ] = None,
+    programs: Annotated[
+        bool | None,
+        typer.Option(
+            "--programs/--no-programs", help="Run program jobs in sandboxes (default: yes)."
+        ),
+    ] = None,
+) -> None:
+    """Run an executor until SIGINT/SIGTERM. Every flag is also QRELAY_EXECUTOR_<NAME>."""
+    from qrelay.executor.agent import Executor
+
+    with _reported_errors():
+        settings = _executor_settings(
+            broker=broker,
+            backends=backend or None,
+            slots=slots,
+            executor_id=executor_id,
+            token=token,
+            optimization_level=optimization_level,
+            transpile_cache_size=transpile_cache_size,
+            reconnect_initial_s=reconnect_initial,
+            reconnect_max_s=reconnect_max,
+            connect_timeout_s=connect_timeout,
+            metrics_port=metrics_port,
+            programs=programs,
+        )
+    executor = Executor(settings)
+
+    async def serve() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_executor_frozen_once_connected, executor)
+            await executor.run()
+            tg.cancel_scope.cancel()
+
+    _run(lambda: _until_signal(serve))
