@@ -465,6 +465,29 @@ def _check_positive(value: float, what: str) -> None:
         raise InvalidArgument(f"{what} must be > 0, got {value}")
 
 
+def _check_precision(value: float, what: str) -> None:
+    """Precision 0 asks for exact values (the ideal simulator gives them); < 0 is nonsense."""
+    if not value >= 0 or not math.isfinite(value):
+        raise InvalidArgument(f"{what} must be >= 0, got {value}")
+
+
+#: Instructions that touch a qubit without acting on its state.
+NOT_ACTING = frozenset({"barrier", "delay"})
+
+
+def active_qubits(circuit: QuantumCircuit) -> tuple[int, ...]:
+    """Indices of the qubits some instruction acts on (barriers and delays do not count).
+
+    The ideal simulator runs a circuit wider than itself when these fit (idle
+    wires are dropped, as Aer's primitives do); the SDK checks the same before sending.
+    """
+    used: set[int] = set()
+    for inst in circuit.data:
+        if inst.operation.name not in NOT_ACTING:
+            used.update(circuit.find_bit(q).index for q in inst.qubits)
+    return tuple(sorted(used))
+
+
 def check_sampler_task(task: types_pb2.SamplerTask) -> int | None:
     """Validate task-level fields; returns the job-level shots (None when absent)."""
     if not task.pubs:
@@ -484,10 +507,10 @@ def check_estimator_task(task: types_pb2.EstimatorTask) -> float | None:
         raise InvalidArgument("estimator task has no pubs")
     precision = task.precision if task.HasField("precision") else None
     if precision is not None:
-        _check_positive(precision, "precision")
+        _check_precision(precision, "precision")
     for i, pub in enumerate(task.pubs):
         if pub.HasField("precision"):
-            _check_positive(pub.precision, f"pub {i}: precision")
+            _check_precision(pub.precision, f"pub {i}: precision")
     return precision
 
 

@@ -39,6 +39,8 @@ class Backend:
     qiskit: Any  # a qiskit BackendV2 (AerSimulator); qiskit ships no type stubs
     description: str
     simulator: bool = True
+    #: Noiseless: the Estimator gives exact expectation values here (precision 0).
+    ideal: bool = False
 
     @property
     def target(self) -> Target:
@@ -187,6 +189,7 @@ def _build(name: str) -> Backend:
             name=IDEAL,
             qiskit=_ExecutorAerSimulator(),
             description="Aer ideal (noiseless) simulator",
+            ideal=True,
         )
     cls = _fake_device_classes().get(name)
     if cls is None:

@@ -16,9 +16,9 @@ gets its own derived seed (`_pub_seed`), pub 0 the job's seed itself.
 
 from __future__ import annotations
 
-import math
 import threading
 import time
+from collections import OrderedDict
 from typing import Any, Literal
 
 import numpy as np
@@ -26,6 +26,7 @@ import structlog
 from google.protobuf import json_format
 from qiskit.primitives.containers import (
     BindingsArray,
+    ObservablesArray,
     PrimitiveResult,
     PubResult,
     SamplerPubResult,
@@ -33,11 +34,12 @@ from qiskit.primitives.containers import (
 from qiskit.primitives.containers.estimator_pub import EstimatorPub
 from qiskit.primitives.containers.sampler_pub import SamplerPub
 
-from qrelay import codec
+from qrelay import codec, job_warnings
 from qrelay._proto.v1 import types_pb2
 from qrelay.errors import Cancelled, InvalidArgument, ResourceExhausted
 from qrelay.executor.backends import Backend
 from qrelay.executor.mitigation import run_estimator, run_sampler
+from qrelay.executor.mitigation.estimator import estimator_shots
 from qrelay.executor.transpile import (
     DEFAULT_OPTIMIZATION_LEVEL,
     DEFAULT_SEED_TRANSPILER,
@@ -63,6 +65,8 @@ DEFAULT_PRECISION = 0.015625
 MAX_SHOTS_PER_PUB = 100_000_000
 # Distinct option sets remembered validated (oldest dropped first).
 _OPTIONS_CACHE_SIZE = 256
+# Distinct (observables, ISA circuit) pairs remembered decoded and laid out.
+_OBSERVABLES_CACHE_SIZE = 256
 
 
 class PrimitivePipeline:
@@ -85,6 +89,10 @@ class PrimitivePipeline:
         self.default_optimization_level = default_optimization_level
         self._log = log.bind(backend=backend.name)
         self._options_cache: dict[tuple[str, bytes], SamplerOptions | EstimatorOptions] = {}
+        self._observables_cache: OrderedDict[
+            tuple[bytes, int], tuple[TranspiledCircuit, ObservablesArray]
+        ] = OrderedDict()
+        self._observables_lock = threading.Lock()
 
     def run(
         self, spec: types_pb2.JobSpec, cancelled: threading.Event | None = None
@@ -104,12 +112,16 @@ class PrimitivePipeline:
         started = time.perf_counter()
         options = self._options(kind, spec)
         result: PrimitiveResult[Any]
-        if kind == "sampler":
-            assert isinstance(options, SamplerOptions)
-            result = self.run_sampler(spec.sampler, options, cancelled)
-        else:
-            assert isinstance(options, EstimatorOptions)
-            result = self.run_estimator(spec.estimator, options, cancelled)
+        # Qiskit's warnings reach the caller: carried in the metadata, warned by the SDK.
+        with job_warnings.capture() as caught:
+            if kind == "sampler":
+                assert isinstance(options, SamplerOptions)
+                result = self.run_sampler(spec.sampler, options, cancelled)
+            else:
+                assert isinstance(options, EstimatorOptions)
+                result = self.run_estimator(spec.estimator, options, cancelled)
+        if caught:
+            result.metadata[job_warnings.METADATA_KEY] = caught
         encoded = types_pb2.JobResult(primitive=codec.encode_primitive_result(result))
         self._log.debug(
             "primitive.executed",
@@ -175,36 +187,53 @@ class PrimitivePipeline:
         options: EstimatorOptions,
         cancelled: threading.Event | None = None,
     ) -> PrimitiveResult[PubResult]:
-        """Estimator semantics of BackendEstimatorV2: pub precision > task > default."""
+        """Estimator precision as Runtime resolves it: a pub's own precision, else
+        default_shots (1/sqrt(shots)), else the run's precision, else default_precision,
+        else Qiskit's default. Precision 0 asks for exact values (ideal simulator only)."""
         job_precision = codec.check_estimator_task(task)
-        precision = (
-            job_precision
-            if job_precision is not None
-            else options.default_precision or DEFAULT_PRECISION
-        )
+        # default_shots overrides the run-level precision, never a pub's own (Runtime).
+        run_precision = job_precision if options.default_shots is None else None
         isa_pubs: list[EstimatorPub] = []
         for i, wire in enumerate(task.pubs):
             tc = self._transpiled(wire.circuit, options, i)
             bindings = _isa_bindings(tc, wire, i)
-            observables = codec.decode_observables(wire.observables, tc.num_qubits, i)
-            # Virtual qubit q of the user's observables -> the physical qubit it was laid on.
-            isa_observables = observables.apply_layout(tc.layout, tc.isa.num_qubits)
-            pub_precision = wire.precision if wire.HasField("precision") else None
-            pub = codec.make_estimator_pub(
-                tc.isa, isa_observables, bindings, pub_precision or precision, i
-            )
-            _check_budget(i, math.ceil(1.0 / (pub.precision or precision) ** 2), pub.size)
+            isa_observables = self._isa_observables(wire.observables, tc, i)
+            pub_precision = wire.precision if wire.HasField("precision") else run_precision
+            pub = codec.make_estimator_pub(tc.isa, isa_observables, bindings, pub_precision, i)
+            shots, precision = estimator_shots(options, pub.precision)
+            _check_budget(i, 1 if precision == 0 else shots, pub.size)
             isa_pubs.append(pub)
         seed = options.effective_seed()
         results: list[PubResult] = []
         for k, pub in enumerate(isa_pubs):
             _check_cancelled(cancelled, k)
             results.extend(
-                _run_isa_estimator(self.backend, [pub], options, precision, _pub_seed(seed, k))
+                _run_isa_estimator(self.backend, [pub], options, None, _pub_seed(seed, k))
             )
         return PrimitiveResult(results, metadata={"version": 2})
 
     # ----------------------------------------------------------------- helpers
+
+    def _isa_observables(
+        self, wire: types_pb2.ObservablesArray, tc: TranspiledCircuit, pub_index: int
+    ) -> ObservablesArray:
+        """Decoded, validated observables on the ISA circuit's qubits, cached by their
+        wire bytes and ISA circuit: a loop sends the same Hamiltonian every iteration,
+        and decoding plus layout cost as much as simulating a small circuit (measured).
+        Cached arrays are shared: nothing downstream mutates them."""
+        key = (wire.SerializeToString(deterministic=True), id(tc))
+        with self._observables_lock:
+            found = self._observables_cache.get(key)
+            if found is not None and found[0] is tc:
+                self._observables_cache.move_to_end(key)
+                return found[1]
+        observables = codec.decode_observables(wire, tc.num_qubits, pub_index)
+        isa = _isa_observables(observables, tc)
+        with self._observables_lock:
+            self._observables_cache[key] = (tc, isa)
+            while len(self._observables_cache) > _OBSERVABLES_CACHE_SIZE:
+                self._observables_cache.popitem(last=False)
+        return isa
 
     def _transpiled(
         self,
@@ -242,16 +271,47 @@ def _run_isa_estimator(
     backend: Backend,
     isa_pubs: list[EstimatorPub],
     options: EstimatorOptions,
-    precision: float,
+    precision: float | None,
     seed_simulator: int | None,
 ) -> list[PubResult]:
     """THE place Estimator pubs (ISA circuits, observables on physical qubits) are executed.
 
-    `precision` applies to pubs that carry none (ceil(1 / precision**2) shots).
+    `precision` applies to pubs that carry none (ceil(1 / precision**2) shots); pubs
+    left without one get default_shots or default_precision (`estimator_shots`).
     Resilience levels run in `qrelay.executor.mitigation`; at level 0 with no
     suppression it is Qiskit's BackendEstimatorV2 bit for bit.
     """
     return list(run_estimator(backend, isa_pubs, options, precision, seed_simulator))
+
+
+def _isa_observables(observables: ObservablesArray, tc: TranspiledCircuit) -> ObservablesArray:
+    """The user's observables on the ISA circuit's physical qubits.
+
+    When idle qubits were dropped to fit the backend, each Pauli term is first
+    reduced to the kept qubits: an idle qubit is |0>, so I or Z there is a factor
+    1 and X or Y makes the term's expectation value 0 (the term is left out).
+    """
+    if tc.active_qubits is not None:
+        observables = _on_active_qubits(observables, tc.active_qubits)
+    # Virtual qubit q of the observables -> the physical qubit it was laid on.
+    return observables.apply_layout(tc.layout, tc.isa.num_qubits)
+
+
+def _on_active_qubits(observables: ObservablesArray, active: tuple[int, ...]) -> ObservablesArray:
+    n = observables.num_qubits
+    keep = set(active)
+    idle = [n - 1 - q for q in range(n) if q not in keep]  # label positions (qubit 0 last)
+    kept = [n - 1 - q for q in reversed(active)]
+    out = np.empty(observables.size, dtype=object)
+    for j, terms in enumerate(observables.ravel()):
+        reduced: dict[str, float] = {}
+        for label, coeff in terms.items():
+            if any(label[p] in "XY" for p in idle):
+                continue
+            short = "".join(label[p] for p in kept)
+            reduced[short] = reduced.get(short, 0.0) + coeff
+        out[j] = reduced or {"I" * len(active): 0.0}
+    return ObservablesArray(out.reshape(observables.shape), num_qubits=len(active))
 
 
 def _isa_bindings(

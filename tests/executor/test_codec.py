@@ -391,16 +391,23 @@ def test_observables_and_bindings_that_do_not_broadcast_message() -> None:
     )
 
 
-@pytest.mark.parametrize("value", [0.0, -0.1, float("inf")])
-def test_non_positive_precision_is_invalid_argument(value: float) -> None:
+@pytest.mark.parametrize("value", [-0.1, float("inf"), float("nan")])
+def test_negative_or_non_finite_precision_is_invalid_argument(value: float) -> None:
     task = codec.encode_estimator_task([(QuantumCircuit(1), "Z")])
     task.precision = value
-    with pytest.raises(InvalidArgument, match=r"^precision must be > 0"):
+    with pytest.raises(InvalidArgument, match=r"^precision must be >= 0"):
         codec.decode_estimator_task(task)
     task.ClearField("precision")
     task.pubs[0].precision = value
-    with pytest.raises(InvalidArgument, match=r"^pub 0: precision must be > 0"):
+    with pytest.raises(InvalidArgument, match=r"^pub 0: precision must be >= 0"):
         codec.decode_estimator_task(task)
+
+
+def test_precision_zero_asks_for_exact_values_and_is_accepted() -> None:
+    task = codec.encode_estimator_task([(QuantumCircuit(1), "Z", None, 0.0)], precision=0.0)
+    pubs, precision = codec.decode_estimator_task(task)
+    assert precision == 0.0
+    assert pubs[0].precision == 0.0
 
 
 def test_malformed_estimator_pub_like_is_invalid_argument_on_encode() -> None:
