@@ -9,6 +9,7 @@ so a subscriber sees every event exactly once and in order.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import AsyncGenerator, Iterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -17,9 +18,10 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 import anyio
 import grpc
-from qiskit.primitives import BasePrimitiveJob
+from qiskit.primitives import BasePrimitiveJob, PrimitiveResult
 from qiskit.providers import JobStatus
 
+from qrelay import job_warnings
 from qrelay._proto.v1 import jobs_pb2, types_pb2
 from qrelay.client._connection import is_resumable
 from qrelay.client._log import get_logger
@@ -213,6 +215,8 @@ class AsyncRuntimeJob:
         self._run_stream = run_stream
         self._result: Any = _UNSET
         self._failure: QRelayError | None = None
+        # Warnings the executor carried in the result's metadata, warned once by result().
+        self._warnings: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return f"<AsyncRuntimeJob {self.job_id()} backend={self.backend_name!r}>"
@@ -347,6 +351,16 @@ class AsyncRuntimeJob:
         cancelled one raises `Cancelled`; `timeout` seconds without a final
         state raise `DeadlineExceeded` (the job keeps running).
         """
+        result = await self._outcome(timeout)
+        self._warn()
+        return result
+
+    def _warn(self, stacklevel: int = 4) -> None:
+        """Warn (once) what Qiskit warned on the executor while running this job."""
+        carried, self._warnings = self._warnings, {}
+        job_warnings.reemit(carried, stacklevel)
+
+    async def _outcome(self, timeout: float | None = None) -> Any:  # noqa: ASYNC109
         if self._result is not _UNSET:
             return self._result
         if self._failure is not None:
@@ -387,6 +401,11 @@ class AsyncRuntimeJob:
                 )
                 wire_result = fetched
             self._result = await decode_job_result(wire_result)
+            metadata = getattr(self._result, "metadata", None)
+            if isinstance(metadata, dict) and job_warnings.METADATA_KEY in metadata:
+                self._warnings = {
+                    job_warnings.METADATA_KEY: metadata.pop(job_warnings.METADATA_KEY)
+                }
         elif final.state == types_pb2.JOB_STATE_FAILED:
             if wire_error is None:
                 wire_error = (await self.refresh()).error
@@ -464,7 +483,9 @@ class RuntimeJob(BasePrimitiveJob[Any, JobStatus]):  # type: ignore[misc]
 
     def result(self, timeout: float | None = None) -> Any:
         """Block until the job finishes; see `AsyncRuntimeJob.result`."""
-        return self._loop.call(self._core.result, timeout)
+        result = self._loop.call(self._core._outcome, timeout)
+        self._core._warn(stacklevel=3)  # in the caller's thread, pointing at its line
+        return result
 
     def status(self) -> JobStatus:
         return self._loop.call(self._core.status)
@@ -505,8 +526,44 @@ class RuntimeJob(BasePrimitiveJob[Any, JobStatus]):  # type: ignore[misc]
         return wall
 
 
+class EmptyJob(BasePrimitiveJob[Any, JobStatus]):  # type: ignore[misc]
+    """What `run([])` returns: nothing to run, so no job is sent; done at once, and
+    its result is an empty PrimitiveResult, as Qiskit's reference primitives give."""
+
+    def __init__(self, backend_name: str) -> None:
+        super().__init__(f"empty-{uuid.uuid4().hex}")
+        self.backend_name = backend_name
+        self.session_id = ""
+        self.tags: dict[str, str] = {}
+
+    def __repr__(self) -> str:
+        return f"<EmptyJob {self.job_id()} backend={self.backend_name!r}>"
+
+    def result(self, timeout: float | None = None) -> PrimitiveResult[Any]:
+        return PrimitiveResult([], metadata={"version": 2})
+
+    def status(self) -> JobStatus:
+        return JobStatus.DONE
+
+    def done(self) -> bool:
+        return True
+
+    def running(self) -> bool:
+        return False
+
+    def cancelled(self) -> bool:
+        return False
+
+    def in_final_state(self) -> bool:
+        return True
+
+    def cancel(self) -> None:
+        """Nothing runs, so nothing to cancel."""
+
+
 __all__ = [
     "AsyncRuntimeJob",
+    "EmptyJob",
     "JobEvent",
     "RuntimeJob",
     "decode_event",
