@@ -17,7 +17,15 @@ from collections.abc import Sequence
 from rich.console import Console
 
 #: Benchmarks in the order `all` runs them (cheap verification first).
-BENCHMARKS = ("echo", "dispatch", "throughput", "transpile_cache", "hybrid_loop", "mitigation")
+BENCHMARKS = (
+    "echo",
+    "dispatch",
+    "throughput",
+    "transpile_cache",
+    "estimator_ideal",
+    "hybrid_loop",
+    "mitigation",
+)
 
 
 def available() -> list[str]:

@@ -173,3 +173,19 @@ def test_report_json_is_strict_with_nan_as_null(tmp_path: Path) -> None:
 def test_tiny_and_quick_are_the_same_flag(flag: str) -> None:
     args = _report.arg_parser("x", None).parse_args([flag])
     assert args.tiny is True
+
+
+def test_estimator_ideal_compares_qrelay_with_aer_estimator_in_one_run(tmp_path: Path) -> None:
+    data = run_tiny("estimator_ideal", tmp_path)
+    paths = ["aer EstimatorV2", "qrelay pipeline", "qrelay pipeline + client codec"]
+    assert [(r["precision"], r["path"]) for r in data["rows"]] == [
+        (p, name) for p in (0.0, 0.015625) for name in paths
+    ]
+    for row in data["rows"]:
+        assert row["calls"] == data["parameters"]["calls"]
+        assert {"p50", "p95", "mean", "ratio_p50_vs_aer"} <= row.keys()
+    assert {
+        "exact.pipeline_over_aer_p50",
+        "precision_0.015625.pipeline_over_aer_p50",
+        "pipeline_within_target",
+    } <= data["figures"].keys()
