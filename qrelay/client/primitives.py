@@ -14,7 +14,6 @@ never duplicates the job) and returns a `RuntimeJob`.
 from __future__ import annotations
 
 import math
-import os
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -29,7 +28,7 @@ from qiskit.primitives.containers.sampler_pub import SamplerPub, SamplerPubLike
 from qrelay._proto.v1 import types_pb2
 from qrelay.client.backend import QRelayBackend
 from qrelay.client.job import EmptyJob, RuntimeJob
-from qrelay.client.service import QRelayService
+from qrelay.client.service import QRelayService, current_service
 from qrelay.errors import InvalidArgument, InvalidType, QRelayError, invalid_argument
 from qrelay.options import EstimatorOptions, SamplerOptions, options_from_wire, options_to_wire
 
@@ -56,17 +55,23 @@ _default_service: QRelayService | None = None
 
 
 def default_service() -> QRelayService:
-    """The service named by QRELAY_BROKER (and QRELAY_TOKEN), like Runtime's saved account."""
+    """The service a backend name resolves with when none is passed: the innermost
+    enclosing `with QRelayService(...)` block's, else one made from QRELAY_BROKER /
+    QRELAY_TOKEN or the default saved account (Runtime's rule), kept for reuse."""
     global _default_service
+    entered = current_service()
+    if entered is not None:
+        return entered
     with _default_lock:
         if _default_service is None or _default_service.closed:
-            address = os.environ.get("QRELAY_BROKER", "")
-            if not address:
+            try:
+                _default_service = QRelayService()
+            except InvalidArgument:
                 raise InvalidArgument(
-                    "a backend name needs a service: pass service=QRelayService(...), "
-                    "pass a backend from service.backend(name), or set QRELAY_BROKER"
-                )
-            _default_service = QRelayService(address, os.environ.get("QRELAY_TOKEN") or None)
+                    "a backend name needs a service: pass service=QRelayService(...), use a "
+                    "backend from service.backend(name), run inside `with QRelayService(...)`, "
+                    "set QRELAY_BROKER or save an account (QRelayService.save_account)"
+                ) from None
         return _default_service
 
 
