@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -175,7 +176,10 @@ def decode_circuit(msg: types_pb2.Circuit, what: str = "circuit") -> QuantumCirc
     if fmt == "qpy":
         try:
             circuits = qpy.load(io.BytesIO(msg.qpy))
-        except Exception as exc:  # noqa: BLE001 - corrupt QPY raises struct, Qpy, Value... errors
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - struct, Qpy, Value... errors, and
+            # pyo3's PanicException (a BaseException) when Qiskit's Rust code panics
             raise InvalidArgument(f"{what} is not valid QPY: {_reason(exc)}") from None
         if len(circuits) != 1 or not isinstance(circuits[0], QuantumCircuit):
             raise InvalidArgument(
@@ -185,7 +189,9 @@ def decode_circuit(msg: types_pb2.Circuit, what: str = "circuit") -> QuantumCirc
     if fmt == "qasm3":
         try:
             circuit = qasm3.loads(msg.qasm3)
-        except Exception as exc:  # noqa: BLE001 - the QASM 3 importers share no base error
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the QASM 3 importers share no base error
             raise InvalidArgument(f"{what} is not valid OpenQASM 3: {_reason(exc)}") from None
         if not isinstance(circuit, QuantumCircuit):
             raise InvalidArgument(f"{what} is not valid OpenQASM 3: it holds no circuit")
@@ -193,8 +199,19 @@ def decode_circuit(msg: types_pb2.Circuit, what: str = "circuit") -> QuantumCirc
     raise InvalidArgument(f"{what} is empty: set either qpy or qasm3")
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
+_BACKTRACE = re.compile(r"(?im)^\s*(stack backtrace:|backtrace:|note: run with `RUST_BACKTRACE)")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
 def _reason(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
+    """A parser's complaint fit for a user: no terminal colour codes, no Rust (or other)
+    backtrace, no control characters, at most 300 characters."""
+    text = _ANSI.sub("", str(exc))
+    found = _BACKTRACE.search(text)
+    if found:
+        text = text[: found.start()]
+    text = _CONTROL.sub("", text).strip() or type(exc).__name__
     return text if len(text) <= 300 else text[:297] + "..."
 
 

@@ -26,6 +26,8 @@ import structlog
 from google.protobuf import json_format
 from qiskit.primitives.containers import (
     BindingsArray,
+    BitArray,
+    DataBin,
     ObservablesArray,
     PrimitiveResult,
     PubResult,
@@ -40,6 +42,7 @@ from qrelay.errors import Cancelled, InvalidArgument, ResourceExhausted
 from qrelay.executor.backends import Backend
 from qrelay.executor.mitigation import run_estimator, run_sampler
 from qrelay.executor.mitigation.estimator import estimator_shots
+from qrelay.executor.mitigation.techniques import resolve_estimator
 from qrelay.executor.transpile import (
     DEFAULT_OPTIMIZATION_LEVEL,
     DEFAULT_SEED_TRANSPILER,
@@ -193,6 +196,7 @@ class PrimitivePipeline:
         job_precision = codec.check_estimator_task(task)
         # default_shots overrides the run-level precision, never a pub's own (Runtime).
         run_precision = job_precision if options.default_shots is None else None
+        exact_path = self.backend.ideal and not resolve_estimator(options, self.backend).active
         isa_pubs: list[EstimatorPub] = []
         for i, wire in enumerate(task.pubs):
             tc = self._transpiled(wire.circuit, options, i)
@@ -201,7 +205,9 @@ class PrimitivePipeline:
             pub_precision = wire.precision if wire.HasField("precision") else run_precision
             pub = codec.make_estimator_pub(tc.isa, isa_observables, bindings, pub_precision, i)
             shots, precision = estimator_shots(options, pub.precision)
-            _check_budget(i, 1 if precision == 0 else shots, pub.size)
+            # The ideal simulator's own path and exact values (precision 0) sample no shots.
+            if not exact_path and precision > 0:
+                _check_budget(i, shots, pub.size, precision)
             isa_pubs.append(pub)
         seed = options.effective_seed()
         results: list[PubResult] = []
@@ -264,7 +270,24 @@ def _run_isa_sampler(
     correction run in `qrelay.executor.mitigation`; with none of them on it is
     Qiskit's BackendSamplerV2 bit for bit.
     """
+    if all(pub.size == 0 for pub in isa_pubs):  # nothing to run; Aer fails on no circuits
+        return [_empty_sampler_result(pub, shots) for pub in isa_pubs]
     return list(run_sampler(backend, isa_pubs, options, shots, seed_simulator))
+
+
+def _empty_sampler_result(pub: SamplerPub, shots: int) -> SamplerPubResult:
+    """What StatevectorSampler returns for a pub of no parameter sets (a shape with a 0)."""
+    pub_shots = pub.shots or shots
+    arrays = {
+        creg.name: BitArray(
+            np.zeros((*pub.shape, pub_shots, (creg.size + 7) // 8), dtype=np.uint8), creg.size
+        )
+        for creg in pub.circuit.cregs
+    }
+    return SamplerPubResult(
+        DataBin(**arrays, shape=pub.shape),
+        metadata={"shots": pub_shots, "circuit_metadata": pub.circuit.metadata},
+    )
 
 
 def _run_isa_estimator(
@@ -333,9 +356,18 @@ def _pub_seed(seed: int | None, k: int) -> int | None:
     return int(np.random.SeedSequence([seed % 2**64, k]).generate_state(1, dtype=np.uint32)[0])
 
 
-def _check_budget(pub_index: int, shots: int, size: int) -> None:
-    """Refuse a pub whose shots x bindings would occupy the backend for hours."""
-    if shots * max(size, 1) > MAX_SHOTS_PER_PUB:
+def _check_budget(pub_index: int, shots: int, size: int, precision: float | None = None) -> None:
+    """Refuse a pub whose shots x bindings would occupy the backend for hours (a pub of
+    no parameter sets runs nothing)."""
+    if size == 0:
+        return
+    if precision is not None and shots > MAX_SHOTS_PER_PUB:
+        raise ResourceExhausted(
+            f"pub {pub_index}: precision {precision:g} would need {shots:.3g} shots per "
+            f"parameter set, beyond the limit of {MAX_SHOTS_PER_PUB} shots per pub; use a "
+            "larger precision (or precision 0 on the ideal simulator 'aer': exact values)"
+        )
+    if shots * size > MAX_SHOTS_PER_PUB:
         raise ResourceExhausted(
             f"pub {pub_index}: {shots} shots x {size} parameter sets exceeds the limit of "
             f"{MAX_SHOTS_PER_PUB} shots per pub; use fewer shots, a larger precision or "

@@ -543,3 +543,28 @@ def test_bad_metadata_json_is_invalid_argument() -> None:
     msg.pub_results[1].metadata_json = "[1, 2]"
     with pytest.raises(InvalidArgument, match="pub result 1 metadata must be a JSON object"):
         codec.decode_primitive_result(msg)
+
+
+class _PanicException(BaseException):
+    """Stands in for pyo3's PanicException (a BaseException) from Qiskit's Rust code."""
+
+
+def test_a_rust_panic_in_qpy_is_invalid_argument_without_backtrace_or_colour(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    panic = (
+        "\x1b[1m\x1b[31mthread '<unnamed>' panicked at crates/qpy/src/circuits.rs:42:9:\x1b[0m\n"
+        "index out of bounds: the len is 0 but the index is 3\n"
+        "stack backtrace:\n   0: rust_begin_unwind\n   1: core::panicking::panic_fmt\n"
+    )
+
+    def load(_: object) -> None:
+        raise _PanicException(panic)
+
+    monkeypatch.setattr(codec.qpy, "load", load)
+    with pytest.raises(InvalidArgument) as err:
+        codec.decode_circuit(types_pb2.Circuit(qpy=b"QISKIT..."), "pub 0: circuit")
+    assert str(err.value) == (
+        "pub 0: circuit is not valid QPY: thread '<unnamed>' panicked at "
+        "crates/qpy/src/circuits.rs:42:9:\nindex out of bounds: the len is 0 but the index is 3"
+    )

@@ -114,15 +114,37 @@ def test_precision_zero_on_a_sampling_backend_says_why_it_cannot(manila: Backend
 
 
 @pytest.mark.parametrize("precision", [1e-300, 5e-324])
-def test_vanishing_precision_is_refused_as_too_many_shots(
-    manila: Backend, precision: float
+def test_vanishing_precision_is_refused_as_too_many_shots_where_shots_are_sampled(
+    aer: Backend, manila: Backend, precision: float
 ) -> None:
     qc = QuantumCircuit(1)
     qc.h(0)
-    with pytest.raises(ResourceExhausted, match="exceeds the limit"):
+    with pytest.raises(ResourceExhausted, match=f"precision {precision:g} would need"):
         PrimitivePipeline(manila, TranspileCache()).run(
             _estimator("fake_manila", [(qc, "X")], precision=precision, resilience_level=0)
         )
+    # The ideal simulator samples no shots: the noise is just that small.
+    got = run(PrimitivePipeline(aer, TranspileCache()), _estimator("aer", [(qc, "X")], precision))
+    assert float(got[0].data.evs) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_pubs_of_no_parameter_sets_give_empty_results(aer: Backend) -> None:
+    """A parameter sweep of shape (0, 1): nothing to run, results of shape (0,), as the
+    statevector primitives give (Aer itself fails on an empty list of circuits)."""
+    a = Parameter("a")
+    qc = QuantumCircuit(1, 1)
+    qc.rx(a, 0)
+    qc.measure(0, 0)
+    pipeline = PrimitivePipeline(aer, TranspileCache())
+    sampled = run(pipeline, sampler_spec("aer", [(qc, np.zeros((0, 1)))], shots=5))[0]
+    assert sampled.data.c.shape == (0,)
+    assert sampled.data.c.num_shots == 5
+    assert sampled.data.c.num_bits == 1
+    bare = QuantumCircuit(1)
+    bare.rx(a, 0)
+    for precision in (None, 0.0, 1e-300):
+        est = run(pipeline, _estimator("aer", [(bare, "Z", np.zeros((0, 1)))], precision))[0]
+        assert est.data.evs.shape == est.data.stds.shape == (0,)
 
 
 def test_default_shots_overrides_the_run_precision_but_not_a_pubs_own(manila: Backend) -> None:
