@@ -643,7 +643,7 @@ class EmptyJob(BasePrimitiveJob[Any, JobStatus]):  # type: ignore[misc]
     def in_final_state(self) -> bool:
         return True
 
-    def cancel(self) -> None:
+    def cancel(self, reason: str = "") -> None:
         """Nothing runs, so nothing to cancel."""
 
 
