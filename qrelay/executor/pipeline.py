@@ -205,6 +205,12 @@ class PrimitivePipeline:
             pub_precision = wire.precision if wire.HasField("precision") else run_precision
             pub = codec.make_estimator_pub(tc.isa, isa_observables, bindings, pub_precision, i)
             shots, precision = estimator_shots(options, pub.precision)
+            if precision == 0 and not self.backend.ideal:
+                raise InvalidArgument(
+                    f"pub {i}: precision 0 asks for exact expectation values, which only the "
+                    f"ideal simulator 'aer' gives; backend '{self.backend.name}' samples "
+                    "shots, so precision must be larger than 0"
+                )
             # The ideal simulator's own path and exact values (precision 0) sample no shots.
             if not exact_path and precision > 0:
                 _check_budget(i, shots, pub.size, precision)

@@ -107,9 +107,9 @@ def test_ideal_estimator_with_precision_adds_seeded_noise_of_that_size(aer: Back
 def test_precision_zero_on_a_sampling_backend_says_why_it_cannot(manila: Backend) -> None:
     qc = QuantumCircuit(1)
     qc.h(0)
-    with pytest.raises(InvalidArgument, match="precision 0 asks for exact expectation values"):
+    with pytest.raises(InvalidArgument, match=r"^pub 1: precision 0 asks for exact expectation"):
         PrimitivePipeline(manila, TranspileCache()).run(
-            _estimator("fake_manila", [(qc, "X")], precision=0)
+            _estimator("fake_manila", [(qc, "X"), (qc, "Z", None, 0)], precision=0.1)
         )
 
 
