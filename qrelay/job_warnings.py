@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TextIO
 
-__all__ = ["METADATA_KEY", "capture", "reemit"]
+__all__ = ["METADATA_KEY", "add", "capture", "reemit"]
 
 #: The PrimitiveResult metadata key the warnings travel under.
 METADATA_KEY = "warnings"
@@ -80,6 +80,16 @@ def capture() -> Iterator[list[dict[str, str]]]:
         yield sink
     finally:
         _local.sink = outer
+
+
+def add(entries: list[dict[str, str]]) -> None:
+    """Hand collected entries to this thread's enclosing `capture` (else warn them)."""
+    sink: list[dict[str, str]] | None = getattr(_local, "sink", None)
+    for entry in entries:
+        if sink is None:
+            warnings.warn(entry["message"], _category(entry["category"]), stacklevel=2)
+        elif len(sink) < MAX_WARNINGS and entry not in sink:
+            sink.append(entry)
 
 
 def _category(name: str) -> type[Warning]:

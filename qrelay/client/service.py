@@ -566,7 +566,11 @@ class QRelayService:
         tb: TracebackType | None,
     ) -> None:
         if self._entered:
-            _entered.reset(self._entered.pop())
+            token = self._entered.pop()
+            try:
+                _entered.reset(token)
+            except ValueError:  # entered in another context (thread): just leave this one
+                _entered.set(tuple(s for s in _entered.get() if s is not self))
         self.close()
 
     def close(self) -> None:

@@ -177,9 +177,11 @@ class PrimitivePipeline:
         results: list[SamplerPubResult] = []
         for k, pub in enumerate(isa_pubs):
             _check_cancelled(cancelled, k)
-            results.extend(
-                _run_isa_sampler(self.backend, [pub], options, shots, _pub_seed(seed, k))
-            )
+            with job_warnings.capture() as caught:
+                results.extend(
+                    _run_isa_sampler(self.backend, [pub], options, shots, _pub_seed(seed, k))
+                )
+            job_warnings.add([_renumbered(entry, k) for entry in caught])
         return PrimitiveResult(results, metadata={"version": 2})
 
     # ----------------------------------------------------------------- estimator
@@ -279,6 +281,15 @@ def _run_isa_sampler(
     if all(pub.size == 0 for pub in isa_pubs):  # nothing to run; Aer fails on no circuits
         return [_empty_sampler_result(pub, shots) for pub in isa_pubs]
     return list(run_sampler(backend, isa_pubs, options, shots, seed_simulator))
+
+
+def _renumbered(entry: dict[str, str], k: int) -> dict[str, str]:
+    """Qiskit's per-pub warning names the pub's index in the list it was given; pubs run
+    one at a time here, so "the 0-th pub" is the job's k-th."""
+    prefix = "The 0-th pub"
+    if k and entry["message"].startswith(prefix):
+        return {**entry, "message": f"The {k}-th pub{entry['message'][len(prefix) :]}"}
+    return entry
 
 
 def _empty_sampler_result(pub: SamplerPub, shots: int) -> SamplerPubResult:

@@ -223,6 +223,20 @@ def test_qiskit_warnings_travel_in_the_result_metadata_every_time(aer: Backend) 
         assert "no output classical registers" in carried["message"]
 
 
+def test_a_pubs_warning_names_its_index_in_the_job(aer: Backend) -> None:
+    measured = QuantumCircuit(1, 1)
+    measured.measure(0, 0)
+    bare = QuantumCircuit(1)
+    result = run(
+        PrimitivePipeline(aer, TranspileCache()),
+        sampler_spec("aer", [measured, bare, measured, bare], shots=5),
+    )
+    assert [w["message"][:16] for w in result.metadata["warnings"]] == [
+        "The 1-th pub's c",
+        "The 3-th pub's c",
+    ]
+
+
 def test_warnings_of_concurrent_jobs_stay_with_their_own_job(aer: Backend) -> None:
     quiet = QuantumCircuit(1, 1)
     quiet.measure(0, 0)
