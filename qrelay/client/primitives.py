@@ -28,7 +28,7 @@ from qiskit.primitives.containers.sampler_pub import SamplerPub, SamplerPubLike
 from qrelay._proto.v1 import types_pb2
 from qrelay.client.backend import QRelayBackend
 from qrelay.client.job import EmptyJob, RuntimeJob
-from qrelay.client.service import QRelayService, current_service
+from qrelay.client.service import QRelayService, current_service, wire_tags
 from qrelay.errors import InvalidArgument, InvalidType, QRelayError, invalid_argument
 from qrelay.options import EstimatorOptions, SamplerOptions, options_from_wire, options_to_wire
 
@@ -128,6 +128,8 @@ def _options_struct(
     options_from_wire(kind, wire)  # conflicting settings fail here, not at the broker
     if wire:
         spec.options.update(wire)
+    if options.environment.job_tags:  # Runtime's job tags: the job's own tags here
+        spec.tags.update(wire_tags(options.environment.job_tags))
 
 
 def _pub_list(pubs: Any) -> list[Any]:

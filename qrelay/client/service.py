@@ -78,7 +78,7 @@ StateFilter: TypeAlias = JobStatus | str | Iterable[JobStatus | str] | None
 _MAX_TAGS = 32
 
 
-def _tags(tags: Mapping[str, str] | Iterable[str] | None) -> dict[str, str]:
+def wire_tags(tags: Mapping[str, str] | Iterable[str] | None) -> dict[str, str]:
     """Tags as the wire's map; a list of strings (Runtime's style) becomes {tag: ""}."""
     if tags is None:
         return {}
@@ -124,7 +124,7 @@ def program_spec(
             program=program_ref(program), inputs_json=_encoded_inputs(inputs)
         ),
         session_id=session_id,
-        tags=_tags(tags),
+        tags=wire_tags(tags),
     )
 
 

@@ -113,6 +113,16 @@ def test_job_inputs_are_what_was_submitted(service: QRelayService) -> None:
         _ = service.job(job.job_id()).inputs
 
 
+def test_runtime_job_tags_option_tags_the_job(service: QRelayService) -> None:
+    sampler = Sampler(mode=service.backend("aer"))
+    sampler.options.environment.job_tags = ["vqe", "run-7"]
+    job = sampler.run([one_qubit()], shots=2)
+    assert job.tags == {"vqe": "", "run-7": ""}
+    job.result()
+    assert service.job(job.job_id()).tags == {"vqe": "", "run-7": ""}
+    assert [j.job_id() for j in service.jobs(limit=5)] == [job.job_id()]
+
+
 def test_least_busy_picks_an_online_backend_with_enough_qubits(service: QRelayService) -> None:
     aer = service.backend("aer")
     # Both idle (queue 0): the smaller that fits wins the tie.

@@ -177,7 +177,7 @@ def _backend_notes(opts: EstimatorOptions | SamplerOptions, backend: Any) -> lis
         )
     if opts.max_execution_time is not None:
         notes.append("max_execution_time is recorded; the executor's own job timeout applies")
-    env = opts.environment.model_fields_set
+    env = opts.environment.model_fields_set - {"job_tags"}  # job_tags become the job's tags
     if env:
         notes.append(f"environment options {sorted(env)} are recorded only")
     return notes
