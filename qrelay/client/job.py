@@ -570,7 +570,7 @@ class RuntimeJob(BasePrimitiveJob[Any, JobStatus]):  # type: ignore[misc]
     def result(self, timeout: float | None = None) -> Any:
         """Block until the job finishes; see `AsyncRuntimeJob.result`."""
         result = self._loop.call(self._core._outcome, timeout)
-        self._core._warn(stacklevel=3)  # in the caller's thread, pointing at its line
+        self._core._warn()  # in the caller's thread, pointing at its line
         return result
 
     def status(self) -> JobStatus:

@@ -91,8 +91,11 @@ def test_qiskit_warnings_on_the_executor_reach_the_caller(service: QRelayService
     no_cregs.h(0)
     sampler = Sampler(mode=service.backend("aer"))
     for _ in range(2):  # every job warns, not only the first (Python's once-per-location)
-        with pytest.warns(UserWarning, match="no output classical registers"):
+        with pytest.warns(UserWarning, match="no output classical registers") as record:
             result = sampler.run([no_cregs], shots=10).result()
+        # Exactly once, warned by result() at the caller's line (the executor, in this
+        # process here, kept its own copy for the result's metadata).
+        assert [w.filename for w in record] == [__file__]
         assert "warnings" not in result.metadata  # taken out: the metadata is Qiskit's
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a circuit with registers warns nothing
@@ -103,8 +106,9 @@ async def test_async_job_result_warns_too(aservice: AsyncQRelayService) -> None:
     no_cregs = QuantumCircuit(1)
     spec = types_pb2.JobSpec(backend="aer", sampler=codec.encode_sampler_task([no_cregs], 5))
     job = await aservice.submit(spec, idempotency_key=uuid.uuid4().hex)
-    with pytest.warns(UserWarning, match="no output classical registers"):
+    with pytest.warns(UserWarning, match="no output classical registers") as record:
         await job.result(timeout=60)
+    assert [w.filename for w in record] == [__file__]
 
 
 def test_the_sdk_checks_circuit_width_before_sending(service: QRelayService) -> None:
