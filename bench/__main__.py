@@ -23,6 +23,7 @@ BENCHMARKS = (
     "throughput",
     "long_jobs",
     "transpile_cache",
+    "estimator_ideal",
     "hybrid_loop",
     "mitigation",
 )

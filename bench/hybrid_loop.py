@@ -87,10 +87,10 @@ def loop(evaluate: Evaluate, problem: Problem, iterations: int) -> tuple[list[fl
 def direct_evaluate(problem: Problem) -> Evaluate:
     """The floor: this process calls Aer, ansatz transpiled once.
 
-    It uses the same estimator the executor runs (Qiskit's BackendEstimatorV2
-    over the executor's own "aer" backend and Aer thread settings, precision ->
-    shots), so the modes differ only in where the loop runs and what travels,
-    not in how expectation values are made.
+    It makes expectation values as the executor's ideal backend does (Aer's
+    EstimatorV2 over the executor's own "aer" backend and Aer thread settings:
+    exact values plus noise of the precision), so the modes differ only in
+    where the loop runs and what travels, not in how the values are made.
     """
     estimator, isa, obs = reference_estimator(problem.ansatz(), problem.hamiltonian())
     return estimator_evaluate(estimator, isa, obs)
@@ -98,18 +98,20 @@ def direct_evaluate(problem: Problem) -> Evaluate:
 
 def reference_estimator(circuit: Any, observable: Any) -> tuple[Any, Any, Any]:
     """(estimator, ISA circuit, observable on its layout) as the direct floor runs them:
-    Qiskit's BackendEstimatorV2 over the executor's "aer" backend, this module's
-    precision and seed, the circuit transpiled once."""
+    Aer's EstimatorV2 over the executor's "aer" backend, this module's precision and
+    seed, the circuit transpiled once."""
     from qiskit import transpile
-    from qiskit.primitives import BackendEstimatorV2
 
     # Before anything imports qiskit_aer: the executor's OpenMP settings hold here too.
     from qrelay.executor.backends import load_backend
 
     backend = load_backend("aer").qiskit
+    from qiskit_aer.primitives import EstimatorV2
+
     isa = transpile(circuit, backend, optimization_level=1, seed_transpiler=SEED)
-    estimator = BackendEstimatorV2(
-        backend=backend, options={"default_precision": PRECISION, "seed_simulator": SEED}
+    estimator = EstimatorV2.from_backend(
+        backend,
+        options={"default_precision": PRECISION, "run_options": {"seed_simulator": SEED}},
     )
     return estimator, isa, observable.apply_layout(isa.layout)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -175,7 +176,10 @@ def decode_circuit(msg: types_pb2.Circuit, what: str = "circuit") -> QuantumCirc
     if fmt == "qpy":
         try:
             circuits = qpy.load(io.BytesIO(msg.qpy))
-        except Exception as exc:  # noqa: BLE001 - corrupt QPY raises struct, Qpy, Value... errors
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - struct, Qpy, Value... errors, and
+            # pyo3's PanicException (a BaseException) when Qiskit's Rust code panics
             raise InvalidArgument(f"{what} is not valid QPY: {_reason(exc)}") from None
         if len(circuits) != 1 or not isinstance(circuits[0], QuantumCircuit):
             raise InvalidArgument(
@@ -185,7 +189,9 @@ def decode_circuit(msg: types_pb2.Circuit, what: str = "circuit") -> QuantumCirc
     if fmt == "qasm3":
         try:
             circuit = qasm3.loads(msg.qasm3)
-        except Exception as exc:  # noqa: BLE001 - the QASM 3 importers share no base error
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the QASM 3 importers share no base error
             raise InvalidArgument(f"{what} is not valid OpenQASM 3: {_reason(exc)}") from None
         if not isinstance(circuit, QuantumCircuit):
             raise InvalidArgument(f"{what} is not valid OpenQASM 3: it holds no circuit")
@@ -193,8 +199,19 @@ def decode_circuit(msg: types_pb2.Circuit, what: str = "circuit") -> QuantumCirc
     raise InvalidArgument(f"{what} is empty: set either qpy or qasm3")
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
+_BACKTRACE = re.compile(r"(?im)^\s*(stack backtrace:|backtrace:|note: run with `RUST_BACKTRACE)")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
 def _reason(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
+    """A parser's complaint fit for a user: no terminal colour codes, no Rust (or other)
+    backtrace, no control characters, at most 300 characters."""
+    text = _ANSI.sub("", str(exc))
+    found = _BACKTRACE.search(text)
+    if found:
+        text = text[: found.start()]
+    text = _CONTROL.sub("", text).strip() or type(exc).__name__
     return text if len(text) <= 300 else text[:297] + "..."
 
 
@@ -465,6 +482,29 @@ def _check_positive(value: float, what: str) -> None:
         raise InvalidArgument(f"{what} must be > 0, got {value}")
 
 
+def _check_precision(value: float, what: str) -> None:
+    """Precision 0 asks for exact values (the ideal simulator gives them); < 0 is nonsense."""
+    if not value >= 0 or not math.isfinite(value):
+        raise InvalidArgument(f"{what} must be >= 0, got {value}")
+
+
+#: Instructions that touch a qubit without acting on its state.
+NOT_ACTING = frozenset({"barrier", "delay"})
+
+
+def active_qubits(circuit: QuantumCircuit) -> tuple[int, ...]:
+    """Indices of the qubits some instruction acts on (barriers and delays do not count).
+
+    The ideal simulator runs a circuit wider than itself when these fit (idle
+    wires are dropped, as Aer's primitives do); the SDK checks the same before sending.
+    """
+    used: set[int] = set()
+    for inst in circuit.data:
+        if inst.operation.name not in NOT_ACTING:
+            used.update(circuit.find_bit(q).index for q in inst.qubits)
+    return tuple(sorted(used))
+
+
 def check_sampler_task(task: types_pb2.SamplerTask) -> int | None:
     """Validate task-level fields; returns the job-level shots (None when absent)."""
     if not task.pubs:
@@ -484,10 +524,10 @@ def check_estimator_task(task: types_pb2.EstimatorTask) -> float | None:
         raise InvalidArgument("estimator task has no pubs")
     precision = task.precision if task.HasField("precision") else None
     if precision is not None:
-        _check_positive(precision, "precision")
+        _check_precision(precision, "precision")
     for i, pub in enumerate(task.pubs):
         if pub.HasField("precision"):
-            _check_positive(pub.precision, f"pub {i}: precision")
+            _check_precision(pub.precision, f"pub {i}: precision")
     return precision
 
 

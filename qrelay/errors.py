@@ -29,8 +29,24 @@ class Cancelled(QRelayError):
     code, code_name = 1, "CANCELLED"
 
 
-class InvalidArgument(QRelayError):
+class InvalidArgument(QRelayError, ValueError):
+    """Bad input. Also a `ValueError`, which is what Qiskit's primitives raise for it,
+    so `except ValueError` written for Qiskit keeps working with qrelay."""
+
     code, code_name = 3, "INVALID_ARGUMENT"
+
+
+class InvalidType(InvalidArgument, TypeError):
+    """Bad input of the wrong type (non-integer shots): Qiskit raises `TypeError` there.
+
+    It travels as INVALID_ARGUMENT like any bad input; the SDK raises it before sending.
+    """
+
+
+def invalid_argument(exc: BaseException, prefix: str = "") -> InvalidArgument:
+    """The qrelay error for a ValueError/TypeError Qiskit raised, its message kept."""
+    cls = InvalidType if isinstance(exc, TypeError) else InvalidArgument
+    return cls(f"{prefix}{exc}")
 
 
 class DeadlineExceeded(QRelayError):

@@ -436,7 +436,8 @@ class EstimatorOptions(_Common):
     ====== ================== ============== ============= =====
     """
 
-    default_precision: float | None = Field(default=None, gt=0)
+    # 0: exact expectation values (the ideal simulator only), as StatevectorEstimator.
+    default_precision: float | None = Field(default=None, ge=0)
     resilience_level: int | None = None
     seed_estimator: int | None = None
     execution: ExecutionOptions = Field(default_factory=ExecutionOptions)

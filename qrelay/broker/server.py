@@ -51,6 +51,7 @@ from qrelay.broker.sessions import Sessions
 from qrelay.broker.settings import BrokerSettings
 from qrelay.broker.store import open_store
 from qrelay.broker.streams import RunStreams
+from qrelay.rpc import DecodeGuard
 
 log = structlog.get_logger(__name__)
 
@@ -125,12 +126,13 @@ class Broker:
                 log.warning("fanout.not_listening", waited_s=FANOUT_CONNECT_S)
         limit = max_message_bytes(self.settings)
         server = grpc.aio.server(
+            interceptors=[DecodeGuard()],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 5000),
-            ]
+            ],
         )
         streams = RunStreams(self.jobs, self.settings.max_stream_jobs)
         jobs_pb2_grpc.add_JobServiceServicer_to_server(

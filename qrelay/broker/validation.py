@@ -145,8 +145,8 @@ def _check_shots(value: int, where: str) -> None:
 
 
 def _check_precision(value: float, where: str) -> None:
-    if not (math.isfinite(value) and value > 0):
-        raise InvalidArgument(f"{where}: precision must be a finite number > 0, got {value}")
+    if not (math.isfinite(value) and value >= 0):
+        raise InvalidArgument(f"{where}: precision must be a finite number >= 0, got {value}")
 
 
 def check_options(kind: Literal["sampler", "estimator"], options: dict[str, Any]) -> None:

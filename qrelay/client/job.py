@@ -9,6 +9,7 @@ so a subscriber sees every event exactly once and in order.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import AsyncGenerator, Iterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -17,15 +18,17 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 import anyio
 import grpc
-from qiskit.primitives import BasePrimitiveJob
+from qiskit.primitives import BasePrimitiveJob, PrimitiveResult
 from qiskit.providers import JobStatus
 
+from qrelay import job_warnings
 from qrelay._proto.v1 import jobs_pb2, types_pb2
 from qrelay.client._connection import is_resumable
 from qrelay.client._log import get_logger
 from qrelay.errors import (
     Cancelled,
     DeadlineExceeded,
+    FailedPrecondition,
     Internal,
     QRelayError,
     Unavailable,
@@ -35,7 +38,8 @@ from qrelay.rpc import error_from_rpc
 
 if TYPE_CHECKING:
     from qrelay.client._loop import LoopThread
-    from qrelay.client.service import AsyncQRelayService
+    from qrelay.client.backend import QRelayBackend
+    from qrelay.client.service import AsyncQRelayService, QRelayService
 
 log = get_logger(__name__)
 
@@ -196,6 +200,27 @@ def is_terminal(ev: types_pb2.JobEvent) -> bool:
 _UNSET: Any = object()
 
 
+def spec_inputs(spec: types_pb2.JobSpec) -> dict[str, Any]:
+    """A JobSpec's work as Python values (pubs coerced as the executor coerces them)."""
+    from google.protobuf import json_format
+
+    from qrelay import codec
+
+    options = json_format.MessageToDict(spec.options) if spec.HasField("options") else {}
+    which = spec.WhichOneof("work")
+    if which == "sampler":
+        pubs, shots = codec.decode_sampler_task(spec.sampler)
+        return {"pubs": pubs, "shots": shots, "options": options}
+    if which == "estimator":
+        est_pubs, precision = codec.decode_estimator_task(spec.estimator)
+        return {"pubs": est_pubs, "precision": precision, "options": options}
+    if which == "program":
+        from qrelay.values import decode_value
+
+        return {"program": spec.program.program, "inputs": decode_value(spec.program.inputs_json)}
+    return {}
+
+
 class AsyncRuntimeJob:
     """A submitted job, for asyncio code: `await job.result()`, `async for ev in job.stream()`."""
 
@@ -205,14 +230,20 @@ class AsyncRuntimeJob:
         job: jobs_pb2.Job,
         *,
         run_stream: tuple[types_pb2.JobEvent, EventCall] | None = None,
+        spec: types_pb2.JobSpec | None = None,
     ) -> None:
         self._service = service
         self._job = job
+        # What was submitted, when this process submitted it (the broker does not
+        # return a job's inputs).
+        self._spec = spec
         # The Run call that submitted this job, with its first event already
         # read: the first reader of events takes it instead of opening Watch.
         self._run_stream = run_stream
         self._result: Any = _UNSET
         self._failure: QRelayError | None = None
+        # Warnings the executor carried in the result's metadata, warned once by result().
+        self._warnings: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return f"<AsyncRuntimeJob {self.job_id()} backend={self.backend_name!r}>"
@@ -235,6 +266,43 @@ class AsyncRuntimeJob:
     @property
     def creation_date(self) -> datetime | None:
         return self._job.created_at.ToDatetime() if self._job.HasField("created_at") else None
+
+    @property
+    def inputs(self) -> dict[str, Any]:
+        """What the job was given, as Runtime's `job.inputs`: the pubs (coerced), shots or
+        precision and options of a primitive job; the program and its inputs of a
+        program job. The broker does not return a job's inputs, so only a job this
+        service object submitted knows them (FailedPrecondition otherwise)."""
+        if self._spec is None:
+            raise FailedPrecondition(
+                f"the inputs of job {self.job_id()} are unknown here: the broker does not "
+                "return a job's inputs, only the handle that submitted the job has them"
+            )
+        return spec_inputs(self._spec)
+
+    async def backend(self) -> QRelayBackend:
+        """The backend the job runs on (as Runtime's `job.backend()`)."""
+        return await self._service.backend(self.backend_name)
+
+    async def error_message(self) -> str | None:
+        """Why the job failed, None unless it did (Runtime's `job.error_message()`)."""
+        job = await self.refresh()
+        if job.state != types_pb2.JOB_STATE_FAILED:
+            return None
+        return str(job_error(job.error))
+
+    async def wait_for_final_state(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        """Wait until the job is DONE, FAILED or CANCELLED, without raising its error;
+        `DeadlineExceeded` after `timeout` seconds (the job keeps running)."""
+        if self._result is not _UNSET or self._failure is not None:
+            return
+        try:
+            with anyio.fail_after(timeout):
+                await self._await_final()
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"job {self.job_id()} did not reach a final state within {timeout:g} s"
+            ) from None
 
     @property
     def last_known(self) -> jobs_pb2.Job:
@@ -347,6 +415,16 @@ class AsyncRuntimeJob:
         cancelled one raises `Cancelled`; `timeout` seconds without a final
         state raise `DeadlineExceeded` (the job keeps running).
         """
+        result = await self._outcome(timeout)
+        self._warn()
+        return result
+
+    def _warn(self, stacklevel: int = 4) -> None:
+        """Warn (once) what Qiskit warned on the executor while running this job."""
+        carried, self._warnings = self._warnings, {}
+        job_warnings.reemit(carried, stacklevel)
+
+    async def _outcome(self, timeout: float | None = None) -> Any:  # noqa: ASYNC109
         if self._result is not _UNSET:
             return self._result
         if self._failure is not None:
@@ -387,6 +465,11 @@ class AsyncRuntimeJob:
                 )
                 wire_result = fetched
             self._result = await decode_job_result(wire_result)
+            metadata = getattr(self._result, "metadata", None)
+            if isinstance(metadata, dict) and job_warnings.METADATA_KEY in metadata:
+                self._warnings = {
+                    job_warnings.METADATA_KEY: metadata.pop(job_warnings.METADATA_KEY)
+                }
         elif final.state == types_pb2.JOB_STATE_FAILED:
             if wire_error is None:
                 wire_error = (await self.refresh()).error
@@ -438,10 +521,32 @@ class RuntimeJob(BasePrimitiveJob[Any, JobStatus]):  # type: ignore[misc]
     thread, so this works in scripts and inside a running loop (Jupyter).
     """
 
-    def __init__(self, core: AsyncRuntimeJob, loop: LoopThread) -> None:
+    def __init__(
+        self, core: AsyncRuntimeJob, loop: LoopThread, service: QRelayService | None = None
+    ) -> None:
         super().__init__(core.job_id())
         self._core = core
         self._loop = loop
+        self._service = service
+
+    @property
+    def inputs(self) -> dict[str, Any]:
+        """See `AsyncRuntimeJob.inputs`."""
+        return self._core.inputs
+
+    def backend(self) -> QRelayBackend:
+        """The backend the job runs on, usable as a primitive's mode."""
+        if self._service is not None:
+            return self._service.backend(self.backend_name)
+        return self._loop.call(self._core.backend)
+
+    def error_message(self) -> str | None:
+        """Why the job failed, None unless it did."""
+        return self._loop.call(self._core.error_message)
+
+    def wait_for_final_state(self, timeout: float | None = None) -> None:
+        """Block until a final state, without raising the job's error; see the async core."""
+        self._loop.call(self._core.wait_for_final_state, timeout)
 
     def __repr__(self) -> str:
         return f"<RuntimeJob {self.job_id()} backend={self.backend_name!r}>"
@@ -464,7 +569,9 @@ class RuntimeJob(BasePrimitiveJob[Any, JobStatus]):  # type: ignore[misc]
 
     def result(self, timeout: float | None = None) -> Any:
         """Block until the job finishes; see `AsyncRuntimeJob.result`."""
-        return self._loop.call(self._core.result, timeout)
+        result = self._loop.call(self._core._outcome, timeout)
+        self._core._warn()  # in the caller's thread, pointing at its line
+        return result
 
     def status(self) -> JobStatus:
         return self._loop.call(self._core.status)
@@ -505,8 +612,44 @@ class RuntimeJob(BasePrimitiveJob[Any, JobStatus]):  # type: ignore[misc]
         return wall
 
 
+class EmptyJob(BasePrimitiveJob[Any, JobStatus]):  # type: ignore[misc]
+    """What `run([])` returns: nothing to run, so no job is sent; done at once, and
+    its result is an empty PrimitiveResult, as Qiskit's reference primitives give."""
+
+    def __init__(self, backend_name: str) -> None:
+        super().__init__(f"empty-{uuid.uuid4().hex}")
+        self.backend_name = backend_name
+        self.session_id = ""
+        self.tags: dict[str, str] = {}
+
+    def __repr__(self) -> str:
+        return f"<EmptyJob {self.job_id()} backend={self.backend_name!r}>"
+
+    def result(self, timeout: float | None = None) -> PrimitiveResult[Any]:
+        return PrimitiveResult([], metadata={"version": 2})
+
+    def status(self) -> JobStatus:
+        return JobStatus.DONE
+
+    def done(self) -> bool:
+        return True
+
+    def running(self) -> bool:
+        return False
+
+    def cancelled(self) -> bool:
+        return False
+
+    def in_final_state(self) -> bool:
+        return True
+
+    def cancel(self, reason: str = "") -> None:
+        """Nothing runs, so nothing to cancel."""
+
+
 __all__ = [
     "AsyncRuntimeJob",
+    "EmptyJob",
     "JobEvent",
     "RuntimeJob",
     "decode_event",

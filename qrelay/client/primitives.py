@@ -3,15 +3,17 @@
 Drop-in for `qiskit_ibm_runtime.SamplerV2` / `EstimatorV2`: same `mode=`,
 same options names, same `run(pubs, shots=...)` / `run(pubs, precision=...)`.
 `run` coerces the PUBs with Qiskit's own coercion and encodes them with the
-codec the executor decodes with, so bad input raises `InvalidArgument` in
-the caller's thread before anything is sent; then it submits once under a
+codec the executor decodes with, so bad input raises what Qiskit raises, with
+Qiskit's message (`InvalidArgument` is a `ValueError`, `InvalidType` a
+`TypeError`) in the caller's thread before anything is sent; `run([])` gives
+an empty PrimitiveResult without a job; then it submits once under a
 fresh idempotency key (retries on UNAVAILABLE reuse it, so a lost response
 never duplicates the job) and returns a `RuntimeJob`.
 """
 
 from __future__ import annotations
 
-import os
+import math
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -25,9 +27,9 @@ from qiskit.primitives.containers.sampler_pub import SamplerPub, SamplerPubLike
 
 from qrelay._proto.v1 import types_pb2
 from qrelay.client.backend import QRelayBackend
-from qrelay.client.job import RuntimeJob
-from qrelay.client.service import QRelayService
-from qrelay.errors import InvalidArgument, QRelayError
+from qrelay.client.job import EmptyJob, RuntimeJob
+from qrelay.client.service import QRelayService, current_service, wire_tags
+from qrelay.errors import InvalidArgument, InvalidType, QRelayError, invalid_argument
 from qrelay.options import EstimatorOptions, SamplerOptions, options_from_wire, options_to_wire
 
 OptionsT = TypeVar("OptionsT", SamplerOptions, EstimatorOptions)
@@ -53,17 +55,23 @@ _default_service: QRelayService | None = None
 
 
 def default_service() -> QRelayService:
-    """The service named by QRELAY_BROKER (and QRELAY_TOKEN), like Runtime's saved account."""
+    """The service a backend name resolves with when none is passed: the innermost
+    enclosing `with QRelayService(...)` block's, else one made from QRELAY_BROKER /
+    QRELAY_TOKEN or the default saved account (Runtime's rule), kept for reuse."""
     global _default_service
+    entered = current_service()
+    if entered is not None:
+        return entered
     with _default_lock:
         if _default_service is None or _default_service.closed:
-            address = os.environ.get("QRELAY_BROKER", "")
-            if not address:
+            try:
+                _default_service = QRelayService()
+            except InvalidArgument:
                 raise InvalidArgument(
-                    "a backend name needs a service: pass service=QRelayService(...), "
-                    "pass a backend from service.backend(name), or set QRELAY_BROKER"
-                )
-            _default_service = QRelayService(address, os.environ.get("QRELAY_TOKEN") or None)
+                    "a backend name needs a service: pass service=QRelayService(...), use a "
+                    "backend from service.backend(name), run inside `with QRelayService(...)`, "
+                    "set QRELAY_BROKER or save an account (QRelayService.save_account)"
+                ) from None
         return _default_service
 
 
@@ -120,22 +128,19 @@ def _options_struct(
     options_from_wire(kind, wire)  # conflicting settings fail here, not at the broker
     if wire:
         spec.options.update(wire)
+    if options.environment.job_tags:  # Runtime's job tags: the job's own tags here
+        spec.tags.update(wire_tags(options.environment.job_tags))
 
 
-def _pub_list(pubs: Any, example: str) -> list[Any]:
-    """The PUBs as a list, with the hint Qiskit users need when they forget the brackets."""
-    from qiskit.circuit import QuantumCircuit
-
-    if isinstance(pubs, QuantumCircuit | SamplerPub | EstimatorPub) or (
-        isinstance(pubs, tuple) and pubs and isinstance(pubs[0], QuantumCircuit)
-    ):
-        raise InvalidArgument(f"pubs must be a list of PUBs, e.g. run([{example}]), not one PUB")
-    if isinstance(pubs, str | bytes) or not isinstance(pubs, Iterable):
-        raise InvalidArgument(f"pubs must be a list of PUBs, got {type(pubs).__name__}")
-    items = list(pubs)
-    if not items:
-        raise InvalidArgument("pubs must contain at least one PUB")
-    return items
+def _pub_list(pubs: Any) -> list[Any]:
+    """The PUBs as a list. A single PUB without brackets is iterated as Qiskit's
+    primitives iterate it, so its coercion fails with Qiskit's own message."""
+    if isinstance(pubs, str | bytes):
+        raise InvalidType(f"pubs must be an iterable of PUBs, got {type(pubs).__name__}")
+    try:
+        return list(pubs)  # a QuantumCircuit iterates as its instructions, as in Qiskit
+    except TypeError:
+        raise InvalidType(f"pubs must be an iterable of PUBs, got {type(pubs).__name__}") from None
 
 
 def _coerce_each(items: list[Any], coerce: Callable[[Any], Any]) -> list[Any]:
@@ -144,10 +149,61 @@ def _coerce_each(items: list[Any], coerce: Callable[[Any], Any]) -> list[Any]:
         try:
             out.append(coerce(pub))
         except QRelayError as exc:
-            raise InvalidArgument(f"pub {i}: {exc.message}") from None
+            raise type(exc)(f"pub {i}: {exc.message}") from None
         except (ValueError, TypeError, KeyError, IndexError) as exc:
-            raise InvalidArgument(f"pub {i}: {exc}") from None
+            raise invalid_argument(exc, f"pub {i}: ") from None
     return out
+
+
+def _check_width(target: SubmitTarget, circuits: Iterable[Any]) -> None:
+    """Refuse, before sending, a circuit the backend cannot hold.
+
+    A backend without a coupling map (the ideal simulator) runs a wider circuit
+    whose active qubits fit, as Aer's primitives do by dropping idle wires.
+    """
+    from qrelay.codec import active_qubits
+
+    backend = target.backend
+    width = backend.num_qubits
+    if width <= 0:
+        return  # the broker announced no size: the executor decides
+    for i, circuit in enumerate(circuits):
+        if circuit.num_qubits <= width:
+            continue
+        if backend.coupling_map is None:
+            active = len(active_qubits(circuit))
+            if active <= width:
+                continue
+            raise InvalidArgument(
+                f"pub {i}: circuit has {circuit.num_qubits} qubits, {active} of them active, "
+                f"but backend {backend.name} has {width}"
+            )
+        raise InvalidArgument(
+            f"pub {i}: circuit has {circuit.num_qubits} qubits but backend {backend.name} "
+            f"has {width}"
+        )
+
+
+def check_shots(shots: Any) -> None:
+    """Qiskit's rule and messages for `run(pubs, shots=...)`."""
+    if shots is None:
+        return
+    if not isinstance(shots, Integral) or isinstance(shots, bool):
+        raise InvalidType("shots must be an integer")
+    if shots <= 0:
+        raise InvalidArgument("shots must be positive")
+
+
+def check_precision(precision: Any) -> None:
+    """Qiskit's rule and messages for `run(pubs, precision=...)`; 0 asks for exact values."""
+    if precision is None:
+        return
+    if not isinstance(precision, Real) or isinstance(precision, bool):
+        raise InvalidType(f"precision must be a real number, not {type(precision)}.")
+    if not math.isfinite(precision):
+        raise InvalidArgument(f"precision must be a finite number, got {precision}")
+    if precision < 0:
+        raise InvalidArgument("precision must be non-negative")
 
 
 def sampler_spec(
@@ -155,17 +211,16 @@ def sampler_spec(
     pubs: Iterable[SamplerPubLike],
     shots: int | None,
     options: SamplerOptions,
-) -> types_pb2.JobSpec:
-    """Validate and encode a Sampler run; raises InvalidArgument, sends nothing."""
+) -> types_pb2.JobSpec | None:
+    """Validate and encode a Sampler run (None: no pubs, nothing to run); raises
+    InvalidArgument (a ValueError) or InvalidType (a TypeError), sends nothing."""
     from qrelay.codec import check_sampler_task, encode_sampler_task
 
-    if shots is not None and (
-        not isinstance(shots, Integral) or isinstance(shots, bool) or shots <= 0
-    ):
-        raise InvalidArgument(f"shots must be a positive integer, got {shots!r}")
-    coerced: list[SamplerPub] = _coerce_each(
-        _pub_list(pubs, "circuit"), lambda p: SamplerPub.coerce(p, shots)
-    )
+    check_shots(shots)
+    coerced: list[SamplerPub] = _coerce_each(_pub_list(pubs), lambda p: SamplerPub.coerce(p, shots))
+    if not coerced:
+        return None
+    _check_width(target, (p.circuit for p in coerced))
     task = encode_sampler_task(coerced, shots)
     check_sampler_task(task)  # the checks the broker and executor apply
     spec = types_pb2.JobSpec(
@@ -180,22 +235,22 @@ def estimator_spec(
     pubs: Iterable[EstimatorPubLike],
     precision: float | None,
     options: EstimatorOptions,
-) -> types_pb2.JobSpec:
-    """Validate and encode an Estimator run; raises InvalidArgument, sends nothing."""
+) -> types_pb2.JobSpec | None:
+    """Validate and encode an Estimator run (None: no pubs, nothing to run); raises
+    InvalidArgument (a ValueError) or InvalidType (a TypeError), sends nothing."""
     from qrelay.codec import check_estimator_task, encode_estimator_task
 
-    if precision is not None and (
-        not isinstance(precision, Real) or isinstance(precision, bool) or not precision > 0
-    ):
-        raise InvalidArgument(f"precision must be a number > 0, got {precision!r}")
+    check_precision(precision)
 
     def coerce(pub: Any) -> EstimatorPub:
         coerced = EstimatorPub.coerce(pub, precision)
-        if coerced.precision is not None and not coerced.precision > 0:
-            raise InvalidArgument(f"precision must be > 0, got {coerced.precision}")
+        check_precision(coerced.precision)
         return coerced
 
-    coerced: list[EstimatorPub] = _coerce_each(_pub_list(pubs, "(circuit, observable)"), coerce)
+    coerced: list[EstimatorPub] = _coerce_each(_pub_list(pubs), coerce)
+    if not coerced:
+        return None
+    _check_width(target, (p.circuit for p in coerced))
     task = encode_estimator_task(coerced, precision)
     check_estimator_task(task)  # the checks the broker and executor apply
     spec = types_pb2.JobSpec(
@@ -222,7 +277,9 @@ class _Primitive:
     def service(self) -> QRelayService:
         return self._target.service
 
-    def _submit(self, spec: types_pb2.JobSpec) -> RuntimeJob:
+    def _submit(self, spec: types_pb2.JobSpec | None) -> RuntimeJob | EmptyJob:
+        if spec is None:  # run([]): an empty PrimitiveResult, as the reference primitives
+            return EmptyJob(self._target.backend.name)
         # One key per run: every retry names the same job. Run (not Submit):
         # result() then reads the stream already open, one round trip in all.
         return self._target.service.submit_and_follow(spec, idempotency_key=uuid.uuid4().hex)
@@ -254,7 +311,9 @@ class Sampler(_Primitive, BaseSamplerV2):  # type: ignore[misc]
         """Settable as attributes: `sampler.options.default_shots = 4000`."""
         return self._options
 
-    def run(self, pubs: Iterable[SamplerPubLike], *, shots: int | None = None) -> RuntimeJob:
+    def run(
+        self, pubs: Iterable[SamplerPubLike], *, shots: int | None = None
+    ) -> RuntimeJob | EmptyJob:
         """Validate, submit and return the job; `result()` gives a `PrimitiveResult`."""
         return self._submit(sampler_spec(self._target, pubs, shots, self._options))
 
@@ -282,6 +341,6 @@ class Estimator(_Primitive, BaseEstimatorV2):  # type: ignore[misc]
 
     def run(
         self, pubs: Iterable[EstimatorPubLike], *, precision: float | None = None
-    ) -> RuntimeJob:
+    ) -> RuntimeJob | EmptyJob:
         """Validate, submit and return the job; `result()` gives a `PrimitiveResult`."""
         return self._submit(estimator_spec(self._target, pubs, precision, self._options))

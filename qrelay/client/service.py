@@ -13,6 +13,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Iterable, Mapping
+from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -25,6 +26,13 @@ from qrelay.client._connection import Connection, RetryPolicy
 from qrelay.client._log import get_logger
 from qrelay.client._loop import LoopThread
 from qrelay.client._runstream import RunStreamMux
+from qrelay.client.accounts import (
+    Account,
+    delete_account,
+    resolve_account,
+    save_account,
+    saved_accounts,
+)
 from qrelay.client.backend import QRelayBackend
 from qrelay.client.job import AsyncRuntimeJob, EventCall, RuntimeJob, state_for_status
 from qrelay.client.programs import (
@@ -36,7 +44,14 @@ from qrelay.client.programs import (
     upload_request,
 )
 from qrelay.client.session import AsyncBatch, AsyncSession
-from qrelay.errors import DeadlineExceeded, Internal, InvalidArgument, QRelayError, Unavailable
+from qrelay.errors import (
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    QRelayError,
+    Unavailable,
+)
 from qrelay.limits import MAX_PAGE_SIZE as _MAX_PAGE
 from qrelay.limits import MAX_TAGS as _MAX_TAGS
 from qrelay.rpc import error_from_rpc
@@ -59,7 +74,7 @@ _KINDS = {
 StateFilter: TypeAlias = JobStatus | str | Iterable[JobStatus | str] | None
 
 
-def _tags(tags: Mapping[str, str] | Iterable[str] | None) -> dict[str, str]:
+def wire_tags(tags: Mapping[str, str] | Iterable[str] | None) -> dict[str, str]:
     """Tags as the wire's map; a list of strings (Runtime's style) becomes {tag: ""}."""
     if tags is None:
         return {}
@@ -105,7 +120,7 @@ def program_spec(
             program=program_ref(program), inputs_json=_encoded_inputs(inputs)
         ),
         session_id=session_id,
-        tags=_tags(tags),
+        tags=wire_tags(tags),
     )
 
 
@@ -140,15 +155,19 @@ class AsyncQRelayService:
 
     def __init__(
         self,
-        address: str,
+        address: str | None = None,
         token: str | None = None,
         *,
+        name: str | None = None,
         timeout: float = 30.0,
         retry: RetryPolicy | None = None,
     ) -> None:
         if timeout <= 0:
             raise InvalidArgument(f"timeout must be > 0 seconds, got {timeout}")
-        self.connection = Connection(address, token, timeout=timeout, retry=retry or RetryPolicy())
+        account = resolve_account(address, token, name)
+        self.connection = Connection(
+            account.broker, account.token, timeout=timeout, retry=retry or RetryPolicy()
+        )
         self._open_runs = 0
         # Every submit-and-follow shares one RunStream (Run on brokers without it).
         self._runs = RunStreamMux(self.connection)
@@ -194,6 +213,15 @@ class AsyncQRelayService:
     async def backend(self, name: str) -> QRelayBackend:
         """One backend by name; `NotFound` for a name no executor ever announced."""
         return QRelayBackend(await self._backend_proto(name))
+
+    async def least_busy(
+        self, min_num_qubits: int | None = None, *, simulator: bool | None = None
+    ) -> QRelayBackend:
+        """The online backend with the fewest queued jobs (ties: the smaller one, then by
+        name) among those with at least `min_num_qubits` qubits, as Runtime's least_busy."""
+        return _least_busy(
+            [QRelayBackend(p) for p in await self._backend_protos()], min_num_qubits, simulator
+        )
 
     async def job(self, job_id: str) -> AsyncRuntimeJob:
         """A handle on an existing job; `NotFound` if it is not the caller's."""
@@ -318,7 +346,7 @@ class AsyncQRelayService:
         )
         job.created_at.CopyFrom(first.time)
         log.info("job.submitted", job_id=job.id, backend=job.backend, kind=job.kind, via="run")
-        return AsyncRuntimeJob(self, job, run_stream=(first, call))
+        return AsyncRuntimeJob(self, job, run_stream=(first, call), spec=spec)
 
     def _run_closed(self, _call: object) -> None:
         self._open_runs -= 1
@@ -332,7 +360,7 @@ class AsyncQRelayService:
         lost response never create a second job.
         """
         key = idempotency_key or uuid.uuid4().hex
-        return AsyncRuntimeJob(self, await self._submit_proto(spec, key))
+        return AsyncRuntimeJob(self, await self._submit_proto(spec, key), spec=spec)
 
     # -- programs ----------------------------------------------------------------
 
@@ -435,12 +463,43 @@ class AsyncQRelayService:
         return AsyncSession._attached(self, await conn.unary(conn.sessions.Get, request))
 
 
+def _least_busy(
+    backends: list[QRelayBackend], min_num_qubits: int | None, simulator: bool | None
+) -> QRelayBackend:
+    fits = [
+        b
+        for b in backends
+        if b.online
+        and (min_num_qubits is None or b.num_qubits >= min_num_qubits)
+        and (simulator is None or b.simulator == simulator)
+    ]
+    if not fits:
+        wanted = f" with at least {min_num_qubits} qubits" if min_num_qubits else ""
+        raise NotFound(
+            f"no online backend{wanted} ({len(backends)} known, "
+            f"{sum(b.online for b in backends)} online)"
+        )
+    return min(fits, key=lambda b: (b.queue_length, b.num_qubits, b.name))
+
+
 async def _open(
-    address: str,
-    token: str | None,
+    account: Account,
     timeout: float,  # noqa: ASYNC109 - passed on
 ) -> AsyncQRelayService:
-    return AsyncQRelayService(address, token, timeout=timeout)
+    return AsyncQRelayService(account.broker, account.token, timeout=timeout)
+
+
+#: The services of the enclosing `with QRelayService(...)` blocks, innermost last:
+#: `Sampler(mode="name")` and `Session(backend="name")` use the innermost.
+_entered: ContextVar[tuple[QRelayService, ...]] = ContextVar("qrelay_services", default=())
+
+
+def current_service() -> QRelayService | None:
+    """The service of the innermost enclosing `with QRelayService(...)` block, if open."""
+    for service in reversed(_entered.get()):
+        if not service.closed:
+            return service
+    return None
 
 
 def _shutdown(loop: LoopThread, core: AsyncQRelayService) -> None:
@@ -456,14 +515,30 @@ class QRelayService:
     when garbage-collected or at interpreter exit.
     """
 
-    def __init__(self, address: str, token: str | None = None, *, timeout: float = 30.0) -> None:
-        self._loop = LoopThread(name=f"qrelay-client-{address}")
+    def __init__(
+        self,
+        address: str | None = None,
+        token: str | None = None,
+        *,
+        name: str | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        """Connect to `address` with `token`; without an address, to the account `name`,
+        else QRELAY_BROKER, else the default saved account (`save_account`). QRELAY_TOKEN
+        is the default token."""
+        account = resolve_account(address, token, name)
+        self._loop = LoopThread(name=f"qrelay-client-{account.broker}")
         try:
-            self._core: AsyncQRelayService = self._loop.call(_open, address, token, timeout)
+            self._core: AsyncQRelayService = self._loop.call(_open, account, timeout)
         except BaseException:
             self._loop.stop()
             raise
         self._finalizer = weakref.finalize(self, _shutdown, self._loop, self._core)
+        self._entered: list[Token[tuple[QRelayService, ...]]] = []
+
+    save_account = staticmethod(save_account)
+    saved_accounts = staticmethod(saved_accounts)
+    delete_account = staticmethod(delete_account)
 
     def __repr__(self) -> str:
         return f"<QRelayService {self.address}>"
@@ -477,6 +552,7 @@ class QRelayService:
         return not self._finalizer.alive
 
     def __enter__(self) -> QRelayService:
+        self._entered.append(_entered.set((*_entered.get(), self)))
         return self
 
     def __exit__(
@@ -485,6 +561,12 @@ class QRelayService:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self._entered:
+            token = self._entered.pop()
+            try:
+                _entered.reset(token)
+            except ValueError:  # entered in another context (thread): just leave this one
+                _entered.set(tuple(s for s in _entered.get() if s is not self))
         self.close()
 
     def close(self) -> None:
@@ -502,9 +584,16 @@ class QRelayService:
     def _backend_proto(self, name: str) -> backends_pb2.Backend:
         return self._loop.call(self._core._backend_proto, name)
 
+    def least_busy(
+        self, min_num_qubits: int | None = None, *, simulator: bool | None = None
+    ) -> QRelayBackend:
+        """The online backend with the fewest queued jobs; see `AsyncQRelayService`."""
+        backends = [QRelayBackend(p, self) for p in self._loop.call(self._core._backend_protos)]
+        return _least_busy(backends, min_num_qubits, simulator)
+
     def job(self, job_id: str) -> RuntimeJob:
         """A handle on an existing job; `NotFound` if it is not the caller's."""
-        return RuntimeJob(self._loop.call(self._core.job, job_id), self._loop)
+        return RuntimeJob(self._loop.call(self._core.job, job_id), self._loop, self)
 
     def jobs(
         self,
@@ -519,7 +608,7 @@ class QRelayService:
         async def fetch() -> list[AsyncRuntimeJob]:
             return await self._core.jobs(limit, state=state, backend=backend, session_id=session_id)
 
-        return [RuntimeJob(core, self._loop) for core in self._loop.call(fetch)]
+        return [RuntimeJob(core, self._loop, self) for core in self._loop.call(fetch)]
 
     def submit(self, spec: types_pb2.JobSpec, *, idempotency_key: str | None = None) -> RuntimeJob:
         """Submit a raw job spec (the primitives build one for you)."""
@@ -527,7 +616,7 @@ class QRelayService:
         async def send() -> AsyncRuntimeJob:
             return await self._core.submit(spec, idempotency_key=idempotency_key)
 
-        return RuntimeJob(self._loop.call(send), self._loop)
+        return RuntimeJob(self._loop.call(send), self._loop, self)
 
     def submit_and_follow(
         self, spec: types_pb2.JobSpec, *, idempotency_key: str | None = None
@@ -539,7 +628,7 @@ class QRelayService:
         async def send() -> AsyncRuntimeJob:
             return await self._core.submit_and_follow(spec, idempotency_key=idempotency_key)
 
-        return RuntimeJob(self._loop.call(send), self._loop)
+        return RuntimeJob(self._loop.call(send), self._loop, self)
 
     # -- programs ----------------------------------------------------------------
 

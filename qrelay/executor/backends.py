@@ -62,6 +62,8 @@ class Backend:
     simulator: bool = True
     # False for a device whose run only waits on its provider (see BackendProvider).
     local: bool = True
+    #: Noiseless: the Estimator gives exact expectation values here (precision 0).
+    ideal: bool = False
 
     @property
     def target(self) -> Target:
@@ -125,7 +127,10 @@ class BackendProvider:
 
 def _build_ideal(name: str) -> Backend:
     return Backend(
-        name=IDEAL, qiskit=_ExecutorAerSimulator(), description="Aer ideal (noiseless) simulator"
+        name=IDEAL,
+        qiskit=_ExecutorAerSimulator(),
+        description="Aer ideal (noiseless) simulator",
+        ideal=True,
     )
 
 

@@ -95,6 +95,9 @@ class TranspiledCircuit:
     parameter_names: tuple[str, ...]
     isa_parameters: tuple[Parameter, ...]
     isa_columns: tuple[int, ...]
+    #: The user's qubits the ISA circuit keeps, when idle ones were dropped to fit the
+    #: backend (None: all of them). Observables are reduced to these before the layout.
+    active_qubits: tuple[int, ...] | None = None
 
 
 class TranspileCache:
@@ -177,15 +180,25 @@ class TranspileCache:
         what: str,
     ) -> TranspiledCircuit:
         circuit = codec.decode_circuit(circuit_msg, what)
+        active: tuple[int, ...] | None = None
+        runnable = circuit
         if circuit.num_qubits > backend.num_qubits:
-            raise InvalidArgument(
-                f"{what} has {circuit.num_qubits} qubits but backend {backend.name} has "
-                f"{backend.num_qubits}"
-            )
+            if not backend.ideal:  # a device's qubits are not interchangeable
+                raise InvalidArgument(
+                    f"{what} has {circuit.num_qubits} qubits but backend {backend.name} has "
+                    f"{backend.num_qubits}"
+                )
+            active = codec.active_qubits(circuit)
+            if len(active) > backend.num_qubits:
+                raise InvalidArgument(
+                    f"{what} has {circuit.num_qubits} qubits, {len(active)} of them active, "
+                    f"but backend {backend.name} has {backend.num_qubits}"
+                )
+            runnable = without_idle_qubits(circuit, active)
         started = time.perf_counter()
         pm, pm_lock = pass_manager(backend, optimization_level, seed_transpiler)
         with pm_lock:
-            isa = pm.run(circuit)
+            isa = pm.run(runnable)
         names = tuple(p.name for p in circuit.parameters)
         isa_params = tuple(isa.parameters)
         columns = tuple(names.index(p.name) for p in isa_params)
@@ -204,4 +217,31 @@ class TranspileCache:
             parameter_names=names,
             isa_parameters=isa_params,
             isa_columns=columns,
+            active_qubits=active,
         )
+
+
+def without_idle_qubits(circuit: QuantumCircuit, active: tuple[int, ...]) -> QuantumCircuit:
+    """The circuit on its active qubits only (in order), clbits and registers kept.
+
+    What Aer's primitives do for a circuit transpiled for a wide device: idle
+    wires stay |0> and nothing reads them, so dropping them changes no result.
+    """
+    keep = [circuit.qubits[i] for i in active]
+    index = {q: k for k, q in enumerate(keep)}
+    out = QuantumCircuit(
+        len(keep), name=circuit.name, global_phase=circuit.global_phase, metadata=circuit.metadata
+    )
+    out.add_bits(circuit.clbits)  # same clbits in the same order, then their registers
+    for creg in circuit.cregs:
+        out.add_register(creg)
+    for inst in circuit.data:
+        qubits = [out.qubits[index[q]] for q in inst.qubits if q in index]
+        if len(qubits) != len(inst.qubits):
+            if inst.operation.name not in codec.NOT_ACTING or not qubits:
+                continue
+            if inst.operation.name == "barrier":
+                out.barrier(*qubits)
+                continue
+        out.append(inst.operation, qubits, inst.clbits, copy=False)
+    return out

@@ -189,3 +189,19 @@ def test_long_jobs_records_list_latency_idle_and_busy_per_placement(tmp_path: Pa
         assert data["figures"][f"{placement}_jobs_done"] == 2
         assert data["figures"][f"{placement}_max_attempts"] == 1
         assert data["figures"][f"{placement}_list_p99_busy_over_idle"] > 0
+
+
+def test_estimator_ideal_compares_qrelay_with_aer_estimator_in_one_run(tmp_path: Path) -> None:
+    data = run_tiny("estimator_ideal", tmp_path)
+    paths = ["aer EstimatorV2", "qrelay pipeline", "qrelay pipeline + client codec"]
+    assert [(r["precision"], r["path"]) for r in data["rows"]] == [
+        (p, name) for p in (0.0, 0.015625) for name in paths
+    ]
+    for row in data["rows"]:
+        assert row["calls"] == data["parameters"]["calls"]
+        assert {"p50", "p95", "mean", "ratio_p50_vs_aer"} <= row.keys()
+    assert {
+        "exact.pipeline_over_aer_p50",
+        "precision_0.015625.pipeline_over_aer_p50",
+        "pipeline_within_target",
+    } <= data["figures"].keys()

@@ -73,6 +73,8 @@ def test_valid_specs_pass_and_report_their_kind() -> None:
         shape=[2], elements=[obs(["XX", "ZI"], [0.5, -1.0]), obs(["YY"], imag=[0.0])]
     )
     assert check(estimator(epub(observables, precision=0.01))) is JobKind.ESTIMATOR
+    # Precision 0 asks the ideal simulator for exact values; the executor decides.
+    assert check(estimator(epub(observables, precision=0.0))) is JobKind.ESTIMATOR
     program = T.JobSpec(backend="aer", program=T.ProgramTask(program="vqe"))
     assert check(program) is JobKind.PROGRAM
     with_options = sampler(spub())
@@ -170,16 +172,16 @@ BAD: list[tuple[str, T.JobSpec, type[QRelayError], str]] = [
         "pub 0: parameter_values: 3 parameter_names but the last axis of values has 2 entries",
     ),
     (
-        "zero precision",
-        estimator(epub(precision=0.0)),
+        "negative precision",
+        estimator(epub(precision=-0.5)),
         InvalidArgument,
-        "pub 0: precision must be a finite number > 0, got 0.0",
+        "pub 0: precision must be a finite number >= 0, got -0.5",
     ),
     (
         "nan precision",
         estimator(epub(), precision=float("nan")),
         InvalidArgument,
-        "estimator: precision must be a finite number > 0, got nan",
+        "estimator: precision must be a finite number >= 0, got nan",
     ),
     (
         "no observables",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 from qiskit import QuantumCircuit
@@ -141,6 +142,12 @@ class _Http2Frames:
                 opened += 1
             self._buf = self._buf[9 + length :]
         return opened
+
+
+@pytest.fixture(autouse=True)
+def no_saved_accounts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the user's own saved qrelay accounts out of every client test."""
+    monkeypatch.setenv("QRELAY_ACCOUNTS_FILE", str(tmp_path / "no-accounts.json"))
 
 
 @pytest.fixture

@@ -391,16 +391,23 @@ def test_observables_and_bindings_that_do_not_broadcast_message() -> None:
     )
 
 
-@pytest.mark.parametrize("value", [0.0, -0.1, float("inf")])
-def test_non_positive_precision_is_invalid_argument(value: float) -> None:
+@pytest.mark.parametrize("value", [-0.1, float("inf"), float("nan")])
+def test_negative_or_non_finite_precision_is_invalid_argument(value: float) -> None:
     task = codec.encode_estimator_task([(QuantumCircuit(1), "Z")])
     task.precision = value
-    with pytest.raises(InvalidArgument, match=r"^precision must be > 0"):
+    with pytest.raises(InvalidArgument, match=r"^precision must be >= 0"):
         codec.decode_estimator_task(task)
     task.ClearField("precision")
     task.pubs[0].precision = value
-    with pytest.raises(InvalidArgument, match=r"^pub 0: precision must be > 0"):
+    with pytest.raises(InvalidArgument, match=r"^pub 0: precision must be >= 0"):
         codec.decode_estimator_task(task)
+
+
+def test_precision_zero_asks_for_exact_values_and_is_accepted() -> None:
+    task = codec.encode_estimator_task([(QuantumCircuit(1), "Z", None, 0.0)], precision=0.0)
+    pubs, precision = codec.decode_estimator_task(task)
+    assert precision == 0.0
+    assert pubs[0].precision == 0.0
 
 
 def test_malformed_estimator_pub_like_is_invalid_argument_on_encode() -> None:
@@ -536,3 +543,28 @@ def test_bad_metadata_json_is_invalid_argument() -> None:
     msg.pub_results[1].metadata_json = "[1, 2]"
     with pytest.raises(InvalidArgument, match="pub result 1 metadata must be a JSON object"):
         codec.decode_primitive_result(msg)
+
+
+class _PanicException(BaseException):
+    """Stands in for pyo3's PanicException (a BaseException) from Qiskit's Rust code."""
+
+
+def test_a_rust_panic_in_qpy_is_invalid_argument_without_backtrace_or_colour(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    panic = (
+        "\x1b[1m\x1b[31mthread '<unnamed>' panicked at crates/qpy/src/circuits.rs:42:9:\x1b[0m\n"
+        "index out of bounds: the len is 0 but the index is 3\n"
+        "stack backtrace:\n   0: rust_begin_unwind\n   1: core::panicking::panic_fmt\n"
+    )
+
+    def load(_: object) -> None:
+        raise _PanicException(panic)
+
+    monkeypatch.setattr(codec.qpy, "load", load)
+    with pytest.raises(InvalidArgument) as err:
+        codec.decode_circuit(types_pb2.Circuit(qpy=b"QISKIT..."), "pub 0: circuit")
+    assert str(err.value) == (
+        "pub 0: circuit is not valid QPY: thread '<unnamed>' panicked at "
+        "crates/qpy/src/circuits.rs:42:9:\nindex out of bounds: the len is 0 but the index is 3"
+    )

@@ -247,7 +247,10 @@ def test_estimator_matches_statevector_estimator_within_stds(
     want = StatevectorEstimator().run([pub]).result()[0]
     assert got.data.evs.shape == got.data.stds.shape == (2, 4)
     assert np.all(np.abs(got.data.evs - want.data.evs) <= 5 * got.data.stds + 1e-9)
-    assert got.metadata["shots"] == 10_000
+    # The ideal simulator computes exact values and adds noise of the precision (as
+    # Aer's EstimatorV2): the stds are the precision, no shots are sampled.
+    assert np.all(got.data.stds == 0.01)
+    assert "shots" not in got.metadata
     assert got.metadata["target_precision"] == pytest.approx(0.01)
 
 
@@ -297,17 +300,26 @@ def test_noisy_estimator_maps_observables_through_the_layout(
     assert np.all(np.abs(evs) < 1.0)  # readout noise is visible
 
 
-def test_precision_resolves_pub_then_job_then_default(aer: Backend, cache: TranspileCache) -> None:
+def test_precision_resolves_pub_then_job_then_default(
+    aer: Backend, manila: Backend, cache: TranspileCache
+) -> None:
     qc = QuantumCircuit(1)
     qc.h(0)
     pipeline = PrimitivePipeline(aer, cache)
+    pipeline_manila = PrimitivePipeline(manila, cache)
     result = run(pipeline, estimator_spec("aer", [(qc, "X", None, 0.1), (qc, "Z")], precision=0.05))
-    assert [r.metadata["shots"] for r in result] == [100, 400]
     assert [r.metadata["target_precision"] for r in result] == pytest.approx([0.1, 0.05])
+    assert [float(r.data.stds) for r in result] == pytest.approx([0.1, 0.05])
     result = run(pipeline, estimator_spec("aer", [(qc, "X")], default_precision=0.2))
-    assert result[0].metadata["shots"] == 25
+    assert result[0].metadata["target_precision"] == pytest.approx(0.2)
     result = run(pipeline, estimator_spec("aer", [(qc, "X")]))
-    assert result[0].metadata["shots"] == 4096  # Qiskit's default precision 1/64
+    assert result[0].metadata["target_precision"] == 1 / 64  # Qiskit's default precision
+    # On a sampling backend the precision is the shots: ceil(1 / precision**2).
+    result = run(
+        pipeline_manila,
+        estimator_spec("fake_manila", [(qc, "X", None, 0.1), (qc, "Z")], precision=0.05),
+    )
+    assert [r.metadata["shots"] for r in result] == [100, 400]
 
 
 # ----------------------------------------------------------------- transpile cache
@@ -519,7 +531,7 @@ def test_concurrent_jobs_in_worker_threads_give_the_sequential_results(
 
 
 def test_pub_beyond_the_shot_budget_is_resource_exhausted(
-    aer: Backend, cache: TranspileCache
+    aer: Backend, manila: Backend, cache: TranspileCache
 ) -> None:
     qc = QuantumCircuit(1, 1)
     qc.rx(Parameter("t"), 0)
@@ -531,6 +543,9 @@ def test_pub_beyond_the_shot_budget_is_resource_exhausted(
     assert str(err.value).startswith(
         "pub 0: 200000 shots x 1000 parameter sets exceeds the limit of 100000000 shots per pub"
     )
-    tiny_precision = estimator_spec("aer", [(QuantumCircuit(1), "Z")], 1e-5)  # 1e10 shots
-    with pytest.raises(ResourceExhausted, match=r"^pub 0: 1000000000\d shots x 1 parameter sets"):
-        PrimitivePipeline(aer, cache).run(tiny_precision)
+    # 1e10 shots where shots are sampled (the ideal simulator's own path samples none).
+    tiny_precision = estimator_spec("fake_manila", [(QuantumCircuit(1), "Z")], 1e-5)
+    with pytest.raises(
+        ResourceExhausted, match=r"^pub 0: precision 1e-05 would need 1e\+10 shots per parameter"
+    ):
+        PrimitivePipeline(manila, cache).run(tiny_precision)

@@ -125,7 +125,10 @@ def test_section_must_be_an_object() -> None:
         ({"resilience": {"zne": {"amplifier": "pea"}}}, "does not offer"),
         ({"resilience": {"pec_mitigation": True}}, "use zne_mitigation instead"),
         ({"default_shots": 0}, "'default_shots': Input should be greater than or equal to 1"),
-        ({"default_precision": 0}, "'default_precision': Input should be greater than 0"),
+        (
+            {"default_precision": -0.1},
+            "'default_precision': Input should be greater than or equal to 0",
+        ),
         ({"optimization_level": 4}, "'optimization_level'"),
         ({"twirling": {"num_randomizations": 0}}, "must be >= 1 or 'auto'"),
         ({"dynamical_decoupling": {"sequence_type": "XZX"}}, "'XX', 'XpXm' or 'XY4'"),

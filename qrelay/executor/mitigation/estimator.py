@@ -19,18 +19,19 @@ circuit, the shot overhead, and any option that could not act on the backend.
 from __future__ import annotations
 
 import math
+import threading
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import structlog
 from qiskit.circuit import QuantumCircuit
 from qiskit.primitives import DataBin, PrimitiveResult, PubResult
 from qiskit.primitives.containers.estimator_pub import EstimatorPub
-from qiskit.quantum_info import PauliList
+from qiskit.quantum_info import Pauli, PauliList
 
 from qrelay.errors import InvalidArgument
 from qrelay.executor.mitigation import circuits as cx
@@ -45,7 +46,7 @@ from qrelay.executor.mitigation.extrapolation import Fit, FitFailed, fit
 from qrelay.executor.mitigation.techniques import DEFAULT_PRECISION, Techniques, resolve_estimator
 from qrelay.options import EstimatorOptions, options_from_wire
 
-__all__ = ["estimator_shots", "run_estimator"]
+__all__ = ["estimator_shots", "resolved_precision", "run_estimator", "shots_for_precision"]
 
 log = structlog.get_logger(__name__)
 
@@ -61,11 +62,36 @@ def _options(options: EstimatorOptions | Mapping[str, Any] | None) -> EstimatorO
 
 
 def estimator_shots(opts: EstimatorOptions, pub_precision: float | None) -> tuple[int, float]:
-    """(shots per circuit configuration, target precision): default_shots wins, as Runtime."""
-    precision = pub_precision or opts.default_precision or DEFAULT_PRECISION
-    if opts.default_shots is not None:
+    """(shots per circuit configuration, target precision), Runtime's rule: a pub's own
+    precision wins; else default_shots; else default_precision; else Runtime's default.
+
+    The caller leaves `pub_precision` None for pubs whose precision comes from no
+    pub (the run-level precision is filled in only without default_shots).
+    """
+    if pub_precision is None and opts.default_shots is not None:
         return opts.default_shots, 1 / math.sqrt(opts.default_shots)
-    return math.ceil(1 / precision**2), precision
+    precision = resolved_precision(pub_precision, opts)
+    return shots_for_precision(precision), precision
+
+
+def resolved_precision(pub_precision: float | None, opts: EstimatorOptions) -> float:
+    """The pub's precision, else default_precision, else Runtime's default (0 is a value)."""
+    if pub_precision is not None:
+        return pub_precision
+    if opts.default_precision is not None:
+        return opts.default_precision
+    return DEFAULT_PRECISION
+
+
+def shots_for_precision(precision: float) -> int:
+    """ceil(1 / precision**2), for a precision > 0 that may be tiny (1e-300 squares to 0).
+
+    Huge values are returned as they are: the shot budget check refuses them.
+    """
+    squared = precision * precision
+    if squared <= 0 or not math.isfinite(1 / squared):
+        return 2**63 - 1
+    return math.ceil(min(1 / squared, 2**63 - 1))
 
 
 @dataclass
@@ -301,6 +327,20 @@ def run_estimator(
                 f"pub {i}: circuit has {pub.circuit.num_qubits} qubits but backend "
                 f"'{getattr(backend, 'name', '?')}' has {qk.num_qubits}"
             )
+    exact = [i for i, pub in enumerate(pubs) if _pub_precision(pub, opts) == 0]
+    if getattr(backend, "ideal", False) and (exact or not tech.active):
+        if exact and tech.active:
+            tech.notes.append(
+                "precision 0 gives exact expectation values on the ideal simulator: "
+                "there is no noise to mitigate, so no technique ran"
+            )
+        return _ideal(qk, pubs, opts, tech, seed)
+    if exact:
+        raise InvalidArgument(
+            f"pub {exact[0]}: precision 0 asks for exact expectation values, which only the "
+            f"ideal simulator 'aer' gives; backend '{getattr(backend, 'name', '?')}' samples "
+            "shots, so precision must be larger than 0"
+        )
     if not tech.active:
         return _reference(qk, pubs, opts, tech, seed)
     plans = [_plan(pub, tech, opts, rng, target) for pub in pubs]
@@ -390,28 +430,125 @@ def run_estimator(
     )
 
 
+def _pub_precision(pub: EstimatorPub, opts: EstimatorOptions) -> float:
+    """The precision a pub gets: its own, else default_shots', else the defaults."""
+    return estimator_shots(opts, pub.precision)[1]
+
+
+def _with_precision(pubs: list[EstimatorPub], opts: EstimatorOptions) -> list[EstimatorPub]:
+    """Pubs whose precision comes from no pub get default_shots' or the default one."""
+    return [
+        p
+        if p.precision is not None
+        else EstimatorPub(
+            p.circuit, p.observables, p.parameter_values, _pub_precision(p, opts), validate=False
+        )
+        for p in pubs
+    ]
+
+
+def _summary(tech: Techniques) -> dict[str, Any]:
+    return {
+        "version": 2,
+        "resilience_level": tech.resilience_level,
+        "techniques": tech.metadata(),
+        "notes": list(tech.notes),
+    }
+
+
+def _ideal(
+    qk: Any, pubs: list[EstimatorPub], opts: EstimatorOptions, tech: Techniques, seed: int | None
+) -> PrimitiveResult[PubResult]:
+    """The ideal simulator's Estimator, as Aer's own EstimatorV2 and Runtime's local mode
+    compute it: each Pauli term's exact expectation value from one statevector
+    simulation per parameter set (no measurement circuits, no shots), then, for a
+    precision > 0, normal noise of that standard deviation (seeded) on the sums.
+    Precision 0 gives the exact values, as StatevectorEstimator does.
+    """
+    results = [_ideal_pub(qk, pub, seed) for pub in _with_precision(pubs, opts)]
+    for pub_result in results:
+        if tech.notes:
+            pub_result.metadata["notes"] = list(tech.notes)
+    return PrimitiveResult(results, metadata=_summary(tech))
+
+
+#: ISA circuits with their expectation-value save instructions, by (circuit, labels):
+#: the transpile cache hands out the same ISA circuit object for the same wire
+#: circuit, and building the save instructions (a SparsePauliOp each) cost more
+#: than simulating a small circuit (measured).
+_SAVED: OrderedDict[tuple[int, tuple[str, ...]], tuple[QuantumCircuit, QuantumCircuit]] = (
+    OrderedDict()
+)
+_SAVED_MAX = 128
+_saved_lock = threading.Lock()
+
+
+def _with_saved_expectations(isa: QuantumCircuit, labels: tuple[str, ...]) -> QuantumCircuit:
+    """`isa` without final measurements, saving the expectation value of each label."""
+    key = (id(isa), labels)
+    with _saved_lock:
+        found = _SAVED.get(key)
+        if found is not None and found[0] is isa:  # the id is this very circuit's
+            _SAVED.move_to_end(key)
+            return found[1]
+    circuit = isa
+    if "measure" in circuit.count_ops():
+        circuit = circuit.remove_final_measurements(inplace=False)
+    circuit = _bare(circuit.copy())
+    qubits = list(range(circuit.num_qubits))
+    for label in labels:
+        circuit.save_expectation_value(Pauli(label), qubits, label=label)
+    with _saved_lock:
+        _SAVED[key] = (isa, circuit)
+        while len(_SAVED) > _SAVED_MAX:
+            _SAVED.popitem(last=False)
+    return circuit
+
+
+def _ideal_pub(qk: Any, pub: EstimatorPub, seed: int | None) -> PubResult:
+    precision = float(pub.precision or 0.0)
+    params = pub.parameter_values
+    flat = np.arange(params.size).reshape(params.shape)
+    index, observables = np.broadcast_arrays(flat, pub.observables)
+    evs = np.zeros(index.shape, dtype=np.float64)
+    metadata: dict[str, Any] = {
+        "target_precision": precision,
+        "circuit_metadata": pub.circuit.metadata,
+    }
+    if evs.size:
+        labels = tuple(sorted({label for obs in observables.ravel() for label in obs}))
+        circuit = _with_saved_expectations(pub.circuit, labels)
+        binds = None
+        if params.num_parameters:
+            values = params.as_array(circuit.parameters).reshape(params.size, -1)
+            binds = [{p: values[:, j] for j, p in enumerate(circuit.parameters)}]
+        # One shot: the saved expectation values are exact whatever the shot count.
+        data = qk.run(circuit, parameter_binds=binds, shots=1).result()
+        per_binding = [data.data(k) for k in range(params.size)]
+        for i in np.ndindex(*evs.shape):
+            expvals = per_binding[int(index[i])]
+            terms = cast(dict[str, complex], observables[i])
+            evs[i] = math.fsum(float(np.real(c)) * float(expvals[lab]) for lab, c in terms.items())
+        if precision > 0:
+            evs = np.asarray(np.random.default_rng(seed).normal(evs, precision), dtype=np.float64)
+    stds = np.full(evs.shape, precision)
+    return PubResult(DataBin(evs=evs, stds=stds, shape=evs.shape), metadata=metadata)
+
+
 def _reference(
     qk: Any, pubs: list[EstimatorPub], opts: EstimatorOptions, tech: Techniques, seed: int | None
 ) -> PrimitiveResult[PubResult]:
     """No technique on (level 0): Qiskit's reference BackendEstimatorV2, bit for bit.
 
-    default_shots becomes precision 1/sqrt(shots), as Runtime's local mode does;
-    default_precision applies to pubs without their own precision.
+    Pubs without their own precision get default_shots as precision 1/sqrt(shots),
+    as Runtime's local mode does, else default_precision.
     """
     from qiskit.primitives import BackendEstimatorV2
 
-    if opts.default_shots is not None:
-        shots_precision = 1 / math.sqrt(opts.default_shots)
-        pubs = [
-            EstimatorPub(p.circuit, p.observables, p.parameter_values, shots_precision)
-            for p in pubs
-        ]
+    pubs = _with_precision(pubs, opts)
     estimator = BackendEstimatorV2(
         backend=qk,
-        options={
-            "seed_simulator": seed,
-            "default_precision": opts.default_precision or DEFAULT_PRECISION,
-        },
+        options={"seed_simulator": seed, "default_precision": resolved_precision(None, opts)},
     )
     # What `estimator.run(pubs).result()` does (pubs are coerced already), minus
     # the thread PrimitiveJob starts per call: we are in a worker thread already.
@@ -421,15 +558,7 @@ def _reference(
     for pub_result in result:  # pub metadata stays Qiskit's own unless there is a note
         if tech.notes:
             pub_result.metadata["notes"] = list(tech.notes)
-    return PrimitiveResult(
-        list(result),
-        metadata={
-            "version": 2,
-            "resilience_level": tech.resilience_level,
-            "techniques": tech.metadata(),
-            "notes": list(tech.notes),
-        },
-    )
+    return PrimitiveResult(list(result), metadata=_summary(tech))
 
 
 def _postprocess(

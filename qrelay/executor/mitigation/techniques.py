@@ -14,7 +14,8 @@ level   mitigation                             suppression
         extrapolators exponential then linear)
 ======  =====================================  =================================
 
-Dynamical decoupling is off at every level unless enabled. The Sampler has no
+On the ideal simulator (`aer`) the default level is 0: there is no noise to
+mitigate. Dynamical decoupling is off at every level unless enabled. The Sampler has no
 levels: everything is off unless asked for; its measurement mitigation is M3
 (quasi-probabilities), a qrelay extension.
 
@@ -176,7 +177,7 @@ def _backend_notes(opts: EstimatorOptions | SamplerOptions, backend: Any) -> lis
         )
     if opts.max_execution_time is not None:
         notes.append("max_execution_time is recorded; the executor's own job timeout applies")
-    env = opts.environment.model_fields_set
+    env = opts.environment.model_fields_set - {"job_tags"}  # job_tags become the job's tags
     if env:
         notes.append(f"environment options {sorted(env)} are recorded only")
     return notes
@@ -253,7 +254,10 @@ def _pick(explicit: bool | None, default: bool) -> bool:
 def resolve_estimator(opts: EstimatorOptions, backend: Any) -> Techniques:
     """Level defaults overridden by explicit options, checked against the backend."""
     opts.check_consistent()
-    level = opts.effective_level()
+    # An ideal simulator has no noise to mitigate: its default level is 0 (what Runtime's
+    # local mode runs on AerSimulator); a level the user sets is honoured.
+    ideal = bool(getattr(backend, "ideal", False))
+    level = 0 if ideal and opts.resilience_level is None else opts.effective_level()
     base = LEVEL_TABLE[level]
     res, tw = opts.resilience, opts.twirling
     notes = _backend_notes(opts, backend)
