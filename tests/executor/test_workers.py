@@ -464,3 +464,35 @@ async def test_a_killed_zygote_is_started_again_and_the_next_job_runs(
         assert job.state == types_pb2.JOB_STATE_DONE, job.error.message
         assert pool.zygote_pid not in (0, first)
         assert executor.connected
+
+
+# -- progress -----------------------------------------------------------------------------
+
+
+async def test_a_long_job_reports_progress_and_a_tiny_one_does_not(
+    tmp_path: Path, stub: Any
+) -> None:
+    async with (
+        running_broker(broker_settings(tmp_path)) as broker,
+        running_executor(executor_settings(broker.address, slots=2)),
+    ):
+        jobs = stub(broker.address)
+        spec = sampler_spec("aer", LONG, shots=100)
+        spec.sampler.pubs.extend([sampler_spec("aer", BELL_QASM3).sampler.pubs[0]] * 2)
+        long_id = await submit(jobs, spec)
+        tiny_id = await submit(jobs, sampler_spec("aer", BELL_QASM3, shots=10))
+        done = await wait_terminal(jobs, [long_id, tiny_id], deadline=90)
+        assert {j.state for j in done.values()} == {types_pb2.JOB_STATE_DONE}
+        job = done[long_id]
+        ran = (job.finished_at.ToDatetime() - job.started_at.ToDatetime()).total_seconds()
+        assert ran > 2.0, "precondition: the job ran long enough to report"
+        reports = [e for e in await watch_all(jobs, long_id) if e.HasField("progress")]
+        assert reports, "a job of several seconds reports its progress"
+        assert {(r.progress.stage, r.progress.total) for r in reports} <= {
+            ("transpile", 3),
+            ("run", 3),
+        }
+        assert all(r.progress.done <= r.progress.total for r in reports)
+        assert {r.attempt for r in reports} == {1}
+        tiny = await watch_all(jobs, tiny_id)
+        assert not [e for e in tiny if e.HasField("progress")]
