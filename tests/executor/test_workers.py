@@ -48,6 +48,8 @@ pytestmark = pytest.mark.slow
 # 20 qubits, one pub: a single Aer call of several seconds that holds its
 # process's interpreter lock throughout (the failure mode of the old executor).
 LONG = heavy_qasm3(num_qubits=20, layers=24)
+# Two of these at once outlive five 1-second leases even on an idle machine.
+LONGER = heavy_qasm3(num_qubits=21, layers=30)
 # A pub long enough to be caught running, short enough not to matter if it is not.
 MEDIUM = heavy_qasm3(num_qubits=18, layers=40)
 
@@ -191,7 +193,7 @@ async def test_jobs_longer_than_five_ttls_finish_on_attempt_one_while_list_answe
         running_executor(executor_settings(broker.address, slots=2)),
     ):
         jobs = stub(broker.address)
-        ids = [await submit(jobs, sampler_spec("aer", LONG, shots=100)) for _ in range(2)]
+        ids = [await submit(jobs, sampler_spec("aer", LONGER, shots=100)) for _ in range(2)]
         answered = 0
         # The broker and the executor share this process (as under `qrelay dev`):
         # List must keep answering, within a lease TTL, while both jobs simulate.
