@@ -51,6 +51,7 @@ from qrelay.broker.sessions import Sessions
 from qrelay.broker.settings import BrokerSettings
 from qrelay.broker.store import open_store
 from qrelay.broker.streams import RunStreams
+from qrelay.errors import FailedPrecondition
 from qrelay.rpc import DecodeGuard
 
 log = structlog.get_logger(__name__)
@@ -132,6 +133,8 @@ class Broker:
                 ("grpc.max_send_message_length", limit),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+                # A second broker on a busy port must fail, not share it at random.
+                ("grpc.so_reuseport", 0),
             ],
         )
         streams = RunStreams(self.jobs, self.settings.max_stream_jobs)
@@ -154,7 +157,13 @@ class Broker:
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        port = server.add_insecure_port(self.settings.listen)
+        try:
+            port = server.add_insecure_port(self.settings.listen)
+        except RuntimeError as exc:  # grpc says only "Failed to bind to address ..."
+            raise FailedPrecondition(
+                f"cannot listen on {self.settings.listen}: address in use (another broker or "
+                f"`qrelay dev` is running there?) or not available: {exc}"
+            ) from None
         host = self.settings.listen.rsplit(":", 1)[0]
         if host in ("", "0.0.0.0", "[::]", "::"):
             host = "127.0.0.1"

@@ -43,7 +43,10 @@ def executor_serve(
     broker: Annotated[
         str | None,
         typer.Option(
-            help="Broker address HOST:PORT (env QRELAY_EXECUTOR_BROKER or QRELAY_BROKER)."
+            help=(
+                "Broker address HOST:PORT, or replicas HOST:PORT,HOST:PORT tried in turn "
+                "(env QRELAY_EXECUTOR_BROKER or QRELAY_BROKER)."
+            )
         ),
     ] = None,
     backend: Annotated[
@@ -76,6 +79,21 @@ def executor_serve(
             "--programs/--no-programs", help="Run program jobs in sandboxes (default: yes)."
         ),
     ] = None,
+    max_run_time: Annotated[
+        float | None,
+        typer.Option(help="Longest a primitive job may run, in seconds (default 86400)."),
+    ] = None,
+    worker_memory_mb: Annotated[
+        int | None,
+        typer.Option(
+            help="Address-space limit of each worker process in MiB "
+            "(default: 3/4 of the machine shared by the slots, at least 4096)."
+        ),
+    ] = None,
+    backend_provider: Annotated[
+        list[str] | None,
+        typer.Option(help="Extra BackendProvider as module:attribute (repeat for several)."),
+    ] = None,
 ) -> None:
     """Run an executor until SIGINT/SIGTERM. Every flag is also QRELAY_EXECUTOR_<NAME>."""
     from qrelay.executor.agent import Executor
@@ -94,6 +112,9 @@ def executor_serve(
             connect_timeout_s=connect_timeout,
             metrics_port=metrics_port,
             programs=programs,
+            max_run_time_s=max_run_time,
+            worker_memory_mb=worker_memory_mb,
+            backend_providers=backend_provider or None,
         )
     executor = Executor(settings)
 

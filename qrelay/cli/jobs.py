@@ -148,6 +148,9 @@ def jobs_watch(
                     raw = event.raw
                     if raw is None:
                         continue
+                    if event.kind == "progress":
+                        status.update(f"{job_id}: {_progress_bar(event.data)}")
+                        continue
                     _print_event(raw, event.data)
                     if event.kind == "state":
                         final = raw.state.state
@@ -156,6 +159,13 @@ def jobs_watch(
 
     final = _run(follow)
     raise typer.Exit(0 if final == DONE else 1)
+
+
+def _progress_bar(progress: Any, width: int = 24) -> str:
+    """`run ██████░░░░ 12/40 pubs` for a Progress event."""
+    filled = round(width * progress.fraction)
+    bar = "█" * filled + "░" * (width - filled)
+    return f"{progress.stage} {bar} {progress.done}/{progress.total} pubs"
 
 
 def _print_event(raw: types_pb2.JobEvent, data: Any) -> None:

@@ -13,7 +13,7 @@ core they are built on.
 
 from qrelay.client._connection import RetryPolicy
 from qrelay.client.backend import BackendStatus, QRelayBackend
-from qrelay.client.job import AsyncRuntimeJob, JobEvent, RuntimeJob
+from qrelay.client.job import AsyncRuntimeJob, JobEvent, Progress, RuntimeJob
 from qrelay.client.primitives import Estimator, Sampler
 from qrelay.client.programs import Program
 from qrelay.client.service import AsyncQRelayService, QRelayService
@@ -29,6 +29,7 @@ __all__ = [
     "Estimator",
     "JobEvent",
     "Program",
+    "Progress",
     "QRelayBackend",
     "QRelayService",
     "RetryPolicy",

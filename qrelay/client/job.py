@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
+import warnings
 from collections.abc import AsyncGenerator, Iterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-EventKind = Literal["state", "interim", "log", "result", "error"]
+EventKind = Literal["state", "interim", "log", "progress", "result", "error"]
 
 _STATUS: dict[types_pb2.JobState.ValueType, JobStatus] = {
     types_pb2.JOB_STATE_QUEUED: JobStatus.QUEUED,
@@ -55,6 +56,17 @@ _STATUS: dict[types_pb2.JobState.ValueType, JobStatus] = {
 _FINAL_STATES = frozenset(
     {types_pb2.JOB_STATE_DONE, types_pb2.JOB_STATE_FAILED, types_pb2.JOB_STATE_CANCELLED}
 )
+
+_DONE_STATUSES = frozenset({JobStatus.DONE, JobStatus.ERROR, JobStatus.CANCELLED})
+
+
+def _final_attempt(history: list[types_pb2.JobEvent]) -> int:
+    """The attempt of a finished job's last state change (0 from a broker without attempts)."""
+    for ev in reversed(history):
+        if ev.WhichOneof("payload") == "state":
+            return int(ev.state.attempt)
+    return 0
+
 
 #: Results above this size are decoded in a worker thread, not on the loop.
 _DECODE_IN_THREAD_BYTES = 256 * 1024
@@ -118,11 +130,26 @@ async def decode_job_result(result: types_pb2.JobResult) -> Any:
 
 
 @dataclass(frozen=True)
+class Progress:
+    """How far a long primitive job has got: `done` of `total` pubs in `stage`."""
+
+    stage: str
+    done: int
+    total: int
+
+    @property
+    def fraction(self) -> float:
+        """Done over total in this stage (0 when there is no total)."""
+        return self.done / self.total if self.total else 0.0
+
+
+@dataclass(frozen=True)
 class JobEvent:
     """One event of a job's history, decoded.
 
     `data` is a `JobStatus` for "state", the published value for "interim",
-    the line's text for "log", the `PrimitiveResult` (or program value) for
+    the line's text for "log", a `Progress` for "progress" (long primitive
+    jobs), the `PrimitiveResult` (or program value) for
     "result" and the `qrelay.errors` exception for "error". `raw` keeps the
     wire event for anything else (state messages, log levels, attempts).
     """
@@ -160,6 +187,9 @@ async def decode_event(ev: types_pb2.JobEvent) -> JobEvent:
         kind, data = "interim", decode_value(ev.interim.value_json)
     elif which == "log":
         kind, data = "log", ev.log.text
+    elif which == "progress":
+        kind = "progress"
+        data = Progress(ev.progress.stage, ev.progress.done, ev.progress.total)
     elif which == "result":
         kind, data = "result", await decode_job_result(ev.result)
     elif which == "error":
@@ -399,13 +429,40 @@ class AsyncRuntimeJob:
         """A program's published values in order, live, until the job ends.
 
         A late subscriber starts from the first one (events are durable);
-        how the job ended is for `result()` to say.
+        how the job ended is for `result()` to say. When a job was re-run
+        because its executor vanished, the abandoned attempt's values are not
+        the result's: a subscriber that starts after the job finished gets
+        only the values of the attempt that produced the result, and a live
+        one is warned (RuntimeWarning) when a new attempt starts over.
         """
         from qrelay.values import decode_value
 
+        if await self.status() in _DONE_STATUSES:
+            history = [ev async for ev in self._events(after_seq)]
+            final = _final_attempt(history)
+            for ev in history:
+                if ev.WhichOneof("payload") == "interim" and (
+                    not final or ev.attempt in (0, final)
+                ):
+                    yield decode_value(ev.interim.value_json)
+            return
+        attempt = 0
+        published = 0
         async with aclosing(self._events(after_seq)) as events:
             async for ev in events:
-                if ev.WhichOneof("payload") == "interim":
+                which = ev.WhichOneof("payload")
+                if which == "state" and ev.state.state == types_pb2.JOB_STATE_RUNNING:
+                    if published and ev.state.attempt != attempt:
+                        warnings.warn(
+                            f"job {self.job_id()} runs again (attempt {ev.state.attempt}) "
+                            "after its executor was lost; the interim results before this "
+                            f"came from attempt {attempt}, which was abandoned",
+                            RuntimeWarning,
+                            stacklevel=2,
+                        )
+                    attempt, published = ev.state.attempt, 0
+                elif which == "interim":
+                    published += 1
                     yield decode_value(ev.interim.value_json)
 
     async def result(self, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - Qiskit's API

@@ -63,6 +63,9 @@ INTERNAL = 13
 # Non-final updates (logs, interim values) kept while the broker is away;
 # beyond this further ones are dropped so a chatty program cannot eat memory.
 MAX_BUFFERED_UPDATES = 10_000
+# A primitive job reports progress once it has run this long (and then at
+# most once per heartbeat).
+PROGRESS_AFTER_S = 1.0
 # How long a shutting-down executor spends handing its jobs back to the broker.
 SHUTDOWN_GRACE_S = 3.0
 
@@ -92,6 +95,11 @@ class _Job:
     dropped: bool = False
     # True while the job holds a slot and runs.
     running: bool = False
+    # When it started running (monotonic), and its latest progress report
+    # (stage, done, total) with whether that report went out yet.
+    started: float = 0.0
+    progress: tuple[str, int, int] | None = None
+    progress_sent: bool = True
 
 
 @dataclass
@@ -508,7 +516,30 @@ class Executor:
                 call,
                 executor_pb2.ExecutorMessage(heartbeat=executor_pb2.Heartbeat(lease_ids=leases)),
             )
+            self._report_progress()
             await anyio.sleep(self._heartbeat_interval_s)
+
+    def _report_progress(self) -> None:
+        """Relay the latest progress of jobs running longer than PROGRESS_AFTER_S.
+
+        Once per heartbeat at most, and never for short jobs: a tiny job's
+        transpile/run reports would cost the broker three events more.
+        """
+        now = time.monotonic()
+        for job in self._jobs.values():
+            if (
+                job.progress_sent
+                or job.dropped
+                or not job.running
+                or job.progress is None
+                or now - job.started < PROGRESS_AFTER_S
+            ):
+                continue
+            stage, done, total = job.progress
+            job.progress_sent = True
+            report = types_pb2.Progress(stage=stage, done=done, total=total)
+            message = _update(job.job_id, job.lease_id, progress=report)
+            self._enqueue(_Outgoing(job.job_id, job.lease_id, message, final=False))
 
     async def _sender(self, call: Any) -> None:
         """Write the outbox in order; an item leaves the outbox only once written."""
@@ -663,6 +694,7 @@ class Executor:
                 if job.dropped:
                     return
                 job.running = True
+                job.started = time.monotonic()
                 self._in_slots += 1
                 self._busy_gauge.set(self._in_slots)
                 self._peak_running = max(self._peak_running, self._in_slots)
@@ -715,10 +747,9 @@ class Executor:
             )
 
     async def _execute_primitive(self, job: _Job, spec: types_pb2.JobSpec) -> types_pb2.JobResult:
-        jlog = self._log.bind(job_id=job.job_id)
-
         def progress(stage: str, done: int, total: int) -> None:
-            jlog.debug("job.progress", stage=stage, done=done, total=total)
+            job.progress = (stage, done, total)
+            job.progress_sent = False
 
         def on_worker(pid: int) -> None:
             self._worker_pids[job.job_id] = pid

@@ -168,7 +168,7 @@ class _WarmZygotes:
     started the child ends; they die with this process.
     """
 
-    KEEP = 2
+    KEEP = 4
 
     def __init__(self) -> None:
         self._idle: list[_ZygoteProcess] = []

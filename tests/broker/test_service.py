@@ -22,6 +22,7 @@ from qrelay._proto.v1 import (
 )
 from qrelay.broker.server import Broker, running_broker
 from qrelay.broker.settings import MIB
+from qrelay.errors import FailedPrecondition
 from tests.broker.conftest import (
     FakeExecutor,
     announce,
@@ -323,3 +324,17 @@ async def test_run_stores_the_job_before_its_first_event_and_follows_it(
             while (ev := await stream.read()) is not grpc.aio.EOF:
                 events.append(ev)
             assert events[-1].state.state == types_pb2.JOB_STATE_CANCELLED
+
+
+async def test_a_second_broker_on_a_busy_port_fails_saying_address_in_use(
+    tmp_path: Path,
+) -> None:
+    async with running_broker(broker_settings(tmp_path)) as first:
+        port = first.address.rsplit(":", 1)[1]
+        second = broker_settings(tmp_path / "b", listen=f"127.0.0.1:{port}")
+        (tmp_path / "b").mkdir()
+        with pytest.raises(
+            FailedPrecondition, match=f"cannot listen on 127.0.0.1:{port}: address in use"
+        ):
+            async with running_broker(second):
+                pass

@@ -176,6 +176,27 @@ async def test_result_update_is_fenced_by_lease(store: JobStore) -> None:
     assert "unknown job" in unknown.message
 
 
+async def test_progress_and_interim_events_are_stored_under_their_attempt(
+    store: JobStore,
+) -> None:
+    job_id = await submit(store)
+    (first,) = await store.claim(["aer"], "e-1", TTL, 1)
+    interim = types_pb2.Interim(value_json="1").SerializeToString()
+    lease = first.job.lease_id
+    assert (await store.apply_update(job_id, lease, UpdateKind.INTERIM, interim)).accepted
+    # The executor vanishes; the job runs again, its second attempt publishes too.
+    await store.expire_leases(time.time() + 2 * TTL, max_attempts=3)
+    (second,) = await store.claim(["aer"], "e-2", TTL, 1)
+    progress = types_pb2.Progress(stage="run", done=2, total=5).SerializeToString()
+    lease = second.job.lease_id
+    assert (await store.apply_update(job_id, lease, UpdateKind.PROGRESS, progress)).accepted
+    assert (await store.apply_update(job_id, lease, UpdateKind.INTERIM, interim)).accepted
+    stored = [event(e.payload) for e in await store.events_after(job_id, 0)]
+    published = [(e.WhichOneof("payload"), e.attempt) for e in stored if not e.HasField("state")]
+    assert published == [("interim", 1), ("progress", 2), ("interim", 2)]
+    assert stored[-2].progress == types_pb2.Progress(stage="run", done=2, total=5)
+
+
 async def test_error_update_fails_the_job(store: JobStore) -> None:
     job_id = await submit(store)
     (grant,) = await store.claim(["aer"], "e-1", TTL, 1)

@@ -116,14 +116,29 @@ def test_empty_lease_is_never_current() -> None:
     assert not decision.accepted
 
 
-@pytest.mark.parametrize("kind", [UpdateKind.INTERIM, UpdateKind.LOG])
-def test_interim_and_log_append_one_event_and_keep_the_state(kind: UpdateKind) -> None:
-    change = transition(lifecycle.update(RUNNING.id, RUNNING, "l-1", kind, b"x", NOW))
+@pytest.mark.parametrize("kind", [UpdateKind.INTERIM, UpdateKind.LOG, UpdateKind.PROGRESS])
+def test_interim_log_and_progress_append_one_event_and_keep_the_state(kind: UpdateKind) -> None:
+    change = transition(lifecycle.update(RUNNING.id, RUNNING, "l-1", kind, b"", NOW))
     assert change.columns == {"last_seq": 4}
     assert [(e.seq, e.terminal) for e in change.events] == [(4, False)]
-    assert change.events[0].payload == update_payload(kind, b"x")
+    assert change.events[0].payload == update_payload(kind, b"", RUNNING.attempts)
     assert not change.requeued
     assert change.stop is None
+
+
+@pytest.mark.parametrize("kind", [UpdateKind.INTERIM, UpdateKind.PROGRESS, UpdateKind.RESULT])
+def test_every_event_an_attempt_produces_says_which_attempt(kind: UpdateKind) -> None:
+    payloads = {
+        UpdateKind.INTERIM: types_pb2.Interim(value_json="1"),
+        UpdateKind.PROGRESS: types_pb2.Progress(stage="run", done=3, total=40),
+        UpdateKind.RESULT: types_pb2.JobResult(program_json="2"),
+    }
+    wire = payloads[kind].SerializeToString()
+    change = transition(lifecycle.update(RUNNING.id, facts(attempts=3), "l-1", kind, wire, NOW))
+    events = [types_pb2.JobEvent.FromString(e.payload) for e in change.events]
+    assert events[0].WhichOneof("payload") == kind.value
+    assert getattr(events[0], kind.value) == payloads[kind]
+    assert [e.attempt for e in events] == [3] * len(events)
 
 
 @pytest.mark.parametrize(

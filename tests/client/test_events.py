@@ -7,6 +7,7 @@ import pytest
 from qiskit.providers import JobStatus
 
 from qrelay._proto.v1 import types_pb2
+from qrelay.client import Progress
 from qrelay.client.job import decode_event, decode_job_result, job_error, state_for_status
 from qrelay.errors import Internal, InvalidArgument, QRelayError, ResourceExhausted
 from qrelay.values import encode_value
@@ -78,3 +79,13 @@ def test_state_names_map_to_wire_states() -> None:
         state_for_status("later")
     assert not isinstance(job_error(types_pb2.JobError(code=3)), ResourceExhausted)
     assert isinstance(job_error(types_pb2.JobError(code=3)), InvalidArgument)
+
+
+async def test_a_progress_event_decodes_to_stage_and_pubs() -> None:
+    wire = types_pb2.JobEvent(
+        job_id="j-1", seq=4, progress=types_pb2.Progress(stage="run", done=3, total=12), attempt=1
+    )
+    event = await decode_event(wire)
+    assert event.kind == "progress"
+    assert event.data == Progress(stage="run", done=3, total=12)
+    assert event.data.fraction == 0.25

@@ -541,7 +541,8 @@ def test_pub_beyond_the_shot_budget_is_resource_exhausted(
         PrimitivePipeline(aer, cache).run(spec)
     assert err.value.code == 8
     assert str(err.value).startswith(
-        "pub 0: 200000 shots x 1000 parameter sets exceeds the limit of 100000000 shots per pub"
+        "pub 0: 200000 shots x 1000 parameter sets exceeds the limit of 100000000 executed "
+        "shots per pub"
     )
     # 1e10 shots where shots are sampled (the ideal simulator's own path samples none).
     tiny_precision = estimator_spec("fake_manila", [(QuantumCircuit(1), "Z")], 1e-5)

@@ -48,6 +48,8 @@ pytestmark = pytest.mark.slow
 # 20 qubits, one pub: a single Aer call of several seconds that holds its
 # process's interpreter lock throughout (the failure mode of the old executor).
 LONG = heavy_qasm3(num_qubits=20, layers=24)
+# Two of these at once outlive five 1-second leases even on an idle machine.
+LONGER = heavy_qasm3(num_qubits=21, layers=30)
 # A pub long enough to be caught running, short enough not to matter if it is not.
 MEDIUM = heavy_qasm3(num_qubits=18, layers=40)
 
@@ -191,7 +193,7 @@ async def test_jobs_longer_than_five_ttls_finish_on_attempt_one_while_list_answe
         running_executor(executor_settings(broker.address, slots=2)),
     ):
         jobs = stub(broker.address)
-        ids = [await submit(jobs, sampler_spec("aer", LONG, shots=100)) for _ in range(2)]
+        ids = [await submit(jobs, sampler_spec("aer", LONGER, shots=100)) for _ in range(2)]
         answered = 0
         # The broker and the executor share this process (as under `qrelay dev`):
         # List must keep answering, within a lease TTL, while both jobs simulate.
@@ -464,3 +466,35 @@ async def test_a_killed_zygote_is_started_again_and_the_next_job_runs(
         assert job.state == types_pb2.JOB_STATE_DONE, job.error.message
         assert pool.zygote_pid not in (0, first)
         assert executor.connected
+
+
+# -- progress -----------------------------------------------------------------------------
+
+
+async def test_a_long_job_reports_progress_and_a_tiny_one_does_not(
+    tmp_path: Path, stub: Any
+) -> None:
+    async with (
+        running_broker(broker_settings(tmp_path)) as broker,
+        running_executor(executor_settings(broker.address, slots=2)),
+    ):
+        jobs = stub(broker.address)
+        spec = sampler_spec("aer", LONG, shots=100)
+        spec.sampler.pubs.extend([sampler_spec("aer", BELL_QASM3).sampler.pubs[0]] * 2)
+        long_id = await submit(jobs, spec)
+        tiny_id = await submit(jobs, sampler_spec("aer", BELL_QASM3, shots=10))
+        done = await wait_terminal(jobs, [long_id, tiny_id], deadline=90)
+        assert {j.state for j in done.values()} == {types_pb2.JOB_STATE_DONE}
+        job = done[long_id]
+        ran = (job.finished_at.ToDatetime() - job.started_at.ToDatetime()).total_seconds()
+        assert ran > 2.0, "precondition: the job ran long enough to report"
+        reports = [e for e in await watch_all(jobs, long_id) if e.HasField("progress")]
+        assert reports, "a job of several seconds reports its progress"
+        assert {(r.progress.stage, r.progress.total) for r in reports} <= {
+            ("transpile", 3),
+            ("run", 3),
+        }
+        assert all(r.progress.done <= r.progress.total for r in reports)
+        assert {r.attempt for r in reports} == {1}
+        tiny = await watch_all(jobs, tiny_id)
+        assert not [e for e in tiny if e.HasField("progress")]

@@ -28,7 +28,7 @@ from qrelay._proto.v1 import backends_pb2 as qrelay_dot_v1_dot_backends__pb2
 from qrelay._proto.v1 import types_pb2 as qrelay_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18qrelay/v1/executor.proto\x12\tqrelay.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18qrelay/v1/backends.proto\x1a\x15qrelay/v1/types.proto\"\x92\x01\n\x0f\x45xecutorMessage\x12!\n\x05hello\x18\x01 \x01(\x0b\x32\x10.qrelay.v1.HelloH\x00\x12)\n\theartbeat\x18\x02 \x01(\x0b\x32\x14.qrelay.v1.HeartbeatH\x00\x12&\n\x06update\x18\x03 \x01(\x0b\x32\x14.qrelay.v1.JobUpdateH\x00\x42\t\n\x07message\"\xa0\x01\n\x05Hello\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12(\n\x08\x62\x61\x63kends\x18\x02 \x03(\x0b\x32\x16.qrelay.v1.BackendInfo\x12\r\n\x05slots\x18\x03 \x01(\x05\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x05 \x03(\t\x12\"\n\x04held\x18\x06 \x03(\x0b\x32\x14.qrelay.v1.HeldLease\"-\n\tHeldLease\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\"\x1e\n\tHeartbeat\x12\x11\n\tlease_ids\x18\x01 \x03(\t\"\xf8\x01\n\tJobUpdate\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12%\n\x07interim\x18\x03 \x01(\x0b\x32\x12.qrelay.v1.InterimH\x00\x12!\n\x03log\x18\x04 \x01(\x0b\x32\x12.qrelay.v1.LogLineH\x00\x12&\n\x06result\x18\x05 \x01(\x0b\x32\x14.qrelay.v1.JobResultH\x00\x12$\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x13.qrelay.v1.JobErrorH\x00\x12\'\n\x08released\x18\x07 \x01(\x0b\x32\x13.qrelay.v1.ReleasedH\x00\x42\x08\n\x06update\"\x1a\n\x08Released\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xc5\x01\n\rBrokerMessage\x12%\n\x07welcome\x18\x01 \x01(\x0b\x32\x12.qrelay.v1.WelcomeH\x00\x12+\n\nassignment\x18\x02 \x01(\x0b\x32\x15.qrelay.v1.AssignmentH\x00\x12&\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x14.qrelay.v1.CancelJobH\x00\x12-\n\x08rejected\x18\x04 \x01(\x0b\x32\x19.qrelay.v1.UpdateRejectedH\x00\x42\t\n\x07message\"k\n\x07Welcome\x12\x11\n\tbroker_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\x05\x12\x14\n\x0clease_ttl_ms\x18\x03 \x01(\x05\x12\x18\n\x10max_update_bytes\x18\x04 \x01(\x03\"\xd2\x01\n\nAssignment\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12 \n\x04spec\x18\x05 \x01(\x0b\x32\x12.qrelay.v1.JobSpec\x12\x34\n\x10lease_expires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x07program\x18\x07 \x01(\x0b\x32\x18.qrelay.v1.ProgramBundle\"\x80\x01\n\rProgramBundle\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x61rchive\x18\x03 \x01(\x0c\x12\x13\n\x0b\x65ntry_point\x18\x04 \x01(\t\x12\x14\n\x0crequirements\x18\x05 \x03(\t\x12\x19\n\x11input_schema_json\x18\x06 \x01(\t\"=\n\tCancelJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"Q\n\x0eUpdateRejected\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t2V\n\x0f\x45xecutorService\x12\x43\n\x07\x43onnect\x12\x1a.qrelay.v1.ExecutorMessage\x1a\x18.qrelay.v1.BrokerMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18qrelay/v1/executor.proto\x12\tqrelay.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18qrelay/v1/backends.proto\x1a\x15qrelay/v1/types.proto\"\x92\x01\n\x0f\x45xecutorMessage\x12!\n\x05hello\x18\x01 \x01(\x0b\x32\x10.qrelay.v1.HelloH\x00\x12)\n\theartbeat\x18\x02 \x01(\x0b\x32\x14.qrelay.v1.HeartbeatH\x00\x12&\n\x06update\x18\x03 \x01(\x0b\x32\x14.qrelay.v1.JobUpdateH\x00\x42\t\n\x07message\"\xa0\x01\n\x05Hello\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12(\n\x08\x62\x61\x63kends\x18\x02 \x03(\x0b\x32\x16.qrelay.v1.BackendInfo\x12\r\n\x05slots\x18\x03 \x01(\x05\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x05 \x03(\t\x12\"\n\x04held\x18\x06 \x03(\x0b\x32\x14.qrelay.v1.HeldLease\"-\n\tHeldLease\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\"\x1e\n\tHeartbeat\x12\x11\n\tlease_ids\x18\x01 \x03(\t\"\xa1\x02\n\tJobUpdate\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12%\n\x07interim\x18\x03 \x01(\x0b\x32\x12.qrelay.v1.InterimH\x00\x12!\n\x03log\x18\x04 \x01(\x0b\x32\x12.qrelay.v1.LogLineH\x00\x12&\n\x06result\x18\x05 \x01(\x0b\x32\x14.qrelay.v1.JobResultH\x00\x12$\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x13.qrelay.v1.JobErrorH\x00\x12\'\n\x08released\x18\x07 \x01(\x0b\x32\x13.qrelay.v1.ReleasedH\x00\x12\'\n\x08progress\x18\x08 \x01(\x0b\x32\x13.qrelay.v1.ProgressH\x00\x42\x08\n\x06update\"\x1a\n\x08Released\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xc5\x01\n\rBrokerMessage\x12%\n\x07welcome\x18\x01 \x01(\x0b\x32\x12.qrelay.v1.WelcomeH\x00\x12+\n\nassignment\x18\x02 \x01(\x0b\x32\x15.qrelay.v1.AssignmentH\x00\x12&\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x14.qrelay.v1.CancelJobH\x00\x12-\n\x08rejected\x18\x04 \x01(\x0b\x32\x19.qrelay.v1.UpdateRejectedH\x00\x42\t\n\x07message\"k\n\x07Welcome\x12\x11\n\tbroker_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\x05\x12\x14\n\x0clease_ttl_ms\x18\x03 \x01(\x05\x12\x18\n\x10max_update_bytes\x18\x04 \x01(\x03\"\xd2\x01\n\nAssignment\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12 \n\x04spec\x18\x05 \x01(\x0b\x32\x12.qrelay.v1.JobSpec\x12\x34\n\x10lease_expires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x07program\x18\x07 \x01(\x0b\x32\x18.qrelay.v1.ProgramBundle\"\x80\x01\n\rProgramBundle\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x61rchive\x18\x03 \x01(\x0c\x12\x13\n\x0b\x65ntry_point\x18\x04 \x01(\t\x12\x14\n\x0crequirements\x18\x05 \x03(\t\x12\x19\n\x11input_schema_json\x18\x06 \x01(\t\"=\n\tCancelJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"Q\n\x0eUpdateRejected\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t2V\n\x0f\x45xecutorService\x12\x43\n\x07\x43onnect\x12\x1a.qrelay.v1.ExecutorMessage\x1a\x18.qrelay.v1.BrokerMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,21 +44,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEARTBEAT']._serialized_start=480
   _globals['_HEARTBEAT']._serialized_end=510
   _globals['_JOBUPDATE']._serialized_start=513
-  _globals['_JOBUPDATE']._serialized_end=761
-  _globals['_RELEASED']._serialized_start=763
-  _globals['_RELEASED']._serialized_end=789
-  _globals['_BROKERMESSAGE']._serialized_start=792
-  _globals['_BROKERMESSAGE']._serialized_end=989
-  _globals['_WELCOME']._serialized_start=991
-  _globals['_WELCOME']._serialized_end=1098
-  _globals['_ASSIGNMENT']._serialized_start=1101
-  _globals['_ASSIGNMENT']._serialized_end=1311
-  _globals['_PROGRAMBUNDLE']._serialized_start=1314
-  _globals['_PROGRAMBUNDLE']._serialized_end=1442
-  _globals['_CANCELJOB']._serialized_start=1444
-  _globals['_CANCELJOB']._serialized_end=1505
-  _globals['_UPDATEREJECTED']._serialized_start=1507
-  _globals['_UPDATEREJECTED']._serialized_end=1588
-  _globals['_EXECUTORSERVICE']._serialized_start=1590
-  _globals['_EXECUTORSERVICE']._serialized_end=1676
+  _globals['_JOBUPDATE']._serialized_end=802
+  _globals['_RELEASED']._serialized_start=804
+  _globals['_RELEASED']._serialized_end=830
+  _globals['_BROKERMESSAGE']._serialized_start=833
+  _globals['_BROKERMESSAGE']._serialized_end=1030
+  _globals['_WELCOME']._serialized_start=1032
+  _globals['_WELCOME']._serialized_end=1139
+  _globals['_ASSIGNMENT']._serialized_start=1142
+  _globals['_ASSIGNMENT']._serialized_end=1352
+  _globals['_PROGRAMBUNDLE']._serialized_start=1355
+  _globals['_PROGRAMBUNDLE']._serialized_end=1483
+  _globals['_CANCELJOB']._serialized_start=1485
+  _globals['_CANCELJOB']._serialized_end=1546
+  _globals['_UPDATEREJECTED']._serialized_start=1548
+  _globals['_UPDATEREJECTED']._serialized_end=1629
+  _globals['_EXECUTORSERVICE']._serialized_start=1631
+  _globals['_EXECUTORSERVICE']._serialized_end=1717
 # @@protoc_insertion_point(module_scope)

@@ -166,6 +166,7 @@ class JobUpdate(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     RELEASED_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     lease_id: _builtins.str
     @_builtins.property
@@ -190,6 +191,10 @@ class JobUpdate(_message.Message):
         Frees the slot; the job's state is already CANCELLED.
         """
 
+    @_builtins.property
+    def progress(self) -> _types_pb2.Progress:
+        """How far a long primitive job has got."""
+
     def __init__(
         self,
         *,
@@ -200,12 +205,13 @@ class JobUpdate(_message.Message):
         result: _types_pb2.JobResult | None = ...,
         error: _types_pb2.JobError | None = ...,
         released: Global___Released | None = ...,
+        progress: _types_pb2.Progress | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "interim", b"interim", "log", b"log", "released", b"released", "result", b"result", "update", b"update"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "interim", b"interim", "log", b"log", "progress", b"progress", "released", b"released", "result", b"result", "update", b"update"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "interim", b"interim", "job_id", b"job_id", "lease_id", b"lease_id", "log", b"log", "released", b"released", "result", b"result", "update", b"update"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "interim", b"interim", "job_id", b"job_id", "lease_id", b"lease_id", "log", b"log", "progress", b"progress", "released", b"released", "result", b"result", "update", b"update"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_update: _TypeAlias = _typing.Literal["interim", "log", "result", "error", "released"]  # noqa: Y015
+    _WhichOneofReturnType_update: _TypeAlias = _typing.Literal["interim", "log", "result", "error", "released", "progress"]  # noqa: Y015
     _WhichOneofArgType_update: _TypeAlias = _typing.Literal["update", b"update"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_update) -> _WhichOneofReturnType_update | None: ...
 

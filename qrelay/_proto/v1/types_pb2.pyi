@@ -733,6 +733,37 @@ class Interim(_message.Message):
 Global___Interim: _TypeAlias = Interim  # noqa: Y015
 
 @_typing.final
+class Progress(_message.Message):
+    """How far a running primitive job has got. Sent only for jobs that run long
+    enough to need it (over a second), at most once a second.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STAGE_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    stage: _builtins.str
+    """"transpile" or "run" (mitigation happens within "run")."""
+    done: _builtins.int
+    """Pubs finished in this stage, of `total`."""
+    total: _builtins.int
+    def __init__(
+        self,
+        *,
+        stage: _builtins.str = ...,
+        done: _builtins.int = ...,
+        total: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "stage", b"stage", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Progress: _TypeAlias = Progress  # noqa: Y015
+
+@_typing.final
 class LogLine(_message.Message):
     """A log line from a job."""
 
@@ -795,8 +826,18 @@ class JobEvent(_message.Message):
     LOG_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     seq: _builtins.int
+    attempt: _builtins.int
+    """The execution attempt the event belongs to (1 for the first run; a job
+    re-run after its executor vanished counts on): for interim results, logs,
+    progress, the result and the error, the attempt that produced them; for
+    a state change, its StateChange.attempt. An abandoned attempt's interim
+    results stay in the log under their attempt, so a reader can keep only
+    the attempt that produced the result.
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -809,6 +850,8 @@ class JobEvent(_message.Message):
     def result(self) -> Global___JobResult: ...
     @_builtins.property
     def error(self) -> Global___JobError: ...
+    @_builtins.property
+    def progress(self) -> Global___Progress: ...
     def __init__(
         self,
         *,
@@ -820,12 +863,14 @@ class JobEvent(_message.Message):
         log: Global___LogLine | None = ...,
         result: Global___JobResult | None = ...,
         error: Global___JobError | None = ...,
+        progress: Global___Progress | None = ...,
+        attempt: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "interim", b"interim", "log", b"log", "payload", b"payload", "result", b"result", "state", b"state", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "interim", b"interim", "log", b"log", "payload", b"payload", "progress", b"progress", "result", b"result", "state", b"state", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "interim", b"interim", "job_id", b"job_id", "log", b"log", "payload", b"payload", "result", b"result", "seq", b"seq", "state", b"state", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "error", b"error", "interim", b"interim", "job_id", b"job_id", "log", b"log", "payload", b"payload", "progress", b"progress", "result", b"result", "seq", b"seq", "state", b"state", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["state", "interim", "log", "result", "error"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["state", "interim", "log", "result", "error", "progress"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 

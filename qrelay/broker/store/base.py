@@ -46,6 +46,7 @@ class UpdateKind(enum.Enum):
 
     INTERIM = "interim"
     LOG = "log"
+    PROGRESS = "progress"
     RESULT = "result"
     ERROR = "error"
     RELEASED = "released"
@@ -507,22 +508,26 @@ class ReplicaStore(Protocol):
 
 
 def state_payload(state: JobState, message: str, attempt: int, executor_id: str = "") -> bytes:
-    """Serialized JobEvent payload for a StateChange."""
+    """Serialized JobEvent payload for a StateChange (the event's attempt is its own)."""
     return types_pb2.JobEvent(
         state=types_pb2.StateChange(
             state=types_pb2.JobState.ValueType(state),
             message=message,
             attempt=attempt,
             executor_id=executor_id,
-        )
+        ),
+        attempt=attempt,
     ).SerializeToString()
 
 
 # JobEvent's payload fields, numbered as the descriptor has them.
 _PAYLOAD_FIELD = {
     kind: types_pb2.JobEvent.DESCRIPTOR.fields_by_name[kind.value].number
-    for kind in (UpdateKind.INTERIM, UpdateKind.LOG, UpdateKind.RESULT, UpdateKind.ERROR)
+    for kind in UpdateKind
+    if kind is not UpdateKind.RELEASED
 }
+# JobEvent.attempt, appended after the payload field (protobuf fields may come in any order).
+_ATTEMPT_TAG = (types_pb2.JobEvent.DESCRIPTOR.fields_by_name["attempt"].number << 3) | 0
 
 
 def _varint(value: int) -> bytes:
@@ -537,8 +542,9 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
-def update_payload(kind: UpdateKind, payload: bytes) -> bytes:
-    """Serialized JobEvent payload for an executor update (interim/log/result/error).
+def update_payload(kind: UpdateKind, payload: bytes, attempt: int = 0) -> bytes:
+    """Serialized JobEvent payload for an executor update (interim/log/progress/
+    result/error), saying which execution `attempt` produced it.
 
     Built by framing the already-serialized message as JobEvent's oneof field
     (protobuf wire format), so a large result is not parsed again.
@@ -546,7 +552,8 @@ def update_payload(kind: UpdateKind, payload: bytes) -> bytes:
     if kind not in _PAYLOAD_FIELD:
         raise ValueError(f"{kind} has no event payload")
     tag = (_PAYLOAD_FIELD[kind] << 3) | 2
-    return _varint(tag) + _varint(len(payload)) + payload
+    framed = _varint(tag) + _varint(len(payload)) + payload
+    return framed + _varint(_ATTEMPT_TAG) + _varint(attempt) if attempt > 0 else framed
 
 
 def job_error(code: int, message: str) -> bytes:

@@ -236,8 +236,9 @@ def update(
             else "it was re-leased after this lease expired"
         )
         return Refusal(False, f"lease {lease_id!r} is not the current lease of job {job_id}; {why}")
-    if kind in (UpdateKind.INTERIM, UpdateKind.LOG):
-        return _transition(job, _Move({}, [(update_payload(kind, payload), False)]), now)
+    if kind in (UpdateKind.INTERIM, UpdateKind.LOG, UpdateKind.PROGRESS):
+        event = update_payload(kind, payload, job.attempts)
+        return _transition(job, _Move({}, [(event, False)]), now)
     if kind is UpdateKind.RESULT:
         return _transition(job, _finish(job, JobState.DONE, "done", payload, now), now)
     if kind is UpdateKind.ERROR:
@@ -259,7 +260,7 @@ def _finish(job: JobFacts, state: JobState, message: str, payload: bytes, now: f
     return _Move(
         {"state": int(state), column: payload, "finished_at": now, **_NO_LEASE},
         [
-            (update_payload(kind, payload), False),
+            (update_payload(kind, payload, job.attempts), False),
             (state_payload(state, message, job.attempts, job.executor_id), True),
         ],
     )
