@@ -484,3 +484,50 @@ async def test_warm_sandbox_runs_first_instruction_sooner_than_a_cold_one(
         f"\nrun() -> first instruction: warm {[round(d * 1000, 1) for d in warm]} ms, "
         f"cold {[round(d * 1000, 1) for d in cold]} ms"
     )
+
+
+async def test_sandbox_that_dies_while_its_primitive_runs_fails_only_its_job(
+    make_runner: RunnerFactory,
+    make_bundle: BundleFactory,
+    backend_info: backends_pb2.BackendInfo,
+    gates: Gates,
+) -> None:
+    # The sandbox kills itself from a thread while its main thread waits for a
+    # primitive; the answer then goes to a closed channel.
+    bundle = make_bundle(
+        {
+            "main.py": GATE
+            + """
+import os, signal, threading
+def main(ctx):
+    ctx.publish(os.getuid())
+    threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGKILL)).start()
+    gate(ctx, "late")
+"""
+        }
+    )
+    events = Events()
+    outcome: list[BaseException] = []
+    async with make_runner() as runner:
+
+        async def run() -> None:
+            try:
+                await runner.run("j-dies", bundle, "", backend_info, events)
+            except ProgramFailed as exc:
+                outcome.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            await events.wait_for(lambda: bool(events.interims))
+            uid = decode_value(events.interims[0])
+            assert isinstance(uid, int)
+            if _isolated(runner):
+                await _wait_no_process_of(uid)
+            else:
+                await anyio.sleep(1)  # no uid of its own to watch: give the kill time to land
+            gates["late"].set()
+        (failed,) = outcome
+        assert isinstance(failed, ProgramFailed)
+        assert failed.job_error.message.startswith("sandbox was killed (SIGKILL)")
+        ok = make_bundle({"main.py": "def main(ctx):\n    return 1\n"})
+        assert (await runner.run("j-next", ok, "", backend_info, Events())).program_json == "1"

@@ -169,7 +169,8 @@ def _exit_like(status: int) -> None:
     code = os.waitstatus_to_exitcode(status)
     sig = -code if code < 0 else code - 128 if code > 128 else 0
     if sig:
-        signal.signal(sig, signal.SIG_DFL)
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):  # those cannot be caught anyway
+            signal.signal(sig, signal.SIG_DFL)
         os.kill(os.getpid(), sig)
         os._exit(128 + sig)
     os._exit(code)

@@ -12,6 +12,7 @@ work directory removed.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -194,7 +195,7 @@ class ProgramRunner:
         sandbox: Sandbox | None = None
         try:
             try:
-                sandbox = await self.pool.take()
+                sandbox = await self.pool.take(refill=False)
             except QRelayError as exc:
                 raise ProgramFailed.of(_INTERNAL, exc.message) from None
             if self.isolation.namespaces:
@@ -242,6 +243,8 @@ class ProgramRunner:
             with anyio.CancelScope(shield=True):
                 if sandbox is not None:
                     await sandbox.kill()
+                with contextlib.suppress(QRelayError, OSError):
+                    await self.pool.fill()  # if the job failed before it was handed over
                 if work_dir is not None:
                     await anyio.to_thread.run_sync(shutil.rmtree, work_dir, True)
 
@@ -271,6 +274,7 @@ class ProgramRunner:
             tg.start_soon(_pump_output, sandbox.process.stderr, "stderr", logs)
             with anyio.move_on_after(self.settings.wall_timeout_s) as deadline:
                 await sandbox.send(_ipc.JOB, json.dumps(job).encode())
+                await self.pool.fill()  # the replacement, now that the job is on its way
                 outcome = await self._serve(sandbox, backend_info, emit, logs)
             timed_out = deadline.cancelled_caught
             if outcome is not None and not timed_out:

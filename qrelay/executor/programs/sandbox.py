@@ -334,7 +334,9 @@ class Sandbox:
             os.setpriority(os.PRIO_PGRP, self.process.pid, niceness)
 
     async def send(self, kind: int, payload: bytes) -> None:
-        await self.channel.send(_ipc.encode_frame(kind, payload))
+        """Send a frame; to a sandbox already dead, nothing (its reader sees the end)."""
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+            await self.channel.send(_ipc.encode_frame(kind, payload))
 
     async def kill(self) -> None:
         """SIGKILL the whole process group, reap the sandbox, close its streams."""
@@ -367,9 +369,9 @@ class WarmPool:
     """Up to `size` sandboxes started and imported ahead of need; each used once.
 
     No background task: spawning is a quick fork+exec and the slow part (the
-    imports) happens in the new process, so `take` starts the replacement
-    before handing out a warm sandbox, and the caller waits for READY only if
-    the pool was empty (a cold start).
+    imports) happens in the new process, so `take` (or its caller, right after
+    handing the job over) starts the replacement, and the caller waits for
+    READY only if the pool was empty (a cold start).
     """
 
     def __init__(self, settings: SandboxSettings, isolation: Isolation, python: str) -> None:
@@ -409,8 +411,10 @@ class WarmPool:
                 return
             self._idle.append(sandbox)
 
-    async def take(self) -> Sandbox:
-        """A sandbox that has said READY; the pool is topped up first."""
+    async def take(self, refill: bool = True) -> Sandbox:
+        """A sandbox that has said READY; the pool is topped up first unless `refill` is
+        False (then the caller calls `fill` once the job is on its way: starting the
+        replacement costs a fork+exec and a scan of /proc, time a warm job need not wait)."""
         sandbox: Sandbox | None = None
         while self._idle and sandbox is None:
             candidate = self._idle.popleft()
@@ -424,7 +428,8 @@ class WarmPool:
                 sandbox = await self._spawn(0)
             elif self.nice:
                 self._restore_priority(sandbox)
-            await self.fill()
+            if refill:
+                await self.fill()
             await sandbox.wait_ready(self._settings.start_timeout_s)
         except BaseException:
             if sandbox is not None:
