@@ -543,11 +543,19 @@ async def test_sigkilled_executor_leaves_no_sandbox_process(
             while b"interim" not in seen:
                 seen += await executor.stdout.receive()
         assert _pids_named(marker), "the program and its daemon run"
+        # Every process of every sandbox (the idle one too) names its executor's pid.
+        sandbox_mark = f'"parent": {executor.pid},'
+        # Running: outer, init, worker, the forked daemon; idle: outer, init, worker.
+        with anyio.fail_after(60):
+            while len(_pids_named(sandbox_mark)) < 7:  # noqa: ASYNC110 - polling /proc
+                await anyio.sleep(0.05)
         assert _pids_named(_sleep_marker(marker)), "the setsid grandchild runs"
         os.kill(executor.pid, signal.SIGKILL)
         await executor.wait()
         survivors = await _wait_no_process(marker)
         sleepers = await _wait_no_process(_sleep_marker(marker))
+        sandboxes = await _wait_no_process(sandbox_mark)
+        assert sandboxes == [], "a sandbox (running or idle) outlived the executor"
         assert survivors == [], "the program or its daemon outlived the executor"
         assert sleepers == [], "the setsid grandchild outlived the executor"
     finally:
@@ -556,3 +564,37 @@ async def test_sigkilled_executor_leaves_no_sandbox_process(
         await executor.aclose()
         _kill_all(marker)
         _kill_all(_sleep_marker(marker))
+
+
+async def test_host_without_isolation_refuses_tenant_programs_unless_allowed(
+    sandbox_root: Path,
+    gates: Gates,
+    backend_info: backends_pb2.BackendInfo,
+    make_bundle: BundleFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from qrelay.errors import FailedPrecondition
+    from qrelay.executor.programs.sandbox import Isolation
+
+    async def refused(cls: type[Isolation], settings: SandboxSettings) -> Isolation:
+        return Isolation(None, False, "the kernel refused namespaces (test)")
+
+    monkeypatch.setattr(Isolation, "probe", classmethod(refused))
+    settings = {"cache_dir": sandbox_root / "cache", "warm_pool_size": 0}
+    runner = ProgramRunner(SandboxSettings(**settings), gates.run_primitive)
+    with pytest.raises(FailedPrecondition) as info:
+        await runner.start()
+    await runner.aclose()
+    message = info.value.message
+    assert "tenant programs are refused" in message
+    assert "allow_weak_sandbox" in message
+    assert "a uid per job" in message
+    assert "the kernel refused namespaces (test)" in message
+    assert "the network is reachable" in message
+
+    # Told to, it runs them (as the previous, weaker sandbox did).
+    weak = SandboxSettings(**settings, allow_weak_sandbox=True)
+    async with ProgramRunner(weak, gates.run_primitive) as runner:
+        bundle = make_bundle({"main.py": "def main(ctx):\n    return 'ran'\n"})
+        result = await runner.run("j-weak", bundle, "", backend_info, Events())
+    assert decode_value(result.program_json) == "ran"
