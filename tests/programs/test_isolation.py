@@ -142,6 +142,19 @@ def connect(ctx, a, env):
             out[str(port)] = _err(exc)
         finally:
             s.close()
+    # Unix sockets of the host's services (PostgreSQL's, a database's, D-Bus ...)
+    for top in ("/run", "/var/run", "/var/lib", env["socket_dir"]):
+        for dirpath, _, names in os.walk(top):
+            for name in names:
+                path = os.path.join(dirpath, name)
+                s = socket.socket(socket.AF_UNIX)
+                try:
+                    s.connect(path)
+                    out[path] = "connected"
+                except OSError as exc:
+                    out[path] = _err(exc)
+                finally:
+                    s.close()
     return out
 
 def leave_files(ctx, a, env):
@@ -308,6 +321,10 @@ async def test_tenant_b_cannot_escape_while_tenant_a_runs(
     places = ("/tmp", "/var/tmp", "/dev/shm", str(world_dir))
     listener = socket.create_server(("127.0.0.1", 0))
     listener.setblocking(False)
+    unix_listener = socket.socket(socket.AF_UNIX)  # a service's socket in a world-open directory
+    unix_listener.bind(str(world_dir / "service.sock"))
+    os.chmod(world_dir / "service.sock", 0o777)
+    unix_listener.listen()
     decoy = await anyio.open_process(  # stands in for a broker started with a token in argv
         [sys.executable, "-c", "import time; time.sleep(120)", f"--token=decoy-{marker}"]
     )
@@ -337,6 +354,7 @@ async def test_tenant_b_cannot_escape_while_tenant_a_runs(
                     "broker_port": listener.getsockname()[1],
                     "marker": marker,
                     "world_dir": str(world_dir),
+                    "socket_dir": str(outside_tmp_root),
                 }
                 assert env["a_pids"], "A's process is visible from the host"
                 cached = await anyio.Path(env["a_cached_source"]).read_text()
@@ -359,6 +377,7 @@ async def test_tenant_b_cannot_escape_while_tenant_a_runs(
                 seen_by_listener = True
     finally:
         listener.close()
+        unix_listener.close()
         decoy.kill()
         await decoy.aclose()
         for d in places:

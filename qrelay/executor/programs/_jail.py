@@ -24,13 +24,17 @@ one `killpg` from the executor reaches each of them)::
       |     kills every process in the namespace, `setsid` daemons included
     worker  imports qiskit while warm; on its job: mounts, setuid, user code
 
-Inside: every mount of the host read-only, `/proc` of its own PID namespace
-only (hidepid=2), a private tmpfs of `disk_mb` at `/tmp` that also backs
-`/var/tmp`, `/dev/shm` and the work directory (the only writable places; all
-vanish with the namespace), no network interface but a
-loopback that is down, the program at `/tmp/.qrelay/program` and its
-requirements at `/tmp/.qrelay/env` (read-only bind mounts from the cache,
-whose directories are root-only on the host).
+Inside, the root is a small read-only tmpfs that shows only the system
+directories (`SYSTEM_PATHS`), the interpreter, the executor's site-packages
+and qrelay (read-only bind mounts), a few device nodes, `/proc` of its own
+PID namespace (hidepid=2), and a private tmpfs of `disk_mb` at `/tmp` that
+also backs `/var/tmp`, `/dev/shm` and the work directory (the only writable
+places; all vanish with the namespace). No other host path exists there: no
+other tenant's files, no Unix socket of a host service (PostgreSQL's under
+/run). The network namespace has only a loopback that is down. The program
+is at `/tmp/.qrelay/program` and its requirements at `/tmp/.qrelay/env`
+(read-only bind mounts from the cache, whose directories are root-only on
+the host).
 
 Run as a script (``python -I -S -u -B _jail.py <config-json> <fd>``) it imports
 nothing but the standard library until the worker is forked; `main` is the
@@ -44,6 +48,7 @@ import json
 import os
 import select
 import signal
+import stat
 import sys
 from typing import Any
 
@@ -61,7 +66,9 @@ MS_NOEXEC = 0x8
 MS_REMOUNT = 0x20
 MS_BIND = 0x1000
 MS_REC = 0x4000
+MS_MOVE = 0x2000
 MS_PRIVATE = 0x40000
+MNT_DETACH = 0x2
 
 SYS_MOUNT_SETATTR = 442  # the same number on every architecture
 AT_FDCWD = -100
@@ -77,6 +84,10 @@ PRIVATE = "/tmp/.qrelay"
 PROGRAM_DIR = "/tmp/.qrelay/program"
 ENV_DIR = "/tmp/.qrelay/env"
 WORK_DIR = "/tmp/work"
+HIDDEN_CACHE = "/.qrelay-cache"  # root-only, unmounted before the job's code runs
+DEVICES = ("null", "zero", "full", "random", "urandom")
+# Shown (read-only) in every isolated sandbox besides the interpreter's paths.
+SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/sys")
 
 _libc: Any = None
 
@@ -136,32 +147,92 @@ def die_with_parent() -> None:
 # --- start-up ----------------------------------------------------------------
 
 
-def _private_view(config: dict[str, Any]) -> int:
-    """In the new mount namespace: own /proc, a private tmpfs; returns an fd on the cache."""
+def _outermost(paths: list[str]) -> list[str]:
+    """`paths` (absolute, normalised) without those inside another of them."""
+    out: list[str] = []
+    for path in sorted({os.path.normpath(p) for p in paths}):
+        if not any(path == o or path.startswith(o.rstrip("/") + "/") for o in out):
+            out.append(path)
+    return out
+
+
+def _private_view(config: dict[str, Any]) -> None:
+    """In the new mount namespace, build the sandbox's root and move into it.
+
+    The root is a small read-only tmpfs showing only: the system directories
+    and the interpreter, site-packages and qrelay paths in `config["binds"]`
+    (read-only bind mounts), a handful of device nodes, its own /proc, and a
+    writable tmpfs of `disk_mb` at /tmp (also /var/tmp and /dev/shm). No
+    other host path exists in it, so neither do the host's Unix sockets
+    (PostgreSQL's, a database's, D-Bus) nor other tenants' files. The cache
+    is bound at a root-only HIDDEN_CACHE until the job's mounts are made.
+    """
     mount(None, "/", None, MS_REC | MS_PRIVATE)
-    # Opened in this namespace (bind sources must be mounts of it), before
-    # /tmp is covered; root-only on the host, closed before the job's code runs.
-    cache_fd = os.open(config["cache_dir"], os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    # No file of the host is writable from here: nothing a job writes outlives it.
+    # Even what is shown cannot be written: nothing a job writes outlives it.
     read_only_everywhere()
+    # Handles on what the root will show, taken before /tmp is covered (a
+    # path under it would be hidden then); bind sources must be mounts of
+    # this namespace, as these are.
+    shown: dict[str, int | str] = {}
+    for path in _outermost([p for p in config["binds"] if os.path.lexists(p)]):
+        if os.path.islink(path) and os.path.dirname(path) == "/":
+            shown[path] = os.readlink(path)  # /bin -> usr/bin on a merged-/usr system
+        else:
+            shown[path] = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    cache = os.open(config["cache_dir"], os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    new = SCRATCH  # built on a tmpfs over /tmp, then moved onto /
+    mount("qrelay-root", new, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+    for path, handle in shown.items():
+        target = new + path
+        if isinstance(handle, str):
+            os.symlink(handle, target)
+            continue
+        is_dir = stat.S_ISDIR(os.fstat(handle).st_mode)
+        os.makedirs(target if is_dir else os.path.dirname(target), exist_ok=True)
+        if not is_dir:
+            os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o644))
+        mount(f"/proc/self/fd/{handle}", target, None, MS_BIND | MS_REC)
+        os.close(handle)
+    os.mkdir(new + HIDDEN_CACHE, 0o700)
+    mount(f"/proc/self/fd/{cache}", new + HIDDEN_CACHE, None, MS_BIND)
+    os.close(cache)
+
+    os.mkdir(new + "/dev", 0o755)
+    for name in DEVICES:
+        os.close(os.open(f"{new}/dev/{name}", os.O_CREAT | os.O_WRONLY, 0o666))
+        mount(f"/dev/{name}", f"{new}/dev/{name}", None, MS_BIND)
+    for name, link in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0")):
+        os.symlink(link, f"{new}/dev/{name}")
+    for n, name in ((1, "stdout"), (2, "stderr")):
+        os.symlink(f"/proc/self/fd/{n}", f"{new}/dev/{name}")
+
+    os.mkdir(new + "/proc", 0o555)
     proc_flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
     try:
-        mount("proc", "/proc", "proc", proc_flags, "hidepid=2")
+        mount("proc", new + "/proc", "proc", proc_flags, "hidepid=2")
     except OSError:
-        mount("proc", "/proc", "proc", proc_flags)
-    mount("tmpfs", SCRATCH, "tmpfs", MS_NOSUID | MS_NODEV, f"size={config['disk_mb']}m,mode=1777")
+        mount("proc", new + "/proc", "proc", proc_flags)
+
+    scratch = new + SCRATCH
+    os.mkdir(scratch)
+    mount("tmpfs", scratch, "tmpfs", MS_NOSUID | MS_NODEV, f"size={config['disk_mb']}m,mode=1777")
     for name, target in ((".var-tmp", "/var/tmp"), (".shm", "/dev/shm")):
-        if os.path.isdir(target):
-            source = os.path.join(SCRATCH, name)
-            os.mkdir(source)
-            os.chmod(source, 0o1777)
-            mount(source, target, None, MS_BIND)
-    os.mkdir(PRIVATE, 0o755)
-    os.mkdir(PROGRAM_DIR, 0o755)
-    os.mkdir(ENV_DIR, 0o755)
+        source = f"{scratch}/{name}"
+        os.mkdir(source)
+        os.chmod(source, 0o1777)
+        os.makedirs(new + target, exist_ok=True)
+        mount(source, new + target, None, MS_BIND)
+    for d in (PRIVATE, PROGRAM_DIR, ENV_DIR):
+        os.mkdir(new + d, 0o755)
+
+    # Into the new root (as switch_root does); the old one is covered for good.
+    os.chdir(new)
+    mount(new, "/", None, MS_MOVE)
+    os.chroot(".")
     os.chdir(SCRATCH)
+    mount(None, "/", None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
     _c().sethostname(b"sandbox", 7)  # cosmetic: the host's name is not the job's business
-    return cache_fd
 
 
 def _exit_like(status: int) -> None:
@@ -182,14 +253,12 @@ def _init(config: dict[str, Any], outer_alive: int, argv: list[str]) -> None:
     # The parent may have died before the line above: then the pipe is at EOF.
     if select.select([outer_alive], [], [], 0)[0]:
         os._exit(1)
-    cache_fd = _private_view(config)
+    _private_view(config)
     worker = os.fork()
     if worker == 0:
         os.close(outer_alive)
-        os.environ["QRELAY_SANDBOX_CACHE_FD"] = str(cache_fd)
         _worker(config, argv)
         os._exit(0)
-    os.close(cache_fd)
     while True:
         try:
             pid, status = os.waitpid(-1, 0)
@@ -259,7 +328,7 @@ def probe(cache_dir: str) -> None:
     pid = os.fork()
     if pid == 0:
         try:
-            _private_view({"cache_dir": cache_dir, "disk_mb": 1})
+            _private_view({"cache_dir": cache_dir, "disk_mb": 1, "binds": list(SYSTEM_PATHS)})
         except OSError as exc:
             os.write(2, str(exc).encode())
             os._exit(1)
@@ -276,16 +345,15 @@ def enter_job(job: dict[str, Any]) -> None:
     """Mount the job's program and environment read-only, then become the job's uid.
 
     After this the process has no privilege left (no capabilities, no way to
-    gain them: no_new_privs) and no handle on the cache.
+    gain them: no_new_privs) and no way to the cache.
     """
-    cache_fd = int(os.environ.pop("QRELAY_SANDBOX_CACHE_FD"))
     mounts = job["mounts"]
     for rel, target in ((mounts.get("program"), PROGRAM_DIR), (mounts.get("env"), ENV_DIR)):
         if rel:
-            mount(f"/proc/self/fd/{cache_fd}/{rel}", target, None, MS_BIND)
+            mount(f"{HIDDEN_CACHE}/{rel}", target, None, MS_BIND)
             ro = MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV
             mount(None, target, None, ro)
-    os.close(cache_fd)
+    _check(_c().umount2(HIDDEN_CACHE.encode(), MNT_DETACH), "umount cache")
     uid = int(job["uid"])
     os.mkdir(WORK_DIR, 0o700)
     os.chown(WORK_DIR, uid, uid)

@@ -37,7 +37,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 import qrelay
 from qrelay.errors import FailedPrecondition, Internal, ResourceExhausted
-from qrelay.executor.programs import _ipc
+from qrelay.executor.programs import _ipc, _jail
 from qrelay.executor.programs.settings import SandboxSettings
 
 log = structlog.get_logger(__name__)
@@ -75,6 +75,14 @@ _EXECUTOR_SITE = [p for p in site.getsitepackages() if os.path.isdir(p)]
 # while other threads are busy, which crashed the child before exec now and
 # then ("sandbox failed to start: exit status -11").
 _JAIL = str(Path(__file__).with_name("_jail.py"))
+
+
+def _shown_paths(python: str, extra: list[str]) -> list[str]:
+    """Host paths an isolated sandbox sees (read-only): the system's, the interpreter's
+    (as configured and as resolved: a venv and its base), the executor's site-packages
+    and qrelay, and what the operator adds."""
+    prefixes = [str(Path(p).parent.parent) for p in (python, os.path.realpath(python))]
+    return [*_jail.SYSTEM_PATHS, *prefixes, *_EXECUTOR_SITE, _QRELAY_ROOT, *extra]
 
 
 @dataclass(frozen=True)
@@ -258,6 +266,7 @@ class Sandbox:
             "root": _QRELAY_ROOT,
             "cache_dir": str(settings.cache_dir),
             "disk_mb": settings.disk_mb,
+            "binds": _shown_paths(python, settings.extra_read_only_paths),
         }
         # Isolated: cwd and HOME are set inside, on the private tmpfs.
         home = "/tmp" if isolation.namespaces else str(settings.cache_dir / "idle")

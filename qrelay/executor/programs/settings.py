@@ -64,6 +64,11 @@ class SandboxSettings(BaseSettings):
     uid_range_size: int = Field(
         1000, ge=1, description="How many uids from uid_range_start sandboxes may use."
     )
+    extra_read_only_paths: list[str] = Field(
+        default_factory=list,
+        description="Host paths an isolated sandbox may read besides the system directories, "
+        "the interpreter, its site-packages and qrelay (e.g. a shared data set).",
+    )
     allow_weak_sandbox: bool = Field(
         False,
         description="Run tenant programs even when this host cannot isolate them fully (not "
