@@ -585,7 +585,9 @@ async def test_sigkilled_executor_leaves_no_sandbox_process(
         _kill_all(_sleep_marker(marker))
 
 
+@pytest.mark.parametrize("root", [False, True], ids=["not-root", "root-no-namespaces"])
 async def test_host_without_isolation_refuses_tenant_programs_unless_allowed(
+    root: bool,
     sandbox_root: Path,
     gates: Gates,
     backend_info: backends_pb2.BackendInfo,
@@ -595,8 +597,12 @@ async def test_host_without_isolation_refuses_tenant_programs_unless_allowed(
     from qrelay.errors import FailedPrecondition
     from qrelay.executor.programs.sandbox import Isolation
 
+    if root and os.geteuid() != 0:
+        pytest.skip("a uid per sandbox needs a root executor")
+    uids = range(200_500, 200_510) if root else None
+
     async def refused(cls: type[Isolation], settings: SandboxSettings) -> Isolation:
-        return Isolation(None, False, "the kernel refused namespaces (test)")
+        return Isolation(uids, False, "the kernel refused namespaces (test)")
 
     monkeypatch.setattr(Isolation, "probe", classmethod(refused))
     settings = {"cache_dir": sandbox_root / "cache", "warm_pool_size": 0}
@@ -607,13 +613,14 @@ async def test_host_without_isolation_refuses_tenant_programs_unless_allowed(
     message = info.value.message
     assert "tenant programs are refused" in message
     assert "allow_weak_sandbox" in message
-    assert "a uid per job" in message
+    assert ("a uid per job" in message) is not root
     assert "the kernel refused namespaces (test)" in message
     assert "the network is reachable" in message
 
     # Told to, it runs them (as the previous, weaker sandbox did).
     weak = SandboxSettings(**settings, allow_weak_sandbox=True)
     async with ProgramRunner(weak, gates.run_primitive) as runner:
-        bundle = make_bundle({"main.py": "def main(ctx):\n    return 'ran'\n"})
+        bundle = make_bundle({"main.py": "import os\ndef main(ctx):\n    return os.getuid()\n"})
         result = await runner.run("j-weak", bundle, "", backend_info, Events())
-    assert decode_value(result.program_json) == "ran"
+    uid = decode_value(result.program_json)
+    assert uid in uids if uids is not None else uid == os.getuid()
