@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import textwrap
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def sandbox_root() -> Iterator[Path]:
-    """World-searchable: sandboxes run as `nobody` when the tests run as root."""
+    """World-searchable: sandboxes run as uids of their own when the tests run as root."""
     root = Path(tempfile.mkdtemp(prefix="qrelay-agent-sandbox-"))
     root.chmod(0o755)
     yield root
@@ -77,7 +78,12 @@ async def env(tmp_path: Path, sandbox_root: Path) -> AsyncIterator[Env]:
             broker=broker.address,
             backends=["aer"],
             slots=1,
-            sandbox={"cache_dir": str(sandbox_root), "warm_pool_size": 1, "wall_timeout_s": 60},
+            sandbox={
+                "cache_dir": str(sandbox_root),
+                "warm_pool_size": 1,
+                "wall_timeout_s": 60,
+                "allow_weak_sandbox": True,
+            },
         )
         async with (
             running_executor(settings) as executor,
@@ -147,13 +153,17 @@ SPINNING = """
 import os, time
 
 def main(ctx):
-    ctx.publish({"pid": os.getpid()})
+    ctx.publish({"pid": os.getpid(), "uid": os.getuid()})
     while True:
         time.sleep(0.05)
 """
 
 
-def _gone(pid: int) -> bool:
+def _gone(pid: int, uid: int) -> bool:
+    """Whether the sandbox is gone: no process of its own uid left (when it has one, its
+    pids are those of its own PID namespace), else no process `pid`."""
+    if uid != os.getuid():
+        return not _live_processes_of(uid)
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except FileNotFoundError:
@@ -161,23 +171,38 @@ def _gone(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] == "Z"
 
 
+def _live_processes_of(uid: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                status = (entry / "status").read_text()
+            except OSError:
+                continue
+            fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+            if int(fields["Uid"].split()[0]) == uid and not fields["State"].strip().startswith("Z"):
+                pids.append(int(entry.name))
+    return pids
+
+
 async def test_cancelling_a_running_program_releases_it_and_kills_its_sandbox(env: Env) -> None:
     job_id = await env.submit(await env.upload(SPINNING))
     pid: int | None = None
+    uid = -1
     with anyio.fail_after(60):
         call = env.jobs.Watch(jobs_pb2.WatchRequest(job_id=job_id))
         async for event in call:
             if event.HasField("interim"):
                 value = decode_value(event.interim.value_json)
                 assert isinstance(value, dict)
-                pid = int(value["pid"])
+                pid, uid = int(value["pid"]), int(value["uid"])
                 break
         call.cancel()
     assert pid is not None
-    assert not _gone(pid)
+    assert not _gone(pid, uid)
     await env.jobs.Cancel(jobs_pb2.CancelJobRequest(job_id=job_id, reason="enough"), timeout=5)
     with anyio.fail_after(15):
-        while not (_gone(pid) and not env.executor.held_leases):  # noqa: ASYNC110 - /proc
+        while not (_gone(pid, uid) and not env.executor.held_leases):  # noqa: ASYNC110 - /proc
             await anyio.sleep(0.05)
     events = await watch_all(env.jobs, job_id, deadline=30)
     assert events[-1].state.state == types_pb2.JOB_STATE_CANCELLED

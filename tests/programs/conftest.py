@@ -1,8 +1,10 @@
 """Fixtures for program-sandbox tests: a real runner, a real Aer pipeline, real processes.
 
-Sandboxes run as `nobody` when the tests run as root, so their cache
+Sandboxes run as uids of their own when the tests run as root, so their cache
 directory lives in a world-searchable temporary directory (pytest's own
-tmp_path sits under a 0700 directory nobody cannot enter).
+tmp_path sits under a 0700 directory such a uid cannot enter, which matters
+when the host refuses namespaces). A sandbox has a private /tmp, so a test
+and a program synchronise through "gates" (`Gates`), not through files.
 """
 
 from __future__ import annotations
@@ -71,15 +73,51 @@ class Events:
                 await self.changed.wait()
 
 
+class Gates:
+    """Named gates a program waits on: a primitive call with the option `test_gate`.
+
+    In the program: `ctx.sampler({"test_gate": "go"}).run([qc], shots=1).result()`
+    returns once the test calls `gates["go"].set()`.
+    """
+
+    def __init__(self, pipeline: PrimitivePipeline) -> None:
+        self._pipeline = pipeline
+        self.events: dict[str, anyio.Event] = {}
+
+    def __getitem__(self, name: str) -> anyio.Event:
+        return self.events.setdefault(name, anyio.Event())
+
+    async def run_primitive(self, spec: types_pb2.JobSpec) -> types_pb2.JobResult:
+        if "test_gate" in spec.options.fields:
+            await self[spec.options.fields["test_gate"].string_value].wait()
+            del spec.options.fields["test_gate"]
+        return await anyio.to_thread.run_sync(self._pipeline.run, spec)
+
+
+GATE = """
+def gate(ctx, name):
+    from qiskit import QuantumCircuit
+    qc = QuantumCircuit(1)
+    qc.measure_all()
+    ctx.sampler({"test_gate": name}).run([qc], shots=1).result()
+"""
+
+
+@pytest.fixture
+def gates(pipeline: PrimitivePipeline) -> Gates:
+    return Gates(pipeline)
+
+
 RunnerFactory = Callable[..., AbstractAsyncContextManager[ProgramRunner]]
 
 
 @pytest.fixture
-def make_runner(sandbox_root: Path, pipeline: PrimitivePipeline) -> RunnerFactory:
-    """`async with make_runner(**settings) as runner:` — a started runner on real Aer."""
+def make_runner(sandbox_root: Path, gates: Gates) -> RunnerFactory:
+    """`async with make_runner(**settings) as runner:` — a started runner on real Aer.
 
-    async def run_primitive(spec: types_pb2.JobSpec) -> types_pb2.JobResult:
-        return await anyio.to_thread.run_sync(pipeline.run, spec)
+    It runs programs on hosts that cannot isolate them too (allow_weak_sandbox):
+    the isolation tests check the protections themselves.
+    """
 
     @asynccontextmanager
     async def factory(**overrides: Any) -> AsyncIterator[ProgramRunner]:
@@ -90,9 +128,10 @@ def make_runner(sandbox_root: Path, pipeline: PrimitivePipeline) -> RunnerFactor
             "warm_pool_size": 0,
             "wall_timeout_s": 60,
             "cpu_seconds": 60,
+            "allow_weak_sandbox": True,
             **overrides,
         }
-        async with ProgramRunner(SandboxSettings(**fields), run_primitive) as runner:
+        async with ProgramRunner(SandboxSettings(**fields), gates.run_primitive) as runner:
             yield runner
 
     return factory

@@ -13,53 +13,57 @@ import pytest
 
 from qrelay._proto.v1 import backends_pb2, types_pb2
 from qrelay.executor.programs import ProgramFailed
-from qrelay.values import decode_value, encode_value
-from tests.programs.conftest import BundleFactory, Events, RunnerFactory
+from qrelay.values import decode_value
+from tests.programs.conftest import GATE, BundleFactory, Events, Gates, RunnerFactory
 
 INVALID_ARGUMENT, UNKNOWN, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED = 3, 2, 4, 8
 
 
-def _world_dir(root: Path, name: str) -> Path:
-    """A directory the sandbox user may write, for test handshakes."""
-    path = root / name
-    path.mkdir()
-    path.chmod(0o777)
-    return path
+def _live_processes_of(uid: int) -> list[int]:
+    """Host pids of the processes (not zombies awaiting their reaper) whose real uid is `uid`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        if int(fields["Uid"].split()[0]) == uid and not fields["State"].strip().startswith("Z"):
+            pids.append(int(entry.name))
+    return pids
 
 
-def _gone(pid: int) -> bool:
-    """True once `pid` no longer exists (or is only a zombie awaiting its reaper)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"
-
-
-async def _wait_gone(pids: list[int], limit: float = 5.0) -> None:
+async def _wait_no_process_of(uid: int, limit: float = 5.0) -> None:
     with anyio.fail_after(limit):
-        while not all(_gone(p) for p in pids):  # noqa: ASYNC110 - polling /proc, no event
+        while _live_processes_of(uid):  # noqa: ASYNC110 - polling /proc, no event
             await anyio.sleep(0.02)
+
+
+def _isolated(runner: object) -> bool:
+    from qrelay.executor.programs import ProgramRunner
+
+    assert isinstance(runner, ProgramRunner)
+    return runner.isolation.complete
 
 
 async def test_interim_results_arrive_in_order_while_program_runs(
     make_runner: RunnerFactory,
     make_bundle: BundleFactory,
     backend_info: backends_pb2.BackendInfo,
-    sandbox_root: Path,
+    gates: Gates,
 ) -> None:
-    gate = _world_dir(sandbox_root, "gate")
     bundle = make_bundle(
         {
-            "main.py": """
-            import os, time
-            def main(ctx, gate):
-                for i in range(3):
-                    ctx.publish({"step": i})
-                while not os.path.exists(os.path.join(gate, "go")):
-                    time.sleep(0.01)
-                return "finished"
-            """
+            "main.py": GATE
+            + """
+def main(ctx):
+    for i in range(3):
+        ctx.publish({"step": i})
+    gate(ctx, "go")
+    return "finished"
+"""
         }
     )
     events = Events()
@@ -67,14 +71,13 @@ async def test_interim_results_arrive_in_order_while_program_runs(
     async with make_runner(warm_pool_size=1) as runner, anyio.create_task_group() as tg:
 
         async def run() -> None:
-            inputs = encode_value({"gate": str(gate)})
-            result.append(await runner.run("j-interim", bundle, inputs, backend_info, events))
+            result.append(await runner.run("j-interim", bundle, "", backend_info, events))
 
         tg.start_soon(run)
         await events.wait_for(lambda: len(events.interims) == 3)
         assert not result, "the program is still blocked, so no result yet"
         assert [decode_value(v) for v in events.interims] == [{"step": i} for i in range(3)]
-        (gate / "go").touch()
+        gates["go"].set()
     assert decode_value(result[0].program_json) == "finished"
 
 
@@ -157,7 +160,7 @@ async def test_cancel_kills_a_busy_program_and_its_children(
             import os, subprocess
             def main(ctx):
                 child = subprocess.Popen(["sleep", "600"])
-                ctx.publish({"pid": os.getpid(), "child": child.pid})
+                ctx.publish({"uid": os.getuid(), "child": child.pid})
                 while True:
                     pass
             """
@@ -174,7 +177,8 @@ async def test_cancel_kills_a_busy_program_and_its_children(
                 started = time.monotonic()
                 scope.cancel()
         elapsed = time.monotonic() - started
-        await _wait_gone([pids["pid"], pids["child"]])
+        if _isolated(runner):  # else the uid is the executor's or shared
+            await _wait_no_process_of(pids["uid"])
         print(f"\ncancel -> run() returned in {elapsed * 1000:.1f} ms; sandbox and child gone")
         # The runner still works afterwards.
         ok = make_bundle({"main.py": "def main(ctx):\n    return 1\n"})
@@ -349,8 +353,6 @@ async def test_megabytes_of_logs_are_capped_with_a_note(
 async def test_fork_bomb_is_contained_and_cleaned_up(
     make_runner: RunnerFactory, make_bundle: BundleFactory, backend_info: backends_pb2.BackendInfo
 ) -> None:
-    if os.geteuid() == 0 and not _user_exists("nobody"):
-        pytest.skip("RLIMIT_NPROC needs an unprivileged user when running as root")
     bundle = make_bundle(
         {
             "main.py": """
@@ -364,7 +366,7 @@ async def test_fork_bomb_is_contained_and_cleaned_up(
                         if os.getpid() != root:
                             time.sleep(600)
                             os._exit(0)
-                        return {"forks": forks, "error": type(exc).__name__, "pgid": os.getpgid(0)}
+                        return {"forks": forks, "error": type(exc).__name__, "uid": os.getuid()}
                     if pid and os.getpid() == root:
                         forks += 1
             """
@@ -376,34 +378,9 @@ async def test_fork_bomb_is_contained_and_cleaned_up(
         assert isinstance(value, dict)
         assert value["error"] == "BlockingIOError"
         assert value["forks"] < 24
-        await _wait_gone(_group_members(value["pgid"]))
-        assert _group_members(value["pgid"]) == [] or all(
-            _gone(p) for p in _group_members(value["pgid"])
-        )
-
-
-def _user_exists(name: str) -> bool:
-    import pwd
-
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        return False
-    return True
-
-
-def _group_members(pgid: int) -> list[int]:
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid:  # state, ppid, pgrp
-            members.append(int(entry.name))
-    return members
+        if _isolated(runner):
+            await _wait_no_process_of(value["uid"])
+            assert _live_processes_of(value["uid"]) == []
 
 
 async def test_publishing_an_unserialisable_object_fails_naming_the_type(
@@ -477,9 +454,7 @@ async def test_sandbox_environment_is_scrubbed_and_unprivileged(
     assert not any(k.startswith("QRELAY") for k in value["env"])
     assert value["env"]["HOME"] == value["cwd"]
     if os.geteuid() == 0:
-        import pwd
-
-        assert value["uid"] == pwd.getpwnam("nobody").pw_uid
+        assert 200_000 <= value["uid"] < 201_000, "a uid of the default range, not root"
 
 
 async def test_warm_sandbox_runs_first_instruction_sooner_than_a_cold_one(
@@ -509,3 +484,50 @@ async def test_warm_sandbox_runs_first_instruction_sooner_than_a_cold_one(
         f"\nrun() -> first instruction: warm {[round(d * 1000, 1) for d in warm]} ms, "
         f"cold {[round(d * 1000, 1) for d in cold]} ms"
     )
+
+
+async def test_sandbox_that_dies_while_its_primitive_runs_fails_only_its_job(
+    make_runner: RunnerFactory,
+    make_bundle: BundleFactory,
+    backend_info: backends_pb2.BackendInfo,
+    gates: Gates,
+) -> None:
+    # The sandbox kills itself from a thread while its main thread waits for a
+    # primitive; the answer then goes to a closed channel.
+    bundle = make_bundle(
+        {
+            "main.py": GATE
+            + """
+import os, signal, threading
+def main(ctx):
+    ctx.publish(os.getuid())
+    threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGKILL)).start()
+    gate(ctx, "late")
+"""
+        }
+    )
+    events = Events()
+    outcome: list[BaseException] = []
+    async with make_runner() as runner:
+
+        async def run() -> None:
+            try:
+                await runner.run("j-dies", bundle, "", backend_info, events)
+            except ProgramFailed as exc:
+                outcome.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            await events.wait_for(lambda: bool(events.interims))
+            uid = decode_value(events.interims[0])
+            assert isinstance(uid, int)
+            if _isolated(runner):
+                await _wait_no_process_of(uid)
+            else:
+                await anyio.sleep(1)  # no uid of its own to watch: give the kill time to land
+            gates["late"].set()
+        (failed,) = outcome
+        assert isinstance(failed, ProgramFailed)
+        assert failed.job_error.message.startswith("sandbox was killed (SIGKILL)")
+        ok = make_bundle({"main.py": "def main(ctx):\n    return 1\n"})
+        assert (await runner.run("j-next", ok, "", backend_info, Events())).program_json == "1"

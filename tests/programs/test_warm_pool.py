@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from qrelay.executor.programs import SandboxSettings
-from qrelay.executor.programs.sandbox import SandboxUser, WarmPool
+from qrelay.executor.programs.sandbox import Isolation, SandboxUser, WarmPool
 
 
 def _nice_of_group(pgid: int) -> list[int]:
@@ -34,8 +34,8 @@ async def test_replacement_imports_niced_and_the_taken_sandbox_runs_at_executor_
     settings = SandboxSettings(cache_dir=sandbox_root, warm_pool_size=1, warm_nice=15)
     for d in ("idle", "work"):
         (sandbox_root / d).mkdir(mode=0o755)
-    user = SandboxUser.resolve(settings)
-    pool = WarmPool(settings, user, user.resolve_python(settings.python))
+    isolation = await Isolation.probe(settings)
+    pool = WarmPool(settings, isolation, SandboxUser.of(isolation).resolve_python(settings.python))
     if pool.nice == 0:
         pytest.skip("this process may not raise priorities back (no root, RLIMIT_NICE)")
     base = os.getpriority(os.PRIO_PROCESS, 0)

@@ -1,8 +1,10 @@
 """The code that runs inside a sandbox process.
 
-Started by `sandbox.Sandbox.spawn` as ``python -I -u -B -c <bootstrap> <fd>``:
-imports qiskit and the program runtime ahead of need, says READY on the
-channel (fd), then waits for exactly one JOB. For the job it enters the work
+Started by `_jail` (in the sandbox's namespaces, still root there when
+isolated): imports qiskit and the program runtime ahead of need, says READY
+on the channel (fd), then waits for exactly one JOB. For the job it mounts the
+job's program and environment and becomes the job's uid (`_jail.enter_job`,
+when isolated), enters the work
 directory, applies the resource limits, puts the program and its
 requirements on sys.path, imports the entry point, calls it with a
 `ProgramContext`, reports DONE or FAILED and exits. It never runs twice.
@@ -103,6 +105,8 @@ def _apply_limits(limits: dict[str, Any]) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (_vm_bytes() + int(limits["memory_mb"]) * _MiB,) * 2)
     resource.setrlimit(resource.RLIMIT_NOFILE, (int(limits["max_open_files"]),) * 2)
     resource.setrlimit(resource.RLIMIT_NPROC, (int(limits["max_processes"]),) * 2)
+    # Python ignores SIGXFSZ: a write past the limit fails with EFBIG (OSError).
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(limits["file_size_mb"]) * _MiB,) * 2)
 
 
 def _type_name(exc: BaseException) -> str:
@@ -209,8 +213,13 @@ def main(argv: list[str]) -> None:
         os._exit(0)  # discarded while warm
     if kind != _ipc.JOB:
         os._exit(70)
+    job = json.loads(payload)
+    if "mounts" in job:
+        from qrelay.executor.programs import _jail
+
+        _jail.enter_job(job)
     try:
-        _run_job(host, json.loads(payload))
+        _run_job(host, job)
     except _ipc.ChannelClosed:
         os._exit(71)
     finally:

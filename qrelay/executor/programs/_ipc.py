@@ -75,12 +75,13 @@ def recv_frame(sock: socket.socket) -> tuple[int, bytes]:
 
 async def read_frame(stream: BufferedByteReceiveStream) -> tuple[int, bytes]:
     """Next frame from the sandbox; ChannelClosed at end of stream."""
-    from anyio import EndOfStream, IncompleteRead
+    from anyio import BrokenResourceError, EndOfStream, IncompleteRead
 
     try:
         length, kind = HEADER.unpack(await stream.receive_exactly(HEADER.size))
         if length > MAX_FRAME:
             raise FrameTooLarge(f"frame of {length} bytes exceeds {MAX_FRAME}")
         return kind, await stream.receive_exactly(length)
-    except (EndOfStream, IncompleteRead) as exc:
+    except (EndOfStream, IncompleteRead, BrokenResourceError) as exc:
+        # Broken: a frame was sent after the sandbox died (the socket reset).
         raise ChannelClosed("sandbox closed its channel") from exc

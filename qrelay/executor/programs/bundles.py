@@ -3,7 +3,9 @@
 The archive is a tar.gz whose entries are paths relative to the program
 directory (`qrelay.program.pack_program` writes one deterministically).
 Unpacking uses tarfile's "data" filter: no absolute paths, no `..`, no
-links out of the tree, no device files.
+links out of the tree, no device files. With isolated sandboxes the cache
+directory is root-only: a job sees its own program through a read-only bind
+mount in its own mount namespace, and no other program.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ class BundleCache:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        # 0o700 when sandboxes are isolated: only a job's own mount reaches a program.
+        self.dir_mode = 0o755
 
     async def ensure(self, bundle: executor_pb2.ProgramBundle) -> Path:
         """The directory holding the unpacked program (unpacking it if needed)."""
@@ -41,7 +45,7 @@ class BundleCache:
 
     def _unpack(self, archive: bytes, target: Path) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
-        self.root.chmod(0o755)
+        self.root.chmod(self.dir_mode)
         staging = self.root / f".{target.name}.{uuid.uuid4().hex[:8]}"
         try:
             with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:

@@ -46,6 +46,9 @@ class EnvironmentCache:
         self.root = root
         self._python = python
         self._pip_timeout_s = pip_timeout_s
+        # 0o700 when sandboxes are isolated: a job reaches only its own environment,
+        # through a read-only bind mount.
+        self.dir_mode = 0o755
         self.installs = 0  # pip runs by this object (tests and metrics read it)
 
     async def ensure(self, requirements: Sequence[str]) -> Path | None:
@@ -60,7 +63,7 @@ class EnvironmentCache:
         if (target / _MARKER).exists():
             return target
         self.root.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.root, 0o755)
+        os.chmod(self.root, self.dir_mode)
         async with _file_lock(self.root / f"{digest}.lock"):
             if (target / _MARKER).exists():
                 return target

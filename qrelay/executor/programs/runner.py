@@ -5,13 +5,16 @@ makes sure its requirements are installed, takes a warm sandbox, hands it the
 job and then serves the sandbox channel: primitive requests go to the
 executor's own pipeline (`run_primitive`), interim results and log lines go
 to `emit`. Whatever happens — result, failure, limit, cancellation — the
-sandbox's process group is killed and its work directory removed.
+sandbox's process group (and with it its PID namespace) is killed and its
+work directory removed.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -28,10 +31,10 @@ from google.protobuf.message import DecodeError
 
 from qrelay._proto.v1 import backends_pb2, executor_pb2, types_pb2
 from qrelay.errors import FailedPrecondition, QRelayError
-from qrelay.executor.programs import _ipc
+from qrelay.executor.programs import _ipc, _jail
 from qrelay.executor.programs.bundles import BundleCache
 from qrelay.executor.programs.environments import EnvironmentCache
-from qrelay.executor.programs.sandbox import Sandbox, SandboxUser, WarmPool
+from qrelay.executor.programs.sandbox import Isolation, Sandbox, SandboxUser, WarmPool
 from qrelay.executor.programs.settings import SandboxSettings
 
 log = structlog.get_logger(__name__)
@@ -94,14 +97,14 @@ class ProgramRunner:
         root = settings.cache_dir
         self.bundles = BundleCache(root / "programs")
         self.environments = EnvironmentCache(root / "envs", settings.python, settings.pip_timeout_s)
-        self._user: SandboxUser | None = None
+        self._isolation: Isolation | None = None
         self._pool: WarmPool | None = None
 
     @property
-    def user(self) -> SandboxUser:
-        if self._user is None:
+    def isolation(self) -> Isolation:
+        if self._isolation is None:
             raise FailedPrecondition("ProgramRunner.start() has not been called")
-        return self._user
+        return self._isolation
 
     @property
     def pool(self) -> WarmPool:
@@ -110,27 +113,54 @@ class ProgramRunner:
         return self._pool
 
     async def start(self) -> None:
-        """Resolve the sandbox user and interpreter, create the cache layout, warm the pool.
+        """Find out the isolation this host allows, create the cache layout, warm the pool.
 
         The pool holds processes, not tasks: nothing runs in the background.
-        Raises `FailedPrecondition` when sandboxes cannot work on this host.
+        Raises `FailedPrecondition` when sandboxes cannot work on this host, or
+        cannot isolate tenants and `allow_weak_sandbox` is not set; the
+        missing protections are logged either way.
         """
-        user = SandboxUser.resolve(self.settings)
+        await anyio.to_thread.run_sync(self._make_dirs)
+        isolation = await Isolation.probe(self.settings)
+        missing = isolation.missing()
+        if missing and not self.settings.allow_weak_sandbox:
+            log.error("sandbox.isolation_incomplete", missing=missing, refused=True)
+            raise FailedPrecondition(
+                "sandboxes cannot isolate tenants on this host, so tenant programs are refused "
+                "(set allow_weak_sandbox, QRELAY_SANDBOX_ALLOW_WEAK_SANDBOX=true, to run them "
+                "anyway). Missing: " + "; ".join(missing)
+            )
+        if missing:
+            log.warning("sandbox.isolation_incomplete", missing=missing, refused=False)
+        user = SandboxUser.of(isolation)
         python = user.resolve_python(self.settings.python)
-        await anyio.to_thread.run_sync(self._prepare_dirs, user)
-        self._user = user
-        self._pool = WarmPool(self.settings, user, python)
+        await anyio.to_thread.run_sync(self._protect_dirs, isolation, user)
+        self._isolation = isolation
+        self._pool = WarmPool(self.settings, isolation, python)
         await self._pool.fill()
         log.info(
-            "sandbox.pool_started", size=self.settings.warm_pool_size, user=user.name, python=python
+            "sandbox.pool_started",
+            size=self.settings.warm_pool_size,
+            uids=str(isolation.uids) if isolation.uids is not None else "the executor's",
+            namespaces=isolation.namespaces,
+            python=python,
         )
 
-    def _prepare_dirs(self, user: SandboxUser) -> None:
+    def _make_dirs(self) -> None:
         root = self.settings.cache_dir
         for d in (root, root / "idle", root / "programs", root / "envs", root / "work"):
             d.mkdir(parents=True, exist_ok=True)
-            d.chmod(0o755)
-        user.check_reachable(root / "idle")
+
+    def _protect_dirs(self, isolation: Isolation, user: SandboxUser) -> None:
+        """Isolated: the caches are root-only (a job sees its own program through a mount).
+        Otherwise the sandbox user must reach them."""
+        root = self.settings.cache_dir
+        mode = 0o700 if isolation.namespaces else 0o755
+        for d in (root, root / "idle", root / "programs", root / "envs", root / "work"):
+            d.chmod(mode)
+        self.bundles.dir_mode = self.environments.dir_mode = mode
+        if not isolation.namespaces:
+            user.check_reachable(root / "idle")
 
     async def aclose(self) -> None:
         """Kill the idle sandboxes; running jobs end with their own `run` calls."""
@@ -161,18 +191,36 @@ class ProgramRunner:
             env_dir = await self.environments.ensure(list(bundle.requirements))
         except QRelayError as exc:
             raise ProgramFailed.of(exc.code, exc.message) from None
-        work_dir = await anyio.to_thread.run_sync(self._make_work_dir, job_id)
+        work_dir: Path | None = None
         sandbox: Sandbox | None = None
         try:
             try:
-                sandbox = await self.pool.take()
+                sandbox = await self.pool.take(refill=False)
             except QRelayError as exc:
                 raise ProgramFailed.of(_INTERNAL, exc.message) from None
+            if self.isolation.namespaces:
+                # Mounted into the sandbox's own view by _jail.enter_job.
+                cache = self.settings.cache_dir
+                paths: dict[str, Any] = {
+                    "work_dir": _jail.WORK_DIR,
+                    "program_dir": _jail.PROGRAM_DIR,
+                    "sys_path": [_jail.ENV_DIR] if env_dir else [],
+                    "mounts": {
+                        "program": str(program_dir.relative_to(cache)),
+                        "env": str(env_dir.relative_to(cache)) if env_dir else None,
+                    },
+                    "uid": sandbox.uid,
+                }
+            else:
+                work_dir = await anyio.to_thread.run_sync(self._make_work_dir, job_id, sandbox.uid)
+                paths = {
+                    "work_dir": str(work_dir),
+                    "program_dir": str(program_dir),
+                    "sys_path": [str(env_dir)] if env_dir else [],
+                }
             job = {
                 "job_id": job_id,
-                "work_dir": str(work_dir),
-                "program_dir": str(program_dir),
-                "sys_path": [str(env_dir)] if env_dir else [],
+                **paths,
                 "entry_point": bundle.entry_point,
                 "inputs_json": inputs_json,
                 "backend_info": base64.b64encode(backend_info.SerializeToString()).decode(),
@@ -181,6 +229,7 @@ class ProgramRunner:
                     "memory_mb": self.settings.memory_mb,
                     "max_open_files": self.settings.max_open_files,
                     "max_processes": self.settings.max_processes,
+                    "file_size_mb": self.settings.file_size_mb,
                 },
             }
             bound.info("program.started", pid=sandbox.pid)
@@ -194,13 +243,18 @@ class ProgramRunner:
             with anyio.CancelScope(shield=True):
                 if sandbox is not None:
                     await sandbox.kill()
-                await anyio.to_thread.run_sync(shutil.rmtree, work_dir, True)
+                with contextlib.suppress(QRelayError, OSError):
+                    await self.pool.fill()  # if the job failed before it was handed over
+                if work_dir is not None:
+                    await anyio.to_thread.run_sync(shutil.rmtree, work_dir, True)
 
-    def _make_work_dir(self, job_id: str) -> Path:
+    def _make_work_dir(self, job_id: str, uid: int | None) -> Path:
+        """Without namespaces: a host directory only the job's uid may enter."""
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", job_id)[:64]
         path = self.settings.cache_dir / "work" / f"{safe}-{uuid.uuid4().hex[:8]}"
         path.mkdir(mode=0o700, parents=True)
-        self.user.chown(path)
+        if uid is not None:
+            os.chown(path, uid, uid)
         return path
 
     async def _supervise(
@@ -220,6 +274,7 @@ class ProgramRunner:
             tg.start_soon(_pump_output, sandbox.process.stderr, "stderr", logs)
             with anyio.move_on_after(self.settings.wall_timeout_s) as deadline:
                 await sandbox.send(_ipc.JOB, json.dumps(job).encode())
+                await self.pool.fill()  # the replacement, now that the job is on its way
                 outcome = await self._serve(sandbox, backend_info, emit, logs)
             timed_out = deadline.cancelled_caught
             if outcome is not None and not timed_out:

@@ -1,10 +1,15 @@
-"""Sandbox processes and the warm pool that keeps some started ahead of need.
+"""Sandbox processes, the isolation this host allows them, and the warm pool.
 
-A sandbox is one interpreter (fork+exec, never multiprocessing fork) in its own
-session and process group, started with a scrubbed environment and, when the
-executor is root, as an unprivileged user so RLIMIT_NPROC holds. It imports
-qiskit and the program runtime, says READY, runs one job and is discarded:
-killing its process group takes any children with it.
+A sandbox is one interpreter (fork+exec, never multiprocessing fork) in its
+own session and process group, started with a scrubbed environment. It
+imports qiskit and the program runtime, says READY, runs one job and is
+discarded. How it is isolated is in `_jail`'s docstring (and why namespace
+system calls rather than bubblewrap): its own uid from `uid_range_*` per
+sandbox, so per job; its own PID, mount, network, IPC and UTS namespaces; a
+private size-limited tmpfs for every writable place; a parent-death signal
+so it never outlives the executor. `Isolation.probe` finds out at start which
+of these the host grants; the runner refuses tenant programs when any is
+missing unless `allow_weak_sandbox` is set.
 """
 
 from __future__ import annotations
@@ -12,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pwd
 import resource
 import signal
 import site
@@ -21,6 +25,7 @@ import stat
 import subprocess
 import sys
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +36,8 @@ from anyio.abc import Process, SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 import qrelay
-from qrelay.errors import FailedPrecondition, Internal
-from qrelay.executor.programs import _ipc
+from qrelay.errors import FailedPrecondition, Internal, ResourceExhausted
+from qrelay.executor.programs import _ipc, _jail
 from qrelay.executor.programs.settings import SandboxSettings
 
 log = structlog.get_logger(__name__)
@@ -61,52 +66,127 @@ _QRELAY_ROOT = str(Path(qrelay.__file__).resolve().parent.parent)
 # system interpreter's own dist-packages (older compiled builds of cffi,
 # cryptography, ...) never shadow the executor's.
 _EXECUTOR_SITE = [p for p in site.getsitepackages() if os.path.isdir(p)]
-# Privileges are dropped here, as the first statements after exec, rather
-# than by Popen(user=, group=, extra_groups=): with those, CPython forks with
-# plain fork() instead of vfork(), so every native pthread_atfork child
-# handler in the executor (OpenMP, OpenBLAS, gRPC) runs in the child while
-# other threads are busy, which crashed the child before exec now and then
-# ("sandbox failed to start: exit status -11"). Nothing but this fixed code
-# runs before the drop.
-_BOOTSTRAP = (
-    "import os, site, sys\n"
-    "if {uid!r} is not None:\n"
-    "    os.setgroups([])\n"
-    "    os.setgid({gid!r})\n"
-    "    os.setuid({uid!r})\n"
-    "os.nice({nice})\n"
-    "for p in {site!r}:\n"
-    "    site.addsitedir(p)\n"
-    "sys.path.append({root!r})\n"
-    "from qrelay.executor.programs._child import main\n"
-    "main(sys.argv)\n"
-)
+# The start-up script, run by path with -I (so its directory is not on
+# sys.path) and nothing but the standard library until the worker forks.
+# Privileges and namespaces are handled there, as the first statements after
+# exec, rather than by Popen(user=, group=, preexec_fn=): with those, CPython
+# forks with plain fork() instead of vfork(), so every native pthread_atfork
+# child handler in the executor (OpenMP, OpenBLAS, gRPC) runs in the child
+# while other threads are busy, which crashed the child before exec now and
+# then ("sandbox failed to start: exit status -11").
+_JAIL = str(Path(__file__).with_name("_jail.py"))
+
+
+def _shown_paths(python: str, extra: list[str]) -> list[str]:
+    """Host paths an isolated sandbox sees (read-only): the system's, the interpreter's
+    (as configured and as resolved: a venv and its base), the executor's site-packages
+    and qrelay, and what the operator adds."""
+    prefixes = [str(Path(p).parent.parent) for p in (python, os.path.realpath(python))]
+    return [*_jail.SYSTEM_PATHS, *prefixes, *_EXECUTOR_SITE, _QRELAY_ROOT, *extra]
+
+
+@dataclass(frozen=True)
+class Isolation:
+    """The protections this host grants sandboxes, found out once at start."""
+
+    uids: range | None  # a uid per sandbox from this range (root executor), else None
+    namespaces: bool  # PID, mount, network, IPC and UTS namespaces and private mounts
+    refused: str = ""  # why namespaces are unavailable
+
+    @classmethod
+    async def probe(cls, settings: SandboxSettings) -> Isolation:
+        root = os.geteuid() == 0
+        uids = (
+            range(settings.uid_range_start, settings.uid_range_start + settings.uid_range_size)
+            if root
+            else None
+        )
+        if not root:
+            return cls(uids, False, "the executor is not root")
+        proc = await anyio.run_process(
+            [sys.executable, "-I", "-S", "-B", _JAIL, "--probe", str(settings.cache_dir)],
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+        if proc.returncode != 0:
+            why = proc.stderr.decode("utf-8", "replace").strip()[-500:]
+            return cls(uids, False, f"the kernel refused namespaces ({why})")
+        return cls(uids, True)
+
+    @property
+    def complete(self) -> bool:
+        return self.uids is not None and self.namespaces
+
+    def missing(self) -> list[str]:
+        """Each protection this host cannot give, with what it means for tenants."""
+        out = []
+        if self.uids is None:
+            out += [
+                "a uid per job (the executor is not root): jobs may read, write and signal "
+                "each other, and RLIMIT_NPROC counts every job's processes together",
+            ]
+        if not self.namespaces:
+            out += [
+                f"namespaces ({self.refused}): no private /tmp, /var/tmp, /dev/shm or work "
+                "directory and no disk limit; the network is reachable; other processes' "
+                "command lines are visible; kill reaches only the process group, not "
+                "setsid descendants; program and requirement caches readable by every job",
+            ]
+        return out
+
+
+class UidPool:
+    """Hands each sandbox a uid of the range that no live process of this host uses.
+
+    Round robin, so a uid comes back only after the rest of the range was
+    used. A uid is safe to reuse once no process has it: an isolated job can
+    write only to its own tmpfs, which is gone with its namespace.
+    """
+
+    def __init__(self, uids: range) -> None:
+        self._uids = uids
+        self._held: set[int] = set()
+        self._next = 0
+
+    def acquire(self) -> int:
+        busy = self._held | _uids_with_processes()
+        for i in range(len(self._uids)):
+            uid = self._uids[(self._next + i) % len(self._uids)]
+            if uid not in busy:
+                self._held.add(uid)
+                self._next = (self._next + i + 1) % len(self._uids)
+                return uid
+        raise ResourceExhausted(
+            f"all {len(self._uids)} sandbox uids from {self._uids.start} are in use; "
+            "raise QRELAY_SANDBOX_UID_RANGE_SIZE"
+        )
+
+    def release(self, uid: int) -> None:
+        self._held.discard(uid)
+
+
+def _uids_with_processes() -> set[int]:
+    """Real uids of every process on the host (a uid still in use is never handed out)."""
+    uids = set()
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                uids.add(entry.stat().st_uid)
+    return uids
 
 
 @dataclass(frozen=True)
 class SandboxUser:
-    """The uid/gid sandboxes run as (None: the executor's own)."""
+    """A uid the sandboxes run as, for checking what it can reach (None: the executor's)."""
 
     uid: int | None
-    gid: int | None
     name: str
 
     @classmethod
-    def resolve(cls, settings: SandboxSettings) -> SandboxUser:
-        if os.geteuid() != 0 or not settings.run_as_user:
-            return cls(None, None, pwd.getpwuid(os.geteuid()).pw_name)
-        try:
-            entry = pwd.getpwnam(settings.run_as_user)
-        except KeyError:
-            raise FailedPrecondition(
-                f"sandbox user {settings.run_as_user!r} does not exist; set "
-                "QRELAY_SANDBOX_RUN_AS_USER to an unprivileged user"
-            ) from None
-        return cls(entry.pw_uid, entry.pw_gid, entry.pw_name)
-
-    def chown(self, path: Path) -> None:
-        if self.uid is not None and self.gid is not None:
-            os.chown(path, self.uid, self.gid)
+    def of(cls, isolation: Isolation) -> SandboxUser:
+        if isolation.uids is None:
+            return cls(None, "the executor's user")
+        return cls(isolation.uids.start, f"uid {isolation.uids.start}")
 
     def _searchable(self, st: os.stat_result) -> bool:
         return st.st_uid == self.uid or bool(st.st_mode & stat.S_IXOTH)
@@ -155,46 +235,59 @@ class SandboxUser:
 
 
 class Sandbox:
-    """One started sandbox process and the parent's end of its channel."""
+    """One started sandbox process, the uid it runs its job as, and its channel."""
 
-    def __init__(self, process: Process, channel: SocketStream) -> None:
+    def __init__(self, process: Process, channel: SocketStream, uid: int | None = None) -> None:
         self.process = process
         self.channel = channel
         self.frames = BufferedByteReceiveStream(channel)
         self.ready = False
         self.pid = process.pid
+        self.uid = uid
+        self.on_close: list[Callable[[], None]] = []  # run once it is killed
         self._ready_lock = anyio.Lock()
 
     @classmethod
     async def spawn(
-        cls, settings: SandboxSettings, user: SandboxUser, python: str, nice: int = 0
+        cls,
+        settings: SandboxSettings,
+        isolation: Isolation,
+        python: str,
+        uid: int | None,
+        nice: int = 0,
     ) -> Sandbox:
         """Start one sandbox; it lowers its own priority by `nice` before importing."""
+        config = {
+            "parent": os.getpid(),
+            "namespaces": isolation.namespaces,
+            "uid": uid,
+            "nice": int(nice),
+            "site": _EXECUTOR_SITE,
+            "root": _QRELAY_ROOT,
+            "cache_dir": str(settings.cache_dir),
+            "disk_mb": settings.disk_mb,
+            "binds": _shown_paths(python, settings.extra_read_only_paths),
+        }
+        # Isolated: cwd and HOME are set inside, on the private tmpfs.
+        home = "/tmp" if isolation.namespaces else str(settings.cache_dir / "idle")
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            idle_dir = settings.cache_dir / "idle"
             process = await anyio.open_process(
                 [
                     python,
                     "-I",
-                    "-S",  # no system site-packages: only the executor's, added below
+                    "-S",  # no system site-packages: only the executor's, added by _jail
                     "-u",
                     "-B",
-                    "-c",
-                    _BOOTSTRAP.format(
-                        site=_EXECUTOR_SITE,
-                        root=_QRELAY_ROOT,
-                        nice=int(nice),
-                        uid=user.uid,
-                        gid=user.gid,
-                    ),
+                    _JAIL,
+                    json.dumps(config),
                     str(child_sock.fileno()),
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                cwd=idle_dir,
-                env=dict(_BASE_ENV, HOME=str(idle_dir), TMPDIR=str(idle_dir)),
+                cwd=settings.cache_dir / "idle",
+                env=dict(_BASE_ENV, HOME=home, TMPDIR=home),
                 start_new_session=True,
                 pass_fds=(child_sock.fileno(),),
             )
@@ -204,7 +297,7 @@ class Sandbox:
         finally:
             child_sock.close()
         channel = await SocketStream.from_socket(parent_sock)
-        return cls(process, channel)
+        return cls(process, channel, uid)
 
     async def wait_ready(self, timeout: float) -> None:  # noqa: ASYNC109 - start deadline
         """Wait for READY (normally already in the socket buffer for a warm sandbox)."""
@@ -215,7 +308,7 @@ class Sandbox:
     async def _read_ready(self, timeout: float) -> None:  # noqa: ASYNC109 - start deadline
         try:
             with anyio.fail_after(timeout):
-                kind, payload = await _ipc.read_frame(self.frames)
+                kind, _ = await _ipc.read_frame(self.frames)
         except TimeoutError:
             await self.kill()
             raise Internal(f"sandbox did not start within {timeout:g} s") from None
@@ -226,7 +319,8 @@ class Sandbox:
         if kind != _ipc.READY:
             await self.kill()
             raise Internal(f"sandbox sent {kind!r} before READY")
-        self.pid = json.loads(payload).get("pid", self.pid)
+        # (READY's pid is the worker's, in its own PID namespace: self.pid stays
+        # the executor's view of the sandbox, the leader of its process group.)
         self.ready = True
 
     async def _stderr_tail(self) -> str:
@@ -249,7 +343,9 @@ class Sandbox:
             os.setpriority(os.PRIO_PGRP, self.process.pid, niceness)
 
     async def send(self, kind: int, payload: bytes) -> None:
-        await self.channel.send(_ipc.encode_frame(kind, payload))
+        """Send a frame; to a sandbox already dead, nothing (its reader sees the end)."""
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+            await self.channel.send(_ipc.encode_frame(kind, payload))
 
     async def kill(self) -> None:
         """SIGKILL the whole process group, reap the sandbox, close its streams."""
@@ -257,9 +353,16 @@ class Sandbox:
             await self.terminate()
             await self.channel.aclose()
             await self.process.aclose()
+            while self.on_close:
+                self.on_close.pop()()
 
     async def terminate(self) -> None:
-        """SIGKILL the whole process group (children included) and reap the sandbox."""
+        """SIGKILL the whole process group and reap the sandbox.
+
+        The group holds the sandbox's outer process, its namespace's init and
+        the worker; init's death makes the kernel kill every other process of
+        the namespace, whatever session or group it moved to.
+        """
         with anyio.CancelScope(shield=True):
             try:
                 os.killpg(self.process.pid, signal.SIGKILL)
@@ -275,14 +378,15 @@ class WarmPool:
     """Up to `size` sandboxes started and imported ahead of need; each used once.
 
     No background task: spawning is a quick fork+exec and the slow part (the
-    imports) happens in the new process, so `take` starts the replacement
-    before handing out a warm sandbox, and the caller waits for READY only if
-    the pool was empty (a cold start).
+    imports) happens in the new process, so `take` (or its caller, right after
+    handing the job over) starts the replacement, and the caller waits for
+    READY only if the pool was empty (a cold start).
     """
 
-    def __init__(self, settings: SandboxSettings, user: SandboxUser, python: str) -> None:
+    def __init__(self, settings: SandboxSettings, isolation: Isolation, python: str) -> None:
         self._settings = settings
-        self._user = user
+        self._isolation = isolation
+        self._uids = UidPool(isolation.uids) if isolation.uids is not None else None
         self._python = python
         # Replacements import at low priority, so a job that just took a warm
         # sandbox is not slowed by the next one's imports (measured: they cost
@@ -308,7 +412,7 @@ class WarmPool:
         while not self._closed and len(self._idle) + self._spawning < self._settings.warm_pool_size:
             self._spawning += 1
             try:
-                sandbox = await Sandbox.spawn(self._settings, self._user, self._python, self.nice)
+                sandbox = await self._spawn(self.nice)
             finally:
                 self._spawning -= 1
             if self._closed:
@@ -316,8 +420,10 @@ class WarmPool:
                 return
             self._idle.append(sandbox)
 
-    async def take(self) -> Sandbox:
-        """A sandbox that has said READY; the pool is topped up first."""
+    async def take(self, refill: bool = True) -> Sandbox:
+        """A sandbox that has said READY; the pool is topped up first unless `refill` is
+        False (then the caller calls `fill` once the job is on its way: starting the
+        replacement costs a fork+exec and a scan of /proc, time a warm job need not wait)."""
         sandbox: Sandbox | None = None
         while self._idle and sandbox is None:
             candidate = self._idle.popleft()
@@ -328,10 +434,11 @@ class WarmPool:
         warm = sandbox is not None
         try:
             if sandbox is None:
-                sandbox = await Sandbox.spawn(self._settings, self._user, self._python)
+                sandbox = await self._spawn(0)
             elif self.nice:
                 self._restore_priority(sandbox)
-            await self.fill()
+            if refill:
+                await self.fill()
             await sandbox.wait_ready(self._settings.start_timeout_s)
         except BaseException:
             if sandbox is not None:
@@ -341,6 +448,20 @@ class WarmPool:
             self.warm_starts += 1
         else:
             self.cold_starts += 1
+        return sandbox
+
+    async def _spawn(self, nice: int) -> Sandbox:
+        """A new sandbox holding a uid of its own until it is killed."""
+        uid = self._uids.acquire() if self._uids is not None else None
+        try:
+            sandbox = await Sandbox.spawn(self._settings, self._isolation, self._python, uid, nice)
+        except BaseException:
+            if uid is not None and self._uids is not None:
+                self._uids.release(uid)
+            raise
+        if uid is not None and self._uids is not None:
+            pool = self._uids
+            sandbox.on_close.append(lambda: pool.release(uid))
         return sandbox
 
     def _restore_priority(self, sandbox: Sandbox) -> None:

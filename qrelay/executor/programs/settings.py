@@ -28,8 +28,16 @@ class SandboxSettings(BaseSettings):
     max_processes: int = Field(
         64,
         gt=1,
-        description="Processes and threads of the sandbox user (RLIMIT_NPROC; root ignores it, "
-        "hence run_as_user).",
+        description="Processes and threads of one job (RLIMIT_NPROC of the job's own uid).",
+    )
+    file_size_mb: int = Field(
+        1024, gt=0, description="Largest file a program may write (RLIMIT_FSIZE)."
+    )
+    disk_mb: int = Field(
+        1024,
+        gt=0,
+        description="Size of the job's private tmpfs: its work directory, /tmp, /var/tmp and "
+        "/dev/shm together (memory-backed, gone with the job).",
     )
     wall_timeout_s: float = Field(600.0, gt=0, description="Wall-clock limit per program run.")
     max_log_bytes: int = Field(1 << 20, ge=0, description="Log bytes forwarded per job.")
@@ -46,10 +54,25 @@ class SandboxSettings(BaseSettings):
         Path(tempfile.gettempdir()) / "qrelay-sandbox",
         description="Unpacked programs, requirement environments and work directories.",
     )
-    run_as_user: str | None = Field(
-        "nobody",
-        description="Unprivileged user sandboxes run as when the executor runs as root; "
-        "empty or None keeps the executor's user.",
+    uid_range_start: int = Field(
+        200_000,
+        ge=1000,
+        description="First uid of the range sandboxes run as (one uid per sandbox, so per job, "
+        "when the executor runs as root). The uids need no passwd entry; executors sharing a "
+        "host should get disjoint ranges.",
+    )
+    uid_range_size: int = Field(
+        1000, ge=1, description="How many uids from uid_range_start sandboxes may use."
+    )
+    extra_read_only_paths: list[str] = Field(
+        default_factory=list,
+        description="Host paths an isolated sandbox may read besides the system directories, "
+        "the interpreter, its site-packages and qrelay (e.g. a shared data set).",
+    )
+    allow_weak_sandbox: bool = Field(
+        False,
+        description="Run tenant programs even when this host cannot isolate them fully (not "
+        "root, or namespaces refused); the missing protections are logged at start.",
     )
     python: str = Field(sys.executable, description="Interpreter for sandboxes (has qiskit).")
     start_timeout_s: float = Field(120.0, gt=0, description="Deadline for a sandbox to warm up.")
