@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -37,8 +38,16 @@ def dev(
             listen=f"127.0.0.1:{port}", db_path=directory / "broker.db"
         )
         async with running_broker(broker_settings) as broker:
+            # One developer on loopback: programs run even where the host cannot
+            # isolate them (not root, no namespaces); the executor logs what is
+            # missing. QRELAY_SANDBOX_ALLOW_WEAK_SANDBOX=false keeps the refusal.
+            sandbox = (
+                {}
+                if "QRELAY_SANDBOX_ALLOW_WEAK_SANDBOX" in os.environ
+                else {"allow_weak_sandbox": True}
+            )
             executor_settings = ExecutorSettings(
-                broker=broker.address, backends=backends, slots=slots
+                broker=broker.address, backends=backends, slots=slots, sandbox=sandbox
             )
             async with running_executor(executor_settings):
                 _freeze_startup_heap()
