@@ -81,7 +81,7 @@ def _load(config: dict[str, Any]) -> tuple[dict[str, Any], list[str], list[str]]
     and the names of the backends whose jobs may share a worker (remote devices)."""
     from qrelay.executor.backends import load_backend, load_providers
     from qrelay.executor.pipeline import PrimitivePipeline
-    from qrelay.executor.transpile import TranspileCache
+    from qrelay.executor.transpile import TranspileCache, pass_manager
 
     load_providers(config.get("backend_providers", []))
     cache = TranspileCache(int(config["transpile_cache_size"]))
@@ -90,6 +90,7 @@ def _load(config: dict[str, Any]) -> tuple[dict[str, Any], list[str], list[str]]
     shared: list[str] = []
     for name in config["backends"]:
         backend = load_backend(name)
+        pass_manager(backend)  # warm: the first job does not pay for it
         pipelines[name] = PrimitivePipeline(
             backend,
             cache,
