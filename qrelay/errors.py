@@ -77,6 +77,10 @@ class Aborted(QRelayError):
     code, code_name = 10, "ABORTED"
 
 
+class Unimplemented(QRelayError):
+    code, code_name = 12, "UNIMPLEMENTED"
+
+
 class Internal(QRelayError):
     code, code_name = 13, "INTERNAL"
 

@@ -131,13 +131,13 @@ class ProgramContext:
 
     def sampler(self, options: Mapping[str, Any] | None = None) -> Any:
         """A `BaseSamplerV2` running on this executor's backend."""
-        from qrelay.executor.programs._primitives import LocalSampler
+        from qrelay._program_primitives import LocalSampler
 
         return LocalSampler(self, dict(options or {}))
 
     def estimator(self, options: Mapping[str, Any] | None = None) -> Any:
         """A `BaseEstimatorV2` running on this executor's backend."""
-        from qrelay.executor.programs._primitives import LocalEstimator
+        from qrelay._program_primitives import LocalEstimator
 
         return LocalEstimator(self, dict(options or {}))
 

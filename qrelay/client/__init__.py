@@ -14,10 +14,11 @@ core they are built on.
 from qrelay.client._connection import RetryPolicy
 from qrelay.client.backend import BackendStatus, QRelayBackend
 from qrelay.client.job import AsyncRuntimeJob, JobEvent, Progress, RuntimeJob
+from qrelay.client.modes import Batch, Session
 from qrelay.client.primitives import Estimator, Sampler
 from qrelay.client.programs import Program
 from qrelay.client.service import AsyncQRelayService, QRelayService
-from qrelay.client.session import AsyncBatch, AsyncSession, Batch, Session
+from qrelay.client.session import AsyncBatch, AsyncSession
 
 __all__ = [
     "AsyncBatch",

@@ -14,12 +14,10 @@ never duplicates the job) and returns a `RuntimeJob`.
 from __future__ import annotations
 
 import math
-import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from numbers import Integral, Real
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, TypeVar
 
 from qiskit.primitives import BaseEstimatorV2, BaseSamplerV2
 from qiskit.primitives.containers.estimator_pub import EstimatorPub, EstimatorPubLike
@@ -28,51 +26,12 @@ from qiskit.primitives.containers.sampler_pub import SamplerPub, SamplerPubLike
 from qrelay._proto.v1 import types_pb2
 from qrelay.client.backend import QRelayBackend
 from qrelay.client.job import EmptyJob, RuntimeJob
-from qrelay.client.service import QRelayService, current_service, wire_tags
+from qrelay.client.modes import ModeLike, SubmitTarget, default_service
+from qrelay.client.service import QRelayService, wire_tags
 from qrelay.errors import InvalidArgument, InvalidType, QRelayError, invalid_argument
 from qrelay.options import EstimatorOptions, SamplerOptions, options_from_wire, options_to_wire
 
 OptionsT = TypeVar("OptionsT", SamplerOptions, EstimatorOptions)
-
-
-@dataclass(frozen=True)
-class SubmitTarget:
-    """Where a primitive's jobs go: a service, a backend and maybe a session or batch."""
-
-    service: QRelayService
-    backend: QRelayBackend
-    session_id: str = ""
-
-
-class ModeLike(Protocol):
-    """Anything that can say where jobs go (`Session` and `Batch` implement this)."""
-
-    def _qrelay_target(self) -> SubmitTarget: ...
-
-
-_default_lock = threading.Lock()
-_default_service: QRelayService | None = None
-
-
-def default_service() -> QRelayService:
-    """The service a backend name resolves with when none is passed: the innermost
-    enclosing `with QRelayService(...)` block's, else one made from QRELAY_BROKER /
-    QRELAY_TOKEN or the default saved account (Runtime's rule), kept for reuse."""
-    global _default_service
-    entered = current_service()
-    if entered is not None:
-        return entered
-    with _default_lock:
-        if _default_service is None or _default_service.closed:
-            try:
-                _default_service = QRelayService()
-            except InvalidArgument:
-                raise InvalidArgument(
-                    "a backend name needs a service: pass service=QRelayService(...), use a "
-                    "backend from service.backend(name), run inside `with QRelayService(...)`, "
-                    "set QRELAY_BROKER or save an account (QRelayService.save_account)"
-                ) from None
-        return _default_service
 
 
 def resolve_mode(

@@ -58,7 +58,7 @@ from qrelay.rpc import error_from_rpc
 from qrelay.values import encode_value
 
 if TYPE_CHECKING:
-    from qrelay.client.session import Session
+    from qrelay.client.modes import Session
 
 log = get_logger(__name__)
 
@@ -677,13 +677,13 @@ class QRelayService:
         `result()` is the entry point's return value; `interim_results()`
         yields what it publishes, live; `logs()` its output.
         """
-        from qrelay.client.session import Session
-
         session_id, mode_backend = "", None
         if mode is not None:
-            if not isinstance(mode, Session):
+            target = getattr(mode, "_qrelay_target", None)
+            if target is None or isinstance(mode, QRelayBackend):
                 raise InvalidArgument(f"mode must be a Session or Batch, got {type(mode).__name__}")
-            session_id, mode_backend = mode.session_id, mode.backend()
+            chosen = target()
+            session_id, mode_backend = chosen.session_id, chosen.backend.name
         spec = program_spec(program, inputs, _run_backend(backend, mode_backend), session_id, tags)
         return self.submit(spec)
 

@@ -1,4 +1,4 @@
-"""Sessions and batches, as qiskit-ibm-runtime users know them.
+"""Sessions and batches, as qiskit-ibm-runtime users know them: the asyncio core.
 
 A `Session` pins its jobs to one executor, whose queue they jump while the
 session is active, so an iterative client loop pays no queueing between
@@ -7,8 +7,8 @@ accepted as `mode=` by `Sampler`, `Estimator` and `service.run`; leaving the
 block closes them (submitted jobs finish, new ones are refused by the broker
 with FAILED_PRECONDITION). `cancel()` also cancels every unfinished job.
 
-`AsyncSession`/`AsyncBatch` are the asyncio core; `Session`/`Batch` run it
-on their service's event-loop thread.
+`AsyncSession`/`AsyncBatch` are the asyncio core (here); `Session`/`Batch`
+(`qrelay.client.modes`) run it on their service's event-loop thread.
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ from qrelay.errors import InvalidArgument
 if TYPE_CHECKING:
     from google.protobuf.timestamp_pb2 import Timestamp
 
-    from qrelay.client.primitives import SubmitTarget
-    from qrelay.client.service import AsyncQRelayService, QRelayService
+    from qrelay.client.service import AsyncQRelayService
 
 SessionModeName = Literal["dedicated", "batch"]
 
@@ -229,127 +228,9 @@ class AsyncBatch(AsyncSession):
     _mode: ClassVar[SessionModeName] = "batch"
 
 
-def _resolve_service(backend: str | QRelayBackend, service: QRelayService | None) -> QRelayService:
-    if service is not None:
-        return service
-    if isinstance(backend, QRelayBackend) and backend.service is not None:
-        return backend.service
-    from qrelay.client.primitives import default_service
-
-    return default_service()
-
-
-class Session:
-    """A dedicated session (qiskit-ibm-runtime's `Session`), created at construction.
-
-    `backend` is a name or a `QRelayBackend`; the service is `service`, the
-    backend's own, or the one QRELAY_BROKER names. `max_time` and
-    `max_idle` are seconds or strings like "1h 30m" (None: broker default).
-    """
-
-    _async_cls: ClassVar[type[AsyncSession]] = AsyncSession
-
-    def __init__(
-        self,
-        backend: str | QRelayBackend,
-        max_time: int | float | str | None = None,
-        *,
-        service: QRelayService | None = None,
-        max_idle: int | float | str | None = None,
-    ) -> None:
-        self._service = _resolve_service(backend, service)
-        self._backend = (
-            backend
-            if isinstance(backend, QRelayBackend) and backend.service is self._service
-            else self._service.backend(_backend_name(backend))
-        )
-
-        async def create() -> AsyncSession:
-            core = self._async_cls(
-                self._service.async_service, self._backend.name, max_time, max_idle=max_idle
-            )
-            return await core.open()
-
-        self._core: AsyncSession = self._service.run_async(create)
-
-    @classmethod
-    def from_id(cls, session_id: str, service: QRelayService | None = None) -> Session:
-        """A handle on an existing session or batch (its own class, whatever `cls` is)."""
-        if not session_id:
-            raise InvalidArgument("session_id must not be empty")
-        owner = service
-        if owner is None:
-            from qrelay.client.primitives import default_service
-
-            owner = default_service()
-        core: AsyncSession = owner.run_async(owner.async_service.session, session_id)
-        made = Batch if isinstance(core, AsyncBatch) else Session
-        self = made.__new__(made)
-        self._service = owner
-        self._backend = owner.backend(core.backend_name)
-        self._core = core
-        return self
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.session_id} backend={self._backend.name!r}>"
-
-    def __enter__(self) -> Session:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    @property
-    def session_id(self) -> str:
-        return self._core.session_id
-
-    @property
-    def service(self) -> QRelayService:
-        return self._service
-
-    def backend(self) -> str:
-        """The backend's name (as Runtime's `Session.backend()`)."""
-        return self._backend.name
-
-    def _qrelay_target(self) -> SubmitTarget:
-        from qrelay.client.primitives import SubmitTarget
-
-        return SubmitTarget(self._service, self._backend, self.session_id)
-
-    def close(self) -> None:
-        """Refuse new jobs; the ones already submitted finish. Idempotent."""
-        self._service.run_async(self._core.close)
-
-    def cancel(self) -> None:
-        """Close and cancel every unfinished job of the session."""
-        self._service.run_async(self._core.cancel)
-
-    def status(self) -> str:
-        """'open', 'active', 'closed', 'cancelled' or 'expired'."""
-        return str(self._service.run_async(self._core.status))
-
-    def details(self) -> dict[str, Any]:
-        """State, reason, pinned executor, times and job counts per state."""
-        found: dict[str, Any] = self._service.run_async(self._core.details)
-        return found
-
-
-class Batch(Session):
-    """A batch (qiskit-ibm-runtime's `Batch`): jobs grouped but not pinned to one executor."""
-
-    _async_cls: ClassVar[type[AsyncSession]] = AsyncBatch
-
-
 __all__ = [
     "AsyncBatch",
     "AsyncSession",
-    "Batch",
-    "Session",
     "duration_seconds",
     "session_details",
     "state_name",

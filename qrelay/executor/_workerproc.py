@@ -81,7 +81,7 @@ def _load(config: dict[str, Any]) -> tuple[dict[str, Any], list[str], list[str]]
     and the names of the backends whose jobs may share a worker (remote devices)."""
     from qrelay.executor.backends import load_backend, load_providers
     from qrelay.executor.pipeline import PrimitivePipeline
-    from qrelay.executor.transpile import TranspileCache
+    from qrelay.executor.transpile import TranspileCache, pass_manager
 
     load_providers(config.get("backend_providers", []))
     cache = TranspileCache(int(config["transpile_cache_size"]))
@@ -90,6 +90,7 @@ def _load(config: dict[str, Any]) -> tuple[dict[str, Any], list[str], list[str]]
     shared: list[str] = []
     for name in config["backends"]:
         backend = load_backend(name)
+        pass_manager(backend)  # warm: the first job does not pay for it
         pipelines[name] = PrimitivePipeline(
             backend,
             cache,
@@ -116,12 +117,12 @@ def zygote_main() -> None:
     try:
         pipelines, infos, shared = _load(config)
     except Exception as exc:  # noqa: BLE001 - reported to the executor, which fails to start
-        from qrelay.errors import QRelayError
+        from qrelay.errors import Internal, QRelayError
 
         if isinstance(exc, QRelayError):
             _send(control, op="failed", code=exc.code, message=exc.message)
         else:
-            _send(control, op="failed", code=13, message=f"{type(exc).__name__}: {exc}")
+            _send(control, op="failed", code=Internal.code, message=f"{type(exc).__name__}: {exc}")
         sys.exit(1)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
@@ -300,14 +301,14 @@ def _run_one(
 ) -> tuple[int, bytes]:
     """Run a JobSpec; every failure becomes a JobError (a traceback stays in this log)."""
     from qrelay._proto.v1 import types_pb2
-    from qrelay.errors import QRelayError, ResourceExhausted
+    from qrelay.errors import Internal, InvalidArgument, QRelayError, ResourceExhausted
 
     def error(code: int, message: str) -> tuple[int, bytes]:
         return ERROR, types_pb2.JobError(code=code, message=message).SerializeToString()
 
     pipeline = pipelines.get(spec.backend)
     if pipeline is None:
-        return error(3, f"backend {spec.backend!r} is not loaded in this worker")
+        return error(InvalidArgument.code, f"backend {spec.backend!r} is not loaded in this worker")
     try:
         result = pipeline.run(spec, cancelled, progress)
         return RESULT, result.SerializeToString()
@@ -329,7 +330,7 @@ def _run_one(
             )
         incident = uuid.uuid4().hex[:12]
         wlog.error("job.crashed", incident=incident, exc_info=exc)
-        return error(13, f"internal error on the executor (incident {incident})")
+        return error(Internal.code, f"internal error on the executor (incident {incident})")
 
 
 def _address_space() -> int:

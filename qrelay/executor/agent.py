@@ -48,6 +48,8 @@ from qrelay.errors import (
     Internal,
     InvalidArgument,
     QRelayError,
+    ResourceExhausted,
+    Unimplemented,
     exception_leaves,
 )
 from qrelay.executor import guards
@@ -57,9 +59,6 @@ from qrelay.rpc import error_from_rpc
 
 log = structlog.get_logger(__name__)
 
-UNIMPLEMENTED = 12
-RESOURCE_EXHAUSTED = 8
-INTERNAL = 13
 # Non-final updates (logs, interim values) kept while the broker is away;
 # beyond this further ones are dropped so a chatty program cannot eat memory.
 MAX_BUFFERED_UPDATES = 10_000
@@ -576,7 +575,7 @@ class Executor:
             item.job_id,
             item.lease_id,
             error=types_pb2.JobError(
-                code=RESOURCE_EXHAUSTED,
+                code=ResourceExhausted.code,
                 message=f"the job result is {size} bytes, over the broker limit of {limit} bytes",
             ),
         )
@@ -743,7 +742,7 @@ class Executor:
             incident = uuid.uuid4().hex[:12]
             jlog.error("job.crashed", incident=incident, exc_info=exc)
             return types_pb2.JobError(
-                code=INTERNAL, message=f"internal error on the executor (incident {incident})"
+                code=Internal.code, message=f"internal error on the executor (incident {incident})"
             )
 
     async def _execute_primitive(self, job: _Job, spec: types_pb2.JobSpec) -> types_pb2.JobResult:
@@ -805,7 +804,7 @@ class Executor:
             why = f" ({self._programs_unavailable})" if self._programs_unavailable else ""
             raise _JobFailed(
                 types_pb2.JobError(
-                    code=UNIMPLEMENTED, message=f"this executor does not run programs{why}"
+                    code=Unimplemented.code, message=f"this executor does not run programs{why}"
                 )
             )
         from qrelay.executor.programs.runner import ProgramFailed

@@ -193,20 +193,16 @@ def available_backends() -> list[str]:
     return [name for provider in providers() for name in provider.names()]
 
 
-def load_backend(name: str, *, warm: bool = True) -> Backend:
+def load_backend(name: str) -> Backend:
     """Build the backend called `name`; blocking (up to ~1 s), so call it off the event loop.
 
-    With `warm`, the default pass manager is built now (once per process), so
-    the first job does not pay for it.
+    Its pass manager is built on first use (`transpile.pass_manager`); a
+    worker warms it at start so the first job does not pay for it.
     """
     provider = provider_for(name)
     backend = provider.build(name)
     if backend.local != provider.local:
         backend = dataclasses.replace(backend, local=provider.local)
-    if warm:
-        from qrelay.executor.transpile import pass_manager
-
-        pass_manager(backend)
     return backend
 
 

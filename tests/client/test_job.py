@@ -10,7 +10,8 @@ from qiskit.providers import JobStatus
 
 from qrelay._proto.v1 import types_pb2
 from qrelay.client import AsyncQRelayService, AsyncRuntimeJob, JobEvent
-from qrelay.client.primitives import SubmitTarget, sampler_spec
+from qrelay.client.modes import SubmitTarget
+from qrelay.client.primitives import sampler_spec
 from qrelay.codec import encode_sampler_task
 from qrelay.errors import Cancelled, DeadlineExceeded, InvalidArgument, NotFound
 from qrelay.testing import LocalStack

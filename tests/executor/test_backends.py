@@ -9,7 +9,7 @@ from qrelay.executor.backends import available_backends, load_backend
 
 
 def test_aer_is_an_ideal_all_to_all_simulator() -> None:
-    backend = load_backend("aer", warm=False)
+    backend = load_backend("aer")
     info = backend.info()
     assert info.name == "aer"
     assert info.simulator
@@ -23,7 +23,7 @@ def test_aer_is_an_ideal_all_to_all_simulator() -> None:
 def test_aer_builds_its_target_once_and_again_after_an_option_change() -> None:
     from qiskit_aer import AerSimulator
 
-    sim = load_backend("aer", warm=False).qiskit
+    sim = load_backend("aer").qiskit
     assert isinstance(sim, AerSimulator)
     first = sim.target
     assert sim.target is first  # cached: Aer itself rebuilds it on every access
@@ -40,7 +40,7 @@ def test_backend_run_finishes_in_the_calling_thread_with_aers_own_counts(name: s
     from qiskit import QuantumCircuit, transpile
     from qiskit_aer import AerSimulator
 
-    backend = load_backend(name, warm=False)
+    backend = load_backend(name)
     qc = QuantumCircuit(2)
     qc.h(0)
     qc.cx(0, 1)
@@ -67,7 +67,7 @@ def test_backend_run_reports_a_simulation_error_through_the_job() -> None:
     from qiskit.circuit import Parameter
     from qiskit_aer import AerError
 
-    backend = load_backend("aer", warm=False)
+    backend = load_backend("aer")
     qc = QuantumCircuit(1)
     qc.rx(Parameter("a"), 0)
     qc.measure_all()
@@ -85,7 +85,7 @@ def test_executor_aer_threads_wait_passively_unless_configured() -> None:
 
 
 def test_fake_manila_has_the_device_target_and_noise_model() -> None:
-    backend = load_backend("fake_manila", warm=False)
+    backend = load_backend("fake_manila")
     info = backend.info()
     assert info.num_qubits == 5
     assert info.simulator

@@ -3,7 +3,7 @@
 Started by `_jail` (in the sandbox's namespaces, still root there when
 isolated): imports qiskit and the program runtime ahead of need, says READY
 on the channel (fd), then waits for exactly one JOB. For the job it mounts the
-job's program and environment and becomes the job's uid (`_jail.enter_job`,
+job's program and environment and becomes the job's uid (`enter_job`, from `_jail`,
 when isolated), enters the work
 directory, applies the resource limits, puts the program and its
 requirements on sys.path, imports the entry point, calls it with a
@@ -22,6 +22,7 @@ import socket
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 from qrelay.executor.programs import _ipc
@@ -39,7 +40,7 @@ def _warm_imports() -> None:
     import qiskit.quantum_info
     import qiskit.transpiler  # noqa: F401
 
-    import qrelay.executor.programs._primitives
+    import qrelay._program_primitives
     import qrelay.program
     import qrelay.values  # noqa: F401
 
@@ -202,7 +203,8 @@ def _run_job(host: SocketHost, job: dict[str, Any]) -> None:
     host.send(_ipc.DONE, types_pb2.JobResult(program_json=encoded).SerializeToString())
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], enter_job: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """Serve one job; `enter_job` (from `_jail`) mounts its program and drops to its uid."""
     sock = socket.socket(fileno=int(argv[1]))
     _warm_imports()
     host = SocketHost(sock)
@@ -215,9 +217,9 @@ def main(argv: list[str]) -> None:
         os._exit(70)
     job = json.loads(payload)
     if "mounts" in job:
-        from qrelay.executor.programs import _jail
-
-        _jail.enter_job(job)
+        if enter_job is None:
+            os._exit(72)  # an isolated job reached a sandbox started without _jail
+        enter_job(job)
     try:
         _run_job(host, job)
     except _ipc.ChannelClosed:

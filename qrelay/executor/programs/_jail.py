@@ -38,7 +38,7 @@ the host).
 
 Run as a script (``python -I -S -u -B _jail.py <config-json> <fd>``) it imports
 nothing but the standard library until the worker is forked; `main` is the
-whole start-up. Imported as a module by `_child`, it provides `enter_job`.
+whole start-up. It hands `_child` its `enter_job` for the job's mounts.
 """
 
 from __future__ import annotations
@@ -285,7 +285,9 @@ def _worker(config: dict[str, Any], argv: list[str]) -> None:
     sys.path.append(config["root"])
     from qrelay.executor.programs._child import main as child_main
 
-    child_main(argv)
+    # _child enters the job's mounts through this module's `enter_job`, handed
+    # over rather than imported back (this file runs as the bootstrap script).
+    child_main(argv, enter_job)
 
 
 def main(argv: list[str]) -> None:

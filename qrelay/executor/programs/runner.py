@@ -30,7 +30,14 @@ from anyio.abc import ByteReceiveStream
 from google.protobuf.message import DecodeError
 
 from qrelay._proto.v1 import backends_pb2, executor_pb2, types_pb2
-from qrelay.errors import FailedPrecondition, QRelayError
+from qrelay.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    QRelayError,
+    ResourceExhausted,
+)
 from qrelay.executor.programs import _ipc, _jail
 from qrelay.executor.programs.bundles import BundleCache
 from qrelay.executor.programs.environments import EnvironmentCache
@@ -44,8 +51,14 @@ RunPrimitive = Callable[[types_pb2.JobSpec], Awaitable[types_pb2.JobResult]]
 
 _ENTRY_POINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _MAX_LINE = 64 << 10
-# google.rpc codes used in JobError
-_UNKNOWN, _INVALID, _DEADLINE, _EXHAUSTED, _INTERNAL = 2, 3, 4, 8, 13
+# google.rpc codes used in JobError, from the error classes
+_UNKNOWN, _INVALID, _DEADLINE, _EXHAUSTED, _INTERNAL = (
+    QRelayError.code,
+    InvalidArgument.code,
+    DeadlineExceeded.code,
+    ResourceExhausted.code,
+    Internal.code,
+)
 
 
 class ProgramFailed(Exception):

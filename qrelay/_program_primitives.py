@@ -1,5 +1,9 @@
 """`ctx.sampler()` / `ctx.estimator()`: Qiskit V2 primitives whose work goes to the executor.
 
+Part of the program author API (`qrelay.program` owns them): they speak only
+to the `ProgramHost` the sandbox provides, and the executor implements that
+host, so nothing here imports the executor.
+
 Each `run` encodes the PUBs with `qrelay.codec` into a `JobSpec`, hands it to
 the sandbox host (which asks the executor's primitive pipeline over the
 sandbox channel) and returns an already finished job: the sandbox has one
