@@ -161,7 +161,8 @@ def zygote_main() -> None:
                     control.close()
                     signal.set_wakeup_fd(-1)
                     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                    code = _worker_main(fds[0], pipelines, config, zygote_pid)
+                    holds_many = bool(message.get("shared"))
+                    code = _worker_main(fds[0], pipelines, config, zygote_pid, holds_many)
                 except BaseException:
                     traceback.print_exc()
                     raise
@@ -195,15 +196,14 @@ def _reap(control: socket.socket, children: set[int]) -> None:
 
 
 def _worker_main(
-    fd: int, pipelines: dict[str, Any], config: dict[str, Any], zygote_pid: int
+    fd: int, pipelines: dict[str, Any], config: dict[str, Any], zygote_pid: int, shared: bool
 ) -> int:
     """One worker: run the jobs the channel sends until it closes.
 
-    Each job runs on a thread of its own, so a worker can hold several jobs
-    of a remote device that only wait on their provider; the control plane
-    sends a simulator's worker one job at a time. CANCEL sets the job's
-    event, seen between pubs (a simulator's job is cancelled by killing its
-    worker instead).
+    A simulator's worker gets one job at a time and runs it right here (it is
+    killed to cancel). A `shared` worker runs each job on a thread of its own,
+    so it can hold many jobs of a remote device that only wait on their
+    provider; CANCEL sets the job's event, seen between pubs.
     """
     import structlog
 
@@ -249,6 +249,9 @@ def _worker_main(
             continue
         spec = types_pb2.JobSpec.FromString(payload[REQUEST.size :])
         cancels[request] = threading.Event()
+        if not shared:
+            job(request, spec, cancels[request])
+            continue
         threading.Thread(
             target=job, args=(request, spec, cancels[request]), name=f"job-{request}", daemon=True
         ).start()
@@ -269,10 +272,12 @@ class _Channel:
 
 
 class _Progress:
-    """Progress frames for one job, at most one per PROGRESS_INTERVAL_S per stage.
-
-    A 400-pub job would otherwise send 800 frames for the executor to relay;
-    the first report of each stage and the last of the job always go out.
+    """Progress frames for one job: a stage's first report, then at most one per
+    PROGRESS_INTERVAL_S; a one-pub job sends one frame ("run 0/1"), and the
+    last report of a job is its result. Sent as the pipeline reports, before a
+    long simulation call starts: Aer holds the interpreter lock while it runs,
+    so no thread here could report during it. The executor relays a job's
+    latest report only once the job has run a second (tiny jobs: never).
     """
 
     def __init__(self, channel: _Channel, request: int) -> None:
@@ -282,9 +287,10 @@ class _Progress:
         self._sent_at = 0.0
 
     def __call__(self, stage: str, done: int, total: int) -> None:
+        if done == total or (stage == "transpile" and total == 1):
+            return  # the result says "all done"; one pub transpiles in no time
         now = time.monotonic()
-        final = stage == "run" and done == total
-        if stage == self._stage and not final and now - self._sent_at < PROGRESS_INTERVAL_S:
+        if stage == self._stage and now - self._sent_at < PROGRESS_INTERVAL_S:
             return
         self._stage, self._sent_at = stage, now
         body = json.dumps({"stage": stage, "done": done, "total": total}).encode()

@@ -559,7 +559,7 @@ class WorkerPool:
         try:
             socket.send_fds(
                 zygote.control,
-                [json.dumps({"op": "fork", "worker": worker_id}).encode()],
+                [json.dumps({"op": "fork", "worker": worker_id, "shared": shared}).encode()],
                 [child_end.fileno()],
             )
             with anyio.fail_after(self.config.start_timeout_s):
