@@ -83,6 +83,7 @@ class Jobs:
             idempotency_key=idempotency_key,
             program_id=program_id,
             id=job_id,
+            weight=self.settings.tenant_weights.get(tenant, 1.0),
         )
         return await self.scheduler.shielded(self._store(new))
 

@@ -50,6 +50,9 @@ class BrokerSettings(BaseSettings):
     max_attempts: int = 3
     max_job_bytes: int = 8 * MIB
     max_queued_per_tenant: int = 10_000
+    # Fair share between tenants per backend: a tenant of weight w gets w shares
+    # of the slots (absent tenants weigh 1), e.g. QRELAY_TENANT_WEIGHTS='{"lab": 2}'.
+    tenant_weights: dict[str, float] = {}
     # JobService.RunStream: jobs one stream follows at once (more wait unread).
     max_stream_jobs: int = 1024
     tokens: Annotated[dict[str, str], NoDecode] = {}
@@ -76,6 +79,14 @@ class BrokerSettings(BaseSettings):
     def _tokens_from_text(cls, value: Any) -> Any:
         if isinstance(value, str):
             return parse_tokens(value)
+        return value
+
+    @field_validator("tenant_weights")
+    @classmethod
+    def _positive_weights(cls, value: dict[str, float]) -> dict[str, float]:
+        for tenant, weight in value.items():
+            if not weight > 0:
+                raise ValueError(f"tenant {tenant!r}: a weight must be > 0, got {weight}")
         return value
 
     @field_validator("sqlite_synchronous")

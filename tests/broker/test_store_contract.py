@@ -15,6 +15,7 @@ from qrelay.broker.store import (
     JobStore,
     NewJob,
     UpdateKind,
+    lifecycle,
 )
 from qrelay.broker.store.base import (
     NewProgram,
@@ -135,8 +136,69 @@ async def test_claim_is_fifo_per_backend_and_counts_attempts(store: JobStore) ->
     assert change.attempt == 1
     assert (await store.get(ids[2])).queue_position == 1
     rest = await store.claim(["aer", "fake_manila"], "e-2", TTL, 10)
-    assert [r.job.id for r in rest] == [ids[2], other]
+    # Fair share orders each backend's queue; across backends there is no order.
+    assert {r.job.id for r in rest} == {ids[2], other}
     assert await store.claim(["aer"], "e-2", TTL, 10) == []
+
+
+async def claim_order(store: JobStore, claims: int) -> list[str]:
+    """The tenants of the next `claims` jobs claimed one at a time."""
+    order = []
+    for _ in range(claims):
+        (grant,) = await store.claim(["aer"], "e-1", TTL, 1)
+        order.append(grant.job.tenant)
+    return order
+
+
+async def test_a_tenants_first_job_waits_for_a_share_not_for_anothers_backlog(
+    store: JobStore,
+) -> None:
+    for _ in range(500):
+        await submit(store, new_job("a"), limit=1000)
+    # Two slots busy with A's work, then B's first job arrives behind 498 of A's.
+    assert len(await store.claim(["aer"], "e-1", TTL, 2)) == 2
+    b_job = await submit(store, new_job("b"))
+    assert (await store.get(b_job)).queue_position == 1
+    assert await claim_order(store, 3) == ["b", "a", "a"]
+
+
+async def test_tenants_share_a_backend_by_weight_and_in_order_within_each(
+    store: JobStore,
+) -> None:
+    ids: dict[str, list[str]] = {"a": [], "b": []}
+    for _ in range(40):
+        for tenant, weight in (("a", 1.0), ("b", 3.0)):
+            ids[tenant].append(await submit(store, new_job(tenant, weight=weight)))
+    order = await claim_order(store, 40)
+    # B weighs three times A: three of B's jobs for each of A's, in every stretch.
+    assert order.count("b") == 30
+    assert all(order[i : i + 4].count("a") == 1 for i in range(0, 40, 4))
+    claimed = [g.job.id for g in await store.claim(["aer"], "e-1", TTL, 100)]
+    assert [j for j in claimed if j in ids["a"]] == ids["a"][10:], "FIFO within a tenant"
+
+
+async def test_a_busy_dedicated_session_jumps_the_queue_only_so_far(store: JobStore) -> None:
+    session = await store.create_session(NewSession("a", "aer", SessionMode.DEDICATED, 600, 600))
+    for _ in range(20):
+        await submit(store, new_job("a", session_id=session.id))
+    (first,) = await store.claim(["aer"], "e-1", TTL, 1)  # pins the session to e-1
+    assert first.job.session_id == session.id
+    await submit(store, new_job("b"))
+    order = await claim_order(store, 8)
+    # The session keeps its executor busy, but B's job waits SESSION_JUMP jobs at most.
+    assert order.index("b") == int(lifecycle.SESSION_JUMP)
+
+
+async def test_a_requeued_job_keeps_its_place_in_the_fair_order(store: JobStore) -> None:
+    first = await submit(store, new_job("a"))
+    for _ in range(5):
+        await submit(store, new_job("a"))
+    await submit(store, new_job("b"))
+    (grant,) = await store.claim(["aer"], "e-1", TTL, 1)
+    assert grant.job.id == first
+    await store.expire_leases(time.time() + 2 * TTL, max_attempts=3)
+    (again,) = await store.claim(["aer"], "e-2", TTL, 1)
+    assert again.job.id == first
 
 
 async def test_concurrent_claims_never_hand_one_job_to_two_executors(store: JobStore) -> None:
@@ -308,12 +370,13 @@ async def test_queued_counters_stay_exact_across_every_transition(store: JobStor
     tenants = ["t1", "t2"]
     a = [await submit(store, new_job(tenant="t1")) for _ in range(4)]
     b = [await submit(store, new_job(tenant="t2", backend="fake_manila")) for _ in range(3)]
-    fresh, _ = await store.submit(new_job(tenant="t2"), max_queued_per_tenant=100)
-    assert fresh.queue_position == 5  # last of aer's FIFO: 4 of t1's, then this one
     await assert_queued_counts_exact(store, tenants)
     # claim
     grants = await store.claim(["aer"], "e-1", 0.0, 2)
     assert [g.job.id for g in grants] == a[:2]
+    await assert_queued_counts_exact(store, tenants)
+    fresh, _ = await store.submit(new_job(tenant="t2"), max_queued_per_tenant=100)
+    assert fresh.queue_position == 3  # at most the rest of aer's queue ahead, and this one
     await assert_queued_counts_exact(store, tenants)
     # cancel queued, cancel running
     await store.cancel(a[2], "t1", "x")

@@ -327,3 +327,11 @@ def test_session_ends_once_except_cancel_after_close(
 def test_a_session_cannot_end_as_a_live_state(state: SessionState) -> None:
     with pytest.raises(ValueError, match="cannot end a session"):
         lifecycle.check_session_end(state)
+
+
+def test_fair_start_begins_at_the_clock_or_where_the_tenant_left_off() -> None:
+    # A tenant new to the backend starts at its clock; one with a backlog, behind it.
+    assert lifecycle.fair_start(clock=7.0, tenant_last=0.0, weight=1.0) == (7.0, 8.0)
+    assert lifecycle.fair_start(clock=7.0, tenant_last=500.0, weight=1.0) == (500.0, 501.0)
+    # Weight w takes 1/w of virtual time per job: three jobs in the time of one.
+    assert lifecycle.fair_start(clock=0.0, tenant_last=1.0, weight=3.0)[1] == pytest.approx(4 / 3)

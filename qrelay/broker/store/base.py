@@ -74,6 +74,8 @@ class NewJob:
     # The new job's id when the caller chose it (`new_job_id()`, so that Run can
     # listen for the job's events before it is committed); else the store's.
     id: str = ""
+    # The tenant's fair-share weight on the backend (`lifecycle.fair_start`).
+    weight: float = 1.0
 
 
 def new_job_id() -> str:

@@ -174,6 +174,27 @@ def check_session_accepts(job: NewJob, session: Row | None) -> None:
         )
 
 
+#: How far (in jobs of weight 1) an active dedicated session's jobs may jump
+#: ahead of the other tenants' queued jobs on its executor: enough to keep an
+#: iterative loop's next job from queueing, too little to starve anyone.
+SESSION_JUMP = 4.0
+
+
+def fair_start(clock: float, tenant_last: float, weight: float) -> tuple[float, float]:
+    """(start, finish) virtual times of a tenant's new job on a backend.
+
+    Start-time fair queueing: queued jobs are claimed in order of their start
+    tag. A job starts at the backend's virtual clock (the tag of the last job
+    claimed there) or where the tenant's previous job finished, whichever is
+    later, and takes 1/weight of virtual time. So a tenant with 10,000 jobs
+    queued holds tags far ahead of the clock, and another tenant's first job
+    starts at the clock: it waits for at most one job per busy slot, not for
+    the backlog; weights share the slots in proportion.
+    """
+    start = max(clock, tenant_last)
+    return start, start + 1.0 / weight
+
+
 def submitted(job_id: str, now: float) -> StoredEvent:
     """A new job's first event (seq 1): QUEUED."""
     return StoredEvent(job_id, 1, now, state_payload(JobState.QUEUED, "submitted", 0), False)

@@ -63,10 +63,12 @@ from qrelay.broker.store.base import (
 from qrelay.broker.store.lifecycle import FACT_COLUMNS, JobFacts, Transition
 from qrelay.broker.store.schema import (
     BACKEND_COLUMNS,
+    CLAIM_ORDER,
     DEDICATED,
     EVENT_COLUMNS,
     JOB_COLUMNS,
     NEW_JOB_COLUMNS,
+    OTHERS_FIRST_TAG,
     PROGRAM_COLUMNS,
     QUEUED,
     RUNNING,
@@ -169,7 +171,7 @@ _DIALECT = Dialect(
 _MIGRATIONS = migrations(_DIALECT)
 _POSITION = (
     f"CASE WHEN j.state = {QUEUED} THEN (SELECT COUNT(*) FROM jobs q WHERE q.state = {QUEUED} "
-    "AND q.backend = j.backend AND q.qseq <= j.qseq) ELSE 0 END AS position"
+    "AND q.backend = j.backend AND (q.vt, q.qseq) <= (j.vt, j.qseq)) ELSE 0 END AS position"
 )
 
 
@@ -432,6 +434,26 @@ class PostgresJobStore(JobStore):
         return row
 
     # --- jobs --------------------------------------------------------------
+    @staticmethod
+    async def _fair_start(conn: asyncpg.Connection, job: NewJob) -> float:
+        """The new job's fair-share start tag; records where the tenant's share ends
+        (under the tenant's submit lock, so its finish tags never race)."""
+        clock = await conn.fetchval("SELECT clock FROM fair_clock WHERE backend = $1", job.backend)
+        last = await conn.fetchval(
+            "SELECT finish FROM fair_share WHERE tenant = $1 AND backend = $2",
+            job.tenant,
+            job.backend,
+        )
+        start, finish = lifecycle.fair_start(clock or 0.0, last or 0.0, job.weight)
+        await conn.execute(
+            "INSERT INTO fair_share (tenant, backend, finish) VALUES ($1, $2, $3) "
+            "ON CONFLICT (tenant, backend) DO UPDATE SET finish = excluded.finish",
+            job.tenant,
+            job.backend,
+            finish,
+        )
+        return float(start)
+
     async def submit(self, job: NewJob, *, max_queued_per_tenant: int) -> tuple[JobRecord, bool]:
         async def tx(t: _Tx) -> tuple[JobRecord, bool]:
             conn = t.conn
@@ -462,9 +484,10 @@ class PostgresJobStore(JobStore):
             now = time.time()
             new_id = job.id or _new_id("j")
             event = lifecycle.submitted(new_id, now)
+            start = await self._fair_start(conn, job)
             job_id = await conn.fetchval(
                 f"INSERT INTO jobs ({NEW_JOB_COLUMNS}) "
-                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) "
                 "ON CONFLICT (tenant, idempotency_key) DO NOTHING RETURNING id",
                 new_id,
                 job.tenant,
@@ -479,6 +502,7 @@ class PostgresJobStore(JobStore):
                 job.spec,
                 job.program_id,
                 event.seq,
+                start,
             )
             if job_id is None:  # a concurrent submit with the same key won
                 existing = await conn.fetchval(
@@ -562,7 +586,7 @@ class PostgresJobStore(JobStore):
                 positions = {
                     r["id"]: r["position"]
                     for r in await conn.fetch(
-                        "SELECT id, ROW_NUMBER() OVER (PARTITION BY backend ORDER BY qseq) "
+                        "SELECT id, ROW_NUMBER() OVER (PARTITION BY backend ORDER BY vt, qseq) "
                         f"AS position FROM jobs WHERE state = {QUEUED} "
                         "AND backend = ANY($1::text[])",
                         queued_backends,
@@ -606,18 +630,22 @@ class PostgresJobStore(JobStore):
             conn = t.conn
             # SKIP LOCKED: rows another replica is claiming right now are simply
             # not ours; the row locks then cover the seq allocation below.
-            # First the jobs of active dedicated sessions pinned here (they jump
-            # the queue), then everyone's by age, minus jobs pinned elsewhere.
+            # First the jobs of active dedicated sessions pinned here: they jump
+            # the queue, but only while within SESSION_JUMP of the first other
+            # job waiting on their backend. Then everyone's in fair order, minus
+            # jobs pinned elsewhere.
             picked = list(
                 await conn.fetch(
                     "SELECT j.qseq, j.session_id FROM sessions s JOIN jobs j "
                     f"ON j.session_id = s.id WHERE s.executor_id = $3 AND s.mode = {DEDICATED} "
-                    f"AND s.state = {SESSION_ACTIVE} AND {where} ORDER BY j.qseq LIMIT $4 "
+                    f"AND s.state = {SESSION_ACTIVE} AND {where} "
+                    f"AND j.vt <= {OTHERS_FIRST_TAG} + $5 ORDER BY {CLAIM_ORDER} LIMIT $4 "
                     "FOR UPDATE OF j SKIP LOCKED",
                     list(backends),
                     kind_list,
                     executor_id,
                     limit,
+                    lifecycle.SESSION_JUMP,
                 )
             )
             if len(picked) < limit:
@@ -625,9 +653,9 @@ class PostgresJobStore(JobStore):
                     "SELECT j.qseq, j.session_id FROM jobs j LEFT JOIN sessions s "
                     f"ON s.id = j.session_id WHERE {where} AND (s.id IS NULL "
                     f"OR s.mode <> {DEDICATED} OR s.executor_id = '' "
-                    f"OR (s.executor_id = $3 AND s.state <> {SESSION_ACTIVE})) "
+                    "OR s.executor_id = $3) "
                     "AND NOT (j.qseq = ANY($5::bigint[])) "
-                    "ORDER BY j.qseq LIMIT $4 FOR UPDATE OF j SKIP LOCKED",
+                    f"ORDER BY {CLAIM_ORDER} LIMIT $4 FOR UPDATE OF j SKIP LOCKED",
                     list(backends),
                     kind_list,
                     executor_id,
@@ -661,6 +689,15 @@ class PostgresJobStore(JobStore):
                 all_events.append(event)
                 grants.append(LeaseGrant(job, bytes(row["spec"]), [event]))
             await self._insert_events(t, all_events)
+            # Each backend's virtual clock moves to the latest start tag claimed there.
+            clocks: dict[str, float] = {}
+            for row in rows:
+                clocks[row["backend"]] = max(clocks.get(row["backend"], 0.0), row["vt"])
+            await conn.executemany(
+                "INSERT INTO fair_clock (backend, clock) VALUES ($1, $2) ON CONFLICT (backend) "
+                "DO UPDATE SET clock = GREATEST(fair_clock.clock, excluded.clock)",
+                sorted(clocks.items()),
+            )
             return grants
 
         return await self._tx(tx)

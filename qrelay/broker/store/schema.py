@@ -43,7 +43,7 @@ SESSION_LIVE = f"({SESSION_OPEN}, {SESSION_ACTIVE})"
 JOB_COLUMNS = (
     "id, tenant, backend, kind, state, attempts, created_at, started_at, finished_at, error, "
     "session_id, executor_id, lease_id, lease_expires_at, last_seq, tags, idempotency_key, "
-    "num_pubs, qseq"
+    "num_pubs, qseq, vt"
 )
 PROGRAM_COLUMNS = (
     "id, tenant, name, version, entry_point, requirements, input_schema_json, description, "
@@ -58,7 +58,15 @@ BACKEND_COLUMNS = "name, info, last_seen"
 #: Columns of a new job's INSERT, in `job_values` order.
 NEW_JOB_COLUMNS = (
     "id, tenant, backend, kind, state, created_at, session_id, tags, idempotency_key, "
-    "num_pubs, spec, program_id, last_seq"
+    "num_pubs, spec, program_id, last_seq, vt"
+)
+#: The order queued jobs are claimed in: fair-share start tag, then age.
+CLAIM_ORDER = "j.vt, j.qseq"
+#: The start tag of the earliest queued job of another session or none on the
+#: job `j`'s backend; a dedicated session's jump is bounded by it.
+OTHERS_FIRST_TAG = (
+    f"COALESCE((SELECT MIN(q.vt) FROM jobs q WHERE q.state = {QUEUED} "
+    "AND q.backend = j.backend AND q.session_id != j.session_id), 1e300)"
 )
 
 
@@ -272,6 +280,23 @@ MIGRATIONS: dict[int, str] = {
     # queue depth instead of two COUNT(*) scans. How they are kept is the
     # dialect's (see each store's `extra[3]`).
     3: "",
+    # Fair share between tenants (`lifecycle.fair_start`): each job's start tag,
+    # where each tenant's last job finished per backend, and each backend's
+    # virtual clock (the tag of the last job claimed there).
+    4: f"""
+    ALTER TABLE jobs ADD COLUMN vt {{real}} NOT NULL DEFAULT 0;
+    CREATE INDEX jobs_fair ON jobs (backend, vt, qseq) WHERE state = {QUEUED};
+    CREATE TABLE fair_share (
+        tenant TEXT NOT NULL,
+        backend TEXT NOT NULL,
+        finish {{real}} NOT NULL,
+        PRIMARY KEY (tenant, backend)
+    );
+    CREATE TABLE fair_clock (
+        backend TEXT PRIMARY KEY,
+        clock {{real}} NOT NULL
+    );
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

@@ -49,10 +49,12 @@ from qrelay.broker.store.base import (
 from qrelay.broker.store.lifecycle import FACT_COLUMNS, JobFacts, Transition
 from qrelay.broker.store.schema import (
     BACKEND_COLUMNS,
+    CLAIM_ORDER,
     DEDICATED,
     EVENT_COLUMNS,
     JOB_COLUMNS,
     NEW_JOB_COLUMNS,
+    OTHERS_FIRST_TAG,
     PROGRAM_COLUMNS,
     QUEUED,
     RUNNING,
@@ -226,8 +228,10 @@ class SQLiteJobStore(JobStore):
         position = 0
         if row["state"] == QUEUED:
             position = conn.execute(
-                f"SELECT COUNT(*) FROM jobs WHERE state = {QUEUED} AND backend = ? AND qseq <= ?",
-                (row["backend"], row["qseq"]),
+                # Jobs claimed before it, in claim order (fair-share tag, then age).
+                f"SELECT COUNT(*) FROM jobs WHERE state = {QUEUED} AND backend = ? "
+                "AND (vt, qseq) <= (?, ?)",
+                (row["backend"], row["vt"], row["qseq"]),
             ).fetchone()[0]
         return job_record(row, position)
 
@@ -252,6 +256,26 @@ class SQLiteJobStore(JobStore):
         self._insert_events(conn, change.events)
 
     # --- jobs --------------------------------------------------------------
+    @staticmethod
+    def _fair_start(conn: sqlite3.Connection, job: NewJob) -> float:
+        """The new job's fair-share start tag; records where the tenant's share ends."""
+        clock = conn.execute(
+            "SELECT clock FROM fair_clock WHERE backend = ?", (job.backend,)
+        ).fetchone()
+        last = conn.execute(
+            "SELECT finish FROM fair_share WHERE tenant = ? AND backend = ?",
+            (job.tenant, job.backend),
+        ).fetchone()
+        start, finish = lifecycle.fair_start(
+            clock[0] if clock else 0.0, last[0] if last else 0.0, job.weight
+        )
+        conn.execute(
+            "INSERT INTO fair_share (tenant, backend, finish) VALUES (?, ?, ?) "
+            "ON CONFLICT (tenant, backend) DO UPDATE SET finish = excluded.finish",
+            (job.tenant, job.backend, finish),
+        )
+        return start
+
     async def submit(self, job: NewJob, *, max_queued_per_tenant: int) -> tuple[JobRecord, bool]:
         def tx(conn: sqlite3.Connection) -> tuple[JobRecord, bool]:
             if job.idempotency_key:
@@ -272,8 +296,9 @@ class SQLiteJobStore(JobStore):
             now = time.time()
             job_id = job.id or _new_id("j")
             event = lifecycle.submitted(job_id, now)
+            start = self._fair_start(conn, job)
             conn.execute(
-                f"INSERT INTO jobs ({NEW_JOB_COLUMNS}) VALUES ({_marks(13)})",
+                f"INSERT INTO jobs ({NEW_JOB_COLUMNS}) VALUES ({_marks(14)})",
                 (
                     job_id,
                     job.tenant,
@@ -288,6 +313,7 @@ class SQLiteJobStore(JobStore):
                     job.spec,
                     job.program_id,
                     event.seq,
+                    start,
                 ),
             )
             if job.session_id:
@@ -360,7 +386,7 @@ class SQLiteJobStore(JobStore):
                 # One pass over those backends' queues, not one count per job.
                 positions = dict(
                     conn.execute(
-                        "SELECT id, ROW_NUMBER() OVER (PARTITION BY backend ORDER BY qseq) "
+                        "SELECT id, ROW_NUMBER() OVER (PARTITION BY backend ORDER BY vt, qseq) "
                         f"FROM jobs WHERE state = {QUEUED} AND backend IN "
                         f"({_marks(len(queued_backends))})",
                         queued_backends,
@@ -399,27 +425,31 @@ class SQLiteJobStore(JobStore):
             kind_filter = f" AND j.kind IN ({_marks(len(kinds))})"
             params.extend(int(k) for k in kinds)
         where = f"j.state = {QUEUED} AND j.backend IN ({_marks(len(backends))}){kind_filter}"
-        columns = f"{qualified(FACT_COLUMNS, 'j')}, j.spec, j.session_id"
+        columns = f"{qualified(FACT_COLUMNS, 'j')}, j.spec, j.session_id, j.vt, j.qseq"
 
         def tx(conn: sqlite3.Connection) -> list[LeaseGrant]:
-            # First the jobs of active dedicated sessions pinned here (they jump
-            # the queue), then everyone's by age, minus jobs pinned elsewhere.
+            # First the jobs of active dedicated sessions pinned here: they jump
+            # the queue, but only while within SESSION_JUMP of the first other
+            # job waiting on their backend. Then everyone's in fair order, minus
+            # jobs pinned elsewhere.
             rows = conn.execute(
                 # CROSS JOIN fixes the order (pinned sessions, then their jobs);
                 # the != '' terms let SQLite use the partial indexes.
                 f"SELECT {columns} FROM sessions s CROSS JOIN jobs j ON j.session_id = s.id "
                 f"WHERE s.executor_id = ? AND s.executor_id != '' AND s.mode = {DEDICATED} "
                 f"AND s.state = {SESSION_ACTIVE} AND j.session_id != '' AND {where} "
-                "ORDER BY j.qseq LIMIT ?",
-                (executor_id, *params, limit),
+                f"AND j.vt <= {OTHERS_FIRST_TAG} + ? ORDER BY {CLAIM_ORDER} LIMIT ?",
+                (executor_id, *params, lifecycle.SESSION_JUMP, limit),
             ).fetchall()
             if len(rows) < limit:
+                taken = [row["qseq"] for row in rows]
                 rows += conn.execute(
                     f"SELECT {columns} FROM jobs j LEFT JOIN sessions s ON s.id = j.session_id "
                     f"WHERE {where} AND (s.id IS NULL OR s.mode != {DEDICATED} OR "
-                    f"s.executor_id = '' OR (s.executor_id = ? AND s.state != {SESSION_ACTIVE})) "
-                    "ORDER BY j.qseq LIMIT ?",
-                    (*params, executor_id, limit - len(rows)),
+                    "s.executor_id = '' OR s.executor_id = ?) "
+                    f"AND j.qseq NOT IN ({_marks(len(taken))}) "
+                    f"ORDER BY {CLAIM_ORDER} LIMIT ?",
+                    (*params, executor_id, *taken, limit - len(rows)),
                 ).fetchall()
             now = time.time()
             grants = []
@@ -438,6 +468,12 @@ class SQLiteJobStore(JobStore):
                 self._write(conn, change)
                 grants.append(
                     LeaseGrant(self._load(conn, change.job_id), bytes(row["spec"]), change.events)
+                )
+                # The backend's virtual clock moves to the claimed job's start tag.
+                conn.execute(
+                    "INSERT INTO fair_clock (backend, clock) VALUES (?, ?) ON CONFLICT (backend) "
+                    "DO UPDATE SET clock = MAX(clock, excluded.clock)",
+                    (row["backend"], row["vt"]),
                 )
             return grants
 
