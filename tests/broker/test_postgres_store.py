@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from qrelay.broker.settings import BrokerSettings
 from qrelay.broker.store import BackendRecord, JobKind, JobState, NewJob, UpdateKind, open_store
 from qrelay.broker.store.postgres import PostgresJobStore
+from qrelay.broker.store.schema import SCHEMA_VERSION
 from qrelay.broker.store.sqlite import SQLiteJobStore
 from qrelay.errors import ResourceExhausted, Unavailable
 from tests.broker.conftest import postgres_schema
@@ -170,11 +171,13 @@ async def test_open_migrates_once_and_refuses_a_newer_schema() -> None:
         conn = await asyncpg.connect(dsn)
         try:
             versions = await conn.fetch(f'SELECT version FROM "{schema}".schema_version')
-            assert [r["version"] for r in versions] == [1, 2, 3]
+            assert [r["version"] for r in versions] == list(range(1, SCHEMA_VERSION + 1))
             await conn.execute(f'INSERT INTO "{schema}".schema_version VALUES (99)')
         finally:
             await conn.close()
-        with pytest.raises(RuntimeError, match="version 99; this qrelay knows up to 3"):
+        with pytest.raises(
+            RuntimeError, match=f"version 99; this qrelay knows up to {SCHEMA_VERSION}"
+        ):
             await store.open()
 
 

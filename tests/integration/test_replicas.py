@@ -364,6 +364,8 @@ async def test_an_executor_fails_over_to_another_replica_and_reports_its_result_
                     grpc.aio.insecure_channel(survivor.address) as channel,
                 ):
                     assert executor.broker == f"127.0.0.1:{port}"
+                    # The survivor learns of the executor through the shared presence table.
+                    await wait_online(survivor.address, "aer", 1)
                     jobs = jobs_pb2_grpc.JobServiceStub(channel)
                     spec = sampler_spec("aer")
                     spec.sampler.pubs[0].circuit.qasm3 = heavy_qasm3(num_qubits=18, layers=40)
