@@ -86,7 +86,7 @@ class ExecutorSettings(BaseSettings):
         ),
     )
     worker_nice: int = Field(
-        default=5,
+        default=2,
         ge=0,
         le=19,
         description="How much lower the worker processes' CPU priority is than the executor's.",

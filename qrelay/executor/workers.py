@@ -82,7 +82,7 @@ class WorkerPoolConfig:
     memory_limit_bytes: int = 0
     max_message_bytes: int = 256 << 20
     start_timeout_s: float = 120.0
-    nice: int = 5
+    nice: int = 2
     executor_id: str = ""
 
 
