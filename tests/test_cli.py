@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import structlog
@@ -75,10 +76,12 @@ def test_broker_serve_rejects_nonpositive_lease_ttl_with_exit_code_2() -> None:
     assert "must be > 0" in result.output
 
 
-def test_broker_serve_rejects_malformed_tokens_with_exit_code_2() -> None:
-    result = runner.invoke(app, ["broker", "serve", "--tokens", "just-a-token"])
+def test_broker_serve_rejects_malformed_tokens_with_exit_code_2(tmp_path: Path) -> None:
+    (tmp_path / "tokens").write_text("just-a-token\n")
+    result = runner.invoke(app, ["broker", "serve", "--tokens-file", str(tmp_path / "tokens")])
     assert result.exit_code == 2
     assert "token=tenant" in result.output
+    assert "just-a-token" not in result.output
 
 
 def test_database_url_password_never_reaches_the_log_line() -> None:

@@ -6,24 +6,36 @@ import re
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MIB = 1024 * 1024
 
 
 def parse_tokens(value: str) -> dict[str, str]:
-    """`"tok1=tenantA,tok2=tenantB"` -> {"tok1": "tenantA", "tok2": "tenantB"}."""
+    """`"tok1=tenantA,tok2=tenantB"` (or one `token=tenant` per line, `#` comments)
+    -> {"tok1": "tenantA", "tok2": "tenantB"}. A malformed entry is named by its
+    position, never shown: it may be a secret."""
     tokens: dict[str, str] = {}
-    for item in value.split(","):
-        item = item.strip()
-        if not item:
-            continue
+    entries = [line.split("#", 1)[0] for line in value.splitlines()]
+    items = [item.strip() for entry in entries for item in entry.split(",")]
+    for position, item in enumerate((i for i in items if i), start=1):
         token, sep, tenant = item.partition("=")
         if not sep or not token.strip() or not tenant.strip():
-            raise ValueError(f"QRELAY_TOKENS entry {item!r} is not of the form token=tenant")
+            raise ValueError(
+                f"tokens entry {position} is not of the form token=tenant "
+                f"({len(item)} characters, not shown)"
+            )
         tokens[token.strip()] = tenant.strip()
     return tokens
+
+
+def read_secret_file(path: Path, what: str) -> str:
+    """A secret's text from a file (tokens never travel in argv: /proc shows it)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
 
 
 class BrokerSettings(BaseSettings):
@@ -56,7 +68,11 @@ class BrokerSettings(BaseSettings):
     # JobService.RunStream: jobs one stream follows at once (more wait unread).
     max_stream_jobs: int = 1024
     tokens: Annotated[dict[str, str], NoDecode] = {}
+    # Files holding them (`token=tenant` per line; the executor token alone):
+    # secrets come from files or the environment, never from argv.
+    tokens_file: Path | None = None
     executor_token: str | None = None
+    executor_token_file: Path | None = None
     default_tenant: str = "default"
     metrics_port: int = 0
     shutdown_grace_s: float = 10.0
@@ -80,6 +96,18 @@ class BrokerSettings(BaseSettings):
         if isinstance(value, str):
             return parse_tokens(value)
         return value
+
+    @model_validator(mode="after")
+    def _secrets_from_files(self) -> BrokerSettings:
+        if self.tokens_file is not None:
+            text = read_secret_file(self.tokens_file, "tokens_file")
+            self.tokens = {**self.tokens, **parse_tokens(text)}
+        if self.executor_token_file is not None:
+            text = read_secret_file(self.executor_token_file, "executor_token_file").strip()
+            if not text:
+                raise ValueError(f"executor_token_file {self.executor_token_file} is empty")
+            self.executor_token = text
+        return self
 
     @field_validator("tenant_weights")
     @classmethod

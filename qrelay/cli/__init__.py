@@ -2,8 +2,10 @@
 
 Servers (`broker serve`, `executor serve`, `dev`) run until SIGINT/SIGTERM and
 then shut down cleanly with exit code 0. Client commands (`backends`, `jobs
-...`) take `--broker` (env QRELAY_BROKER) and `--token` (env QRELAY_TOKEN)
-and speak through the client SDK. Errors print `CODE: message` and exit 1;
+...`) take `--broker` (env QRELAY_BROKER) and `--token-file` (env
+QRELAY_TOKEN_FILE, or QRELAY_TOKEN itself) and speak through the client SDK.
+Secrets are never taken as flags: a process's arguments are readable by
+every user of the host. Errors print `CODE: message` and exit 1;
 bad settings exit 2.
 
 One module per command group (broker, executor, dev, backends, jobs, programs,

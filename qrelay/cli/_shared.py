@@ -8,6 +8,7 @@ import signal
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import anyio
@@ -32,9 +33,29 @@ BrokerAddr = Annotated[
     str, typer.Option("--broker", envvar="QRELAY_BROKER", help="Broker address HOST:PORT.")
 ]
 Token = Annotated[
-    str | None,
-    typer.Option("--token", envvar="QRELAY_TOKEN", help="Bearer token naming your tenant."),
+    Path | None,
+    typer.Option(
+        "--token-file",
+        envvar="QRELAY_TOKEN_FILE",
+        help=(
+            "File holding the bearer token that names your tenant (or set QRELAY_TOKEN). "
+            "Tokens are never taken as flags: any user of this host can read a "
+            "command line in /proc."
+        ),
+    ),
 ]
+
+#: Why a secret is refused as a flag, for the commands that once took one.
+SECRET_FLAG = (
+    "secrets are not accepted as flags: any user of this host can read a process's "
+    "command line (/proc/PID/cmdline)"
+)
+
+
+def refuse_secret_flag(flag: str, instead: str) -> NoReturn:
+    """Exit 2: `flag` would put a secret in argv; say what to use instead."""
+    err_console.print(f"[red]{flag}: {SECRET_FLAG}; use {instead}[/]", highlight=False)
+    raise typer.Exit(2)
 
 
 def _enum_names(enum: Any, prefix: str) -> dict[int, str]:
@@ -117,9 +138,16 @@ def _given(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
-def _service(broker: str, token: str | None) -> AsyncQRelayService:
+def _service(broker: str, token_file: Path | None) -> AsyncQRelayService:
+    """A service for `broker`; the token from `token_file`, else QRELAY_TOKEN(_FILE)."""
     from qrelay.client import AsyncQRelayService
 
+    token = None
+    if token_file is not None:
+        try:
+            token = token_file.read_text(encoding="utf-8").strip() or None
+        except OSError as exc:
+            _fail(f"cannot read --token-file {token_file}: {exc.strerror or exc}", 2)
     return AsyncQRelayService(broker, token, timeout=15.0)
 
 

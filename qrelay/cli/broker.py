@@ -9,7 +9,14 @@ import anyio
 import structlog
 import typer
 
-from qrelay.cli._shared import _freeze_startup_heap, _given, _reported_errors, _run, _until_signal
+from qrelay.cli._shared import (
+    _freeze_startup_heap,
+    _given,
+    _reported_errors,
+    _run,
+    _until_signal,
+    refuse_secret_flag,
+)
 from qrelay.logging import safe_dsn as _redacted
 
 log = structlog.get_logger(__name__)
@@ -34,12 +41,22 @@ def broker_serve(
     max_attempts: Annotated[
         int | None, typer.Option(help="Attempts before a job whose executors vanish FAILS.")
     ] = None,
-    tokens: Annotated[
-        str | None, typer.Option(help="Client tokens, 'token=tenant,token2=tenant2'.")
+    tokens_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="File of client tokens, one 'token=tenant' per line (env QRELAY_TOKENS_FILE, "
+            "or QRELAY_TOKENS itself)."
+        ),
     ] = None,
-    executor_token: Annotated[
-        str | None, typer.Option(help="Token executors must present.")
+    executor_token_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="File holding the token executors must present (env "
+            "QRELAY_EXECUTOR_TOKEN_FILE, or QRELAY_EXECUTOR_TOKEN itself)."
+        ),
     ] = None,
+    tokens: Annotated[str | None, typer.Option(hidden=True)] = None,
+    executor_token: Annotated[str | None, typer.Option(hidden=True)] = None,
     default_tenant: Annotated[
         str | None, typer.Option(help="Tenant of callers when no tokens are configured.")
     ] = None,
@@ -55,6 +72,12 @@ def broker_serve(
     from qrelay.broker.server import running_broker
     from qrelay.broker.settings import BrokerSettings
 
+    if tokens is not None:
+        refuse_secret_flag("--tokens", "--tokens-file FILE or QRELAY_TOKENS")
+    if executor_token is not None:
+        refuse_secret_flag(
+            "--executor-token", "--executor-token-file FILE or QRELAY_EXECUTOR_TOKEN"
+        )
     with _reported_errors():
         settings = BrokerSettings(
             **_given(
@@ -64,8 +87,8 @@ def broker_serve(
                 lease_ttl_s=lease_ttl,
                 heartbeat_interval_s=heartbeat_interval,
                 max_attempts=max_attempts,
-                tokens=tokens,
-                executor_token=executor_token,
+                tokens_file=tokens_file,
+                executor_token_file=executor_token_file,
                 default_tenant=default_tenant,
                 max_job_bytes=max_job_bytes,
                 max_queued_per_tenant=max_queued_per_tenant,

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
 import typer
 
-from qrelay.cli._shared import _freeze_startup_heap, _given, _reported_errors, _run, _until_signal
+from qrelay.cli._shared import (
+    _freeze_startup_heap,
+    _given,
+    _reported_errors,
+    _run,
+    _until_signal,
+    refuse_secret_flag,
+)
 from qrelay.errors import DeadlineExceeded
 
 executor_app = typer.Typer(help="Run an executor beside its backends.", no_args_is_help=True)
@@ -54,9 +62,14 @@ def executor_serve(
     ] = None,
     slots: Annotated[int | None, typer.Option(help="Jobs run at once.")] = None,
     executor_id: Annotated[str | None, typer.Option(help="Stable executor id.")] = None,
-    token: Annotated[
-        str | None, typer.Option(help="Executor token (env QRELAY_EXECUTOR_TOKEN).")
+    token_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="File holding the executor token (env QRELAY_EXECUTOR_TOKEN_FILE, or "
+            "QRELAY_EXECUTOR_TOKEN itself)."
+        ),
     ] = None,
+    token: Annotated[str | None, typer.Option(hidden=True)] = None,
     optimization_level: Annotated[
         int | None, typer.Option(help="Transpiler optimization level 0-3.")
     ] = None,
@@ -98,13 +111,15 @@ def executor_serve(
     """Run an executor until SIGINT/SIGTERM. Every flag is also QRELAY_EXECUTOR_<NAME>."""
     from qrelay.executor.agent import Executor
 
+    if token is not None:
+        refuse_secret_flag("--token", "--token-file FILE or QRELAY_EXECUTOR_TOKEN")
     with _reported_errors():
         settings = _executor_settings(
             broker=broker,
             backends=backend or None,
             slots=slots,
             executor_id=executor_id,
-            token=token,
+            token_file=token_file,
             optimization_level=optimization_level,
             transpile_cache_size=transpile_cache_size,
             reconnect_initial_s=reconnect_initial,

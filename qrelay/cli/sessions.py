@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -41,7 +42,7 @@ def _session_rows(d: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
-def _session_command(session_id: str, broker: str, token: str | None, action: str) -> None:
+def _session_command(session_id: str, broker: str, token: Path | None, action: str) -> None:
     async def call() -> dict[str, Any]:
         async with _service(broker, token) as service:
             handle = await service.session(session_id)

@@ -129,11 +129,23 @@ def _saved(name: str | None) -> Account | None:
     return Account(str(entry["broker"]), entry.get("token") or None)
 
 
+def _env_token() -> str | None:
+    """QRELAY_TOKEN, or the contents of the file QRELAY_TOKEN_FILE names."""
+    token = os.environ.get("QRELAY_TOKEN") or None
+    path = os.environ.get("QRELAY_TOKEN_FILE")
+    if token is None and path:
+        try:
+            token = Path(path).read_text(encoding="utf-8").strip() or None
+        except OSError as exc:
+            raise InvalidArgument(f"cannot read QRELAY_TOKEN_FILE {path}: {exc.strerror}") from None
+    return token
+
+
 def resolve_account(
     address: str | None = None, token: str | None = None, name: str | None = None
 ) -> Account:
     """The account a service made from these arguments uses (see the module docstring)."""
-    env_token = os.environ.get("QRELAY_TOKEN") or None
+    env_token = _env_token()
     if name is not None:
         saved = _saved(name)
         assert saved is not None

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -58,6 +59,10 @@ class ExecutorSettings(BaseSettings):
     )
     token: str | None = Field(
         default=None, description="Executor token, sent as 'authorization: Bearer <token>'."
+    )
+    token_file: Path | None = Field(
+        default=None,
+        description="File holding the executor token (secrets never travel in argv).",
     )
     optimization_level: int = Field(
         default=1, ge=0, le=3, description="Transpiler optimization level."
@@ -110,6 +115,17 @@ class ExecutorSettings(BaseSettings):
         default_factory=dict,
         description="Program sandbox settings (fields of SandboxSettings), nested with '__'.",
     )
+
+    @model_validator(mode="after")
+    def _token_from_file(self) -> ExecutorSettings:
+        if self.token_file is not None:
+            from qrelay.broker.settings import read_secret_file
+
+            text = read_secret_file(self.token_file, "token_file").strip()
+            if not text:
+                raise ValueError(f"token_file {self.token_file} is empty")
+            self.token = text
+        return self
 
     @property
     def broker_addresses(self) -> list[str]:
