@@ -7,7 +7,7 @@ real Aer behind the executor, raw generated stubs as the client.
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,21 +66,6 @@ def executor_settings(address: str, **overrides: Any) -> ExecutorSettings:
             **overrides,
         }
     )
-
-
-@pytest.fixture
-async def jobs_stub(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
-    """Filled in by tests through `connect`; closes every channel it opened."""
-    channels: list[grpc.aio.Channel] = []
-
-    def connect(address: str) -> jobs_pb2_grpc.JobServiceStub:
-        channel = grpc.aio.insecure_channel(address)
-        channels.append(channel)
-        return jobs_pb2_grpc.JobServiceStub(channel)
-
-    yield connect
-    for channel in channels:
-        await channel.close()
 
 
 async def submit(stub: jobs_pb2_grpc.JobServiceStub, spec: types_pb2.JobSpec) -> str:

@@ -13,7 +13,6 @@ import os
 import resource
 import signal
 import struct
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import grpc
 import pytest
 from qiskit import QuantumCircuit, qpy
 
-from qrelay._proto.v1 import jobs_pb2, jobs_pb2_grpc, types_pb2
+from qrelay._proto.v1 import jobs_pb2, types_pb2
 from qrelay.broker.server import running_broker
 from qrelay.executor import guards
 from qrelay.executor.agent import Executor, running_executor
@@ -52,20 +51,6 @@ LONG = heavy_qasm3(num_qubits=20, layers=24)
 LONGER = heavy_qasm3(num_qubits=21, layers=30)
 # A pub long enough to be caught running, short enough not to matter if it is not.
 MEDIUM = heavy_qasm3(num_qubits=18, layers=40)
-
-
-@pytest.fixture
-async def stub() -> AsyncIterator[Any]:
-    channels: list[grpc.aio.Channel] = []
-
-    def connect(address: str) -> jobs_pb2_grpc.JobServiceStub:
-        channel = grpc.aio.insecure_channel(address)
-        channels.append(channel)
-        return jobs_pb2_grpc.JobServiceStub(channel)
-
-    yield connect
-    for channel in channels:
-        await channel.close()
 
 
 def qpy_bytes(circuit: QuantumCircuit) -> bytes:
@@ -185,14 +170,14 @@ def test_memory_estimate_counts_active_qubits_and_spares_clifford_circuits() -> 
 
 
 async def test_jobs_longer_than_five_ttls_finish_on_attempt_one_while_list_answers(
-    tmp_path: Path, stub: Any
+    tmp_path: Path, jobs_stub: Any
 ) -> None:
     settings = broker_settings(tmp_path, lease_ttl_s=1.0, heartbeat_interval_s=0.25)
     async with (
         running_broker(settings) as broker,
         running_executor(executor_settings(broker.address, slots=2)),
     ):
-        jobs = stub(broker.address)
+        jobs = jobs_stub(broker.address)
         ids = [await submit(jobs, sampler_spec("aer", LONGER, shots=100)) for _ in range(2)]
         answered = 0
         # The broker and the executor share this process (as under `qrelay dev`):
@@ -216,7 +201,7 @@ async def test_jobs_longer_than_five_ttls_finish_on_attempt_one_while_list_answe
 
 
 async def test_a_job_past_its_backends_max_run_time_fails_naming_the_limit(
-    tmp_path: Path, stub: Any
+    tmp_path: Path, jobs_stub: Any
 ) -> None:
     async with running_broker(broker_settings(tmp_path)) as broker:
         settings = executor_settings(
@@ -226,7 +211,7 @@ async def test_a_job_past_its_backends_max_run_time_fails_naming_the_limit(
             max_run_time_by_backend={"aer": 1.0},
         )
         async with running_executor(settings) as executor:
-            jobs = stub(broker.address)
+            jobs = jobs_stub(broker.address)
             job_id = await submit(jobs, sampler_spec("aer", LONG, shots=100))
             job = (await wait_terminal(jobs, [job_id], deadline=60))[job_id]
             assert job.state == types_pb2.JOB_STATE_FAILED
@@ -249,13 +234,13 @@ async def running_worker(executor: Executor, job_id: str) -> int:
 
 
 async def test_cancel_kills_the_simulating_worker_and_the_next_job_runs(
-    tmp_path: Path, stub: Any
+    tmp_path: Path, jobs_stub: Any
 ) -> None:
     async with (
         running_broker(broker_settings(tmp_path)) as broker,
         running_executor(executor_settings(broker.address, slots=1)) as executor,
     ):
-        jobs = stub(broker.address)
+        jobs = jobs_stub(broker.address)
         job_id = await submit(jobs, sampler_spec("aer", LONG, shots=100))
         await wait_state(jobs, job_id, types_pb2.JOB_STATE_RUNNING)
         pid = await running_worker(executor, job_id)
@@ -270,13 +255,13 @@ async def test_cancel_kills_the_simulating_worker_and_the_next_job_runs(
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSEGV], ids=["SIGKILL", "SIGSEGV"])
 async def test_a_worker_that_dies_fails_its_job_saying_how_and_is_replaced(
-    tmp_path: Path, stub: Any, sig: signal.Signals
+    tmp_path: Path, jobs_stub: Any, sig: signal.Signals
 ) -> None:
     async with (
         running_broker(broker_settings(tmp_path)) as broker,
         running_executor(executor_settings(broker.address, slots=2)) as executor,
     ):
-        jobs = stub(broker.address)
+        jobs = jobs_stub(broker.address)
         victim = await submit(jobs, sampler_spec("aer", LONG, shots=100))
         bystander = await submit(jobs, sampler_spec("aer", MEDIUM, shots=100))
         os.kill(await running_worker(executor, victim), sig)
@@ -298,13 +283,13 @@ async def test_a_worker_that_dies_fails_its_job_saying_how_and_is_replaced(
 
 
 async def test_bombs_are_refused_before_decoding_and_a_job_beside_them_is_unharmed(
-    tmp_path: Path, stub: Any
+    tmp_path: Path, jobs_stub: Any
 ) -> None:
     async with (
         running_broker(broker_settings(tmp_path)) as broker,
         running_executor(executor_settings(broker.address, slots=2)) as executor,
     ):
-        jobs = stub(broker.address)
+        jobs = jobs_stub(broker.address)
         beside = await submit(jobs, sampler_spec("aer", MEDIUM, shots=100))
         peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         bombs = []
@@ -331,7 +316,7 @@ async def test_bombs_are_refused_before_decoding_and_a_job_beside_them_is_unharm
 
 
 async def test_a_simulation_over_the_memory_limit_is_refused_with_the_numbers(
-    tmp_path: Path, stub: Any
+    tmp_path: Path, jobs_stub: Any
 ) -> None:
     async with (
         running_broker(broker_settings(tmp_path)) as broker,
@@ -339,7 +324,7 @@ async def test_a_simulation_over_the_memory_limit_is_refused_with_the_numbers(
             executor_settings(broker.address, slots=1, worker_memory_mb=4096)
         ) as executor,
     ):
-        jobs = stub(broker.address)
+        jobs = jobs_stub(broker.address)
         wide = 'OPENQASM 3.0;\ninclude "stdgates.inc";\nqubit[29] q;\nbit[29] c;\n'
         wide += "".join(f"rx(0.3) q[{i}];\n" for i in range(29)) + "c = measure q;\n"
         job_id = await submit(jobs, sampler_spec("aer", wide, shots=10))
@@ -356,13 +341,13 @@ async def test_a_simulation_over_the_memory_limit_is_refused_with_the_numbers(
 
 
 async def test_twirling_that_would_exceed_the_shot_budget_is_refused(
-    tmp_path: Path, stub: Any
+    tmp_path: Path, jobs_stub: Any
 ) -> None:
     async with (
         running_broker(broker_settings(tmp_path)) as broker,
         running_executor(executor_settings(broker.address, slots=1)),
     ):
-        jobs = stub(broker.address)
+        jobs = jobs_stub(broker.address)
         spec = sampler_spec("aer", BELL_QASM3, shots=1)
         spec.options.update(
             {
@@ -384,10 +369,10 @@ async def test_twirling_that_would_exceed_the_shot_budget_is_refused(
 
 
 async def test_a_killed_executor_takes_its_zygote_and_workers_with_it(
-    tmp_path: Path, stub: Any
+    tmp_path: Path, jobs_stub: Any
 ) -> None:
     async with running_broker(broker_settings(tmp_path)) as broker:
-        jobs = stub(broker.address)
+        jobs = jobs_stub(broker.address)
         executor = Proc(
             [
                 *("executor", "serve", "--broker", broker.address, "--backend", "aer"),
@@ -417,7 +402,7 @@ async def test_a_killed_executor_takes_its_zygote_and_workers_with_it(
 
 
 async def test_jobs_of_a_device_that_only_waits_share_one_worker_and_cancel_alone(
-    tmp_path: Path, stub: Any
+    tmp_path: Path, jobs_stub: Any
 ) -> None:
     """Six jobs of a remote device run at once in one worker process, not six."""
     async with running_broker(broker_settings(tmp_path)) as broker:
@@ -428,7 +413,7 @@ async def test_jobs_of_a_device_that_only_waits_share_one_worker_and_cancel_alon
             backend_providers=["tests.executor.remote_provider:provider"],
         )
         async with running_executor(settings) as executor:
-            jobs = stub(broker.address)
+            jobs = jobs_stub(broker.address)
             ids = [
                 await submit(jobs, sampler_spec("remote_wait", BELL_QASM3, shots=10))
                 for _ in range(6)
@@ -449,7 +434,7 @@ async def test_jobs_of_a_device_that_only_waits_share_one_worker_and_cancel_alon
 
 
 async def test_a_killed_zygote_is_started_again_and_the_next_job_runs(
-    tmp_path: Path, stub: Any
+    tmp_path: Path, jobs_stub: Any
 ) -> None:
     async with (
         running_broker(broker_settings(tmp_path)) as broker,
@@ -460,7 +445,7 @@ async def test_a_killed_zygote_is_started_again_and_the_next_job_runs(
         first = pool.zygote_pid
         os.kill(first, signal.SIGKILL)
         await poll_until(lambda: not alive(first), 10)
-        jobs = stub(broker.address)
+        jobs = jobs_stub(broker.address)
         job_id = await submit(jobs, sampler_spec("aer", BELL_QASM3, shots=10))
         job = (await wait_terminal(jobs, [job_id], deadline=120))[job_id]
         assert job.state == types_pb2.JOB_STATE_DONE, job.error.message
@@ -472,13 +457,13 @@ async def test_a_killed_zygote_is_started_again_and_the_next_job_runs(
 
 
 async def test_a_long_job_reports_progress_and_a_tiny_one_does_not(
-    tmp_path: Path, stub: Any
+    tmp_path: Path, jobs_stub: Any
 ) -> None:
     async with (
         running_broker(broker_settings(tmp_path)) as broker,
         running_executor(executor_settings(broker.address, slots=2)),
     ):
-        jobs = stub(broker.address)
+        jobs = jobs_stub(broker.address)
         spec = sampler_spec("aer", LONG, shots=100)
         spec.sampler.pubs.extend([sampler_spec("aer", BELL_QASM3).sampler.pubs[0]] * 2)
         long_id = await submit(jobs, spec)

@@ -32,7 +32,7 @@ from qrelay.executor.agent import running_executor
 from qrelay.executor.settings import ExecutorSettings
 from qrelay.testing import free_port
 from tests.broker.conftest import FakeExecutor, postgres_schema, sampler_spec, until, wait_state
-from tests.integration.procs import start_broker
+from tests.integration.procs import Proc, start_broker
 from tests.integration.rawstubs import heavy_qasm3, unpack_bits, watch_all
 
 # Leases long enough that a loaded machine cannot fake a silent executor (no
@@ -259,30 +259,38 @@ async def test_a_replica_relistens_after_losing_its_database_connection(
         assert stop.lease_id == assignment.lease_id
 
 
+async def doomed_and_survivor(
+    tmp_path: Path, dsn: str, schema: str, lease_ttl_s: float
+) -> tuple[int, Proc, BrokerSettings]:
+    """A replica as a process (to kill -9) on a port, and settings for an in-process one."""
+    env = {
+        "QRELAY_DATABASE_URL": dsn,
+        "QRELAY_DATABASE_SCHEMA": schema,
+        "QRELAY_LEASE_TTL_S": str(lease_ttl_s),
+        "QRELAY_HEARTBEAT_INTERVAL_S": "0.25",
+        "QRELAY_REPLICA_SYNC_INTERVAL_S": "0.3",
+    }
+    port = free_port()
+    doomed = await asyncio.to_thread(start_broker, port, tmp_path / "unused.db", tmp_path, env)
+    settings = BrokerSettings(
+        listen="127.0.0.1:0",
+        db_path=tmp_path / "unused-a.db",
+        database_url=dsn,
+        database_schema=schema,
+        lease_ttl_s=lease_ttl_s,
+        heartbeat_interval_s=0.25,
+        replica_sync_interval_s=0.3,
+        shutdown_grace_s=1.0,
+    )
+    return port, doomed, settings
+
+
 @pytest.mark.slow
 async def test_kill9_of_a_replica_hands_its_running_job_to_an_executor_of_another(
     tmp_path: Path,
 ) -> None:
     async with postgres_schema() as (dsn, schema):
-        env = {
-            "QRELAY_DATABASE_URL": dsn,
-            "QRELAY_DATABASE_SCHEMA": schema,
-            "QRELAY_LEASE_TTL_S": "2",
-            "QRELAY_HEARTBEAT_INTERVAL_S": "0.25",
-            "QRELAY_REPLICA_SYNC_INTERVAL_S": "0.3",
-        }
-        port = free_port()
-        doomed = await asyncio.to_thread(start_broker, port, tmp_path / "unused.db", tmp_path, env)
-        settings = BrokerSettings(
-            listen="127.0.0.1:0",
-            db_path=tmp_path / "unused-a.db",
-            database_url=dsn,
-            database_schema=schema,
-            lease_ttl_s=2.0,
-            heartbeat_interval_s=0.25,
-            replica_sync_interval_s=0.3,
-            shutdown_grace_s=1.0,
-        )
+        port, doomed, settings = await doomed_and_survivor(tmp_path, dsn, schema, 2.0)
         try:
             async with (
                 running_broker(settings) as survivor,
@@ -330,25 +338,7 @@ async def test_an_executor_fails_over_to_another_replica_and_reports_its_result_
     one result, and the executor's next stream is to the survivor.
     """
     async with postgres_schema() as (dsn, schema):
-        env = {
-            "QRELAY_DATABASE_URL": dsn,
-            "QRELAY_DATABASE_SCHEMA": schema,
-            "QRELAY_LEASE_TTL_S": "30",
-            "QRELAY_HEARTBEAT_INTERVAL_S": "0.25",
-            "QRELAY_REPLICA_SYNC_INTERVAL_S": "0.3",
-        }
-        port = free_port()
-        doomed = await asyncio.to_thread(start_broker, port, tmp_path / "unused.db", tmp_path, env)
-        settings = BrokerSettings(
-            listen="127.0.0.1:0",
-            db_path=tmp_path / "unused-a.db",
-            database_url=dsn,
-            database_schema=schema,
-            lease_ttl_s=30.0,
-            heartbeat_interval_s=0.25,
-            replica_sync_interval_s=0.3,
-            shutdown_grace_s=1.0,
-        )
+        port, doomed, settings = await doomed_and_survivor(tmp_path, dsn, schema, 30.0)
         try:
             async with running_broker(settings) as survivor:
                 executor_settings = ExecutorSettings(

@@ -183,6 +183,11 @@ def _private_view(config: dict[str, Any]) -> None:
 
     new = SCRATCH  # built on a tmpfs over /tmp, then moved onto /
     mount("qrelay-root", new, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+    # The job's scratch first: shown paths that live under /tmp (an executor
+    # installed in /tmp/...) are then bound inside it, not covered by it.
+    scratch = new + SCRATCH
+    os.mkdir(scratch)
+    mount("tmpfs", scratch, "tmpfs", MS_NOSUID | MS_NODEV, f"size={config['disk_mb']}m,mode=1777")
     for path, handle in shown.items():
         target = new + path
         if isinstance(handle, str):
@@ -214,9 +219,6 @@ def _private_view(config: dict[str, Any]) -> None:
     except OSError:
         mount("proc", new + "/proc", "proc", proc_flags)
 
-    scratch = new + SCRATCH
-    os.mkdir(scratch)
-    mount("tmpfs", scratch, "tmpfs", MS_NOSUID | MS_NODEV, f"size={config['disk_mb']}m,mode=1777")
     for name, target in ((".var-tmp", "/var/tmp"), (".shm", "/dev/shm")):
         source = f"{scratch}/{name}"
         os.mkdir(source)
