@@ -53,7 +53,10 @@ class BrokerSettings(BaseSettings):
     from the database every `replica_sync_interval_s`.
     """
 
-    model_config = SettingsConfigDict(env_prefix="QRELAY_", extra="ignore")
+    # Errors never repeat a value: it may hold a token.
+    model_config = SettingsConfigDict(
+        env_prefix="QRELAY_", extra="ignore", hide_input_in_errors=True
+    )
 
     listen: str = "127.0.0.1:50051"
     db_path: Path = Path(".qrelay/broker.db")

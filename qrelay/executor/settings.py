@@ -31,8 +31,12 @@ def default_executor_id() -> str:
 class ExecutorSettings(BaseSettings):
     """What an executor serves and how it talks to the broker."""
 
+    # Errors never repeat a value: it may hold a token.
     model_config = SettingsConfigDict(
-        env_prefix="QRELAY_EXECUTOR_", env_nested_delimiter="__", extra="forbid"
+        env_prefix="QRELAY_EXECUTOR_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        hide_input_in_errors=True,
     )
 
     broker: str = Field(
