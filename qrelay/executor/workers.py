@@ -256,16 +256,6 @@ class WorkerPool:
     # -- running jobs ------------------------------------------------------------
 
     @property
-    def idle_workers(self) -> int:
-        """Worker processes forked and waiting for a job."""
-        return len(self._idle)
-
-    @property
-    def worker_pids(self) -> list[int]:
-        """Pids of idle workers (tests kill them to prove recovery)."""
-        return [w.pid for w in self._idle]
-
-    @property
     def zygote_pid(self) -> int:
         """Pid of the process the workers are forked from (0 before it started)."""
         return self._zygote.pid if self._zygote is not None else 0
