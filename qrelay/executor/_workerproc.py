@@ -107,6 +107,9 @@ def zygote_main() -> None:
     """Load once, announce the backends, then fork workers until the executor hangs up."""
     config = json.loads(os.environ.pop(CONFIG_ENV))
     die_with_parent(int(config["parent_pid"]))
+    # Ctrl-C in a terminal reaches the whole process group; stopping the
+    # zygote and its workers is the executor's call (it hangs up the channel).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Below the control plane: on a busy machine the executor's heartbeats and
     # stream win the CPU over a simulation (inherited by every worker).
     os.nice(int(config.get("nice", 0)))
