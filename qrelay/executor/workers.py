@@ -509,6 +509,7 @@ class WorkerPool:
 
     async def _follow_zygote(self, zygote: _Zygote) -> None:
         """Read fork answers and exit reports until the zygote goes away."""
+        hung_up = False  # the zygote went away (not: this task was cancelled)
         try:
             while True:
                 try:
@@ -516,6 +517,7 @@ class WorkerPool:
                 except OSError:
                     message = None
                 if message is None:
+                    hung_up = True
                     break
                 op = message.get("op")
                 if op == "forked":
@@ -529,12 +531,14 @@ class WorkerPool:
                         zygote.exits.pop(next(iter(zygote.exits)))
                     zygote.notify_exit()
         finally:
-            zygote.closed = True
+            # Cancelled (the pool is closing): the zygote lives on, maybe warm
+            # for the next pool. Hung up: it is gone for this pool too.
+            zygote.closed = zygote.closed or hung_up
             zygote.notify_exit()
             for future in zygote.forks.values():
                 if not future.done():
                     future.set_exception(Internal("the worker zygote exited"))
-            if not self._closing(zygote):
+            if hung_up and not self._closing(zygote):
                 self._log.warning("workers.zygote_exited", zygote_pid=zygote.pid)
                 self._idle = deque(w for w in self._idle if w.zygote is not zygote)
 
