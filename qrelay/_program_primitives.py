@@ -18,14 +18,12 @@ from typing import TYPE_CHECKING, Any
 from google.protobuf import struct_pb2
 from qiskit.primitives import (
     BaseEstimatorV2,
-    BasePrimitiveJob,
     BaseSamplerV2,
-    PrimitiveResult,
 )
-from qiskit.providers import JobStatus
 
 from qrelay import codec  # type: ignore[attr-defined,unused-ignore]
 from qrelay._proto.v1 import types_pb2
+from qrelay.finished_job import FinishedJob
 
 if TYPE_CHECKING:
     from qrelay.program import ProgramContext
@@ -39,33 +37,8 @@ def _next_id(ctx: ProgramContext) -> str:
     return f"{ctx.job_id}/primitive-{_counter}"
 
 
-class LocalJob(BasePrimitiveJob[PrimitiveResult[Any], JobStatus]):  # type: ignore[misc]
-    """A primitive job that already ran (or failed) when `run` returned."""
-
-    def __init__(self, job_id: str, result: PrimitiveResult[Any]) -> None:
-        super().__init__(job_id)
-        self._result = result
-
-    def result(self) -> PrimitiveResult[Any]:
-        return self._result
-
-    def status(self) -> JobStatus:
-        return JobStatus.DONE
-
-    def done(self) -> bool:
-        return True
-
-    def running(self) -> bool:
-        return False
-
-    def cancelled(self) -> bool:
-        return False
-
-    def in_final_state(self) -> bool:
-        return True
-
-    def cancel(self) -> None:
-        """Nothing to cancel: the work finished inside `run`."""
+#: What `run` returns here: the executor answered before `run` returned.
+LocalJob = FinishedJob
 
 
 def _spec(options: Mapping[str, Any]) -> types_pb2.JobSpec:

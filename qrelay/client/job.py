@@ -35,6 +35,7 @@ from qrelay.errors import (
     Unavailable,
     error_for_code,
 )
+from qrelay.finished_job import FinishedJob
 from qrelay.rpc import error_from_rpc
 
 if TYPE_CHECKING:
@@ -669,39 +670,18 @@ class RuntimeJob(BasePrimitiveJob[Any, JobStatus]):  # type: ignore[misc]
         return wall
 
 
-class EmptyJob(BasePrimitiveJob[Any, JobStatus]):  # type: ignore[misc]
+class EmptyJob(FinishedJob):
     """What `run([])` returns: nothing to run, so no job is sent; done at once, and
     its result is an empty PrimitiveResult, as Qiskit's reference primitives give."""
 
     def __init__(self, backend_name: str) -> None:
-        super().__init__(f"empty-{uuid.uuid4().hex}")
+        super().__init__(f"empty-{uuid.uuid4().hex}", PrimitiveResult([], metadata={"version": 2}))
         self.backend_name = backend_name
         self.session_id = ""
         self.tags: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"<EmptyJob {self.job_id()} backend={self.backend_name!r}>"
-
-    def result(self, timeout: float | None = None) -> PrimitiveResult[Any]:
-        return PrimitiveResult([], metadata={"version": 2})
-
-    def status(self) -> JobStatus:
-        return JobStatus.DONE
-
-    def done(self) -> bool:
-        return True
-
-    def running(self) -> bool:
-        return False
-
-    def cancelled(self) -> bool:
-        return False
-
-    def in_final_state(self) -> bool:
-        return True
-
-    def cancel(self, reason: str = "") -> None:
-        """Nothing runs, so nothing to cancel."""
 
 
 __all__ = [
