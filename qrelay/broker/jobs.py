@@ -112,6 +112,7 @@ class Jobs:
         states: Sequence[int] = (),
         backend: str = "",
         session_id: str = "",
+        program: str = "",
     ) -> JobPage:
         if page_size < 0:
             raise InvalidArgument(f"page_size must be >= 0, got {page_size}")
@@ -125,6 +126,7 @@ class Jobs:
             states=wanted,
             backend=backend,
             session_id=session_id,
+            program=program,
             page_size=size,
             page_token=page_token,
         )
