@@ -10,6 +10,7 @@ import structlog
 import typer
 
 from qrelay.cli._shared import (
+    Typer,
     _freeze_startup_heap,
     _given,
     _reported_errors,
@@ -21,7 +22,7 @@ from qrelay.logging import safe_dsn as _redacted
 
 log = structlog.get_logger(__name__)
 
-broker_app = typer.Typer(help="Run a broker.", no_args_is_help=True)
+broker_app = Typer(help="Run a broker.", no_args_is_help=True)
 
 
 @broker_app.command("serve")

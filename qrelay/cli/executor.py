@@ -10,6 +10,7 @@ import anyio
 import typer
 
 from qrelay.cli._shared import (
+    Typer,
     _freeze_startup_heap,
     _given,
     _reported_errors,
@@ -19,7 +20,7 @@ from qrelay.cli._shared import (
 )
 from qrelay.errors import DeadlineExceeded
 
-executor_app = typer.Typer(help="Run an executor beside its backends.", no_args_is_help=True)
+executor_app = Typer(help="Run an executor beside its backends.", no_args_is_help=True)
 
 
 async def _executor_frozen_once_connected(executor: Any) -> None:
