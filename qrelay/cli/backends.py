@@ -42,13 +42,15 @@ def backends(
             return await b.backends()
 
     found = _run(fetch)
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title=f"backends at {broker}")
-    table.add_column("name", overflow="fold")
+    table = Table(
+        box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, title=f"backends at {broker}"
+    )
+    table.add_column("name", no_wrap=True)
     table.add_column("status", no_wrap=True)
     table.add_column("qubits", justify="right", no_wrap=True)
     table.add_column("execs", justify="right", no_wrap=True)
     table.add_column("queued", justify="right", no_wrap=True)
-    table.add_column("description", overflow="fold", ratio=1)
+    table.add_column("description", overflow="fold")
     for b in sorted(found, key=lambda b: (not b.online, b.info.name)):
         table.add_row(
             b.info.name,

@@ -103,7 +103,7 @@ def jobs_list(
     if not found:
         console.print("no jobs" + (" match" if states or backend or session or program else ""))
         return
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title=f"jobs at {broker}")
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, title=f"jobs at {broker}")
     table.add_column("id", no_wrap=True)
     table.add_column("state", no_wrap=True)
     table.add_column("kind", no_wrap=True)

@@ -122,7 +122,9 @@ def programs_list(
     if not found:
         console.print("no programs yet: qrelay programs upload DIR --name NAME")
         return
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title=f"programs at {broker}")
+    table = Table(
+        box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, title=f"programs at {broker}"
+    )
     table.add_column("name", overflow="fold")
     table.add_column("ver", justify="right", no_wrap=True)
     table.add_column("id", no_wrap=True)

@@ -17,7 +17,6 @@ from qrelay.cli._shared import (
     _fail,
     _print_rows,
     _run,
-    _ts_short,
     console,
 )
 
@@ -146,7 +145,8 @@ def sessions_list(
     broker: BrokerAddr = "127.0.0.1:50051",
     token: Token = None,
 ) -> None:
-    """Your newest sessions and batches, with their state and job counts."""
+    """Your newest sessions and batches, with their state and job counts (live: queued or
+    running); `sessions show ID` for times and the pinned executor."""
     from qrelay._proto.v1 import sessions_pb2
 
     states = []
@@ -168,13 +168,14 @@ def sessions_list(
     if not found:
         console.print("no sessions" + (" match" if states or backend else ""))
         return
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title=f"sessions at {broker}")
+    table = Table(
+        box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, title=f"sessions at {broker}"
+    )
     table.add_column("id", no_wrap=True)
     table.add_column("mode", no_wrap=True)
     table.add_column("state", no_wrap=True)
     table.add_column("backend", overflow="fold")
     table.add_column("jobs", justify="right", no_wrap=True)
-    table.add_column("created", no_wrap=True)
     for s in found:
         d = _details(s)
         jobs = d["jobs"]
@@ -185,7 +186,6 @@ def sessions_list(
             _styled(d["state"]),
             s.backend,
             f"{jobs['total']}" + (f" ({active} live)" if active else ""),
-            _ts_short(s.created_at),
         )
     console.print(table)
 
