@@ -131,6 +131,9 @@ class Sessions:
         """The tenant's sessions and batches, newest first, a page at a time (as ListJobs)."""
         if page_size < 0:
             raise InvalidArgument(f"page_size must be >= 0, got {page_size}")
+        for field, value in (("backend", backend), ("page_token", page_token)):
+            if "\x00" in value:  # PostgreSQL text cannot hold NUL
+                raise InvalidArgument(f"{field} must not contain NUL characters")
         try:
             wanted = [SessionState(s) for s in states]
         except ValueError:
