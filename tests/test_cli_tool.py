@@ -546,6 +546,26 @@ def test_help_names_defaults_and_env_vars_without_type_placeholders() -> None:
     assert "QRELAY_LOG_JSON" in top
 
 
+def test_server_help_shows_each_settings_default_and_env_var() -> None:
+    """Read from the settings classes, so help and behaviour cannot drift apart."""
+    from qrelay.broker.settings import BrokerSettings
+    from qrelay.executor.settings import ExecutorSettings
+
+    broker = runner.invoke(app, ["broker", "serve", "--help"], env={"COLUMNS": "250"}).output
+    assert "[env var: QRELAY_LISTEN]" in broker
+    assert f"[default: ({BrokerSettings().listen})]" in broker
+    assert "[env var: QRELAY_LEASE_TTL_S]" in broker
+    assert f"[default: ({BrokerSettings().lease_ttl_s})]" in broker
+    assert "[env var: QRELAY_DB_PATH]" in broker
+    executor = runner.invoke(app, ["executor", "serve", "--help"], env={"COLUMNS": "250"}).output
+    assert "[env var: QRELAY_EXECUTOR_SLOTS]" in executor
+    assert f"[default: ({ExecutorSettings().slots})]" in executor
+    assert "[env var: QRELAY_EXECUTOR_BACKENDS]" in executor
+    assert "[env var: QRELAY_EXECUTOR_MAX_RUN_TIME_S]" in executor
+    # A flag whose help already says where it comes from keeps its own words.
+    assert "QRELAY_EXECUTOR_BROKER or QRELAY_BROKER" in executor
+
+
 # --- 7. sessions create --quiet ------------------------------------------------------
 
 

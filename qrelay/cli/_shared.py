@@ -5,12 +5,13 @@ states, ids and times print."""
 from __future__ import annotations
 
 import gc
+import importlib
 import signal
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, NoReturn, TypeVar
 
 import anyio
 import structlog
@@ -57,6 +58,48 @@ class Command(_ToolHelp, TyperCommand):
 
 class Group(_ToolHelp, TyperGroup):
     """A `qrelay` command group (see `_ToolHelp`)."""
+
+
+class SettingsCommand(Command):
+    """A server command whose flags set fields of a pydantic settings class: `--help`
+    shows each flag's default and environment variable, read from the class itself.
+
+    `settings` names the class ("module:Class"; imported only to print help, and a
+    server imports it anyway); a flag sets the field of its own name unless
+    `renamed` says otherwise. A flag whose help already names its default or its
+    environment variable keeps what it says.
+    """
+
+    settings: ClassVar[str]
+    renamed: ClassVar[dict[str, str]] = {}
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        module, _, name = self.settings.partition(":")
+        model = getattr(importlib.import_module(module), name)
+        prefix = model.model_config.get("env_prefix", "")
+        for param in self.params:
+            if not isinstance(param, TyperOption) or param.hidden or not param.name:
+                continue
+            field = model.model_fields.get(self.renamed.get(param.name, param.name))
+            if field is None:
+                continue
+            text = param.help or ""
+            if "QRELAY_" not in text and param.envvar is None:
+                # Shown, not read: the settings class reads the environment itself.
+                param.envvar = prefix + self.renamed.get(param.name, param.name).upper()
+                param.show_envvar = True
+            default = field.get_default(call_default_factory=True)
+            if "default" not in text and default not in (None, "", [], {}):
+                param.show_default = _shown(default)
+        super().format_help(ctx, formatter)
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return ", ".join(str(v) for v in value)
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
 
 
 class Typer(typer.Typer):
