@@ -30,7 +30,7 @@ from qrelay._proto.v1 import (
 from qrelay.client._connection import Connection, RetryPolicy, is_resumable
 from qrelay.client.accounts import resolve_account
 from qrelay.client.session import duration_seconds
-from qrelay.errors import QRelayError, Unavailable
+from qrelay.errors import Unavailable
 from qrelay.limits import MAX_PAGE_SIZE
 from qrelay.rpc import error_from_rpc
 
@@ -48,6 +48,17 @@ class Unreachable(Unavailable):
             "or point --broker (env QRELAY_BROKER) at yours"
         )
         self.address = address
+
+
+#: What gRPC says when no connection could be made (as opposed to a broker that
+#: answered UNAVAILABLE itself, e.g. because its database is down).
+_NO_CONNECTION = (
+    "failed to connect to all addresses",
+    "DNS resolution failed",
+    "Connection refused",
+    "No route to host",
+    "Name or service not known",
+)
 
 
 def _reason(message: str) -> str:
@@ -86,7 +97,7 @@ class Broker:
         try:
             return await self.connection.unary(method, request)  # type: ignore[arg-type]
         except Unavailable as exc:
-            if "unavailable after" in exc.message:  # the transport's retries ran out
+            if any(sign in exc.message for sign in _NO_CONNECTION):
                 raise Unreachable(self.address, _reason(exc.message)) from None
             raise
 
@@ -162,15 +173,15 @@ class Broker:
             except grpc.aio.AioRpcError as exc:
                 if not is_resumable(exc):
                     raise error_from_rpc(exc) from None
-                reason = _reason(exc.details() or exc.code().name)
+                reason = exc.details() or exc.code().name
             finally:
                 call.cancel()
             failures += 1
             now = time.monotonic()
             stalled_since = now if stalled_since is None else stalled_since
             if now - stalled_since > conn.timeout:
-                if last == after_seq:
-                    raise Unreachable(self.address, reason)
+                if last == after_seq and any(sign in reason for sign in _NO_CONNECTION):
+                    raise Unreachable(self.address, _reason(reason))
                 raise Unavailable(f"lost the events of job {job_id} ({reason})")
             await anyio.sleep(conn.retry.backoff(min(failures, conn.retry.max_attempts)))
 
@@ -243,4 +254,4 @@ class Broker:
         return resp.deleted
 
 
-__all__ = ["FINAL_STATES", "Broker", "QRelayError", "Unreachable", "is_terminal"]
+__all__ = ["FINAL_STATES", "Broker", "Unreachable", "is_terminal"]
