@@ -74,19 +74,22 @@ class SettingsCommand(Command):
     renamed: ClassVar[dict[str, str]] = {}
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
+        # typer builds the click command anew for every run, so what is set here only
+        # ever shows in this help: the settings class still reads the environment
+        # itself (typer would, say, split a JSON list variable on spaces).
         module, _, name = self.settings.partition(":")
         model = getattr(importlib.import_module(module), name)
         prefix = model.model_config.get("env_prefix", "")
         for param in self.params:
             if not isinstance(param, TyperOption) or param.hidden or not param.name:
                 continue
-            field = model.model_fields.get(self.renamed.get(param.name, param.name))
+            field_name = self.renamed.get(param.name, param.name)
+            field = model.model_fields.get(field_name)
             if field is None:
                 continue
             text = param.help or ""
             if "QRELAY_" not in text and param.envvar is None:
-                # Shown, not read: the settings class reads the environment itself.
-                param.envvar = prefix + self.renamed.get(param.name, param.name).upper()
+                param.envvar = prefix + field_name.upper()
                 param.show_envvar = True
             default = field.get_default(call_default_factory=True)
             if "default" not in text and default not in (None, "", [], {}):

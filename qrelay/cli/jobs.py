@@ -75,7 +75,9 @@ def jobs_list(
             help="Only runs of this program: an id, or a name for all its versions.",
         ),
     ] = None,
-    limit: Annotated[int, typer.Option(min=1, help="At most this many jobs, newest first.")] = 20,
+    limit: Annotated[
+        int, typer.Option(min=1, metavar="N", help="At most this many jobs, newest first.")
+    ] = 20,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Print only the job ids, one per line.")
     ] = False,
@@ -182,12 +184,10 @@ def jobs_result(
     """
     from qrelay.cli._results import print_summary, result_document
 
-    async def fetch() -> tuple[jobs_pb2.Job, types_pb2.JobResult]:
+    async def fetch() -> tuple[jobs_pb2.Job, types_pb2.JobResult | None]:
         async with _broker(broker, token) as b:
             job = await b.job(job_id)
-            if job.state != DONE:
-                return job, None  # type: ignore[return-value]
-            return job, await b.result(job_id)
+            return job, await b.result(job_id) if job.state == DONE else None
 
     job, result = _run(fetch)
     if result is None:

@@ -137,7 +137,7 @@ def sessions_list(
         str | None, typer.Option(metavar="NAME", help="Only sessions on this backend.")
     ] = None,
     limit: Annotated[
-        int, typer.Option(min=1, help="At most this many sessions, newest first.")
+        int, typer.Option(min=1, metavar="N", help="At most this many sessions, newest first.")
     ] = 20,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Print only the session ids, one per line.")
