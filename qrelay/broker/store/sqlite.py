@@ -40,6 +40,7 @@ from qrelay.broker.store.base import (
     NewProgram,
     NewSession,
     ProgramRecord,
+    SessionPage,
     SessionRecord,
     SessionState,
     StoredEvent,
@@ -53,6 +54,7 @@ from qrelay.broker.store.schema import (
     DEDICATED,
     EVENT_COLUMNS,
     JOB_COLUMNS,
+    JOB_PROGRAM,
     NEW_JOB_COLUMNS,
     OTHERS_FIRST_TAG,
     PROGRAM_COLUMNS,
@@ -60,6 +62,7 @@ from qrelay.broker.store.schema import (
     RUNNING,
     SCHEMA_VERSION,
     SESSION_ACTIVE,
+    SESSION_BEFORE,
     SESSION_CLOSED,
     SESSION_COLUMNS,
     SESSION_LIVE,
@@ -74,6 +77,8 @@ from qrelay.broker.store.schema import (
     page_cursor,
     program_record,
     qualified,
+    session_page_cursor,
+    session_page_token,
     session_record,
     zero_counts,
 )
@@ -354,6 +359,7 @@ class SQLiteJobStore(JobStore):
         states: Sequence[JobState] = (),
         backend: str = "",
         session_id: str = "",
+        program: str = "",
         page_size: int = 50,
         page_token: str = "",
     ) -> JobPage:
@@ -371,6 +377,9 @@ class SQLiteJobStore(JobStore):
         if session_id:
             where.append("session_id = ?")
             params.append(session_id)
+        if program:
+            where.append(JOB_PROGRAM.format("?", "?", "?"))
+            params.extend((program, tenant, program))
 
         def tx(conn: sqlite3.Connection) -> JobPage:
             rows = conn.execute(
@@ -763,6 +772,40 @@ class SQLiteJobStore(JobStore):
 
     async def get_session(self, session_id: str, tenant: str | None = None) -> SessionRecord:
         return await self._run(lambda conn: self._load_session(conn, session_id, tenant))
+
+    async def list_sessions(
+        self,
+        tenant: str,
+        *,
+        states: Sequence[SessionState] = (),
+        backend: str = "",
+        page_size: int = 50,
+        page_token: str = "",
+    ) -> SessionPage:
+        where = ["tenant = ?"]
+        params: list[Any] = [tenant]
+        if page_token:
+            created, before = session_page_cursor(page_token)
+            where.append(SESSION_BEFORE.format("?", "?", "?"))
+            params.extend((created, created, before))
+        if states:
+            where.append(f"state IN ({_marks(len(states))})")
+            params.extend(int(s) for s in states)
+        if backend:
+            where.append("backend = ?")
+            params.append(backend)
+
+        def tx(conn: sqlite3.Connection) -> SessionPage:
+            rows = conn.execute(
+                f"SELECT {SESSION_COLUMNS} FROM sessions WHERE {' AND '.join(where)} "
+                "ORDER BY created_at DESC, id DESC LIMIT ?",
+                (*params, page_size + 1),
+            ).fetchall()
+            sessions = [self._session(conn, r) for r in rows[:page_size]]
+            more = len(rows) > page_size
+            return SessionPage(sessions, session_page_token(sessions[-1]) if more else "")
+
+        return await self._run(tx)
 
     async def end_session(
         self, session_id: str, tenant: str | None, state: SessionState, reason: str
