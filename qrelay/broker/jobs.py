@@ -112,6 +112,7 @@ class Jobs:
         states: Sequence[int] = (),
         backend: str = "",
         session_id: str = "",
+        tags: Sequence[str] = (),
     ) -> JobPage:
         if page_size < 0:
             raise InvalidArgument(f"page_size must be >= 0, got {page_size}")
@@ -125,6 +126,7 @@ class Jobs:
             states=wanted,
             backend=backend,
             session_id=session_id,
+            tags=validation.tag_filter(tags),
             page_size=size,
             page_token=page_token,
         )
@@ -148,6 +150,23 @@ class Jobs:
                 f"cancelled: {reason}" if reason else "cancelled by the client",
             )
         return outcome.job
+
+    async def delete(self, tenant: str, job_id: str) -> JobRecord:
+        """Delete a finished job with its events and result (Runtime's delete_job)."""
+        if not job_id:
+            raise InvalidArgument("job_id is required")
+        job = await self.store.delete_job(job_id, tenant)
+        log.info("job.deleted", job_id=job_id, tenant=tenant, state=job.state.name)
+        return job
+
+    async def update_tags(self, tenant: str, job_id: str, tags: dict[str, str]) -> JobRecord:
+        """Replace a job's tags (Runtime's job.update_tags)."""
+        if not job_id:
+            raise InvalidArgument("job_id is required")
+        validation.check_tags(tags, "tags")
+        job = await self.store.update_tags(job_id, tenant, tags)
+        log.info("job.tags_updated", job_id=job_id, tenant=tenant, tags=len(tags))
+        return job
 
     async def run(
         self, tenant: str, spec: types_pb2.JobSpec, idempotency_key: str = ""

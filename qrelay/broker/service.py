@@ -106,6 +106,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             states=list(request.states),
             backend=request.backend,
             session_id=request.session_id,
+            tags=list(request.tags),
         )
         return jobs_pb2.ListJobsResponse(
             jobs=[job_to_proto(j) for j in page.jobs], next_page_token=page.next_page_token
@@ -152,6 +153,20 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             await context.write(jobs_pb2.RunStreamReply(items=[_stream_item(i) for i in batch]))
 
         await self.streams.serve(tenant, submissions(), send)
+
+    @grpc_errors
+    async def Delete(
+        self, request: jobs_pb2.DeleteJobRequest, context: Context
+    ) -> jobs_pb2.DeleteJobResponse:
+        job = await self.jobs.delete(self._tenant(context), request.job_id)
+        return jobs_pb2.DeleteJobResponse(job=job_to_proto(job))
+
+    @grpc_errors
+    async def UpdateTags(
+        self, request: jobs_pb2.UpdateTagsRequest, context: Context
+    ) -> jobs_pb2.Job:
+        job = await self.jobs.update_tags(self._tenant(context), request.job_id, dict(request.tags))
+        return job_to_proto(job)
 
     @grpc_errors
     async def GetResult(

@@ -16,7 +16,7 @@ from google.protobuf.json_format import MessageToDict
 from qrelay._proto.v1 import types_pb2
 from qrelay.broker.store import JobKind
 from qrelay.errors import InvalidArgument, NotFound
-from qrelay.limits import MAX_TAGS
+from qrelay.limits import MAX_TAG_KEY, MAX_TAGS, tag_problem
 from qrelay.options import options_from_wire
 
 MAX_IDEMPOTENCY_KEY = 128
@@ -176,8 +176,7 @@ def validate_spec(spec: types_pb2.JobSpec, known_backend: bool, known: Sequence[
     work = spec.WhichOneof("work")
     if work is None:
         raise InvalidArgument("spec must carry exactly one of sampler, estimator or program")
-    if len(spec.tags) > MAX_TAGS:
-        raise InvalidArgument(f"spec.tags has {len(spec.tags)} entries; at most {MAX_TAGS} allowed")
+    check_tags(dict(spec.tags), "spec.tags")
     options = MessageToDict(spec.options) if spec.HasField("options") else {}
     if work == "sampler":
         check_sampler(spec.sampler)
@@ -241,3 +240,23 @@ def check_idempotency_key(key: str) -> None:
         raise InvalidArgument(
             f"idempotency_key is {len(key)} characters; at most {MAX_IDEMPOTENCY_KEY} allowed"
         )
+
+
+def check_tags(tags: dict[str, str], where: str) -> None:
+    """A job's tags (Submit's spec.tags, UpdateTags): `limits.tag_problem`'s rules."""
+    problem = tag_problem(tags)
+    if problem is not None:
+        raise InvalidArgument(f"{where} {problem}")
+
+
+def tag_filter(keys: Sequence[str]) -> list[str]:
+    """ListJobs' tag keys, duplicates dropped (order kept): each a possible tag key."""
+    unique = list(dict.fromkeys(keys))
+    if len(unique) > MAX_TAGS:
+        raise InvalidArgument(f"tags has {len(unique)} keys; at most {MAX_TAGS} allowed")
+    for key in unique:
+        if not key or len(key) > MAX_TAG_KEY:
+            raise InvalidArgument(
+                f"tags: {key[:40]!r} is not a tag key (1 to {MAX_TAG_KEY} characters)"
+            )
+    return unique

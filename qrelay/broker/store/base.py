@@ -337,10 +337,25 @@ class JobStore(ABC):
         states: Sequence[JobState] = (),
         backend: str = "",
         session_id: str = "",
+        tags: Sequence[str] = (),
         page_size: int = 50,
         page_token: str = "",
     ) -> JobPage:
-        """Newest first."""
+        """Newest first. `tags`: only jobs carrying every one of these tag keys
+        (found through the tag index, newest first, not by reading every job)."""
+
+    @abstractmethod
+    async def delete_job(self, job_id: str, tenant: str) -> JobRecord:
+        """Delete a finished job with its events, result and tag rows; returns the
+        job as it was. NotFound for a missing job or another tenant's;
+        FailedPrecondition for a QUEUED or RUNNING one. The job's idempotency
+        key stays taken: a later submit with it is refused (FailedPrecondition
+        naming the deleted job) rather than creating a second job under it."""
+
+    @abstractmethod
+    async def update_tags(self, job_id: str, tenant: str, tags: dict[str, str]) -> JobRecord:
+        """Replace a job's tags (in any state); returns the updated job. NotFound
+        for a missing job or another tenant's."""
 
     @abstractmethod
     async def events_after(self, job_id: str, after_seq: int) -> list[StoredEvent]: ...

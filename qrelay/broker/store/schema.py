@@ -297,8 +297,37 @@ MIGRATIONS: dict[int, str] = {
         clock {{real}} NOT NULL
     );
     """,
+    # (5 and 6 belong to other changes.) Tag filtering and deleted jobs:
+    # `job_tags` has one row per tag key of each job, so ListJobs(tags=...)
+    # walks the (tenant, key, qseq) index newest first and stops after a page,
+    # instead of parsing every job's tags; its rows are filled by each
+    # dialect's extra step for jobs that exist already. `deleted_jobs` keeps
+    # the idempotency key of a deleted job, so a late retry of its Submit is
+    # refused instead of quietly creating a second job under the same key.
+    7: """
+    CREATE TABLE job_tags (
+        tenant TEXT NOT NULL,
+        key TEXT NOT NULL,
+        qseq {big} NOT NULL,
+        PRIMARY KEY (tenant, key, qseq)
+    );
+    CREATE INDEX job_tags_job ON job_tags (qseq);
+    CREATE TABLE deleted_jobs (
+        tenant TEXT NOT NULL,
+        idempotency_key TEXT NOT NULL,
+        job_id TEXT NOT NULL,
+        deleted_at {real} NOT NULL,
+        PRIMARY KEY (tenant, idempotency_key)
+    );
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
+
+
+def pending_migrations(current: int) -> list[int]:
+    """The versions a store at version `current` still has to apply, in order
+    (numbers may have gaps: each change owns its number)."""
+    return sorted(v for v in MIGRATIONS if v > current)
 
 
 def migrations(dialect: Dialect) -> dict[int, str]:
