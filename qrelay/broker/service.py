@@ -23,6 +23,7 @@ from qrelay._proto.v1 import (
     sessions_pb2_grpc,
     types_pb2,
 )
+from qrelay.broker import validation
 from qrelay.broker.auth import Authenticator, check_executor_token
 from qrelay.broker.events import timestamp, to_proto
 from qrelay.broker.jobs import Backends, Jobs
@@ -225,6 +226,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
             raise InvalidArgument(
                 f"executor stream must start with Hello, got {first.WhichOneof('message')}"
             )
+        validation.check_no_nul(first.hello, "hello")
         link, _ = await self.scheduler.attach(first.hello)
         try:
             await context.write(
@@ -260,8 +262,12 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
                     silence.reschedule(None)
                     which = message.WhichOneof("message")
                     if which == "heartbeat":
+                        validation.check_no_nul(message.heartbeat, "heartbeat")
                         await self.scheduler.heartbeat(link, list(message.heartbeat.lease_ids))
                     elif which == "update":
+                        # Ids reach the store; payloads are stored as bytes.
+                        validation.check_text(message.update.job_id, "update.job_id")
+                        validation.check_text(message.update.lease_id, "update.lease_id")
                         await self.scheduler.shielded(self.scheduler.update(link, message.update))
                     else:
                         log_.warning("executor.unexpected_message", kind=which)
