@@ -193,12 +193,20 @@ class Jobs:
             yield event
 
     async def watch(self, tenant: str, job_id: str, after_seq: int) -> AsyncIterator[StoredEvent]:
-        """Events after after_seq, replayed then live, until the terminal event."""
+        """Events after after_seq, replayed then live, until the terminal event.
+
+        An after_seq at or beyond the job's last event is allowed: the Watch
+        waits for newer events and still ends when the job does, with no event
+        at all if the terminal one is numbered after_seq or lower. So it follows
+        from the job's last event (a cursor beyond it would make every new event
+        look delivered already, the terminal one included, and the Watch would
+        never end) and sends only the events above after_seq."""
         if after_seq < 0:
             raise InvalidArgument(f"after_seq must be >= 0, got {after_seq}")
         job = await self.get(tenant, job_id)
-        async for event in self._follow(job, after_seq):
-            yield event
+        async for event in self._follow(job, min(after_seq, job.last_seq)):
+            if event.seq > after_seq:
+                yield event
 
     async def _follow(
         self,
