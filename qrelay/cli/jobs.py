@@ -1,4 +1,4 @@
-"""`qrelay jobs list|show|cancel|watch`, and how a job's events and result print."""
+"""`qrelay jobs list|show|cancel|watch|delete`, and how a job's events and result print."""
 
 from __future__ import annotations
 
@@ -36,13 +36,17 @@ def jobs_list(
         list[str] | None, typer.Option(help="Only these states (queued, running, done, ...).")
     ] = None,
     backend: Annotated[str | None, typer.Option(help="Only jobs for this backend.")] = None,
+    tag: Annotated[
+        list[str] | None,
+        typer.Option(help="Only jobs carrying this tag key (repeat: every one of them)."),
+    ] = None,
     limit: Annotated[int, typer.Option(help="At most this many jobs, newest first.")] = 20,
 ) -> None:
     """Your newest jobs."""
 
     async def fetch() -> list[jobs_pb2.Job]:
         async with _service(broker, token) as service:
-            found = await service.jobs(limit, state=state or None, backend=backend)
+            found = await service.jobs(limit, state=state or None, backend=backend, tags=tag)
             return [j.last_known for j in found]
 
     found = _run(fetch)
@@ -125,6 +129,22 @@ def jobs_cancel(
 
     job = _run(cancel)
     console.print(f"{job.id}: {_styled_state(job.state)}", highlight=False)
+
+
+@jobs_app.command("delete")
+def jobs_delete(
+    job_id: Annotated[str, typer.Argument(help="The job's id.")],
+    broker: BrokerAddr = "127.0.0.1:50051",
+    token: Token = None,
+) -> None:
+    """Delete a finished job with its events and result (cancel a queued or running one first)."""
+
+    async def delete() -> None:
+        async with _service(broker, token) as service:
+            await service.delete_job(job_id)
+
+    _run(delete)
+    console.print(f"{job_id}: deleted", highlight=False)
 
 
 @jobs_app.command("watch")
