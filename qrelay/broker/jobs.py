@@ -8,11 +8,12 @@ import structlog
 
 from qrelay._proto.v1 import backends_pb2, types_pb2
 from qrelay.broker import validation
+from qrelay.broker.audit import audit
 from qrelay.broker.events import EventHub, HubClosed, Subscription, follow
 from qrelay.broker.scheduler import Scheduler
 from qrelay.broker.settings import MIB, BrokerSettings
 from qrelay.broker.store import JobKind, JobRecord, JobState, JobStore, NewJob, StoredEvent
-from qrelay.broker.store.base import JobPage, new_job_id, state_payload
+from qrelay.broker.store.base import JobPage, OtherTenants, new_job_id, state_payload
 from qrelay.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -155,7 +156,11 @@ class Jobs:
         """Delete a finished job with its events and result (Runtime's delete_job)."""
         if not job_id:
             raise InvalidArgument("job_id is required")
-        job = await self.store.delete_job(job_id, tenant)
+        try:
+            job = await self.store.delete_job(job_id, tenant)
+        except OtherTenants:
+            audit("cross_tenant_denied", rpc="JobService.Delete", tenant=tenant, job_id=job_id)
+            raise
         log.info("job.deleted", job_id=job_id, tenant=tenant, state=job.state.name)
         return job
 
@@ -164,7 +169,11 @@ class Jobs:
         if not job_id:
             raise InvalidArgument("job_id is required")
         validation.check_tags(tags, "tags")
-        job = await self.store.update_tags(job_id, tenant, tags)
+        try:
+            job = await self.store.update_tags(job_id, tenant, tags)
+        except OtherTenants:
+            audit("cross_tenant_denied", rpc="JobService.UpdateTags", tenant=tenant, job_id=job_id)
+            raise
         log.info("job.tags_updated", job_id=job_id, tenant=tenant, tags=len(tags))
         return job
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 import pytest
+import structlog.testing
 
 from qrelay._proto.v1 import jobs_pb2, jobs_pb2_grpc, types_pb2
 from qrelay.broker.server import Broker, running_broker
@@ -211,3 +212,22 @@ async def test_a_finished_jobs_tags_can_still_be_updated(broker: Broker) -> None
         )
         assert dict(updated.tags) == {"reviewed": ""}
         assert updated.state == types_pb2.JOB_STATE_CANCELLED
+
+
+async def test_another_tenants_delete_or_update_tags_is_audited_a_missing_job_is_not(
+    two_tenants: Broker,
+) -> None:
+    async with grpc.aio.insecure_channel(two_tenants.address) as ch:
+        jobs = jobs_pb2_grpc.JobServiceStub(ch)
+        job = await jobs.Submit(jobs_pb2.SubmitRequest(spec=sampler_spec()), metadata=A)
+        with structlog.testing.capture_logs() as logs:
+            await _error(jobs.Delete(jobs_pb2.DeleteJobRequest(job_id=job.id), metadata=B))
+            await _error(
+                jobs.UpdateTags(jobs_pb2.UpdateTagsRequest(job_id=job.id, tags={}), metadata=B)
+            )
+            await _error(jobs.Delete(jobs_pb2.DeleteJobRequest(job_id="j-missing"), metadata=B))
+    audited = [entry for entry in logs if entry.get("audit")]
+    assert [(e["event"], e["rpc"], e["tenant"], e["job_id"]) for e in audited] == [
+        ("audit.cross_tenant_denied", "JobService.Delete", "bob", job.id),
+        ("audit.cross_tenant_denied", "JobService.UpdateTags", "bob", job.id),
+    ]

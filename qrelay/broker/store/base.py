@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from qrelay._proto.v1 import sessions_pb2, types_pb2
+from qrelay.errors import NotFound
 
 
 class JobState(enum.IntEnum):
@@ -76,6 +77,18 @@ class NewJob:
     id: str = ""
     # The tenant's fair-share weight on the backend (`lifecycle.fair_start`).
     weight: float = 1.0
+
+
+class OtherTenants(NotFound):
+    """NotFound for a job that exists but belongs to another tenant: it travels as
+    NOT_FOUND with the very message a missing job gets (existence never leaks),
+    and lets the broker audit the cross-tenant denial."""
+
+
+def job_not_found(job_id: str, *, other_tenant: bool = False) -> NotFound:
+    """The NotFound of a job id, the same words whoever's job it is."""
+    cls = OtherTenants if other_tenant else NotFound
+    return cls(f"job {job_id!r} not found")
 
 
 def new_job_id() -> str:

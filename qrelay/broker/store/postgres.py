@@ -59,6 +59,7 @@ from qrelay.broker.store.base import (
     StoredEvent,
     UpdateKind,
     UpdateOutcome,
+    job_not_found,
 )
 from qrelay.broker.store.lifecycle import FACT_COLUMNS, JobFacts, Transition
 from qrelay.broker.store.schema import (
@@ -652,7 +653,7 @@ class PostgresJobStore(JobStore):
             # The row lock orders this after any write still in flight on the job.
             row = await self._facts(conn, job_id, more=", tenant, qseq")
             if row is None or row["tenant"] != tenant:
-                raise NotFound(f"job {job_id!r} not found")
+                raise job_not_found(job_id, other_tenant=row is not None)
             job = await self._load(conn, job_id, tenant, position=0)
             lifecycle.check_deletable(job_id, job.state)
             if job.idempotency_key:
@@ -676,7 +677,7 @@ class PostgresJobStore(JobStore):
             conn = t.conn
             row = await self._facts(conn, job_id, more=", tenant, qseq")
             if row is None or row["tenant"] != tenant:
-                raise NotFound(f"job {job_id!r} not found")
+                raise job_not_found(job_id, other_tenant=row is not None)
             await conn.execute(
                 "UPDATE jobs SET tags = $1 WHERE id = $2", json.dumps(tags, sort_keys=True), job_id
             )

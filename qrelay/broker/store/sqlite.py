@@ -45,6 +45,7 @@ from qrelay.broker.store.base import (
     StoredEvent,
     UpdateKind,
     UpdateOutcome,
+    job_not_found,
 )
 from qrelay.broker.store.lifecycle import FACT_COLUMNS, JobFacts, Transition
 from qrelay.broker.store.schema import (
@@ -443,11 +444,19 @@ class SQLiteJobStore(JobStore):
 
         return await self._run(tx)
 
+    @staticmethod
+    def _owned(conn: sqlite3.Connection, job_id: str, tenant: str) -> int:
+        """The qseq of the tenant's job; NotFound (OtherTenants for another's job)."""
+        row = conn.execute("SELECT tenant, qseq FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None or row["tenant"] != tenant:
+            raise job_not_found(job_id, other_tenant=row is not None)
+        return int(row["qseq"])
+
     async def delete_job(self, job_id: str, tenant: str) -> JobRecord:
         def tx(conn: sqlite3.Connection) -> JobRecord:
+            qseq = self._owned(conn, job_id, tenant)
             job = self._load(conn, job_id, tenant, position=0)
             lifecycle.check_deletable(job_id, job.state)
-            qseq = conn.execute("SELECT qseq FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
             if job.idempotency_key:
                 conn.execute(
                     "INSERT INTO deleted_jobs (tenant, idempotency_key, job_id, deleted_at) "
@@ -463,8 +472,7 @@ class SQLiteJobStore(JobStore):
 
     async def update_tags(self, job_id: str, tenant: str, tags: dict[str, str]) -> JobRecord:
         def tx(conn: sqlite3.Connection) -> JobRecord:
-            self._load(conn, job_id, tenant, position=0)  # NotFound before any write
-            qseq = conn.execute("SELECT qseq FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+            qseq = self._owned(conn, job_id, tenant)
             conn.execute(
                 "UPDATE jobs SET tags = ? WHERE id = ?", (json.dumps(tags, sort_keys=True), job_id)
             )
