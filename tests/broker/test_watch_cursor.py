@@ -10,13 +10,15 @@ terminal one included, look already delivered, and the Watch never ended.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import grpc
 import pytest
 
 from qrelay._proto.v1 import jobs_pb2, jobs_pb2_grpc, types_pb2
 from qrelay.broker.server import Broker
-from tests.broker.conftest import FakeExecutor, sampler_spec, wait_state
+from tests.broker.conftest import FakeExecutor, sampler_spec, until, wait_state
+from tests.integration.test_replicas import replicas, wait_online
 
 HUGE = 2**62
 
@@ -83,3 +85,24 @@ def executor_assignment(job_id: str, lease_id: str) -> object:
     from qrelay._proto.v1 import executor_pb2
 
     return executor_pb2.Assignment(job_id=job_id, lease_id=lease_id)
+
+
+async def test_watch_beyond_the_end_on_one_replica_ends_when_the_other_finishes_the_job(
+    tmp_path: Path,
+) -> None:
+    """Across replicas the Watch learns of new events by asking the store for those
+    after its cursor: a cursor beyond the last event would never hear of the end."""
+    async with (
+        replicas(tmp_path) as (a, b),
+        FakeExecutor(b.address, executor_id="e-b") as executor,
+        grpc.aio.insecure_channel(a.address) as channel,
+    ):
+        await wait_online(a.address, "aer", 1)
+        jobs = jobs_pb2_grpc.JobServiceStub(channel)
+        job, lease = await _running_job(jobs, executor)
+        watch = asyncio.ensure_future(
+            _events(jobs.Watch(jobs_pb2.WatchRequest(job_id=job.id, after_seq=HUGE), timeout=20))
+        )
+        await until(lambda: job.id in a.hub.watching())
+        executor.finish(executor_assignment(job.id, lease))
+        assert await asyncio.wait_for(watch, 10) == []
