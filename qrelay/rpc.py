@@ -144,7 +144,10 @@ def _guarded(
         # A request without a single zero byte holds no NUL character: most small
         # requests (ids, names) skip the walk over their fields.
         if check is not None and b"\x00" in raw:
-            problem = check(request)
+            try:
+                problem = check(request)
+            except RecursionError:
+                problem = "the request is nested too deeply to be checked"
             if problem is not None:
                 return _Refused(capped(problem, 500))
         return request
