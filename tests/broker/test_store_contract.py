@@ -824,3 +824,16 @@ async def test_list_by_tags_needs_every_tag_and_pages_newest_first(store: JobSto
     running = await store.list_jobs("t1", tags=["exp"], states=[JobState.RUNNING])
     assert [j.id for j in running.jobs] == [a]
     assert (await store.list_jobs("t1", tags=["exp"], backend="other")).jobs == []
+
+
+@pytest.mark.parametrize(
+    "token", ["garbage", "9" * 30, str(2**63), "-5", " 12 ", "1_000", "012", "\u0663"]
+)
+async def test_a_page_token_the_broker_never_issued_is_invalid_argument(
+    store: JobStore, token: str
+) -> None:
+    with pytest.raises(InvalidArgument, match="is not one this broker issued"):
+        await store.list_jobs("t1", page_token=token)
+    with pytest.raises(InvalidArgument, match="is not one this broker issued"):
+        await store.list_jobs("t1", tags=["k"], page_token=token)
+    assert (await store.list_jobs("t1", page_token=str(2**63 - 1))).jobs == []

@@ -70,12 +70,19 @@ OTHERS_FIRST_TAG = (
 )
 
 
+_MAX_QSEQ = 2**63 - 1
+
+
 def page_cursor(page_token: str) -> int:
-    """The qseq a ListJobs page token stands for (the page holds older jobs)."""
-    try:
-        return int(page_token)
-    except ValueError:
-        raise InvalidArgument(f"page_token {page_token!r} is not one this broker issued") from None
+    """The qseq a ListJobs page token stands for (the page holds older jobs).
+
+    Only what the broker issues: a positive decimal qseq within int64 (a
+    bigger number is refused here, not by the database with an INTERNAL)."""
+    digits = page_token.isascii() and page_token.isdigit() and not page_token.startswith("0")
+    if not digits or len(page_token) > 19 or int(page_token) > _MAX_QSEQ:
+        shown = page_token if len(page_token) <= 40 else page_token[:40] + "…"
+        raise InvalidArgument(f"page_token {shown!r} is not one this broker issued")
+    return int(page_token)
 
 
 def qualified(columns: str, alias: str) -> str:
