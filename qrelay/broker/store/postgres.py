@@ -482,19 +482,17 @@ class PostgresJobStore(JobStore):
                 json.dumps([self.schema, job.tenant]),
             )
             if job.idempotency_key:
-                existing = await conn.fetchval(
-                    "SELECT id FROM jobs WHERE tenant = $1 AND idempotency_key = $2",
+                # One round trip: the key's job, or the deleted job it named.
+                key = await conn.fetchrow(
+                    "SELECT (SELECT id FROM jobs WHERE tenant = $1 AND idempotency_key = $2) "
+                    "AS existing, (SELECT job_id FROM deleted_jobs WHERE tenant = $1 "
+                    "AND idempotency_key = $2) AS deleted",
                     job.tenant,
                     job.idempotency_key,
                 )
-                if existing is not None:
-                    return await self._load(conn, existing), False
-                deleted = await conn.fetchval(
-                    "SELECT job_id FROM deleted_jobs WHERE tenant = $1 AND idempotency_key = $2",
-                    job.tenant,
-                    job.idempotency_key,
-                )
-                lifecycle.check_key_not_deleted(job.idempotency_key, deleted)
+                if key["existing"] is not None:
+                    return await self._load(conn, key["existing"]), False
+                lifecycle.check_key_not_deleted(job.idempotency_key, key["deleted"])
             if job.session_id:
                 # FOR UPDATE: a concurrent close of the session waits for this submit
                 # (or this submit sees it closed), never a job slipping into a closed one.
