@@ -155,6 +155,9 @@ async def test_update_tags_replaces_tags_and_list_filters_by_tag_keys(two_tenant
         assert err.details() == f"job {first.id!r} not found"
         got = await jobs.Get(jobs_pb2.GetJobRequest(job_id=first.id), metadata=A)
         assert dict(got.tags) == {"run": "", "best": "yes"}
+        err = await _error(jobs.UpdateTags(jobs_pb2.UpdateTagsRequest(tags={}), metadata=A))
+        assert err.code() == Code.INVALID_ARGUMENT
+        assert err.details() == "job_id is required"
 
 
 @pytest.mark.parametrize(
