@@ -117,28 +117,58 @@ def _decode_reason(exc: Exception) -> str:
     return tail if sep and tail else text
 
 
-def _guarded(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+class _Refused:
+    """What a decoded request that `DecodeGuard(check=...)` refused deserializes to."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+#: A request check: why a decoded request is refused (INVALID_ARGUMENT), or None.
+RequestCheck = Callable[[Any], "str | None"]
+
+
+def _guarded(
+    deserializer: Callable[[bytes], Any] | None, check: RequestCheck | None = None
+) -> Callable[[bytes], Any] | None:
     if deserializer is None:
         return None
 
     def deserialize(raw: bytes) -> Any:
         try:
-            return deserializer(raw)
+            request = deserializer(raw)
         except (DecodeError, RecursionError, UnicodeDecodeError) as exc:
             return _Undecodable(_decode_reason(exc))
+        # A request without a single zero byte holds no NUL character: most small
+        # requests (ids, names) skip the walk over their fields.
+        if check is not None and b"\x00" in raw:
+            try:
+                problem = check(request)
+            except RecursionError:
+                problem = "the request is nested too deeply to be checked"
+            if problem is not None:
+                return _Refused(capped(problem, 500))
+        return request
 
     return deserialize
 
 
-def _invalid(method: str, request: _Undecodable) -> InvalidArgument:
+def _invalid(method: str, request: _Undecodable | _Refused) -> InvalidArgument:
+    if isinstance(request, _Refused):
+        return InvalidArgument(request.message)
     return InvalidArgument(
         capped(f"the request is not a valid {method} message: {request.reason}", 500)
     )
 
 
+_BAD = (_Undecodable, _Refused)
+
+
 async def _checked(requests: AsyncIterator[Any], method: str) -> AsyncIterator[Any]:
     async for request in requests:
-        if isinstance(request, _Undecodable):
+        if isinstance(request, _BAD):
             raise _invalid(method, request)  # the servicer's @grpc_errors answers it
         yield request
 
@@ -167,7 +197,15 @@ class DecodeGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     the decoder allows). gRPC decodes requests before any servicer code runs, so the
     deserializers are wrapped: a bad unary request is refused before the servicer is
     called; a bad message on a request stream raises InvalidArgument where the
-    servicer reads it."""
+    servicer reads it.
+
+    `check` (the broker's NUL check) also refuses decoded requests of unary
+    methods with INVALID_ARGUMENT and its message, before the servicer runs.
+    Messages on request streams are the servicer's to check, since a stream
+    may answer one bad item without ending (RunStream)."""
+
+    def __init__(self, check: RequestCheck | None = None) -> None:
+        self.check = check
 
     async def intercept_service(
         self,
@@ -178,13 +216,14 @@ class DecodeGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return handler
         method = str(handler_call_details.method).rsplit("/", 1)[-1]
-        deserializer = _guarded(handler.request_deserializer)
+        streamed = handler.stream_unary is not None or handler.stream_stream is not None
+        deserializer = _guarded(handler.request_deserializer, None if streamed else self.check)
         serializer = handler.response_serializer
         if handler.unary_unary is not None:
             unary_unary = handler.unary_unary
 
             async def unary(request: Any, context: Any) -> Any:
-                if isinstance(request, _Undecodable):
+                if isinstance(request, _BAD):
                     await context.abort(
                         grpc.StatusCode.INVALID_ARGUMENT, _invalid(method, request).message
                     )
@@ -195,7 +234,7 @@ class DecodeGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             unary_stream = handler.unary_stream
 
             async def server_stream(request: Any, context: Any) -> AsyncIterator[Any]:
-                if isinstance(request, _Undecodable):
+                if isinstance(request, _BAD):
                     await context.abort(
                         grpc.StatusCode.INVALID_ARGUMENT, _invalid(method, request).message
                     )

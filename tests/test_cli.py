@@ -35,6 +35,7 @@ COMMANDS = [
     ["jobs", "show"],
     ["jobs", "cancel"],
     ["jobs", "watch"],
+    ["jobs", "delete"],
 ]
 
 

@@ -92,9 +92,14 @@ def _restore_logging() -> Iterator[None]:
 
 
 def cli(address: str, *args: str) -> tuple[int, str]:
-    result = runner.invoke(
-        app, ["--log-level", "warning", *args, "--broker", address], terminal_width=200
-    )
+    # Restored here too, not only by the fixture: module fixtures call this first.
+    saved = structlog.get_config()
+    try:
+        result = runner.invoke(
+            app, ["--log-level", "warning", *args, "--broker", address], terminal_width=200
+        )
+    finally:
+        structlog.configure(**saved)
     return result.exit_code, result.output
 
 

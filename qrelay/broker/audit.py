@@ -11,8 +11,6 @@ from typing import Any
 
 import structlog
 
-_log = structlog.get_logger("qrelay.audit")
-
 # Field names that must never reach an audit line, whatever a caller passes.
 _SECRET_FIELDS = frozenset({"token", "secret", "password", "authorization"})
 
@@ -23,4 +21,6 @@ def audit(event: str, **fields: Any) -> None:
     Fields named like secrets are dropped rather than trusted to callers.
     """
     safe = {k: v for k, v in fields.items() if k.lower() not in _SECRET_FIELDS}
-    _log.warning(f"audit.{event}", audit=True, **safe)
+    # Looked up per event, not cached in the module: audit lines follow the
+    # logging configured now, even after a process cached its loggers.
+    structlog.get_logger("qrelay.audit").warning(f"audit.{event}", audit=True, **safe)

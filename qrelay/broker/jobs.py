@@ -8,11 +8,12 @@ import structlog
 
 from qrelay._proto.v1 import backends_pb2, types_pb2
 from qrelay.broker import validation
+from qrelay.broker.audit import audit
 from qrelay.broker.events import EventHub, HubClosed, Subscription, follow
 from qrelay.broker.scheduler import Scheduler
 from qrelay.broker.settings import MIB, BrokerSettings
 from qrelay.broker.store import JobKind, JobRecord, JobState, JobStore, NewJob, StoredEvent
-from qrelay.broker.store.base import JobPage, new_job_id, state_payload
+from qrelay.broker.store.base import JobPage, OtherTenants, new_job_id, state_payload
 from qrelay.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -112,6 +113,7 @@ class Jobs:
         states: Sequence[int] = (),
         backend: str = "",
         session_id: str = "",
+        tags: Sequence[str] = (),
         program: str = "",
     ) -> JobPage:
         if page_size < 0:
@@ -128,6 +130,7 @@ class Jobs:
             states=wanted,
             backend=backend,
             session_id=session_id,
+            tags=validation.tag_filter(tags),
             program=program,
             page_size=size,
             page_token=page_token,
@@ -152,6 +155,31 @@ class Jobs:
                 f"cancelled: {reason}" if reason else "cancelled by the client",
             )
         return outcome.job
+
+    async def delete(self, tenant: str, job_id: str) -> JobRecord:
+        """Delete a finished job with its events and result (Runtime's delete_job)."""
+        if not job_id:
+            raise InvalidArgument("job_id is required")
+        try:
+            job = await self.store.delete_job(job_id, tenant)
+        except OtherTenants:
+            audit("cross_tenant_denied", rpc="JobService.Delete", tenant=tenant, job_id=job_id)
+            raise
+        log.info("job.deleted", job_id=job_id, tenant=tenant, state=job.state.name)
+        return job
+
+    async def update_tags(self, tenant: str, job_id: str, tags: dict[str, str]) -> JobRecord:
+        """Replace a job's tags (Runtime's job.update_tags)."""
+        if not job_id:
+            raise InvalidArgument("job_id is required")
+        validation.check_tags(tags, "tags")
+        try:
+            job = await self.store.update_tags(job_id, tenant, tags)
+        except OtherTenants:
+            audit("cross_tenant_denied", rpc="JobService.UpdateTags", tenant=tenant, job_id=job_id)
+            raise
+        log.info("job.tags_updated", job_id=job_id, tenant=tenant, tags=len(tags))
+        return job
 
     async def run(
         self, tenant: str, spec: types_pb2.JobSpec, idempotency_key: str = ""
@@ -178,12 +206,20 @@ class Jobs:
             yield event
 
     async def watch(self, tenant: str, job_id: str, after_seq: int) -> AsyncIterator[StoredEvent]:
-        """Events after after_seq, replayed then live, until the terminal event."""
+        """Events after after_seq, replayed then live, until the terminal event.
+
+        An after_seq at or beyond the job's last event is allowed: the Watch
+        waits for newer events and still ends when the job does, with no event
+        at all if the terminal one is numbered after_seq or lower. So it follows
+        from the job's last event (a cursor beyond it would make every new event
+        look delivered already, the terminal one included, and the Watch would
+        never end) and sends only the events above after_seq."""
         if after_seq < 0:
             raise InvalidArgument(f"after_seq must be >= 0, got {after_seq}")
         job = await self.get(tenant, job_id)
-        async for event in self._follow(job, after_seq):
-            yield event
+        async for event in self._follow(job, min(after_seq, job.last_seq)):
+            if event.seq > after_seq:
+                yield event
 
     async def _follow(
         self,

@@ -31,6 +31,7 @@ from qrelay._proto.v1 import (
     sessions_pb2,
     sessions_pb2_grpc,
 )
+from qrelay.broker import validation
 from qrelay.broker.auth import Authenticator
 from qrelay.broker.events import EventHub
 from qrelay.broker.fanout import ReplicaFanout
@@ -127,7 +128,7 @@ class Broker:
                 log.warning("fanout.not_listening", waited_s=FANOUT_CONNECT_S)
         limit = max_message_bytes(self.settings)
         server = grpc.aio.server(
-            interceptors=[DecodeGuard()],
+            interceptors=[DecodeGuard(check=validation.nul_problem)],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),

@@ -23,6 +23,7 @@ from qrelay._proto.v1 import (
     sessions_pb2_grpc,
     types_pb2,
 )
+from qrelay.broker import validation
 from qrelay.broker.auth import Authenticator, check_executor_token
 from qrelay.broker.events import timestamp, to_proto
 from qrelay.broker.jobs import Backends, Jobs
@@ -106,6 +107,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             states=list(request.states),
             backend=request.backend,
             session_id=request.session_id,
+            tags=list(request.tags),
             program=request.program,
         )
         return jobs_pb2.ListJobsResponse(
@@ -153,6 +155,20 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             await context.write(jobs_pb2.RunStreamReply(items=[_stream_item(i) for i in batch]))
 
         await self.streams.serve(tenant, submissions(), send)
+
+    @grpc_errors
+    async def Delete(
+        self, request: jobs_pb2.DeleteJobRequest, context: Context
+    ) -> jobs_pb2.DeleteJobResponse:
+        job = await self.jobs.delete(self._tenant(context), request.job_id)
+        return jobs_pb2.DeleteJobResponse(job=job_to_proto(job))
+
+    @grpc_errors
+    async def UpdateTags(
+        self, request: jobs_pb2.UpdateTagsRequest, context: Context
+    ) -> jobs_pb2.Job:
+        job = await self.jobs.update_tags(self._tenant(context), request.job_id, dict(request.tags))
+        return job_to_proto(job)
 
     @grpc_errors
     async def GetResult(
@@ -211,6 +227,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
             raise InvalidArgument(
                 f"executor stream must start with Hello, got {first.WhichOneof('message')}"
             )
+        validation.check_no_nul(first.hello, "hello")
         link, _ = await self.scheduler.attach(first.hello)
         try:
             await context.write(
@@ -246,8 +263,12 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
                     silence.reschedule(None)
                     which = message.WhichOneof("message")
                     if which == "heartbeat":
+                        validation.check_no_nul(message.heartbeat, "heartbeat")
                         await self.scheduler.heartbeat(link, list(message.heartbeat.lease_ids))
                     elif which == "update":
+                        # Ids reach the store; payloads are stored as bytes.
+                        validation.check_text(message.update.job_id, "update.job_id")
+                        validation.check_text(message.update.lease_id, "update.lease_id")
                         await self.scheduler.shielded(self.scheduler.update(link, message.update))
                     else:
                         log_.warning("executor.unexpected_message", kind=which)

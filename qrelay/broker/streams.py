@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from qrelay._proto.v1 import types_pb2
+from qrelay.broker import validation
 from qrelay.broker.jobs import Jobs
 from qrelay.broker.store import StoredEvent
 from qrelay.errors import InvalidArgument, QRelayError, exception_leaves
@@ -69,6 +70,10 @@ class RunStreams:
             # The tag is free again before its last item can reach the client,
             # so a client may reuse it as soon as it has seen that item.
             try:
+                # Unary calls are checked by the server's DecodeGuard; a stream's
+                # submissions here, so that one bad submission is one error item.
+                validation.check_no_nul(sub.spec, "submit.spec")
+                validation.check_text(sub.idempotency_key, "submit.idempotency_key")
                 async for event in self.jobs.run(tenant, sub.spec, sub.idempotency_key):
                     if event.terminal:
                         live.discard(sub.tag)
@@ -125,5 +130,7 @@ def _check_tag(tag: str, live: set[str]) -> None:
         raise InvalidArgument("RunStream request needs a tag to name its job in the replies")
     if len(tag) > MAX_TAG_CHARS:
         raise InvalidArgument(f"tag is {len(tag)} characters; at most {MAX_TAG_CHARS} allowed")
+    if "\x00" in tag:
+        raise InvalidArgument(f"tag {tag!r} contains a NUL character (\\x00)")
     if tag in live:
         raise InvalidArgument(f"tag {tag!r} already names a job this stream is following")

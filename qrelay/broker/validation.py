@@ -11,12 +11,14 @@ import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
 
 from qrelay._proto.v1 import types_pb2
 from qrelay.broker.store import JobKind
 from qrelay.errors import InvalidArgument, NotFound
-from qrelay.limits import MAX_TAGS
+from qrelay.limits import MAX_TAG_KEY, MAX_TAGS, tag_problem
 from qrelay.options import options_from_wire
 
 MAX_IDEMPOTENCY_KEY = 128
@@ -176,8 +178,7 @@ def validate_spec(spec: types_pb2.JobSpec, known_backend: bool, known: Sequence[
     work = spec.WhichOneof("work")
     if work is None:
         raise InvalidArgument("spec must carry exactly one of sampler, estimator or program")
-    if len(spec.tags) > MAX_TAGS:
-        raise InvalidArgument(f"spec.tags has {len(spec.tags)} entries; at most {MAX_TAGS} allowed")
+    check_tags(dict(spec.tags), "spec.tags")
     options = MessageToDict(spec.options) if spec.HasField("options") else {}
     if work == "sampler":
         check_sampler(spec.sampler)
@@ -240,4 +241,100 @@ def check_idempotency_key(key: str) -> None:
     if len(key) > MAX_IDEMPOTENCY_KEY:
         raise InvalidArgument(
             f"idempotency_key is {len(key)} characters; at most {MAX_IDEMPOTENCY_KEY} allowed"
+        )
+
+
+def check_tags(tags: dict[str, str], where: str) -> None:
+    """A job's tags (Submit's spec.tags, UpdateTags): `limits.tag_problem`'s rules."""
+    problem = tag_problem(tags)
+    if problem is not None:
+        raise InvalidArgument(f"{where} {problem}")
+
+
+def tag_filter(keys: Sequence[str]) -> list[str]:
+    """ListJobs' tag keys, duplicates dropped (order kept): each a possible tag key."""
+    unique = list(dict.fromkeys(keys))
+    if len(unique) > MAX_TAGS:
+        raise InvalidArgument(f"tags has {len(unique)} keys; at most {MAX_TAGS} allowed")
+    for key in unique:
+        if not key or len(key) > MAX_TAG_KEY:
+            raise InvalidArgument(
+                f"tags: {key[:40]!r} is not a tag key (1 to {MAX_TAG_KEY} characters)"
+            )
+    return unique
+
+
+# --- NUL characters -----------------------------------------------------------------
+
+_STRING = FieldDescriptor.TYPE_STRING
+_MESSAGE = FieldDescriptor.TYPE_MESSAGE
+
+
+def _shown(key: str) -> str:
+    return repr(key[:40] + "…" if len(key) > 40 else key)
+
+
+def nul_field(message: Message, path: str = "") -> str | None:
+    """The path of the first string field of `message` (nested messages, repeated
+    fields and maps included) that holds a NUL character, or None.
+
+    Protobuf strings may hold NUL, PostgreSQL text may not (and no qrelay
+    string has a use for it), so every string a client sends is checked
+    before anything reads it, for both stores alike."""
+    for field, value in message.ListFields():
+        name = f"{path}.{field.name}" if path else field.name
+        if field.type == _STRING:
+            if field.is_repeated:
+                for i, text in enumerate(value):
+                    if "\x00" in text:
+                        return f"{name}[{i}]"
+            elif "\x00" in value:
+                return name
+        elif field.type == _MESSAGE:
+            entry = field.message_type
+            if entry is not None and entry.GetOptions().map_entry:
+                values_are_text = entry.fields_by_name["value"].type == _STRING
+                for key, item in value.items():
+                    if isinstance(key, str) and "\x00" in key:
+                        return f"{name} key {_shown(key)}"
+                    where = f"{name}[{_shown(key) if isinstance(key, str) else key}]"
+                    if values_are_text:
+                        if "\x00" in item:
+                            return where
+                    elif isinstance(item, Message):
+                        found = nul_field(item, where)
+                        if found:
+                            return found
+            elif field.is_repeated:
+                for i, item in enumerate(value):
+                    found = nul_field(item, f"{name}[{i}]")
+                    if found:
+                        return found
+            else:
+                found = nul_field(value, name)
+                if found:
+                    return found
+    return None
+
+
+def nul_problem(message: Message, path: str = "") -> str | None:
+    """Why `message` is refused for a NUL character (the field named), or None."""
+    field = nul_field(message, path)
+    if field is None:
+        return None
+    return f"{field} contains a NUL character (\\x00), which no qrelay string may hold"
+
+
+def check_no_nul(message: Message, path: str = "") -> None:
+    """Raise InvalidArgument naming the first string field holding a NUL character."""
+    problem = nul_problem(message, path)
+    if problem is not None:
+        raise InvalidArgument(problem)
+
+
+def check_text(value: str, name: str) -> None:
+    """Raise InvalidArgument if one string field holds a NUL character."""
+    if "\x00" in value:
+        raise InvalidArgument(
+            f"{name} contains a NUL character (\\x00), which no qrelay string may hold"
         )

@@ -117,10 +117,11 @@ class Broker:
         backend: str = "",
         session_id: str = "",
         program: str = "",
+        tags: Sequence[str] = (),
     ) -> list[jobs_pb2.Job]:
         """The caller's newest jobs first, page after page until `limit`."""
         request = jobs_pb2.ListJobsRequest(
-            states=states, backend=backend, session_id=session_id, program=program
+            states=states, backend=backend, session_id=session_id, program=program, tags=tags
         )
         found: list[jobs_pb2.Job] = []
         while len(found) < limit:
@@ -137,6 +138,13 @@ class Broker:
         job = await self._call(self.connection.jobs.Get, jobs_pb2.GetJobRequest(job_id=job_id))
         assert isinstance(job, jobs_pb2.Job)
         return job
+
+    async def delete_job(self, job_id: str) -> jobs_pb2.Job:
+        """Delete a finished job; returns it as it was."""
+        request = jobs_pb2.DeleteJobRequest(job_id=job_id)
+        reply = await self._call(self.connection.jobs.Delete, request)
+        assert isinstance(reply, jobs_pb2.DeleteJobResponse)
+        return reply.job
 
     async def cancel(self, job_id: str, reason: str) -> jobs_pb2.Job:
         request = jobs_pb2.CancelJobRequest(job_id=job_id, reason=reason)

@@ -1,4 +1,4 @@
-"""`qrelay jobs list|show|result|logs|cancel|watch`, and how a job's events print.
+"""`qrelay jobs list|show|result|logs|cancel|watch|delete`, and how a job's events print.
 
 Every command here only talks to the broker (`qrelay.cli._broker`) and reads
 results off the wire (`qrelay.cli._results`): none imports Qiskit.
@@ -75,6 +75,10 @@ def jobs_list(
             help="Only runs of this program: an id, or a name for all its versions.",
         ),
     ] = None,
+    tag: Annotated[
+        list[str] | None,
+        typer.Option(metavar="KEY", help="Only jobs carrying this tag key; repeatable (all)."),
+    ] = None,
     limit: Annotated[
         int, typer.Option(min=1, metavar="N", help="At most this many jobs, newest first.")
     ] = 20,
@@ -95,6 +99,7 @@ def jobs_list(
                 backend=backend or "",
                 session_id=session or "",
                 program=program or "",
+                tags=tag or (),
             )
 
     found = _run(fetch)
@@ -103,7 +108,8 @@ def jobs_list(
             console.print(job.id, highlight=False, soft_wrap=True)
         return
     if not found:
-        console.print("no jobs" + (" match" if states or backend or session or program else ""))
+        filtered = states or backend or session or program or tag
+        console.print("no jobs" + (" match" if filtered else ""))
         return
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, title=f"jobs at {broker}")
     table.add_column("id", no_wrap=True)
@@ -261,6 +267,22 @@ def jobs_cancel(
 
     job = _run(cancel)
     console.print(f"{job.id}: {_styled_state(job.state)}", highlight=False)
+
+
+@jobs_app.command("delete")
+def jobs_delete(
+    job_id: Annotated[str, typer.Argument(metavar="JOB_ID", help="The job's id.")],
+    broker: BrokerAddr = "127.0.0.1:50051",
+    token: Token = None,
+) -> None:
+    """Delete a finished job with its events and result (cancel a queued or running one first)."""
+
+    async def delete() -> None:
+        async with _broker(broker, token) as b:
+            await b.delete_job(job_id)
+
+    _run(delete)
+    console.print(f"{job_id}: deleted", highlight=False)
 
 
 @jobs_app.command("watch")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 import warnings
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,11 +31,13 @@ from qrelay.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     Internal,
+    InvalidArgument,
     QRelayError,
     Unavailable,
     error_for_code,
 )
 from qrelay.finished_job import FinishedJob
+from qrelay.limits import tag_problem
 from qrelay.rpc import error_from_rpc
 
 if TYPE_CHECKING:
@@ -200,6 +202,22 @@ async def decode_event(ev: types_pb2.JobEvent) -> JobEvent:
     return JobEvent(job_id=ev.job_id, seq=ev.seq, kind=kind, data=data, time=when, raw=ev)
 
 
+def wire_tags(tags: Mapping[str, str] | Iterable[str] | None) -> dict[str, str]:
+    """Tags as the wire's map; a list of strings (Runtime's style) becomes {tag: ""}."""
+    if tags is None:
+        return {}
+    if isinstance(tags, str):
+        raise InvalidArgument("tags must be a dict of str to str or a list of str, got a str")
+    pairs = dict(tags) if isinstance(tags, Mapping) else {t: "" for t in tags}
+    for key, value in pairs.items():
+        if not isinstance(key, str) or not isinstance(value, str) or not key:
+            raise InvalidArgument(f"tags must map non-empty str to str, got {key!r}: {value!r}")
+    problem = tag_problem(pairs)
+    if problem is not None:
+        raise InvalidArgument(f"tags {problem}")
+    return pairs
+
+
 class EventCall(Protocol):
     """What follows one job's events: a Run or Watch call, or a job's share of a RunStream."""
 
@@ -298,6 +316,18 @@ class AsyncRuntimeJob:
     def creation_date(self) -> datetime | None:
         return self._job.created_at.ToDatetime() if self._job.HasField("created_at") else None
 
+    async def update_tags(
+        self, new_tags: Mapping[str, str] | Iterable[str] | None = None
+    ) -> dict[str, str]:
+        """Replace the job's tags (Runtime's `update_tags`): a list of strings (Runtime's
+        style, keys with empty values) or a dict; none clears them. Returns the
+        new tags, which `tags` shows from then on."""
+        request = jobs_pb2.UpdateTagsRequest(job_id=self.job_id(), tags=wire_tags(new_tags))
+        conn = self._service.connection
+        self._job = await conn.unary(conn.jobs.UpdateTags, request)
+        log.info("job.tags_updated", job_id=self.job_id(), tags=len(self._job.tags))
+        return self.tags
+
     @property
     def inputs(self) -> dict[str, Any]:
         """What the job was given, as Runtime's `job.inputs`: the pubs (coerced), shots or
@@ -395,6 +425,11 @@ class AsyncRuntimeJob:
                     yield ev
                     if is_terminal(ev):
                         return
+                # The broker ends a Watch cleanly without the terminal event when
+                # that event is numbered `after_seq` or lower: nothing is left.
+                job = await self.refresh()
+                if job.state in _FINAL_STATES and job.last_seq <= last:
+                    return
                 reason = "stream ended before the job's terminal event"
             except grpc.aio.AioRpcError as exc:
                 if not is_resumable(exc):
@@ -624,6 +659,13 @@ class RuntimeJob(BasePrimitiveJob[Any, JobStatus]):  # type: ignore[misc]
     @property
     def creation_date(self) -> datetime | None:
         return self._core.creation_date
+
+    def update_tags(
+        self, new_tags: Mapping[str, str] | Iterable[str] | None = None
+    ) -> dict[str, str]:
+        """Replace the job's tags; see `AsyncRuntimeJob.update_tags`."""
+        tags: dict[str, str] = self._loop.call(self._core.update_tags, new_tags)
+        return tags
 
     def result(self, timeout: float | None = None) -> Any:
         """Block until the job finishes; see `AsyncRuntimeJob.result`."""

@@ -23,9 +23,9 @@ from qiskit.primitives.containers.sampler_pub import SamplerPubLike
 
 from qrelay._proto.v1 import types_pb2
 from qrelay.client.backend import QRelayBackend
-from qrelay.client.job import EmptyJob, RuntimeJob
+from qrelay.client.job import EmptyJob, RuntimeJob, wire_tags
 from qrelay.client.modes import ModeLike, SubmitTarget, default_service
-from qrelay.client.service import QRelayService, wire_tags
+from qrelay.client.service import QRelayService
 from qrelay.errors import InvalidArgument
 from qrelay.options import EstimatorOptions, SamplerOptions, options_from_wire, options_to_wire
 from qrelay.pubs import estimator_pubs, sampler_pubs

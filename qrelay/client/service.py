@@ -36,7 +36,13 @@ from qrelay.client.accounts import (
     saved_accounts,
 )
 from qrelay.client.backend import QRelayBackend
-from qrelay.client.job import AsyncRuntimeJob, EventCall, RuntimeJob, state_for_status
+from qrelay.client.job import (
+    AsyncRuntimeJob,
+    EventCall,
+    RuntimeJob,
+    state_for_status,
+    wire_tags,
+)
 from qrelay.client.programs import (
     PathLike,
     Program,
@@ -55,7 +61,6 @@ from qrelay.errors import (
     Unavailable,
 )
 from qrelay.limits import MAX_PAGE_SIZE as _MAX_PAGE
-from qrelay.limits import MAX_TAGS as _MAX_TAGS
 from qrelay.rpc import error_from_rpc
 from qrelay.values import encode_value
 
@@ -76,21 +81,6 @@ _KINDS = {
 }
 
 StateFilter: TypeAlias = JobStatus | str | Iterable[JobStatus | str] | None
-
-
-def wire_tags(tags: Mapping[str, str] | Iterable[str] | None) -> dict[str, str]:
-    """Tags as the wire's map; a list of strings (Runtime's style) becomes {tag: ""}."""
-    if tags is None:
-        return {}
-    if isinstance(tags, str):
-        raise InvalidArgument("tags must be a dict of str to str or a list of str, got a str")
-    pairs = dict(tags) if isinstance(tags, Mapping) else {t: "" for t in tags}
-    for key, value in pairs.items():
-        if not isinstance(key, str) or not isinstance(value, str) or not key:
-            raise InvalidArgument(f"tags must map non-empty str to str, got {key!r}: {value!r}")
-    if len(pairs) > _MAX_TAGS:
-        raise InvalidArgument(f"at most {_MAX_TAGS} tags per job, got {len(pairs)}")
-    return pairs
 
 
 def _encoded_inputs(inputs: Mapping[str, Any] | None) -> str:
@@ -138,6 +128,25 @@ def _run_backend(backend: str | QRelayBackend | None, mode_backend: str | None) 
             )
         return mode_backend
     return name
+
+
+def _tag_keys(tags: Iterable[str] | None) -> list[str]:
+    """ListJobs' tag filter: tag keys (a str alone is one key, not its characters)."""
+    if tags is None:
+        return []
+    keys = [tags] if isinstance(tags, str) else list(tags)
+    for key in keys:
+        if not isinstance(key, str) or not key:
+            raise InvalidArgument(f"tags to filter by must be non-empty str, got {key!r}")
+    return keys
+
+
+def _either_tags(
+    tags: Iterable[str] | None, job_tags: Iterable[str] | None
+) -> Iterable[str] | None:
+    if tags is not None and job_tags is not None:
+        raise InvalidArgument("pass tags or job_tags (Runtime's name for it), not both")
+    return tags if tags is not None else job_tags
 
 
 def _states(state: StateFilter) -> list[types_pb2.JobState.ValueType]:
@@ -241,12 +250,16 @@ class AsyncQRelayService:
         state: StateFilter,
         backend: str | QRelayBackend | None,
         session_id: str | None,
+        tags: Iterable[str] | None = None,
     ) -> list[jobs_pb2.Job]:
         if limit < 0:
             raise InvalidArgument(f"limit must be >= 0, got {limit}")
         backend_name = backend.name if isinstance(backend, QRelayBackend) else (backend or "")
         request = jobs_pb2.ListJobsRequest(
-            states=_states(state), backend=backend_name, session_id=session_id or ""
+            states=_states(state),
+            backend=backend_name,
+            session_id=session_id or "",
+            tags=_tag_keys(tags),
         )
         conn = self.connection
         found: list[jobs_pb2.Job] = []
@@ -266,14 +279,30 @@ class AsyncQRelayService:
         state: StateFilter = None,
         backend: str | QRelayBackend | None = None,
         session_id: str | None = None,
+        tags: Iterable[str] | None = None,
+        job_tags: Iterable[str] | None = None,
     ) -> list[AsyncRuntimeJob]:
-        """The caller's newest jobs first, optionally only some states/backend/session.
+        """The caller's newest jobs first, optionally only some states/backend/session/tags.
 
         `state` takes `JobStatus` values or names ("queued", "failed"/"error",
-        ...), one or several.
+        ...), one or several. `tags` (or Runtime's name, `job_tags`): only jobs
+        carrying every one of these tag keys.
         """
-        found = await self._job_protos(limit, state, backend, session_id)
+        found = await self._job_protos(
+            limit, state, backend, session_id, _either_tags(tags, job_tags)
+        )
         return [AsyncRuntimeJob(self, j) for j in found]
+
+    async def delete_job(self, job_id: str) -> None:
+        """Delete a finished job with its events and result, as Runtime's delete_job.
+
+        A queued or running job raises `FailedPrecondition` (cancel it first);
+        another tenant's job, or a missing one, `NotFound`."""
+        if not job_id:
+            raise InvalidArgument("job_id must not be empty")
+        conn = self.connection
+        await conn.unary(conn.jobs.Delete, jobs_pb2.DeleteJobRequest(job_id=job_id))
+        log.info("job.deleted", job_id=job_id)
 
     async def _submit_proto(self, spec: types_pb2.JobSpec, idempotency_key: str) -> jobs_pb2.Job:
         conn = self.connection
@@ -619,13 +648,26 @@ class QRelayService:
         state: StateFilter = None,
         backend: str | QRelayBackend | None = None,
         session_id: str | None = None,
+        tags: Iterable[str] | None = None,
+        job_tags: Iterable[str] | None = None,
     ) -> list[RuntimeJob]:
         """The caller's newest jobs first; filters as in `AsyncQRelayService.jobs`."""
 
         async def fetch() -> list[AsyncRuntimeJob]:
-            return await self._core.jobs(limit, state=state, backend=backend, session_id=session_id)
+            return await self._core.jobs(
+                limit,
+                state=state,
+                backend=backend,
+                session_id=session_id,
+                tags=tags,
+                job_tags=job_tags,
+            )
 
         return [RuntimeJob(core, self._loop, self) for core in self._loop.call(fetch)]
+
+    def delete_job(self, job_id: str) -> None:
+        """Delete a finished job; see `AsyncQRelayService.delete_job`."""
+        self._loop.call(self._core.delete_job, job_id)
 
     def submit(self, spec: types_pb2.JobSpec, *, idempotency_key: str | None = None) -> RuntimeJob:
         """Submit a raw job spec (the primitives build one for you)."""

@@ -799,3 +799,120 @@ async def test_live_sessions_are_open_active_or_closed_with_pinned_work(store: J
     live = {s.id: s for s in await store.live_sessions()}
     assert set(live) == {open_id, active_id}
     assert live[active_id].counts[JobState.RUNNING] == 1
+
+
+# --- deleting jobs, tags --------------------------------------------------------
+
+
+async def finish(store: JobStore, job_id: str) -> None:
+    """Claim the job (the oldest queued on 'aer') and give it a result."""
+    (grant,) = await store.claim(["aer"], "e-1", TTL, 1)
+    assert grant.job.id == job_id
+    result = types_pb2.JobResult(program_json="1").SerializeToString()
+    done = await store.apply_update(job_id, grant.job.lease_id, UpdateKind.RESULT, result)
+    assert done.accepted
+
+
+async def test_delete_job_removes_a_finished_job_its_events_result_and_tags(
+    store: JobStore,
+) -> None:
+    job_id = await submit(store, new_job(tags={"keep": "", "x": "1"}))
+    other = await submit(store, new_job(tags={"keep": ""}))
+    await finish(store, job_id)
+    deleted = await store.delete_job(job_id, "t1")
+    assert deleted.id == job_id
+    assert deleted.state is JobState.DONE
+    with pytest.raises(NotFound):
+        await store.get(job_id)
+    with pytest.raises(NotFound):
+        await store.get_result(job_id)
+    assert await store.events_after(job_id, 0) == []
+    assert [j.id for j in (await store.list_jobs("t1")).jobs] == [other]
+    assert [j.id for j in (await store.list_jobs("t1", tags=["keep"])).jobs] == [other]
+    assert (await store.list_jobs("t1", tags=["x"])).jobs == []
+    with pytest.raises(NotFound):
+        await store.delete_job(job_id, "t1")  # a second delete: gone
+
+
+async def test_delete_job_refuses_unfinished_jobs_naming_their_state(store: JobStore) -> None:
+    queued = await submit(store)
+    with pytest.raises(FailedPrecondition, match="is QUEUED; only a finished"):
+        await store.delete_job(queued, "t1")
+    await store.claim(["aer"], "e-1", TTL, 1)
+    with pytest.raises(FailedPrecondition, match="is RUNNING"):
+        await store.delete_job(queued, "t1")
+    assert (await store.get(queued)).state is JobState.RUNNING
+    await store.cancel(queued, "t1", "")
+    assert (await store.delete_job(queued, "t1")).state is JobState.CANCELLED
+
+
+async def test_delete_of_another_tenants_job_is_not_found_and_deletes_nothing(
+    store: JobStore,
+) -> None:
+    job_id = await submit(store)
+    await store.cancel(job_id, "t1", "")
+    with pytest.raises(NotFound, match=f"job '{job_id}' not found"):
+        await store.delete_job(job_id, "t2")
+    with pytest.raises(NotFound, match="job 'j-missing' not found"):
+        await store.delete_job("j-missing", "t2")
+    assert (await store.get(job_id)).state is JobState.CANCELLED
+
+
+async def test_a_deleted_jobs_idempotency_key_is_refused_not_reused(store: JobStore) -> None:
+    job_id = await submit(store, new_job(key="k1"))
+    await store.cancel(job_id, "t1", "")
+    await store.delete_job(job_id, "t1")
+    with pytest.raises(FailedPrecondition, match=f"'k1' belonged to job {job_id}, which was del"):
+        await store.submit(new_job(key="k1"), max_queued_per_tenant=10)
+    # Keys are per tenant: another tenant's k1 is its own.
+    await submit(store, new_job(tenant="t2", key="k1"))
+
+
+async def test_update_tags_replaces_the_tags_and_the_tag_index(store: JobStore) -> None:
+    job_id = await submit(store, new_job(tags={"old": "1", "both": ""}))
+    updated = await store.update_tags(job_id, "t1", {"both": "2", "new": ""})
+    assert updated.tags == {"both": "2", "new": ""}
+    assert updated.state is JobState.QUEUED
+    assert updated.queue_position == 1
+    assert (await store.get(job_id)).tags == {"both": "2", "new": ""}
+    assert (await store.list_jobs("t1", tags=["old"])).jobs == []
+    assert [j.id for j in (await store.list_jobs("t1", tags=["new", "both"])).jobs] == [job_id]
+    cleared = await store.update_tags(job_id, "t1", {})
+    assert cleared.tags == {}
+    assert (await store.list_jobs("t1", tags=["both"])).jobs == []
+    with pytest.raises(NotFound):
+        await store.update_tags(job_id, "t2", {"x": ""})
+    with pytest.raises(NotFound):
+        await store.update_tags("j-missing", "t1", {"x": ""})
+
+
+async def test_list_by_tags_needs_every_tag_and_pages_newest_first(store: JobStore) -> None:
+    a = await submit(store, new_job(tags={"exp": "vqe", "run": "1"}))
+    b = await submit(store, new_job(tags={"exp": "qaoa"}))
+    c = await submit(store, new_job(tags={"exp": "vqe", "run": "2"}))
+    await submit(store, new_job(tenant="t2", tags={"exp": ""}))  # another tenant's
+    await submit(store, new_job())  # untagged
+    page = await store.list_jobs("t1", tags=["exp"], page_size=2)
+    assert [j.id for j in page.jobs] == [c, b]
+    rest = await store.list_jobs("t1", tags=["exp"], page_size=2, page_token=page.next_page_token)
+    assert [j.id for j in rest.jobs] == [a]
+    assert rest.next_page_token == ""
+    assert [j.id for j in (await store.list_jobs("t1", tags=["run", "exp"])).jobs] == [c, a]
+    assert (await store.list_jobs("t1", tags=["run", "missing"])).jobs == []
+    await store.claim(["aer"], "e-1", TTL, 1)  # a -> RUNNING
+    running = await store.list_jobs("t1", tags=["exp"], states=[JobState.RUNNING])
+    assert [j.id for j in running.jobs] == [a]
+    assert (await store.list_jobs("t1", tags=["exp"], backend="other")).jobs == []
+
+
+@pytest.mark.parametrize(
+    "token", ["garbage", "9" * 30, str(2**63), "-5", " 12 ", "1_000", "012", "\u0663"]
+)
+async def test_a_page_token_the_broker_never_issued_is_invalid_argument(
+    store: JobStore, token: str
+) -> None:
+    with pytest.raises(InvalidArgument, match="is not one this broker issued"):
+        await store.list_jobs("t1", page_token=token)
+    with pytest.raises(InvalidArgument, match="is not one this broker issued"):
+        await store.list_jobs("t1", tags=["k"], page_token=token)
+    assert (await store.list_jobs("t1", page_token=str(2**63 - 1))).jobs == []

@@ -138,11 +138,6 @@ async def test_least_busy_async(aservice: AsyncQRelayService) -> None:
     assert (await aservice.least_busy(min_num_qubits=6)).name == "aer"
 
 
-def test_delete_job_is_not_offered_without_a_broker_rpc(service: QRelayService) -> None:
-    """The broker has no delete RPC: the SDK offers no delete_job rather than a fake one."""
-    assert not hasattr(service, "delete_job")
-
-
 # ----------------------------------------------------------------- accounts and defaults
 
 

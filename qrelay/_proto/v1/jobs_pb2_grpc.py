@@ -76,6 +76,16 @@ class JobServiceStub:
                 request_serializer=qrelay_dot_v1_dot_jobs__pb2.RunStreamRequest.SerializeToString,
                 response_deserializer=qrelay_dot_v1_dot_jobs__pb2.RunStreamReply.FromString,
                 _registered_method=True)
+        self.Delete = channel.unary_unary(
+                '/qrelay.v1.JobService/Delete',
+                request_serializer=qrelay_dot_v1_dot_jobs__pb2.DeleteJobRequest.SerializeToString,
+                response_deserializer=qrelay_dot_v1_dot_jobs__pb2.DeleteJobResponse.FromString,
+                _registered_method=True)
+        self.UpdateTags = channel.unary_unary(
+                '/qrelay.v1.JobService/UpdateTags',
+                request_serializer=qrelay_dot_v1_dot_jobs__pb2.UpdateTagsRequest.SerializeToString,
+                response_deserializer=qrelay_dot_v1_dot_jobs__pb2.Job.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -115,6 +125,9 @@ class JobServiceServicer:
     def Watch(self, request, context):
         """The job's events after after_seq, then new ones as they happen; ends
         after the terminal event. Resume a dropped stream with the last seq seen.
+        An after_seq at or beyond the job's last event is allowed: the stream
+        waits for newer events and still ends when the job does (with no event
+        at all if the job's terminal event is numbered after_seq or lower).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -154,6 +167,26 @@ class JobServiceServicer:
         same idempotency_key. A stream follows at most QRELAY_MAX_STREAM_JOBS
         jobs at once; beyond that the broker reads the next request only as a
         job ends (HTTP/2 flow control then holds the client's writes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Delete(self, request, context):
+        """Deletes a finished (DONE, FAILED or CANCELLED) job with its events and
+        result, as Qiskit Runtime's delete_job. A QUEUED or RUNNING job is refused
+        with FAILED_PRECONDITION naming its state (cancel it first); another
+        tenant's job answers NOT_FOUND, as a missing one does. Afterwards the job
+        is NOT_FOUND everywhere, and its idempotency key is free again (a Submit
+        with it creates a new job).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateTags(self, request, context):
+        """Replaces the job's tags with the given ones, in any state (Runtime's
+        job.update_tags). Returns the job as updated.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -201,6 +234,16 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.RunStream,
                     request_deserializer=qrelay_dot_v1_dot_jobs__pb2.RunStreamRequest.FromString,
                     response_serializer=qrelay_dot_v1_dot_jobs__pb2.RunStreamReply.SerializeToString,
+            ),
+            'Delete': grpc.unary_unary_rpc_method_handler(
+                    servicer.Delete,
+                    request_deserializer=qrelay_dot_v1_dot_jobs__pb2.DeleteJobRequest.FromString,
+                    response_serializer=qrelay_dot_v1_dot_jobs__pb2.DeleteJobResponse.SerializeToString,
+            ),
+            'UpdateTags': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateTags,
+                    request_deserializer=qrelay_dot_v1_dot_jobs__pb2.UpdateTagsRequest.FromString,
+                    response_serializer=qrelay_dot_v1_dot_jobs__pb2.Job.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -419,6 +462,60 @@ class JobService:
             '/qrelay.v1.JobService/RunStream',
             qrelay_dot_v1_dot_jobs__pb2.RunStreamRequest.SerializeToString,
             qrelay_dot_v1_dot_jobs__pb2.RunStreamReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Delete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qrelay.v1.JobService/Delete',
+            qrelay_dot_v1_dot_jobs__pb2.DeleteJobRequest.SerializeToString,
+            qrelay_dot_v1_dot_jobs__pb2.DeleteJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateTags(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qrelay.v1.JobService/UpdateTags',
+            qrelay_dot_v1_dot_jobs__pb2.UpdateTagsRequest.SerializeToString,
+            qrelay_dot_v1_dot_jobs__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,

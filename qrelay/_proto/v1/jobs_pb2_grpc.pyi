@@ -52,6 +52,9 @@ class JobServiceStub:
     Watch: _grpc.UnaryStreamMultiCallable[_jobs_pb2.WatchRequest, _types_pb2.JobEvent]
     """The job's events after after_seq, then new ones as they happen; ends
     after the terminal event. Resume a dropped stream with the last seq seen.
+    An after_seq at or beyond the job's last event is allowed: the stream
+    waits for newer events and still ends when the job does (with no event
+    at all if the job's terminal event is numbered after_seq or lower).
     """
     GetResult: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.GetResultRequest, _types_pb2.JobResult]
     """The final result of a DONE job. A FAILED job answers with its JobError's
@@ -80,6 +83,18 @@ class JobServiceStub:
     jobs at once; beyond that the broker reads the next request only as a
     job ends (HTTP/2 flow control then holds the client's writes).
     """
+    Delete: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.DeleteJobRequest, _jobs_pb2.DeleteJobResponse]
+    """Deletes a finished (DONE, FAILED or CANCELLED) job with its events and
+    result, as Qiskit Runtime's delete_job. A QUEUED or RUNNING job is refused
+    with FAILED_PRECONDITION naming its state (cancel it first); another
+    tenant's job answers NOT_FOUND, as a missing one does. Afterwards the job
+    is NOT_FOUND everywhere, and its idempotency key is free again (a Submit
+    with it creates a new job).
+    """
+    UpdateTags: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.UpdateTagsRequest, _jobs_pb2.Job]
+    """Replaces the job's tags with the given ones, in any state (Runtime's
+    job.update_tags). Returns the job as updated.
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -100,6 +115,9 @@ class JobServiceAsyncStub(JobServiceStub):
     Watch: _aio.UnaryStreamMultiCallable[_jobs_pb2.WatchRequest, _types_pb2.JobEvent]  # type: ignore[assignment]
     """The job's events after after_seq, then new ones as they happen; ends
     after the terminal event. Resume a dropped stream with the last seq seen.
+    An after_seq at or beyond the job's last event is allowed: the stream
+    waits for newer events and still ends when the job does (with no event
+    at all if the job's terminal event is numbered after_seq or lower).
     """
     GetResult: _aio.UnaryUnaryMultiCallable[_jobs_pb2.GetResultRequest, _types_pb2.JobResult]  # type: ignore[assignment]
     """The final result of a DONE job. A FAILED job answers with its JobError's
@@ -127,6 +145,18 @@ class JobServiceAsyncStub(JobServiceStub):
     same idempotency_key. A stream follows at most QRELAY_MAX_STREAM_JOBS
     jobs at once; beyond that the broker reads the next request only as a
     job ends (HTTP/2 flow control then holds the client's writes).
+    """
+    Delete: _aio.UnaryUnaryMultiCallable[_jobs_pb2.DeleteJobRequest, _jobs_pb2.DeleteJobResponse]  # type: ignore[assignment]
+    """Deletes a finished (DONE, FAILED or CANCELLED) job with its events and
+    result, as Qiskit Runtime's delete_job. A QUEUED or RUNNING job is refused
+    with FAILED_PRECONDITION naming its state (cancel it first); another
+    tenant's job answers NOT_FOUND, as a missing one does. Afterwards the job
+    is NOT_FOUND everywhere, and its idempotency key is free again (a Submit
+    with it creates a new job).
+    """
+    UpdateTags: _aio.UnaryUnaryMultiCallable[_jobs_pb2.UpdateTagsRequest, _jobs_pb2.Job]  # type: ignore[assignment]
+    """Replaces the job's tags with the given ones, in any state (Runtime's
+    job.update_tags). Returns the job as updated.
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -175,6 +205,9 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_types_pb2.JobEvent], _abc.AsyncIterator[_types_pb2.JobEvent]]:
         """The job's events after after_seq, then new ones as they happen; ends
         after the terminal event. Resume a dropped stream with the last seq seen.
+        An after_seq at or beyond the job's last event is allowed: the stream
+        waits for newer events and still ends when the job does (with no event
+        at all if the job's terminal event is numbered after_seq or lower).
         """
 
     @_abc_1.abstractmethod
@@ -220,6 +253,30 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         same idempotency_key. A stream follows at most QRELAY_MAX_STREAM_JOBS
         jobs at once; beyond that the broker reads the next request only as a
         job ends (HTTP/2 flow control then holds the client's writes).
+        """
+
+    @_abc_1.abstractmethod
+    def Delete(
+        self,
+        request: _jobs_pb2.DeleteJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.DeleteJobResponse, _abc.Awaitable[_jobs_pb2.DeleteJobResponse]]:
+        """Deletes a finished (DONE, FAILED or CANCELLED) job with its events and
+        result, as Qiskit Runtime's delete_job. A QUEUED or RUNNING job is refused
+        with FAILED_PRECONDITION naming its state (cancel it first); another
+        tenant's job answers NOT_FOUND, as a missing one does. Afterwards the job
+        is NOT_FOUND everywhere, and its idempotency key is free again (a Submit
+        with it creates a new job).
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateTags(
+        self,
+        request: _jobs_pb2.UpdateTagsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.Job, _abc.Awaitable[_jobs_pb2.Job]]:
+        """Replaces the job's tags with the given ones, in any state (Runtime's
+        job.update_tags). Returns the job as updated.
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

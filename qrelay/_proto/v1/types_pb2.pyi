@@ -449,7 +449,10 @@ class JobSpec(_message.Message):
 
     @_builtins.property
     def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Free-form labels for the user's own bookkeeping (at most 32)."""
+        """Free-form labels for the user's own bookkeeping: at most 32 keys of 1 to
+        128 characters, values of at most 256, no control characters (NUL
+        included). Runtime-style tags (a list of strings) are keys with empty values.
+        """
 
     def __init__(
         self,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from qrelay._proto.v1 import sessions_pb2, types_pb2
+from qrelay.errors import NotFound
 
 
 class JobState(enum.IntEnum):
@@ -76,6 +77,18 @@ class NewJob:
     id: str = ""
     # The tenant's fair-share weight on the backend (`lifecycle.fair_start`).
     weight: float = 1.0
+
+
+class OtherTenants(NotFound):
+    """NotFound for a job that exists but belongs to another tenant: it travels as
+    NOT_FOUND with the very message a missing job gets (existence never leaks),
+    and lets the broker audit the cross-tenant denial."""
+
+
+def job_not_found(job_id: str, *, other_tenant: bool = False) -> NotFound:
+    """The NotFound of a job id, the same words whoever's job it is."""
+    cls = OtherTenants if other_tenant else NotFound
+    return cls(f"job {job_id!r} not found")
 
 
 def new_job_id() -> str:
@@ -343,12 +356,28 @@ class JobStore(ABC):
         states: Sequence[JobState] = (),
         backend: str = "",
         session_id: str = "",
+        tags: Sequence[str] = (),
         program: str = "",
         page_size: int = 50,
         page_token: str = "",
     ) -> JobPage:
-        """Newest first. `program` is a program id, or a name for the jobs of every
-        version of it still stored."""
+        """Newest first. `tags`: only jobs carrying every one of these tag keys
+        (found through the tag index, newest first, not by reading every job).
+        `program` is a program id, or a name for the jobs of every version of it
+        still stored."""
+
+    @abstractmethod
+    async def delete_job(self, job_id: str, tenant: str) -> JobRecord:
+        """Delete a finished job with its events, result and tag rows; returns the
+        job as it was. NotFound for a missing job or another tenant's;
+        FailedPrecondition for a QUEUED or RUNNING one. The job's idempotency
+        key stays taken: a later submit with it is refused (FailedPrecondition
+        naming the deleted job) rather than creating a second job under it."""
+
+    @abstractmethod
+    async def update_tags(self, job_id: str, tenant: str, tags: dict[str, str]) -> JobRecord:
+        """Replace a job's tags (in any state); returns the updated job. NotFound
+        for a missing job or another tenant's."""
 
     @abstractmethod
     async def events_after(self, job_id: str, after_seq: int) -> list[StoredEvent]: ...

@@ -363,3 +363,27 @@ def session_may_end(current: SessionState, state: SessionState) -> bool:
     """An OPEN/ACTIVE session may end in any way; a CLOSED one may still be
     CANCELLED (cancel after close). Anything else leaves it as it is."""
     return current.accepting or (state is SessionState.CANCELLED and current is SessionState.CLOSED)
+
+
+# --- deleting a job ---------------------------------------------------------------
+
+
+def check_deletable(job_id: str, state: JobState) -> None:
+    """Only a finished job may be deleted (Runtime's rule): its events and result
+    go with it, and nothing may still write to them."""
+    if not state.terminal:
+        raise FailedPrecondition(
+            f"job {job_id} is {state.name}; only a finished (DONE, FAILED or CANCELLED) job "
+            "can be deleted (cancel it first)"
+        )
+
+
+def check_key_not_deleted(idempotency_key: str, deleted_job_id: str | None) -> None:
+    """A Submit whose idempotency key named a job since deleted is refused: the key
+    stands for that job, and quietly creating another under it would break the
+    promise that one key is one job (a late retry would run the work twice)."""
+    if deleted_job_id is not None:
+        raise FailedPrecondition(
+            f"idempotency_key {idempotency_key!r} belonged to job {deleted_job_id}, which was "
+            "deleted; submit with a new key"
+        )

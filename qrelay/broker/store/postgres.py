@@ -60,6 +60,7 @@ from qrelay.broker.store.base import (
     StoredEvent,
     UpdateKind,
     UpdateOutcome,
+    job_not_found,
 )
 from qrelay.broker.store.lifecycle import FACT_COLUMNS, JobFacts, Transition
 from qrelay.broker.store.schema import (
@@ -89,6 +90,7 @@ from qrelay.broker.store.schema import (
     job_record,
     migrations,
     page_cursor,
+    pending_migrations,
     program_record,
     qualified,
     session_page_cursor,
@@ -170,6 +172,10 @@ _DIALECT = Dialect(
     END $$;
     CREATE TRIGGER jobs_queued_count AFTER INSERT OR DELETE OR UPDATE OF state, tenant, backend
         ON jobs FOR EACH ROW EXECUTE FUNCTION jobs_queued_count();
+    """,
+        7: """
+    INSERT INTO job_tags (tenant, key, qseq)
+        SELECT j.tenant, k, j.qseq FROM jobs j, jsonb_object_keys(j.tags::jsonb) k;
     """,
     },
 )
@@ -266,7 +272,7 @@ class PostgresJobStore(JobStore):
                         f"schema {self.schema!r} has version {version}; this qrelay knows up to "
                         f"{SCHEMA_VERSION} (upgrade qrelay)"
                     )
-                for target in range(version + 1, SCHEMA_VERSION + 1):
+                for target in pending_migrations(version):
                     await conn.execute(_MIGRATIONS[target])
                     await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", target)
         finally:
@@ -438,6 +444,19 @@ class PostgresJobStore(JobStore):
         )
         return row
 
+    @staticmethod
+    async def _insert_tags(
+        conn: asyncpg.Connection, tenant: str, qseq: int, tags: Mapping[str, str]
+    ) -> None:
+        if tags:
+            await conn.execute(
+                "INSERT INTO job_tags (tenant, key, qseq) "
+                "SELECT $1, k, $2 FROM unnest($3::text[]) k",
+                tenant,
+                qseq,
+                list(tags),
+            )
+
     # --- jobs --------------------------------------------------------------
     @staticmethod
     async def _fair_start(conn: asyncpg.Connection, job: NewJob) -> float:
@@ -468,13 +487,17 @@ class PostgresJobStore(JobStore):
                 json.dumps([self.schema, job.tenant]),
             )
             if job.idempotency_key:
-                existing = await conn.fetchval(
-                    "SELECT id FROM jobs WHERE tenant = $1 AND idempotency_key = $2",
+                # One round trip: the key's job, or the deleted job it named.
+                key = await conn.fetchrow(
+                    "SELECT (SELECT id FROM jobs WHERE tenant = $1 AND idempotency_key = $2) "
+                    "AS existing, (SELECT job_id FROM deleted_jobs WHERE tenant = $1 "
+                    "AND idempotency_key = $2) AS deleted",
                     job.tenant,
                     job.idempotency_key,
                 )
-                if existing is not None:
-                    return await self._load(conn, existing), False
+                if key["existing"] is not None:
+                    return await self._load(conn, key["existing"]), False
+                lifecycle.check_key_not_deleted(job.idempotency_key, key["deleted"])
             if job.session_id:
                 # FOR UPDATE: a concurrent close of the session waits for this submit
                 # (or this submit sees it closed), never a job slipping into a closed one.
@@ -490,10 +513,10 @@ class PostgresJobStore(JobStore):
             new_id = job.id or _new_id("j")
             event = lifecycle.submitted(new_id, now)
             start = await self._fair_start(conn, job)
-            job_id = await conn.fetchval(
+            inserted = await conn.fetchrow(
                 f"INSERT INTO jobs ({NEW_JOB_COLUMNS}) "
                 "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) "
-                "ON CONFLICT (tenant, idempotency_key) DO NOTHING RETURNING id",
+                "ON CONFLICT (tenant, idempotency_key) DO NOTHING RETURNING id, qseq",
                 new_id,
                 job.tenant,
                 job.backend,
@@ -509,17 +532,19 @@ class PostgresJobStore(JobStore):
                 event.seq,
                 start,
             )
-            if job_id is None:  # a concurrent submit with the same key won
+            if inserted is None:  # a concurrent submit with the same key won
                 existing = await conn.fetchval(
                     "SELECT id FROM jobs WHERE tenant = $1 AND idempotency_key = $2",
                     job.tenant,
                     job.idempotency_key,
                 )
                 return await self._load(conn, existing), False
+            job_id = inserted["id"]
             if job.session_id:
                 await conn.execute(
                     "UPDATE sessions SET last_job_at = $1 WHERE id = $2", now, job.session_id
                 )
+            await self._insert_tags(conn, job.tenant, inserted["qseq"], job.tags)
             await self._insert_events(t, [event])
             t.notify("q", b=job.backend, n=int(job.kind))
             # A fresh job is last in its backend's FIFO: its position is the count.
@@ -556,33 +581,44 @@ class PostgresJobStore(JobStore):
         states: Sequence[JobState] = (),
         backend: str = "",
         session_id: str = "",
+        tags: Sequence[str] = (),
         program: str = "",
         page_size: int = 50,
         page_token: str = "",
     ) -> JobPage:
-        where = ["tenant = $1"]
+        source, order = "jobs j", "j.qseq"
+        where = ["j.tenant = $1"]
         params: list[Any] = [tenant]
 
         def param(value: Any) -> str:
             params.append(value)
             return f"${len(params)}"
 
+        if tags:
+            # Walk the first tag's index rows newest first; the others are probes.
+            source, order = "job_tags t JOIN jobs j ON j.qseq = t.qseq", "t.qseq"
+            where += ["t.tenant = $1", f"t.key = {param(tags[0])}"]
+            for key in tags[1:]:
+                where.append(
+                    "EXISTS (SELECT 1 FROM job_tags o WHERE o.tenant = $1 "
+                    f"AND o.key = {param(key)} AND o.qseq = j.qseq)"
+                )
         if page_token:
-            where.append(f"qseq < {param(page_cursor(page_token))}")
+            where.append(f"{order} < {param(page_cursor(page_token))}")
         if states:
-            where.append(f"state = ANY({param([int(s) for s in states])}::int[])")
+            where.append(f"j.state = ANY({param([int(s) for s in states])}::int[])")
         if backend:
-            where.append(f"backend = {param(backend)}")
+            where.append(f"j.backend = {param(backend)}")
         if session_id:
-            where.append(f"session_id = {param(session_id)}")
+            where.append(f"j.session_id = {param(session_id)}")
         if program:
             where.append(JOB_PROGRAM.format(param(program), "$1", param(program)))
         limit = param(page_size + 1)
 
         async def read(conn: asyncpg.Connection) -> JobPage:
             rows = await conn.fetch(
-                f"SELECT {JOB_COLUMNS} FROM jobs WHERE {' AND '.join(where)} "
-                f"ORDER BY qseq DESC LIMIT {limit}",
+                f"SELECT {qualified(JOB_COLUMNS, 'j')} FROM {source} "
+                f"WHERE {' AND '.join(where)} ORDER BY {order} DESC LIMIT {limit}",
                 *params,
             )
             more = len(rows) > page_size
@@ -616,6 +652,46 @@ class PostgresJobStore(JobStore):
             return [event_record(job_id, r) for r in rows]
 
         return await self._read(read)
+
+    async def delete_job(self, job_id: str, tenant: str) -> JobRecord:
+        async def tx(t: _Tx) -> JobRecord:
+            conn = t.conn
+            # The row lock orders this after any write still in flight on the job.
+            row = await self._facts(conn, job_id, more=", tenant, qseq")
+            if row is None or row["tenant"] != tenant:
+                raise job_not_found(job_id, other_tenant=row is not None)
+            job = await self._load(conn, job_id, tenant, position=0)
+            lifecycle.check_deletable(job_id, job.state)
+            if job.idempotency_key:
+                await conn.execute(
+                    "INSERT INTO deleted_jobs (tenant, idempotency_key, job_id, deleted_at) "
+                    "VALUES ($1, $2, $3, $4)",
+                    tenant,
+                    job.idempotency_key,
+                    job_id,
+                    time.time(),
+                )
+            await conn.execute("DELETE FROM job_tags WHERE qseq = $1", row["qseq"])
+            await conn.execute("DELETE FROM events WHERE job_id = $1", job_id)
+            await conn.execute("DELETE FROM jobs WHERE id = $1", job_id)
+            return job
+
+        return await self._tx(tx)
+
+    async def update_tags(self, job_id: str, tenant: str, tags: dict[str, str]) -> JobRecord:
+        async def tx(t: _Tx) -> JobRecord:
+            conn = t.conn
+            row = await self._facts(conn, job_id, more=", tenant, qseq")
+            if row is None or row["tenant"] != tenant:
+                raise job_not_found(job_id, other_tenant=row is not None)
+            await conn.execute(
+                "UPDATE jobs SET tags = $1 WHERE id = $2", json.dumps(tags, sort_keys=True), job_id
+            )
+            await conn.execute("DELETE FROM job_tags WHERE qseq = $1", row["qseq"])
+            await self._insert_tags(conn, tenant, row["qseq"], tags)
+            return await self._load(conn, job_id, tenant)
+
+        return await self._tx(tx)
 
     # --- scheduling and leases ----------------------------------------------
     async def claim(

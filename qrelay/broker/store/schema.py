@@ -71,12 +71,19 @@ OTHERS_FIRST_TAG = (
 )
 
 
+_MAX_QSEQ = 2**63 - 1
+
+
 def page_cursor(page_token: str) -> int:
-    """The qseq a ListJobs page token stands for (the page holds older jobs)."""
-    try:
-        return int(page_token)
-    except ValueError:
-        raise InvalidArgument(f"page_token {page_token!r} is not one this broker issued") from None
+    """The qseq a ListJobs page token stands for (the page holds older jobs).
+
+    Only what the broker issues: a positive decimal qseq within int64 (a
+    bigger number is refused here, not by the database with an INTERNAL)."""
+    digits = page_token.isascii() and page_token.isdigit() and not page_token.startswith("0")
+    if not digits or len(page_token) > 19 or int(page_token) > _MAX_QSEQ:
+        shown = page_token if len(page_token) <= 40 else page_token[:40] + "…"
+        raise InvalidArgument(f"page_token {shown!r} is not one this broker issued")
+    return int(page_token)
 
 
 def session_page_token(session: SessionRecord) -> str:
@@ -103,7 +110,7 @@ SESSION_BEFORE = "(created_at < {0} OR (created_at = {1} AND id < {2}))"
 #: A job's program filter: its id, or the ids of every stored version of a name (placeholders:
 #: program, tenant, program).
 JOB_PROGRAM = (
-    "(program_id = {0} OR program_id IN "
+    "(j.program_id = {0} OR j.program_id IN "
     "(SELECT id FROM programs WHERE tenant = {1} AND name = {2}))"
 )
 
@@ -327,8 +334,37 @@ MIGRATIONS: dict[int, str] = {
         clock {{real}} NOT NULL
     );
     """,
+    # (5 and 6 belong to other changes.) Tag filtering and deleted jobs:
+    # `job_tags` has one row per tag key of each job, so ListJobs(tags=...)
+    # walks the (tenant, key, qseq) index newest first and stops after a page,
+    # instead of parsing every job's tags; its rows are filled by each
+    # dialect's extra step for jobs that exist already. `deleted_jobs` keeps
+    # the idempotency key of a deleted job, so a late retry of its Submit is
+    # refused instead of quietly creating a second job under the same key.
+    7: """
+    CREATE TABLE job_tags (
+        tenant TEXT NOT NULL,
+        key TEXT NOT NULL,
+        qseq {big} NOT NULL,
+        PRIMARY KEY (tenant, key, qseq)
+    );
+    CREATE INDEX job_tags_job ON job_tags (qseq);
+    CREATE TABLE deleted_jobs (
+        tenant TEXT NOT NULL,
+        idempotency_key TEXT NOT NULL,
+        job_id TEXT NOT NULL,
+        deleted_at {real} NOT NULL,
+        PRIMARY KEY (tenant, idempotency_key)
+    );
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
+
+
+def pending_migrations(current: int) -> list[int]:
+    """The versions a store at version `current` still has to apply, in order
+    (numbers may have gaps: each change owns its number)."""
+    return sorted(v for v in MIGRATIONS if v > current)
 
 
 def migrations(dialect: Dialect) -> dict[int, str]:

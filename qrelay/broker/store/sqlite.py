@@ -46,6 +46,7 @@ from qrelay.broker.store.base import (
     StoredEvent,
     UpdateKind,
     UpdateOutcome,
+    job_not_found,
 )
 from qrelay.broker.store.lifecycle import FACT_COLUMNS, JobFacts, Transition
 from qrelay.broker.store.schema import (
@@ -75,6 +76,7 @@ from qrelay.broker.store.schema import (
     job_record,
     migrations,
     page_cursor,
+    pending_migrations,
     program_record,
     qualified,
     session_page_cursor,
@@ -137,6 +139,10 @@ _DIALECT = Dialect(
         UPDATE queued_counts SET n = n - 1 WHERE scope = 'b' AND key = OLD.backend;
     END;
     """,
+        7: """
+    INSERT INTO job_tags (tenant, key, qseq)
+        SELECT j.tenant, t.key, j.qseq FROM jobs j, json_each(j.tags) t;
+    """,
     },
 )
 _MIGRATIONS = migrations(_DIALECT)
@@ -185,7 +191,7 @@ class SQLiteJobStore(JobStore):
                     f"{self.path} has schema version {version}; this qrelay knows up to "
                     f"{SCHEMA_VERSION} (upgrade qrelay)"
                 )
-            for target in range(version + 1, SCHEMA_VERSION + 1):
+            for target in pending_migrations(version):
                 conn.executescript(
                     f"BEGIN IMMEDIATE; {_MIGRATIONS[target]}; PRAGMA user_version={target}; COMMIT;"
                 )
@@ -260,6 +266,15 @@ class SQLiteJobStore(JobStore):
         )
         self._insert_events(conn, change.events)
 
+    @staticmethod
+    def _insert_tags(
+        conn: sqlite3.Connection, tenant: str, qseq: int, tags: dict[str, str]
+    ) -> None:
+        conn.executemany(
+            "INSERT INTO job_tags (tenant, key, qseq) VALUES (?, ?, ?)",
+            [(tenant, key, qseq) for key in tags],
+        )
+
     # --- jobs --------------------------------------------------------------
     @staticmethod
     def _fair_start(conn: sqlite3.Connection, job: NewJob) -> float:
@@ -290,6 +305,11 @@ class SQLiteJobStore(JobStore):
                 ).fetchone()
                 if row is not None:
                     return self._load(conn, row[0]), False
+                deleted = conn.execute(
+                    "SELECT job_id FROM deleted_jobs WHERE tenant = ? AND idempotency_key = ?",
+                    (job.tenant, job.idempotency_key),
+                ).fetchone()
+                lifecycle.check_key_not_deleted(job.idempotency_key, deleted and deleted[0])
             if job.session_id:
                 session = conn.execute(
                     "SELECT tenant, backend, state FROM sessions WHERE id = ?", (job.session_id,)
@@ -325,6 +345,9 @@ class SQLiteJobStore(JobStore):
                 conn.execute(
                     "UPDATE sessions SET last_job_at = ? WHERE id = ?", (now, job.session_id)
                 )
+            if job.tags:
+                qseq = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+                self._insert_tags(conn, job.tenant, qseq, job.tags)
             self._insert_events(conn, [event])
             # A fresh job is last in its backend's FIFO: its position is the count.
             return self._load(conn, job_id, position=self._queued(conn, "b", job.backend)), True
@@ -359,23 +382,36 @@ class SQLiteJobStore(JobStore):
         states: Sequence[JobState] = (),
         backend: str = "",
         session_id: str = "",
+        tags: Sequence[str] = (),
         program: str = "",
         page_size: int = 50,
         page_token: str = "",
     ) -> JobPage:
-        where = ["tenant = ?"]
+        source, order = "jobs j", "j.qseq"
+        where = ["j.tenant = ?"]
         params: list[Any] = [tenant]
+        if tags:
+            # Walk the first tag's index rows newest first; the others are probes.
+            source, order = "job_tags t CROSS JOIN jobs j ON j.qseq = t.qseq", "t.qseq"
+            where = ["t.tenant = ?", "t.key = ?", *where]
+            params = [tenant, tags[0], *params]
+            for key in tags[1:]:
+                where.append(
+                    "EXISTS (SELECT 1 FROM job_tags o WHERE o.tenant = j.tenant AND o.key = ? "
+                    "AND o.qseq = j.qseq)"
+                )
+                params.append(key)
         if page_token:
-            where.append("qseq < ?")
+            where.append(f"{order} < ?")
             params.append(page_cursor(page_token))
         if states:
-            where.append(f"state IN ({_marks(len(states))})")
+            where.append(f"j.state IN ({_marks(len(states))})")
             params.extend(int(s) for s in states)
         if backend:
-            where.append("backend = ?")
+            where.append("j.backend = ?")
             params.append(backend)
         if session_id:
-            where.append("session_id = ?")
+            where.append("j.session_id = ?")
             params.append(session_id)
         if program:
             where.append(JOB_PROGRAM.format("?", "?", "?"))
@@ -383,8 +419,8 @@ class SQLiteJobStore(JobStore):
 
         def tx(conn: sqlite3.Connection) -> JobPage:
             rows = conn.execute(
-                f"SELECT {JOB_COLUMNS} FROM jobs WHERE {' AND '.join(where)} "
-                "ORDER BY qseq DESC LIMIT ?",
+                f"SELECT {qualified(JOB_COLUMNS, 'j')} FROM {source} WHERE {' AND '.join(where)} "
+                f"ORDER BY {order} DESC LIMIT ?",
                 (*params, page_size + 1),
             ).fetchall()
             more = len(rows) > page_size
@@ -414,6 +450,44 @@ class SQLiteJobStore(JobStore):
                 (job_id, after_seq),
             ).fetchall()
             return [event_record(job_id, r) for r in rows]
+
+        return await self._run(tx)
+
+    @staticmethod
+    def _owned(conn: sqlite3.Connection, job_id: str, tenant: str) -> int:
+        """The qseq of the tenant's job; NotFound (OtherTenants for another's job)."""
+        row = conn.execute("SELECT tenant, qseq FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None or row["tenant"] != tenant:
+            raise job_not_found(job_id, other_tenant=row is not None)
+        return int(row["qseq"])
+
+    async def delete_job(self, job_id: str, tenant: str) -> JobRecord:
+        def tx(conn: sqlite3.Connection) -> JobRecord:
+            qseq = self._owned(conn, job_id, tenant)
+            job = self._load(conn, job_id, tenant, position=0)
+            lifecycle.check_deletable(job_id, job.state)
+            if job.idempotency_key:
+                conn.execute(
+                    "INSERT INTO deleted_jobs (tenant, idempotency_key, job_id, deleted_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    (tenant, job.idempotency_key, job_id, time.time()),
+                )
+            conn.execute("DELETE FROM job_tags WHERE qseq = ?", (qseq,))
+            conn.execute("DELETE FROM events WHERE job_id = ?", (job_id,))
+            conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+            return job
+
+        return await self._run(tx)
+
+    async def update_tags(self, job_id: str, tenant: str, tags: dict[str, str]) -> JobRecord:
+        def tx(conn: sqlite3.Connection) -> JobRecord:
+            qseq = self._owned(conn, job_id, tenant)
+            conn.execute(
+                "UPDATE jobs SET tags = ? WHERE id = ?", (json.dumps(tags, sort_keys=True), job_id)
+            )
+            conn.execute("DELETE FROM job_tags WHERE qseq = ?", (qseq,))
+            self._insert_tags(conn, tenant, qseq, tags)
+            return self._load(conn, job_id, tenant)
 
         return await self._run(tx)
 
