@@ -46,7 +46,7 @@ class LocalStack:
         settings = ExecutorSettings(
             **{
                 **self._executor_defaults,
-                "broker": self.address,
+                "broker": self.broker.executor_address,
                 "backends": list(backends),
                 **overrides,
             }

@@ -3,7 +3,8 @@
 Servers (`broker serve`, `executor serve`, `dev`) run until SIGINT/SIGTERM and
 then shut down cleanly with exit code 0. Client commands (`backends`, `jobs
 ...`) take `--broker` (env QRELAY_BROKER) and `--token-file` (env
-QRELAY_TOKEN_FILE, or QRELAY_TOKEN itself) and speak through the client SDK.
+QRELAY_TOKEN_FILE, or QRELAY_TOKEN itself) and speak through the client SDK;
+their TLS comes from `qrelay --tls-ca FILE ...` (or `--broker grpcs://...`).
 Secrets are never taken as flags: a process's arguments are readable by
 every user of the host. Errors print `CODE: message` and exit 1;
 bad settings exit 2.
@@ -15,6 +16,7 @@ sessions) over `_shared`; this one assembles them into `app`.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -24,7 +26,7 @@ import typer
 # "skipping fork() handlers" each time a sandbox starts while calls are live.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
-from qrelay.cli import backends, broker, dev, executor, jobs, programs, sessions
+from qrelay.cli import _shared, backends, broker, dev, executor, jobs, programs, sessions
 from qrelay.logging import configure_logging
 from qrelay.logging import safe_dsn as _redacted
 
@@ -55,9 +57,52 @@ def main(
             help="Log format; default JSON unless stderr is a terminal (env QRELAY_LOG_JSON).",
         ),
     ] = None,
+    tls: Annotated[
+        bool | None,
+        typer.Option(
+            "--tls/--no-tls",
+            envvar="QRELAY_TLS",
+            help="Client commands: dial the broker with TLS (also: --broker grpcs://HOST:PORT, "
+            "or a CA file).",
+        ),
+    ] = None,
+    tls_ca: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="QRELAY_TLS_CA",
+            help="Client commands: CA file the broker's certificate must be signed by "
+            "(default with TLS: the system roots).",
+        ),
+    ] = None,
+    tls_client_cert: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="QRELAY_TLS_CLIENT_CERT",
+            help="Client commands: client certificate for a broker that requires one.",
+        ),
+    ] = None,
+    tls_client_key: Annotated[
+        Path | None,
+        typer.Option(envvar="QRELAY_TLS_CLIENT_KEY", help="Client commands: its key."),
+    ] = None,
+    tls_server_name: Annotated[
+        str | None,
+        typer.Option(
+            envvar="QRELAY_TLS_SERVER_NAME",
+            help="Client commands: name the broker's certificate carries, if not its host.",
+        ),
+    ] = None,
 ) -> None:
-    """Configure logging once for whichever command runs."""
+    """Configure logging once for whichever command runs, and the client commands' TLS."""
     configure_logging(log_level, log_json)
+    _shared.client_tls_options.clear()
+    _shared.client_tls_options.update(
+        tls=tls,
+        tls_ca=tls_ca,
+        tls_cert=tls_client_cert,
+        tls_key=tls_client_key,
+        tls_server_name=tls_server_name,
+    )
 
 
 __all__ = ["_redacted", "app"]

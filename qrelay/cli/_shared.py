@@ -45,6 +45,10 @@ Token = Annotated[
     ),
 ]
 
+#: TLS of the client commands, from the `qrelay` options (`qrelay --tls-ca FILE jobs list`):
+#: keyword arguments of AsyncQRelayService, set once per invocation by the root callback.
+client_tls_options: dict[str, Any] = {}
+
 #: Why a secret is refused as a flag, for the commands that once took one.
 SECRET_FLAG = (
     "secrets are not accepted as flags: any user of this host can read a process's "
@@ -56,6 +60,12 @@ def refuse_secret_flag(flag: str, instead: str) -> NoReturn:
     """Exit 2: `flag` would put a secret in argv; say what to use instead."""
     err_console.print(f"[red]{flag}: {SECRET_FLAG}; use {instead}[/]", highlight=False)
     raise typer.Exit(2)
+
+
+def warn_loudly(message: str) -> None:
+    """A warning no operator can miss: bold, red, framed, on stderr."""
+    rule = "!" * 78
+    err_console.print(f"[bold red]{rule}\nWARNING: {message}\n{rule}[/]", highlight=False)
 
 
 def _enum_names(enum: Any, prefix: str) -> dict[int, str]:
@@ -148,7 +158,7 @@ def _service(broker: str, token_file: Path | None) -> AsyncQRelayService:
             token = token_file.read_text(encoding="utf-8").strip() or None
         except OSError as exc:
             _fail(f"cannot read --token-file {token_file}: {exc.strerror or exc}", 2)
-    return AsyncQRelayService(broker, token, timeout=15.0)
+    return AsyncQRelayService(broker, token, timeout=15.0, **client_tls_options)
 
 
 def _state(state: int) -> str:
