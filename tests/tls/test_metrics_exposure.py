@@ -87,7 +87,7 @@ def test_metrics_token_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
 def test_an_empty_metrics_token_file_is_refused(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.write_text("\n")
-    with pytest.raises(ValueError, match="metrics_token_file .* is empty"):
+    with pytest.raises(ValueError, match=r"metrics_token_file .* is empty"):
         BrokerSettings(metrics_token_file=empty)
 
 

@@ -29,7 +29,8 @@ def test_bare_and_grpc_addresses_are_plaintext() -> None:
 def test_a_ca_file_alone_turns_tls_on(tmp_path: Path) -> None:
     target, tls = client_tls("h:1", ca=tmp_path / "ca.pem")
     assert target == "h:1"
-    assert tls is not None and tls.ca_file == tmp_path / "ca.pem"
+    assert tls is not None
+    assert tls.ca_file == tmp_path / "ca.pem"
 
 
 def test_environment_fills_in_what_arguments_leave_unset() -> None:
@@ -61,7 +62,7 @@ def test_contradictory_tls_choices_are_invalid_arguments(
 
 
 def test_unreadable_and_non_pem_files_are_named(tmp_path: Path) -> None:
-    with pytest.raises(InvalidArgument, match="cannot read TLS CA file .*missing.pem"):
+    with pytest.raises(InvalidArgument, match=r"cannot read TLS CA file .*missing.pem"):
         ClientTLS(ca_file=tmp_path / "missing.pem").credentials()
     junk = tmp_path / "junk.pem"
     junk.write_text("not a certificate")
@@ -84,9 +85,12 @@ def test_exposure_names_what_is_missing_off_loopback() -> None:
     assert exposure("127.0.0.1:50051", tls=False, tokens=False) is None
     assert exposure("0.0.0.0:50051", tls=True, tokens=True) is None
     plain = exposure("0.0.0.0:50051", tls=False, tokens=True)
-    assert plain is not None and "without TLS" in plain and "in clear" in plain
+    assert plain is not None
+    assert "without TLS" in plain
+    assert "in clear" in plain
     both = exposure("0.0.0.0:50051", tls=False, tokens=False)
-    assert both is not None and "without TLS and tokens" in both
+    assert both is not None
+    assert "without TLS and tokens" in both
 
 
 def test_verified_peer_reads_the_certificate_subject() -> None:
@@ -100,16 +104,17 @@ def test_broker_tls_settings_must_be_complete(
 ) -> None:
     with pytest.raises(ValidationError, match="tls_cert and tls_key go together"):
         BrokerSettings(tls_cert=ca.cert)
-    with pytest.raises(ValidationError, match="tls_client_ca .* needs tls_cert"):
+    with pytest.raises(ValidationError, match=r"tls_client_ca .* needs tls_cert"):
         BrokerSettings(tls_client_ca=ca.cert)
     server = ca.server()
-    with pytest.raises(ValidationError, match="executor_listen .* needs tls_client_ca"):
+    with pytest.raises(ValidationError, match=r"executor_listen .* needs tls_client_ca"):
         BrokerSettings(tls_cert=server.cert, tls_key=server.key, executor_listen="0.0.0.0:1")
     monkeypatch.setenv("QRELAY_TLS_CERT", str(server.cert))
     monkeypatch.setenv("QRELAY_TLS_KEY", str(server.key))
     monkeypatch.setenv("QRELAY_TLS_CLIENT_CA", str(ca.cert))
     settings = BrokerSettings()
-    assert settings.tls and settings.tls_client_ca == ca.cert
+    assert settings.tls
+    assert settings.tls_client_ca == ca.cert
 
 
 def test_executor_tls_settings(tmp_path: Path) -> None:
