@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -174,3 +176,48 @@ def test_broker_serve_refuses_a_metrics_token_flag() -> None:
     result = runner.invoke(app, ["broker", "serve", "--metrics-token", "s3cret"])
     assert result.exit_code == 2
     assert "secrets are not accepted as flags" in flat(result.output)
+
+
+@pytest.mark.slow
+def test_dev_serves_tls_when_given_a_certificate(
+    tmp_path: Path, ca: CertificateAuthority, server_pair: Pair
+) -> None:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "qrelay",
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            str(server_pair.cert),
+            "--tls-key",
+            str(server_pair.key),
+            "--tls-ca",
+            str(ca.cert),
+            "--backend",
+            "aer",
+            "--dir",
+            str(tmp_path / "q"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "QRELAY_LOG_LEVEL": "warning", "COLUMNS": "200"},
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # printed once broker and executor are up
+        match = re.search(r"broker on (grpcs://127\.0\.0\.1:\d+)", line)
+        assert match, f"qrelay dev printed {line!r} (exit code {proc.poll()})"
+        trusted = qrelay("--tls-ca", str(ca.cert), "backends", "--broker", match.group(1))
+        plain = qrelay("backends", "--broker", match.group(1).removeprefix("grpcs://"))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    assert trusted.returncode == 0, trusted.stderr
+    assert "aer" in trusted.stdout
+    assert plain.returncode == 1  # a plaintext client gets nowhere
+    assert "UNAVAILABLE" in plain.stderr
+    assert proc.returncode == 0

@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import pytest
 from qiskit import QuantumCircuit
+from structlog.testing import capture_logs
 
 from qrelay._proto.v1 import backends_pb2, executor_pb2, executor_pb2_grpc, types_pb2
 from qrelay.client import AsyncQRelayService, QRelayService, Sampler
@@ -191,10 +192,24 @@ async def test_executor_service_on_the_client_port_demands_a_verified_certificat
     mtls_stack: LocalStack, ca: CertificateAuthority
 ) -> None:
     credentials = grpc.ssl_channel_credentials(ca.cert.read_bytes())
-    code, details = await hello(mtls_stack.broker.address, credentials)
+    with capture_logs() as logs:
+        code, details = await hello(mtls_stack.broker.address, credentials)
     assert code is grpc.StatusCode.UNAUTHENTICATED
     assert "TLS client certificate signed by its client CA" in details
     assert "executor_listen" in details
+    refusals = [e for e in logs if e["event"] == "audit.executor.refused"]
+    assert len(refusals) == 1
+    assert refusals[0]["reason"] == "no verified client certificate"
+
+
+async def test_tls_client_of_a_plaintext_broker_is_told_the_handshake_failed(
+    ca: CertificateAuthority,
+) -> None:
+    async with owned_stack(executors=0) as plain:
+        address = f"grpcs://{plain.address}"
+        async with AsyncQRelayService(address, tls_ca=ca.cert, timeout=3.0) as service:
+            with pytest.raises(Unavailable, match=r"TLS handshake with the broker .* failed"):
+                await service.backends()
 
 
 @pytest.mark.slow
