@@ -26,7 +26,7 @@ from typing import Any
 
 import grpc
 
-from qrelay.errors import InvalidArgument
+from qrelay.errors import InvalidArgument, Unavailable
 
 GRPCS = "grpcs://"
 GRPC = "grpc://"
@@ -176,6 +176,11 @@ def secure_channel(
     if tls is None:
         return grpc.aio.insecure_channel(target, options=list(options))
     return grpc.aio.secure_channel(target, tls.credentials(), options=[*options, *tls.options()])
+
+
+class HandshakeFailed(Unavailable):
+    """UNAVAILABLE because the TLS handshake failed: an untrusted certificate, a
+    plaintext peer, a refused client certificate. Retrying does not help."""
 
 
 def explain_failure(message: str, tls: ClientTLS | None, address: str) -> str | None:

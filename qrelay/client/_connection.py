@@ -27,14 +27,17 @@ from qrelay._proto.v1 import (
 from qrelay.client._log import get_logger
 from qrelay.errors import InvalidArgument, QRelayError, Unavailable
 from qrelay.rpc import error_from_rpc
-from qrelay.tls import ClientTLS, explain_failure, secure_channel, split_scheme
+from qrelay.tls import (
+    ClientTLS,
+    HandshakeFailed,
+    explain_failure,
+    secure_channel,
+    split_scheme,
+)
 
 log = get_logger(__name__)
 
 Resp = TypeVar("Resp")
-
-#: How `explain_failure` starts its sentences (a TLS failure is not retried).
-_TLS_PREFIX = "the TLS "
 
 _MAX_MESSAGE_BYTES = 128 * 1024 * 1024
 
@@ -81,7 +84,7 @@ _RESUMABLE = frozenset(
 
 def retryable(error: QRelayError) -> bool:
     """True for UNAVAILABLE, except a TLS failure: a certificate is not trusted on a retry."""
-    return isinstance(error, Unavailable) and not error.message.startswith(_TLS_PREFIX)
+    return isinstance(error, Unavailable) and not isinstance(error, HandshakeFailed)
 
 
 def is_resumable(exc: grpc.RpcError) -> bool:
@@ -160,7 +163,7 @@ class Connection:
         if isinstance(error, Unavailable):
             explained = explain_failure(error.message, self.tls, self.address)
             if explained is not None:
-                return Unavailable(explained)
+                return HandshakeFailed(explained)
         return error
 
     def watch(self, job_id: str, after_seq: int) -> grpc.aio.UnaryStreamCall[Any, Any]:

@@ -9,6 +9,7 @@ either port.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,6 +25,7 @@ from qrelay.errors import DeadlineExceeded, Unavailable
 from qrelay.executor.agent import running_executor
 from qrelay.executor.settings import ExecutorSettings
 from qrelay.testing import LocalStack, local_stack_in_thread
+from qrelay.tls import HandshakeFailed
 from tests.conftest import FAST_BROKER, owned_stack
 from tests.tls.certs import CertificateAuthority, Pair
 
@@ -130,8 +132,9 @@ def test_blocking_sdk_takes_the_ca_from_qrelay_tls_ca(
 
 
 async def test_client_that_does_not_trust_the_certificate_fails_unavailable_saying_so(
-    mtls_stack: LocalStack, other_ca: CertificateAuthority
+    mtls_stack: LocalStack, other_ca: CertificateAuthority, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG, logger="qrelay.client")
     address = mtls_stack.broker.address
     async with AsyncQRelayService(f"grpcs://{address}", tls_ca=other_ca.cert) as service:
         with pytest.raises(
@@ -141,6 +144,9 @@ async def test_client_that_does_not_trust_the_certificate_fails_unavailable_sayi
         assert service.connection.tls is not None
     assert str(other_ca.cert) in err.value.message  # says what it checked against
     assert "CERTIFICATE_VERIFY_FAILED" in err.value.message  # and gRPC's own words
+    assert isinstance(err.value, HandshakeFailed)
+    assert err.value.code_name == "UNAVAILABLE"
+    assert "rpc.retried" not in caplog.text  # a retry cannot make the certificate trusted
 
 
 async def test_client_without_a_ca_checks_the_system_roots_and_refuses_a_private_ca(
@@ -151,11 +157,16 @@ async def test_client_without_a_ca_checks_the_system_roots_and_refuses_a_private
             await service.backends()
 
 
-async def test_plaintext_client_of_a_tls_broker_is_unavailable(mtls_stack: LocalStack) -> None:
+async def test_plaintext_client_of_a_tls_broker_is_unavailable(
+    mtls_stack: LocalStack, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="qrelay.client")
     async with AsyncQRelayService(mtls_stack.broker.address, timeout=3.0) as service:
         assert service.connection.tls is None
-        with pytest.raises(Unavailable):
+        with pytest.raises(Unavailable) as err:
             await service.backends()
+    assert not isinstance(err.value, HandshakeFailed)
+    assert "rpc.retried" in caplog.text  # it may be a passing outage: retried, unlike TLS
 
 
 async def test_executor_certificate_from_our_ca_is_welcomed_on_the_executor_port(
