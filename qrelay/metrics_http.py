@@ -15,6 +15,8 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
+from qrelay.errors import FailedPrecondition
+
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
@@ -82,7 +84,12 @@ class MetricsServer:
         registry: CollectorRegistry = REGISTRY,
         token: str | None = None,
     ) -> None:
-        self._server = _Server((host, port), registry, token)
+        try:
+            self._server = _Server((host, port), registry, token)
+        except OSError as exc:
+            raise FailedPrecondition(
+                f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}"
+            ) from None
         self.host = host
         self.port = int(self._server.server_address[1])
         self._thread = threading.Thread(

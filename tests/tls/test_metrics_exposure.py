@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -12,6 +13,7 @@ from structlog.testing import capture_logs
 
 from qrelay.broker.server import running_broker
 from qrelay.broker.settings import BrokerSettings
+from qrelay.errors import FailedPrecondition
 from qrelay.metrics_http import MetricsServer
 from qrelay.testing import free_port
 from tests.broker.conftest import broker_settings
@@ -120,3 +122,12 @@ async def test_executor_metrics_bind_loopback_by_default_and_take_a_token(tmp_pa
     assert status == 200
     assert "qrelay_executor_slots{" in body
     assert [e["url"] for e in logs if e["event"] == "metrics.listening"] == [url]
+
+
+def test_a_metrics_port_in_use_is_a_failed_precondition_naming_it() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(FailedPrecondition, match=f"cannot serve metrics on 127.0.0.1:{port}"):
+            MetricsServer("127.0.0.1", port)
