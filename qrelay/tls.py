@@ -160,10 +160,12 @@ def client_tls(
     key = key if key is not None else env.get("QRELAY_TLS_CLIENT_KEY")
     server_name = server_name or env.get("QRELAY_TLS_SERVER_NAME") or None
     on = tls if tls is not None else scheme
+    if on is None and explicit_files:
+        on = True
     if on is None:
         on = _flag(env.get("QRELAY_TLS"), "QRELAY_TLS")
     if on is None:
-        on = bool(_path(ca) or _path(cert) or explicit_files)
+        on = bool(_path(ca) or _path(cert))
     if not on:
         return target, None
     return target, ClientTLS(_path(ca), _path(cert), _path(key), server_name)

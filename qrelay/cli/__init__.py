@@ -61,39 +61,39 @@ def main(
         bool | None,
         typer.Option(
             "--tls/--no-tls",
-            envvar="QRELAY_TLS",
             help="Client commands: dial the broker with TLS (also: --broker grpcs://HOST:PORT, "
-            "or a CA file).",
+            "or a CA file; env QRELAY_TLS).",
         ),
     ] = None,
     tls_ca: Annotated[
         Path | None,
         typer.Option(
-            envvar="QRELAY_TLS_CA",
             help="Client commands: CA file the broker's certificate must be signed by "
-            "(default with TLS: the system roots).",
+            "(env QRELAY_TLS_CA; default with TLS: the system roots).",
         ),
     ] = None,
     tls_client_cert: Annotated[
         Path | None,
         typer.Option(
-            envvar="QRELAY_TLS_CLIENT_CERT",
-            help="Client commands: client certificate for a broker that requires one.",
+            help="Client commands: client certificate for a broker that requires one "
+            "(env QRELAY_TLS_CLIENT_CERT).",
         ),
     ] = None,
     tls_client_key: Annotated[
         Path | None,
-        typer.Option(envvar="QRELAY_TLS_CLIENT_KEY", help="Client commands: its key."),
+        typer.Option(help="Client commands: its key (env QRELAY_TLS_CLIENT_KEY)."),
     ] = None,
     tls_server_name: Annotated[
         str | None,
         typer.Option(
-            envvar="QRELAY_TLS_SERVER_NAME",
-            help="Client commands: name the broker's certificate carries, if not its host.",
+            help="Client commands: name the broker's certificate carries, if not its host "
+            "(env QRELAY_TLS_SERVER_NAME).",
         ),
     ] = None,
 ) -> None:
-    """Configure logging once for whichever command runs, and the client commands' TLS."""
+    """Configure logging once for whichever command runs, and the client commands' TLS
+    (flags only: the SDK reads the QRELAY_TLS_* environment itself, so an address's
+    grpc:// or grpcs:// still outranks it)."""
     configure_logging(log_level, log_json)
     _shared.client_tls_options.clear()
     _shared.client_tls_options.update(

@@ -42,6 +42,8 @@ def test_environment_fills_in_what_arguments_leave_unset() -> None:
     assert client_tls("grpc://h:1", env=env) == ("h:1", None)
     assert client_tls("h:1", env={"QRELAY_TLS": "yes"})[1] == ClientTLS()
     assert client_tls("h:1", env={"QRELAY_TLS": "0"})[1] is None
+    # A CA passed as an argument wins over QRELAY_TLS=0 in the environment.
+    assert client_tls("h:1", ca="ca.pem", env={"QRELAY_TLS": "0"})[1] == ClientTLS(Path("ca.pem"))
 
 
 @pytest.mark.parametrize(
