@@ -25,6 +25,7 @@ from qrelay.broker.server import Broker, running_broker
 from qrelay.broker.settings import BrokerSettings
 from qrelay.executor.agent import Executor, running_executor
 from qrelay.executor.settings import ExecutorSettings
+from qrelay.tls import ClientTLS
 
 
 @dataclass
@@ -46,7 +47,7 @@ class LocalStack:
         settings = ExecutorSettings(
             **{
                 **self._executor_defaults,
-                "broker": self.address,
+                "broker": self.broker.executor_address,
                 "backends": list(backends),
                 **overrides,
             }
@@ -111,13 +112,24 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_serving(address: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
-    """Block until the server `proc` started answers grpc.health.v1 SERVING on `address`.
+def wait_serving(
+    address: str,
+    proc: subprocess.Popen[bytes],
+    timeout: float = 60.0,
+    tls: ClientTLS | None = None,
+) -> None:
+    """Block until the server `proc` started answers grpc.health.v1 SERVING on `address`
+    (over TLS with `tls`).
 
     Raises RuntimeError if the process exits first, TimeoutError after `timeout` seconds.
     """
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    channel = (
+        grpc.insecure_channel(address)
+        if tls is None
+        else grpc.secure_channel(address, tls.credentials(), options=tls.options())
+    )
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if proc.poll() is not None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Gauge, Histogram
 
 from qrelay.broker.store import JobState, JobStore
+from qrelay.metrics_http import MetricsServer
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
 
@@ -32,20 +33,19 @@ class BrokerMetrics:
             "qrelay_slots", "Slots of connected executors", registry=self.registry
         )
         self.slots_busy = Gauge("qrelay_slots_busy", "Slots running a job", registry=self.registry)
-        self._server: object | None = None
+        self.server: MetricsServer | None = None
         self._backends: set[str] = set()
 
-    def serve(self, port: int) -> None:
-        """Expose /metrics on 0.0.0.0:port (prometheus-client's own thread)."""
-        self._server = start_http_server(port, registry=self.registry)
+    def serve(self, host: str, port: int, token: str | None = None) -> MetricsServer:
+        """Expose /metrics on host:port (a thread of its own); with `token`, scrapes
+        must send `Authorization: Bearer <token>`."""
+        self.server = MetricsServer(host, port, registry=self.registry, token=token)
+        return self.server
 
     def stop(self) -> None:
-        server = self._server
-        if server is not None:
-            shutdown = getattr(server[0] if isinstance(server, tuple) else server, "shutdown", None)
-            if shutdown is not None:
-                shutdown()
-            self._server = None
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
 
     async def refresh(self, store: JobStore) -> None:
         """Re-read the store's counts (called periodically while metrics are served)."""

@@ -54,6 +54,7 @@ from qrelay.broker.store import open_store
 from qrelay.broker.streams import RunStreams
 from qrelay.errors import FailedPrecondition
 from qrelay.rpc import DecodeGuard
+from qrelay.tls import server_credentials
 
 log = structlog.get_logger(__name__)
 
@@ -112,6 +113,8 @@ class Broker:
         )
         self.health = health.aio.HealthServicer()
         self.address = ""
+        # Where executors connect: `address`, or the mutual-TLS executor port.
+        self.executor_address = ""
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = False
@@ -158,24 +161,26 @@ class Broker:
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        try:
-            port = server.add_insecure_port(self.settings.listen)
-        except RuntimeError as exc:  # grpc says only "Failed to bind to address ..."
-            raise FailedPrecondition(
-                f"cannot listen on {self.settings.listen}: address in use (another broker or "
-                f"`qrelay dev` is running there?) or not available: {exc}"
-            ) from None
-        host = self.settings.listen.rsplit(":", 1)[0]
-        if host in ("", "0.0.0.0", "[::]", "::"):
-            host = "127.0.0.1"
-        self.address = f"{host}:{port}"
+        self.address = _bind(server, self.settings.listen, self._credentials(executors=False))
+        self.executor_address = self.address
+        if self.settings.executor_listen is not None:
+            self.executor_address = _bind(
+                server, self.settings.executor_listen, self._credentials(executors=True)
+            )
         await server.start()
         self._server = server
         self._spawn(self.scheduler.run())
         self._spawn(self.reaper.run())
         self._spawn(self.sessions.run())
         if self.settings.metrics_port:
-            self.metrics.serve(self.settings.metrics_port)
+            endpoint = self.metrics.serve(
+                self.settings.metrics_bind_host,
+                self.settings.metrics_port,
+                self.settings.metrics_token,
+            )
+            log.info(
+                "metrics.listening", url=endpoint.url, token=self.settings.metrics_token is not None
+            )
             self._spawn(self._refresh_metrics())
         for name in (*SERVICE_NAMES, ""):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -183,9 +188,27 @@ class Broker:
         log.info(
             "broker.started",
             address=self.address,
+            executor_address=self.executor_address,
+            tls=self.settings.tls,
+            mtls=self.settings.tls_client_ca is not None,
             broker_id=self.broker_id,
             db=self.store.describe(),
             leases_renewed=renewed,
+        )
+
+    def _credentials(self, *, executors: bool) -> grpc.ServerCredentials | None:
+        """TLS credentials of a port (None: plaintext); see qrelay.tls for the mTLS design.
+
+        With a client CA, the executor port always requires a client
+        certificate; the main port requires one only when there is no
+        executor port (then everyone, clients too, presents one).
+        """
+        s = self.settings
+        if s.tls_cert is None or s.tls_key is None:
+            return None
+        require = s.tls_client_ca is not None and (executors or s.executor_listen is None)
+        return server_credentials(
+            s.tls_cert, s.tls_key, s.tls_client_ca, require_client_cert=require
         )
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -227,6 +250,24 @@ class Broker:
             await self.fanout.withdraw()
         await self.store.close()
         log.info("broker.stopped", broker_id=self.broker_id)
+
+
+def _bind(server: grpc.aio.Server, listen: str, credentials: grpc.ServerCredentials | None) -> str:
+    """Add a port for `listen` (TLS with `credentials`); the address to dial it by."""
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(listen)
+        else:
+            port = server.add_secure_port(listen, credentials)
+    except RuntimeError as exc:  # grpc says only "Failed to bind to address ..."
+        raise FailedPrecondition(
+            f"cannot listen on {listen}: address in use (another broker or "
+            f"`qrelay dev` is running there?) or not available: {exc}"
+        ) from None
+    host = listen.rsplit(":", 1)[0]
+    if host in ("", "0.0.0.0", "[::]", "::"):
+        host = "127.0.0.1"
+    return f"{host}:{port}"
 
 
 @asynccontextmanager

@@ -24,6 +24,7 @@ from qrelay._proto.v1 import (
     types_pb2,
 )
 from qrelay.broker import validation
+from qrelay.broker.audit import audit
 from qrelay.broker.auth import Authenticator, check_executor_token
 from qrelay.broker.events import timestamp, to_proto
 from qrelay.broker.jobs import Backends, Jobs
@@ -34,8 +35,9 @@ from qrelay.broker.settings import BrokerSettings
 from qrelay.broker.store import JobRecord, JobState
 from qrelay.broker.store.base import ProgramRecord, SessionMode, SessionRecord
 from qrelay.broker.streams import Item, RunStreams, Submission
-from qrelay.errors import InvalidArgument, QRelayError
+from qrelay.errors import InvalidArgument, QRelayError, Unauthenticated
 from qrelay.rpc import grpc_errors
+from qrelay.tls import verified_peer
 
 log = structlog.get_logger(__name__)
 
@@ -198,6 +200,19 @@ class BackendServicer(backends_pb2_grpc.BackendServiceServicer):
         return await self.backends.get(request.name)
 
 
+def _check_executor_certificate(context: Context) -> None:
+    """With mutual TLS configured, an executor must have presented a verified certificate
+    (which only a port that requires one obtains: see qrelay.tls)."""
+    subject = verified_peer(context.auth_context())
+    if subject is None:
+        audit("executor.refused", reason="no verified client certificate", peer=context.peer())
+        raise Unauthenticated(
+            "this broker requires executors to present a TLS client certificate signed by its "
+            "client CA: connect to its executor port (executor_listen) with --tls-cert/--tls-key"
+        )
+    log.info("executor.certificate_verified", subject=subject)
+
+
 class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     """One long-lived stream per executor: Hello, then heartbeats/updates in, work out."""
 
@@ -223,6 +238,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         # first send completes can surface on its side as a send failure
         # (INTERNAL) instead of our UNAUTHENTICATED.
         check_executor_token(self.settings.executor_token, context.invocation_metadata())
+        if self.settings.tls_client_ca is not None:
+            _check_executor_certificate(context)
         if first.WhichOneof("message") != "hello":
             raise InvalidArgument(
                 f"executor stream must start with Hello, got {first.WhichOneof('message')}"

@@ -77,7 +77,20 @@ class BrokerSettings(BaseSettings):
     executor_token: str | None = None
     executor_token_file: Path | None = None
     default_tenant: str = "default"
+    # TLS (see qrelay.tls): certificate and key PEM files turn TLS on. With a
+    # client CA, peers must present a certificate it signed: on `listen` itself
+    # (everyone, clients too), or, with `executor_listen`, only on that second
+    # port, and ExecutorService accepts only peers with a verified certificate.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    executor_listen: str | None = None
+    # Prometheus: HOST defaults to the listen host (never 0.0.0.0 unless asked);
+    # with a token (file or QRELAY_METRICS_TOKEN) scrapes need `Authorization: Bearer`.
     metrics_port: int = 0
+    metrics_host: str | None = None
+    metrics_token: str | None = None
+    metrics_token_file: Path | None = None
     shutdown_grace_s: float = 10.0
     sqlite_synchronous: str = "NORMAL"
     database_url: str | None = None
@@ -110,7 +123,37 @@ class BrokerSettings(BaseSettings):
             if not text:
                 raise ValueError(f"executor_token_file {self.executor_token_file} is empty")
             self.executor_token = text
+        if self.metrics_token_file is not None:
+            text = read_secret_file(self.metrics_token_file, "metrics_token_file").strip()
+            if not text:
+                raise ValueError(f"metrics_token_file {self.metrics_token_file} is empty")
+            self.metrics_token = text
         return self
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> BrokerSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if self.executor_listen is not None and self.tls_client_ca is None:
+            raise ValueError(
+                "executor_listen is the mutual-TLS port for executors: it needs tls_client_ca"
+            )
+        return self
+
+    @property
+    def tls(self) -> bool:
+        """True if the broker serves TLS."""
+        return self.tls_cert is not None
+
+    @property
+    def metrics_bind_host(self) -> str:
+        """Where /metrics listens: metrics_host, else the host of `listen`."""
+        if self.metrics_host:
+            return self.metrics_host
+        host = self.listen.rsplit(":", 1)[0].strip("[]")
+        return host or "127.0.0.1"
 
     @field_validator("tenant_weights")
     @classmethod

@@ -13,9 +13,11 @@ broker the same way. Results are summarised from the wire by
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from types import TracebackType
+from typing import Any
 
 import anyio
 import grpc
@@ -33,6 +35,7 @@ from qrelay.client.session import duration_seconds
 from qrelay.errors import Unavailable
 from qrelay.limits import MAX_PAGE_SIZE
 from qrelay.rpc import error_from_rpc
+from qrelay.tls import HandshakeFailed, client_tls
 
 FINAL_STATES = frozenset(
     {types_pb2.JOB_STATE_DONE, types_pb2.JOB_STATE_FAILED, types_pb2.JOB_STATE_CANCELLED}
@@ -75,11 +78,29 @@ def is_terminal(event: types_pb2.JobEvent) -> bool:
 class Broker:
     """One connection to a broker for one CLI command; `async with` closes it."""
 
-    def __init__(self, address: str | None, token: str | None, *, timeout: float = 15.0) -> None:
+    def __init__(
+        self,
+        address: str | None,
+        token: str | None,
+        *,
+        timeout: float = 15.0,
+        tls_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        """`tls_options`: AsyncQRelayService's TLS keywords (tls, tls_ca, tls_cert, ...)."""
         account = resolve_account(address, token)
-        self.address = account.broker
+        opts = dict(tls_options or {})
+        target, transport = client_tls(
+            account.broker,
+            tls=opts.get("tls"),
+            ca=opts.get("tls_ca"),
+            cert=opts.get("tls_cert"),
+            key=opts.get("tls_key"),
+            server_name=opts.get("tls_server_name"),
+            env=os.environ,
+        )
+        self.address = target
         self.connection = Connection(
-            account.broker, account.token, timeout=timeout, retry=RetryPolicy()
+            target, account.token, timeout=timeout, retry=RetryPolicy(), tls=transport
         )
 
     async def __aenter__(self) -> Broker:
@@ -96,7 +117,14 @@ class Broker:
     async def _call(self, method: object, request: object) -> object:
         try:
             return await self.connection.unary(method, request)  # type: ignore[arg-type]
+        except HandshakeFailed:
+            raise  # it already says what went wrong with TLS
         except Unavailable as exc:
+            if "Socket closed" in exc.message and self.connection.tls is None:
+                raise Unavailable(
+                    f"the server at {self.address} closed the connection at once: if it "
+                    f"serves TLS, use --broker grpcs://{self.address} or qrelay --tls-ca FILE"
+                ) from None
             if any(sign in exc.message for sign in _NO_CONNECTION):
                 raise Unreachable(self.address, _reason(exc.message)) from None
             raise

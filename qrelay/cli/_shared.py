@@ -142,6 +142,10 @@ Token = Annotated[
     ),
 ]
 
+#: TLS of the client commands, from the `qrelay` options (`qrelay --tls-ca FILE jobs list`):
+#: keyword arguments of AsyncQRelayService, set once per invocation by the root callback.
+client_tls_options: dict[str, Any] = {}
+
 #: Why a secret is refused as a flag, for the commands that once took one.
 SECRET_FLAG = (
     "secrets are not accepted as flags: any user of this host can read a process's "
@@ -153,6 +157,12 @@ def refuse_secret_flag(flag: str, instead: str) -> NoReturn:
     """Exit 2: `flag` would put a secret in argv; say what to use instead."""
     err_console.print(f"[red]{flag}: {SECRET_FLAG}; use {instead}[/]", highlight=False)
     raise typer.Exit(2)
+
+
+def warn_loudly(message: str) -> None:
+    """A warning no operator can miss: bold, red, framed, on stderr."""
+    rule = "!" * 78
+    err_console.print(f"[bold red]{rule}\nWARNING: {message}\n{rule}[/]", highlight=False)
 
 
 def _enum_names(enum: Any, prefix: str) -> dict[int, str]:
@@ -253,7 +263,7 @@ def _service(broker: str, token_file: Path | None) -> AsyncQRelayService:
     token from `token_file`, else QRELAY_TOKEN(_FILE)."""
     from qrelay.client.service import AsyncQRelayService
 
-    return AsyncQRelayService(broker, _token(token_file), timeout=15.0)
+    return AsyncQRelayService(broker, _token(token_file), timeout=15.0, **client_tls_options)
 
 
 def _broker(broker: str, token_file: Path | None) -> Broker:
@@ -261,7 +271,7 @@ def _broker(broker: str, token_file: Path | None) -> Broker:
     (see `qrelay.cli._broker`); the token as `_service` finds it."""
     from qrelay.cli._broker import Broker
 
-    return Broker(broker, _token(token_file))
+    return Broker(broker, _token(token_file), tls_options=client_tls_options)
 
 
 def _state(state: int) -> str:

@@ -18,8 +18,10 @@ from qrelay.cli._shared import (
     _run,
     _until_signal,
     refuse_secret_flag,
+    warn_loudly,
 )
 from qrelay.logging import safe_dsn as _redacted
+from qrelay.tls import exposure
 
 log = structlog.get_logger(__name__)
 
@@ -78,6 +80,36 @@ def broker_serve(
     metrics_port: Annotated[
         int | None, typer.Option(help="Prometheus metrics port; 0 for none.")
     ] = None,
+    metrics_host: Annotated[
+        str | None,
+        typer.Option(help="Host the metrics endpoint binds to (default: the --listen host)."),
+    ] = None,
+    metrics_token_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="File holding the bearer token scrapes must send (env "
+            "QRELAY_METRICS_TOKEN_FILE, or QRELAY_METRICS_TOKEN itself); none: open."
+        ),
+    ] = None,
+    metrics_token: Annotated[str | None, typer.Option(hidden=True)] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="TLS certificate (PEM, chain first) to serve with.")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="The private key of --tls-cert.")] = None,
+    tls_client_ca: Annotated[
+        Path | None,
+        typer.Option(
+            help="CA whose client certificates are required (mutual TLS): from executors on "
+            "--executor-listen if given, else from every caller."
+        ),
+    ] = None,
+    executor_listen: Annotated[
+        str | None,
+        typer.Option(
+            help="Second address, HOST:PORT, for executors only, requiring client "
+            "certificates (clients keep --listen without one)."
+        ),
+    ] = None,
 ) -> None:
     """Run a broker until SIGINT/SIGTERM. Every setting is also QRELAY_<NAME> in the
     environment (a flag wins)."""
@@ -90,6 +122,8 @@ def broker_serve(
         refuse_secret_flag(
             "--executor-token", "--executor-token-file FILE or QRELAY_EXECUTOR_TOKEN"
         )
+    if metrics_token is not None:
+        refuse_secret_flag("--metrics-token", "--metrics-token-file FILE or QRELAY_METRICS_TOKEN")
     with _reported_errors():
         settings = BrokerSettings(
             **_given(
@@ -105,8 +139,18 @@ def broker_serve(
                 max_job_bytes=max_job_bytes,
                 max_queued_per_tenant=max_queued_per_tenant,
                 metrics_port=metrics_port,
+                metrics_host=metrics_host,
+                metrics_token_file=metrics_token_file,
+                tls_cert=tls_cert,
+                tls_key=tls_key,
+                tls_client_ca=tls_client_ca,
+                executor_listen=executor_listen,
             )
         )
+    danger = exposure(settings.listen, tls=settings.tls, tokens=bool(settings.tokens))
+    if danger is not None:
+        warn_loudly(f"qrelay broker serve is {danger}. Use --tls-cert/--tls-key and tokens.")
+        log.warning("broker.exposed", listen=settings.listen, reason=danger)
 
     async def serve() -> None:
         async with running_broker(settings) as broker:

@@ -39,12 +39,16 @@ def _executor_settings(**flags: Any) -> Any:
     from qrelay.executor.settings import ExecutorSettings
 
     values = _given(**flags)
-    if (
-        "broker" not in values
-        and "QRELAY_EXECUTOR_BROKER" not in os.environ
-        and os.environ.get("QRELAY_BROKER")
+    # The client's variables serve an executor too, unless its own are set.
+    for field, shared in (
+        ("broker", "QRELAY_BROKER"),
+        ("tls_ca", "QRELAY_TLS_CA"),
+        ("tls", "QRELAY_TLS"),
+        ("tls_server_name", "QRELAY_TLS_SERVER_NAME"),
     ):
-        values["broker"] = os.environ["QRELAY_BROKER"]
+        own = f"QRELAY_EXECUTOR_{field.upper()}"
+        if field not in values and own not in os.environ and os.environ.get(shared):
+            values[field] = os.environ[shared]
     return ExecutorSettings(**values)
 
 
@@ -101,6 +105,37 @@ def executor_serve(
     metrics_port: Annotated[
         int | None, typer.Option(help="Prometheus metrics port; 0 for none.")
     ] = None,
+    metrics_host: Annotated[
+        str | None, typer.Option(help="Host the metrics endpoint binds to (default 127.0.0.1).")
+    ] = None,
+    metrics_token_file: Annotated[
+        Path | None,
+        typer.Option(help="File holding the bearer token scrapes must send; none: open."),
+    ] = None,
+    tls: Annotated[
+        bool | None,
+        typer.Option(
+            "--tls/--no-tls",
+            help="Dial the broker with TLS (default: per address; grpcs://HOST:PORT is TLS, "
+            "and so is any address when a CA or certificate file is given).",
+        ),
+    ] = None,
+    tls_ca: Annotated[
+        Path | None,
+        typer.Option(
+            help="CA the broker's certificate must be signed by (env QRELAY_EXECUTOR_TLS_CA "
+            "or QRELAY_TLS_CA; default: the system roots)."
+        ),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(help="This executor's client certificate (mutual TLS), PEM."),
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="The private key of --tls-cert.")] = None,
+    tls_server_name: Annotated[
+        str | None,
+        typer.Option(help="Name the broker's certificate carries, if not the host dialled."),
+    ] = None,
     programs: Annotated[
         bool | None,
         typer.Option(
@@ -145,12 +180,19 @@ def executor_serve(
             reconnect_max_s=reconnect_max,
             connect_timeout_s=connect_timeout,
             metrics_port=metrics_port,
+            metrics_host=metrics_host,
+            metrics_token_file=metrics_token_file,
+            tls=tls,
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_server_name=tls_server_name,
             programs=programs,
             max_run_time_s=max_run_time,
             worker_memory_mb=worker_memory_mb,
             backend_providers=backend_provider or None,
         )
-    executor = Executor(settings)
+        executor = Executor(settings)
 
     async def serve() -> None:
         async with anyio.create_task_group() as tg:

@@ -25,8 +25,15 @@ from qrelay._proto.v1 import (
     types_pb2,
 )
 from qrelay.client._log import get_logger
-from qrelay.errors import InvalidArgument, Unavailable
+from qrelay.errors import InvalidArgument, QRelayError, Unavailable
 from qrelay.rpc import error_from_rpc
+from qrelay.tls import (
+    ClientTLS,
+    HandshakeFailed,
+    explain_failure,
+    secure_channel,
+    split_scheme,
+)
 
 log = get_logger(__name__)
 
@@ -75,6 +82,11 @@ _RESUMABLE = frozenset(
 )
 
 
+def retryable(error: QRelayError) -> bool:
+    """True for UNAVAILABLE, except a TLS failure: a certificate is not trusted on a retry."""
+    return isinstance(error, Unavailable) and not isinstance(error, HandshakeFailed)
+
+
 def is_resumable(exc: grpc.RpcError) -> bool:
     """True for stream failures caused by the connection rather than by the request."""
     code = exc.code() if hasattr(exc, "code") else None
@@ -95,16 +107,19 @@ class Connection:
         *,
         timeout: float,
         retry: RetryPolicy,
+        tls: ClientTLS | None = None,
     ) -> None:
-        if not address or ":" not in address:
+        target, _ = split_scheme(address)
+        if not target or ":" not in target:
             raise InvalidArgument(f"broker address must be 'host:port', got {address!r}")
-        self.address = address
+        self.address = target
+        self.tls = tls
         self.timeout = timeout
         self.retry = retry
         self.metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {token}"),) if token else ()
         )
-        self.channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self.channel = secure_channel(target, tls, _CHANNEL_OPTIONS)
         self.jobs = jobs_pb2_grpc.JobServiceStub(self.channel)
         self.backends = backends_pb2_grpc.BackendServiceStub(self.channel)
         self.programs = programs_pb2_grpc.ProgramServiceStub(self.channel)
@@ -128,8 +143,8 @@ class Connection:
             try:
                 return await method(request, metadata=self.metadata, timeout=max(remaining, 0.001))
             except grpc.aio.AioRpcError as exc:
-                error = error_from_rpc(exc)
-                if not isinstance(error, Unavailable):
+                error = self.error(exc)
+                if not retryable(error):
                     raise error from None
                 pause = self.retry.backoff(attempt)
                 if attempt >= self.retry.max_attempts or time.monotonic() + pause >= deadline:
@@ -141,6 +156,15 @@ class Connection:
                     "rpc.retried", address=self.address, attempt=attempt, pause_s=round(pause, 3)
                 )
                 await anyio.sleep(pause)
+
+    def error(self, exc: grpc.RpcError) -> QRelayError:
+        """The qrelay error of a failed call; a TLS handshake failure says what went wrong."""
+        error = error_from_rpc(exc)
+        if isinstance(error, Unavailable):
+            explained = explain_failure(error.message, self.tls, self.address)
+            if explained is not None:
+                return HandshakeFailed(explained)
+        return error
 
     def watch(self, job_id: str, after_seq: int) -> grpc.aio.UnaryStreamCall[Any, Any]:
         """Open a Watch stream (no deadline: a job may run for hours; keepalive guards it)."""

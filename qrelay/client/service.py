@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import time
 import uuid
 import weakref
@@ -24,7 +25,7 @@ import grpc
 from qiskit.providers import JobStatus
 
 from qrelay._proto.v1 import backends_pb2, jobs_pb2, programs_pb2, sessions_pb2, types_pb2
-from qrelay.client._connection import Connection, RetryPolicy
+from qrelay.client._connection import Connection, RetryPolicy, retryable
 from qrelay.client._log import get_logger
 from qrelay.client._loop import LoopThread
 from qrelay.client._runstream import RunStreamMux
@@ -61,7 +62,7 @@ from qrelay.errors import (
     Unavailable,
 )
 from qrelay.limits import MAX_PAGE_SIZE as _MAX_PAGE
-from qrelay.rpc import error_from_rpc
+from qrelay.tls import client_tls
 from qrelay.values import encode_value
 
 if TYPE_CHECKING:
@@ -164,6 +165,15 @@ class AsyncQRelayService:
 
     `token` travels as `authorization: Bearer <token>`; `timeout` bounds
     every unary call including its UNAVAILABLE retries.
+
+    TLS: an address `grpcs://host:port`, `tls=True` or a CA file dials with
+    TLS, verifying the broker's certificate against `tls_ca` (else the system
+    roots); `tls_cert`/`tls_key` present a client certificate to a broker
+    that requires one; `tls_server_name` is the name the certificate must
+    carry when it differs from the host dialled. Unset, they come from
+    QRELAY_TLS, QRELAY_TLS_CA, QRELAY_TLS_CLIENT_CERT, QRELAY_TLS_CLIENT_KEY
+    and QRELAY_TLS_SERVER_NAME. A certificate the client does not trust
+    fails at the first call with `Unavailable` saying so.
     """
 
     def __init__(
@@ -174,12 +184,30 @@ class AsyncQRelayService:
         name: str | None = None,
         timeout: float = 30.0,
         retry: RetryPolicy | None = None,
+        tls: bool | None = None,
+        tls_ca: str | os.PathLike[str] | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
+        tls_server_name: str | None = None,
     ) -> None:
         if timeout <= 0:
             raise InvalidArgument(f"timeout must be > 0 seconds, got {timeout}")
         account = resolve_account(address, token, name)
+        target, transport = client_tls(
+            account.broker,
+            tls=tls,
+            ca=tls_ca,
+            cert=tls_cert,
+            key=tls_key,
+            server_name=tls_server_name,
+            env=os.environ,
+        )
         self.connection = Connection(
-            account.broker, account.token, timeout=timeout, retry=retry or RetryPolicy()
+            target,
+            account.token,
+            timeout=timeout,
+            retry=retry or RetryPolicy(),
+            tls=transport,
         )
         self._open_runs = 0
         # Every submit-and-follow shares one RunStream (Run on brokers without it).
@@ -351,10 +379,10 @@ class AsyncQRelayService:
                 if on_stream and not self._runs.supported:
                     attempt -= 1  # an older broker: the same job again, by Run
                     continue
-                error = error_from_rpc(exc) if isinstance(exc, grpc.aio.AioRpcError) else exc
+                error = conn.error(exc) if isinstance(exc, grpc.aio.AioRpcError) else exc
                 pause = conn.retry.backoff(attempt)
                 if (
-                    not isinstance(error, Unavailable)
+                    not retryable(error)
                     or attempt >= conn.retry.max_attempts
                     or time.monotonic() + pause >= deadline
                 ):
@@ -518,8 +546,9 @@ def _least_busy(
 async def _open(
     account: Account,
     timeout: float,  # noqa: ASYNC109 - passed on
+    tls: dict[str, Any],
 ) -> AsyncQRelayService:
-    return AsyncQRelayService(account.broker, account.token, timeout=timeout)
+    return AsyncQRelayService(account.broker, account.token, timeout=timeout, **tls)
 
 
 #: The services of the enclosing `with QRelayService(...)` blocks, innermost last:
@@ -568,14 +597,27 @@ class QRelayService:
         *,
         name: str | None = None,
         timeout: float = 30.0,
+        tls: bool | None = None,
+        tls_ca: str | os.PathLike[str] | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
+        tls_server_name: str | None = None,
     ) -> None:
         """Connect to `address` with `token`; without an address, to the account `name`,
         else QRELAY_BROKER, else the default saved account (`save_account`). QRELAY_TOKEN
-        is the default token."""
+        is the default token. TLS as `AsyncQRelayService`: `grpcs://host:port`,
+        `tls=True` or `tls_ca=` (QRELAY_TLS_CA)."""
         account = resolve_account(address, token, name)
+        transport: dict[str, Any] = {
+            "tls": tls,
+            "tls_ca": tls_ca,
+            "tls_cert": tls_cert,
+            "tls_key": tls_key,
+            "tls_server_name": tls_server_name,
+        }
         self._loop = LoopThread(name=f"qrelay-client-{account.broker}")
         try:
-            self._core: AsyncQRelayService = self._loop.call(_open, account, timeout)
+            self._core: AsyncQRelayService = self._loop.call(_open, account, timeout, transport)
         except BaseException:
             self._loop.stop()
             raise

@@ -39,7 +39,7 @@ import anyio.abc
 import anyio.lowlevel
 import grpc
 import structlog
-from prometheus_client import Counter, Gauge, start_http_server
+from prometheus_client import Counter, Gauge
 
 import qrelay
 from qrelay._proto.v1 import backends_pb2, executor_pb2, executor_pb2_grpc, types_pb2
@@ -55,7 +55,9 @@ from qrelay.errors import (
 from qrelay.executor import guards
 from qrelay.executor.settings import ExecutorSettings
 from qrelay.executor.workers import Progress, WorkerPool, WorkerPoolConfig
+from qrelay.metrics_http import MetricsServer
 from qrelay.rpc import error_from_rpc
+from qrelay.tls import client_tls, secure_channel
 
 log = structlog.get_logger(__name__)
 
@@ -156,6 +158,18 @@ class Executor:
         # Broker replicas, tried in turn: a lost link fails over to the next.
         self._brokers = settings.broker_addresses
         self._broker_index = 0
+        # Each replica's dial target and TLS (an address may say grpcs://).
+        self._targets = [
+            client_tls(
+                address,
+                tls=settings.tls,
+                ca=settings.tls_ca,
+                cert=settings.tls_cert,
+                key=settings.tls_key,
+                server_name=settings.tls_server_name,
+            )
+            for address in self._brokers
+        ]
 
     # -- properties for tests and the CLI ---------------------------------
 
@@ -262,8 +276,16 @@ class Executor:
     async def _serve(self) -> None:
         metrics_server = None
         if self.settings.metrics_port:
-            metrics_server, _ = start_http_server(self.settings.metrics_port)
-            self._log.info("metrics.serving", port=self.settings.metrics_port)
+            metrics_server = MetricsServer(
+                self.settings.metrics_host,
+                self.settings.metrics_port,
+                token=self.settings.metrics_token,
+            )
+            self._log.info(
+                "metrics.listening",
+                url=metrics_server.url,
+                token=self.settings.metrics_token is not None,
+            )
         SLOTS.labels(self.settings.executor_id).set(self.settings.slots)
         self._busy_gauge.set(0)
         async with anyio.create_task_group() as jobs:
@@ -275,8 +297,7 @@ class Executor:
                 jobs.cancel_scope.cancel()
                 CONNECTED.labels(self.settings.executor_id).set(0)
                 if metrics_server is not None:
-                    metrics_server.shutdown()
-                    metrics_server.server_close()
+                    metrics_server.stop()
                 await self._close_program_runner()
 
     async def _start_program_runner(self) -> None:
@@ -408,12 +429,20 @@ class Executor:
         ]
         timeout = self.settings.connect_timeout_s
         broker = self.broker
-        async with grpc.aio.insecure_channel(broker, options=options) as channel:
+        target, tls = self._targets[self._broker_index]
+        async with secure_channel(target, tls, options) as channel:
             try:
                 with anyio.fail_after(timeout):
                     await channel.channel_ready()
             except TimeoutError:
-                raise StreamClosed(f"could not reach {broker} within {timeout:g}s") from None
+                how = (
+                    ""
+                    if tls is None
+                    else f" over TLS (checking its certificate against {tls.trusts}; an "
+                    "untrusted broker certificate or a refused client certificate looks like "
+                    "this too)"
+                )
+                raise StreamClosed(f"could not reach {broker}{how} within {timeout:g}s") from None
             stub = executor_pb2_grpc.ExecutorServiceStub(channel)
             call = stub.Connect(metadata=self._metadata())
             try:

@@ -68,6 +68,24 @@ class ExecutorSettings(BaseSettings):
         default=None,
         description="File holding the executor token (secrets never travel in argv).",
     )
+    tls: bool | None = Field(
+        default=None,
+        description=(
+            "Dial the broker with TLS (default: per address, grpcs:// is TLS; on when a "
+            "CA or certificate file is given)."
+        ),
+    )
+    tls_ca: Path | None = Field(
+        default=None,
+        description="CA file the broker's certificate is checked against (default: system roots).",
+    )
+    tls_cert: Path | None = Field(
+        default=None, description="This executor's client certificate (mutual TLS)."
+    )
+    tls_key: Path | None = Field(default=None, description="The key of tls_cert.")
+    tls_server_name: str | None = Field(
+        default=None, description="Name to check the broker's certificate against, if not its host."
+    )
     optimization_level: int = Field(
         default=1, ge=0, le=3, description="Transpiler optimization level."
     )
@@ -85,6 +103,15 @@ class ExecutorSettings(BaseSettings):
         default=256 * 1024 * 1024, gt=0, description="Largest gRPC message sent or received."
     )
     metrics_port: int = Field(default=0, ge=0, le=65535, description="Prometheus port; 0 for none.")
+    metrics_host: str = Field(
+        default="127.0.0.1", min_length=1, description="Host the Prometheus endpoint binds to."
+    )
+    metrics_token: str | None = Field(
+        default=None, description="Bearer token scrapes of /metrics must send (none: open)."
+    )
+    metrics_token_file: Path | None = Field(
+        default=None, description="File holding metrics_token (secrets never travel in argv)."
+    )
     worker_memory_mb: int = Field(
         default=0,
         ge=0,
@@ -129,6 +156,17 @@ class ExecutorSettings(BaseSettings):
             if not text:
                 raise ValueError(f"token_file {self.token_file} is empty")
             self.token = text
+        if self.metrics_token_file is not None:
+            from qrelay.broker.settings import read_secret_file
+
+            text = read_secret_file(self.metrics_token_file, "metrics_token_file").strip()
+            if not text:
+                raise ValueError(f"metrics_token_file {self.metrics_token_file} is empty")
+            self.metrics_token = text
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        if self.tls is False and (self.tls_ca or self.tls_cert):
+            raise ValueError("tls is off but TLS files are given")
         return self
 
     @property
