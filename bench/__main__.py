@@ -22,6 +22,7 @@ BENCHMARKS = (
     "dispatch",
     "throughput",
     "long_jobs",
+    "fairness",
     "transpile_cache",
     "estimator_ideal",
     "hybrid_loop",

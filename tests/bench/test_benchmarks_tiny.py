@@ -205,3 +205,13 @@ def test_estimator_ideal_compares_qrelay_with_aer_estimator_in_one_run(tmp_path:
         "precision_0.015625.pipeline_over_aer_p50",
         "pipeline_within_target",
     } <= data["figures"].keys()
+
+
+def test_fairness_counts_a_backlogs_jobs_ahead_of_another_tenants_first(tmp_path: Path) -> None:
+    data = run_tiny("fairness", tmp_path)
+    assert {r["store"] for r in data["rows"]} >= {"sqlite"}
+    for row in data["rows"]:
+        assert row["a_backlog"] == 20
+        assert row["a_jobs_seen_by_a"] == 20, "A sees exactly its own jobs"
+        assert row["a_ahead_of_b"] <= row["bound"] == 2
+    assert data["figures"]["all_within_one_job_per_slot"] is True
