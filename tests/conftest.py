@@ -8,6 +8,7 @@ a sync test cannot deadlock the servers they talk to.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,6 +16,10 @@ from typing import Any
 import pytest
 
 from qrelay.testing import LocalStack, local_stack, local_stack_in_thread
+
+# The CLI run in-process (CliRunner) must not freeze this process's loggers: later
+# tests capture log events with structlog.testing.capture_logs.
+os.environ["QRELAY_LOG_CACHE"] = "0"
 
 # Short lease/heartbeat so that failure tests finish quickly.
 FAST_BROKER: dict[str, Any] = {"lease_ttl_s": 2.0, "heartbeat_interval_s": 0.25}

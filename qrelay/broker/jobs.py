@@ -119,8 +119,7 @@ class Jobs:
         if page_size < 0:
             raise InvalidArgument(f"page_size must be >= 0, got {page_size}")
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        if "\x00" in program:  # PostgreSQL text cannot hold NUL
-            raise InvalidArgument("program must not contain NUL characters")
+        validation.check_text(program, "program")  # PostgreSQL text cannot hold NUL
         try:
             wanted = [JobState(s) for s in states]
         except ValueError:

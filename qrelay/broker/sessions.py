@@ -35,6 +35,7 @@ from collections.abc import Sequence
 import anyio
 import structlog
 
+from qrelay.broker import validation
 from qrelay.broker.jobs import DEFAULT_PAGE_SIZE, Jobs
 from qrelay.broker.scheduler import Scheduler
 from qrelay.broker.settings import BrokerSettings
@@ -132,8 +133,7 @@ class Sessions:
         if page_size < 0:
             raise InvalidArgument(f"page_size must be >= 0, got {page_size}")
         for field, value in (("backend", backend), ("page_token", page_token)):
-            if "\x00" in value:  # PostgreSQL text cannot hold NUL
-                raise InvalidArgument(f"{field} must not contain NUL characters")
+            validation.check_text(value, field)  # PostgreSQL text cannot hold NUL
         try:
             wanted = [SessionState(s) for s in states]
         except ValueError:

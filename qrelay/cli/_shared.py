@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import os
 import signal
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -229,7 +230,10 @@ async def _until_signal(serve: Callable[[], Awaitable[None]]) -> None:
     """Run `serve` until it returns or SIGINT/SIGTERM arrives, then cancel it cleanly."""
     # A serving process configures logging once: each logger may keep its bound
     # form instead of rebuilding it on every call (the job path logs several times).
-    structlog.configure(cache_logger_on_first_use=True)
+    # QRELAY_LOG_CACHE=0 keeps loggers following later configuration (tests that
+    # run the CLI in-process and then capture logs).
+    if os.environ.get("QRELAY_LOG_CACHE", "1") != "0":
+        structlog.configure(cache_logger_on_first_use=True)
     async with anyio.create_task_group() as tg:
 
         async def watch_signals() -> None:

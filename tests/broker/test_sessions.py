@@ -244,8 +244,8 @@ async def test_list_sessions_refuses_bad_requests_with_invalid_argument(
         (sessions_pb2.ListSessionsRequest(page_token="nan/s-x"), "page_token"),
         (sessions_pb2.ListSessionsRequest(page_token="9" * 5000 + "/s"), "page_token"),
         (sessions_pb2.ListSessionsRequest(states=[42]), "unknown session state"),  # type: ignore[list-item]
-        (sessions_pb2.ListSessionsRequest(backend="a\x00b"), "backend must not contain NUL"),
-        (sessions_pb2.ListSessionsRequest(page_token="1.0/s\x00"), "page_token must not"),
+        (sessions_pb2.ListSessionsRequest(backend="a\x00b"), "backend contains a NUL character"),
+        (sessions_pb2.ListSessionsRequest(page_token="1.0/s\x00"), "page_token contains a NUL character"),
     ):
         await expect_error(sessions.List(request), grpc.StatusCode.INVALID_ARGUMENT, message)
     assert not (await sessions.List(sessions_pb2.ListSessionsRequest())).sessions
@@ -257,7 +257,7 @@ async def test_list_jobs_by_program_refuses_nul_with_invalid_argument(
     await expect_error(
         jobs.List(jobs_pb2.ListJobsRequest(program="p-\x00")),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "program must not contain NUL",
+        "program contains a NUL character",
     )
     assert not (await jobs.List(jobs_pb2.ListJobsRequest(program="no-such"))).jobs
 
