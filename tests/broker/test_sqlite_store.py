@@ -52,6 +52,12 @@ async def test_upgrade_to_v3_counts_the_jobs_already_queued(tmp_path: Path) -> N
         )
     await store.close()
     with sqlite3.connect(path) as conn:  # back to a version-2 database with those jobs
+        for index in ("jobs_tenant_fair", "jobs_tenant_priority", "jobs_tenant_running"):
+            conn.execute(f"DROP INDEX {index}")  # version 6: quotas, usage, priorities
+        conn.execute("DROP INDEX sessions_tenant")
+        conn.execute("ALTER TABLE jobs DROP COLUMN priority")
+        conn.execute("ALTER TABLE jobs DROP COLUMN usage_s")
+        conn.execute("DROP TABLE tenant_usage")
         conn.execute("DROP INDEX jobs_fair")  # version 4: fair share
         conn.execute("ALTER TABLE jobs DROP COLUMN vt")
         conn.execute("DROP TABLE fair_share")

@@ -376,7 +376,8 @@ async def test_queued_counters_stay_exact_across_every_transition(store: JobStor
     assert [g.job.id for g in grants] == a[:2]
     await assert_queued_counts_exact(store, tenants)
     fresh, _ = await store.submit(new_job(tenant="t2"), max_queued_per_tenant=100)
-    assert fresh.queue_position == 3  # at most the rest of aer's queue ahead, and this one
+    # None of t2's own jobs ahead: its first job starts at the clock (fair share).
+    assert fresh.queue_position == 1
     await assert_queued_counts_exact(store, tenants)
     # cancel queued, cancel running
     await store.cancel(a[2], "t1", "x")

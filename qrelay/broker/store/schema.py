@@ -43,7 +43,7 @@ SESSION_LIVE = f"({SESSION_OPEN}, {SESSION_ACTIVE})"
 JOB_COLUMNS = (
     "id, tenant, backend, kind, state, attempts, created_at, started_at, finished_at, error, "
     "session_id, executor_id, lease_id, lease_expires_at, last_seq, tags, idempotency_key, "
-    "num_pubs, qseq, vt"
+    "num_pubs, qseq, vt, priority, usage_s"
 )
 PROGRAM_COLUMNS = (
     "id, tenant, name, version, entry_point, requirements, input_schema_json, description, "
@@ -58,10 +58,13 @@ BACKEND_COLUMNS = "name, info, last_seen"
 #: Columns of a new job's INSERT, in `job_values` order.
 NEW_JOB_COLUMNS = (
     "id, tenant, backend, kind, state, created_at, session_id, tags, idempotency_key, "
-    "num_pubs, spec, program_id, last_seq, vt"
+    "num_pubs, spec, program_id, last_seq, vt, priority"
 )
 #: The order queued jobs are claimed in: fair-share start tag, then age.
 CLAIM_ORDER = "j.vt, j.qseq"
+#: A tenant's best queued job to run in its turn (`JobStore.claim`): highest
+#: priority, then the fair order (index jobs_tenant_priority).
+PRIORITY_ORDER = "j.priority DESC, j.vt, j.qseq"
 #: The start tag of the earliest queued job of another session or none on the
 #: job `j`'s backend; a dedicated session's jump is bounded by it.
 OTHERS_FIRST_TAG = (
@@ -111,6 +114,8 @@ def job_record(row: Row, queue_position: int = 0) -> JobRecord:
         idempotency_key=row["idempotency_key"] or "",
         num_pubs=row["num_pubs"],
         queue_position=queue_position,
+        priority=row["priority"],
+        usage_s=row["usage_s"],
     )
 
 
@@ -295,6 +300,30 @@ MIGRATIONS: dict[int, str] = {
     CREATE TABLE fair_clock (
         backend TEXT PRIMARY KEY,
         clock {{real}} NOT NULL
+    );
+    """,
+    # 5 is another change's number (identity); this qrelay skips it as empty.
+    5: "",
+    # Quotas, usage and priorities (`qrelay.broker.quotas`): each job's priority
+    # within its tenant and its executor-seconds; executor-seconds per tenant
+    # per UTC day (a period's use is the sum of its days); each tenant's weight
+    # beside its fair share (queue-position estimates); indexes that keep a
+    # tenant's own queue, its running jobs and its best-priority job cheap to
+    # find however deep the other tenants' queues are.
+    6: f"""
+    ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN usage_s {{real}} NOT NULL DEFAULT 0;
+    ALTER TABLE fair_share ADD COLUMN weight {{real}} NOT NULL DEFAULT 1;
+    CREATE INDEX jobs_tenant_fair ON jobs (tenant, backend, vt, qseq) WHERE state = {QUEUED};
+    CREATE INDEX jobs_tenant_priority ON jobs (tenant, backend, session_id, priority, vt, qseq)
+        WHERE state = {QUEUED};
+    CREATE INDEX jobs_tenant_running ON jobs (tenant) WHERE state = {RUNNING};
+    CREATE INDEX sessions_tenant ON sessions (tenant, state);
+    CREATE TABLE tenant_usage (
+        tenant TEXT NOT NULL,
+        day TEXT NOT NULL,  -- UTC date, YYYY-MM-DD
+        seconds {{real}} NOT NULL,
+        PRIMARY KEY (tenant, day)
     );
     """,
 }
