@@ -72,9 +72,7 @@ class ResourceExhausted(QRelayError):
 class QuotaExceeded(ResourceExhausted):
     """A tenant's quota refused the request; names the quota, its limit and the use."""
 
-    def __init__(
-        self, message: str, *, tenant: str, quota: str, limit: float, used: float
-    ) -> None:
+    def __init__(self, message: str, *, tenant: str, quota: str, limit: float, used: float) -> None:
         super().__init__(message)
         self.tenant = tenant
         self.quota = quota

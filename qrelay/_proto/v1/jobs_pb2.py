@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from qrelay._proto.v1 import types_pb2 as qrelay_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14qrelay/v1/jobs.proto\x12\tqrelay.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15qrelay/v1/types.proto\"I\n\x10RunStreamRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12(\n\x06submit\x18\x02 \x01(\x0b\x32\x18.qrelay.v1.SubmitRequest\"9\n\x0eRunStreamReply\x12\'\n\x05items\x18\x01 \x03(\x0b\x32\x18.qrelay.v1.RunStreamItem\"y\n\rRunStreamItem\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12$\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x13.qrelay.v1.JobEventH\x00\x12*\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.qrelay.v1.RunStreamErrorH\x00\x42\t\n\x07payload\"/\n\x0eRunStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"J\n\rSubmitRequest\x12 \n\x04spec\x18\x01 \x01(\x0b\x32\x12.qrelay.v1.JobSpec\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"\x82\x04\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12 \n\x04kind\x18\x03 \x01(\x0e\x32\x12.qrelay.v1.JobKind\x12\"\n\x05state\x18\x04 \x01(\x0e\x32\x13.qrelay.v1.JobState\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\x05\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\"\n\x05\x65rror\x18\t \x01(\x0b\x32\x13.qrelay.v1.JobError\x12\x12\n\nsession_id\x18\n \x01(\t\x12\x13\n\x0b\x65xecutor_id\x18\x0b \x01(\t\x12\x10\n\x08last_seq\x18\x0c \x01(\x03\x12&\n\x04tags\x18\r \x03(\x0b\x32\x18.qrelay.v1.Job.TagsEntry\x12\x17\n\x0fidempotency_key\x18\x0e \x01(\t\x12\x10\n\x08num_pubs\x18\x0f \x01(\x05\x12\x16\n\x0equeue_position\x18\x10 \x01(\x03\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x82\x01\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12#\n\x06states\x18\x03 \x03(\x0e\x32\x13.qrelay.v1.JobState\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x12\n\nsession_id\x18\x05 \x01(\t\"I\n\x10ListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.qrelay.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"1\n\x0cWatchRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\"\"\n\x10GetResultRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t2\xe3\x03\n\nJobService\x12\x32\n\x06Submit\x12\x18.qrelay.v1.SubmitRequest\x1a\x0e.qrelay.v1.Job\x12/\n\x03Get\x12\x18.qrelay.v1.GetJobRequest\x1a\x0e.qrelay.v1.Job\x12?\n\x04List\x12\x1a.qrelay.v1.ListJobsRequest\x1a\x1b.qrelay.v1.ListJobsResponse\x12\x35\n\x06\x43\x61ncel\x12\x1b.qrelay.v1.CancelJobRequest\x1a\x0e.qrelay.v1.Job\x12\x37\n\x05Watch\x12\x17.qrelay.v1.WatchRequest\x1a\x13.qrelay.v1.JobEvent0\x01\x12>\n\tGetResult\x12\x1b.qrelay.v1.GetResultRequest\x1a\x14.qrelay.v1.JobResult\x12\x36\n\x03Run\x12\x18.qrelay.v1.SubmitRequest\x1a\x13.qrelay.v1.JobEvent0\x01\x12G\n\tRunStream\x12\x1b.qrelay.v1.RunStreamRequest\x1a\x19.qrelay.v1.RunStreamReply(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14qrelay/v1/jobs.proto\x12\tqrelay.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15qrelay/v1/types.proto\"\x11\n\x0fGetUsageRequest\"\x8c\x02\n\x06Quotas\x12\x1c\n\x0fmax_queued_jobs\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x1d\n\x10max_running_jobs\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x19\n\x0cmax_sessions\x18\x03 \x01(\x03H\x02\x88\x01\x01\x12\x1e\n\x11max_program_bytes\x18\x04 \x01(\x03H\x03\x88\x01\x01\x12!\n\x14max_executor_seconds\x18\x05 \x01(\x01H\x04\x88\x01\x01\x42\x12\n\x10_max_queued_jobsB\x13\n\x11_max_running_jobsB\x0f\n\r_max_sessionsB\x14\n\x12_max_program_bytesB\x17\n\x15_max_executor_seconds\"\xff\x01\n\x05Usage\x12\x30\n\x0cperiod_start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nperiod_end\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x65xecutor_seconds\x18\x03 \x01(\x01\x12\x13\n\x0bqueued_jobs\x18\x04 \x01(\x03\x12\x14\n\x0crunning_jobs\x18\x05 \x01(\x03\x12\x15\n\ropen_sessions\x18\x06 \x01(\x03\x12\x15\n\rprogram_bytes\x18\x07 \x01(\x03\x12!\n\x06quotas\x18\x08 \x01(\x0b\x32\x11.qrelay.v1.Quotas\"I\n\x10RunStreamRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12(\n\x06submit\x18\x02 \x01(\x0b\x32\x18.qrelay.v1.SubmitRequest\"9\n\x0eRunStreamReply\x12\'\n\x05items\x18\x01 \x03(\x0b\x32\x18.qrelay.v1.RunStreamItem\"y\n\rRunStreamItem\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12$\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x13.qrelay.v1.JobEventH\x00\x12*\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.qrelay.v1.RunStreamErrorH\x00\x42\t\n\x07payload\"/\n\x0eRunStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"J\n\rSubmitRequest\x12 \n\x04spec\x18\x01 \x01(\x0b\x32\x12.qrelay.v1.JobSpec\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"\xab\x04\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12 \n\x04kind\x18\x03 \x01(\x0e\x32\x12.qrelay.v1.JobKind\x12\"\n\x05state\x18\x04 \x01(\x0e\x32\x13.qrelay.v1.JobState\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\x05\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\"\n\x05\x65rror\x18\t \x01(\x0b\x32\x13.qrelay.v1.JobError\x12\x12\n\nsession_id\x18\n \x01(\t\x12\x13\n\x0b\x65xecutor_id\x18\x0b \x01(\t\x12\x10\n\x08last_seq\x18\x0c \x01(\x03\x12&\n\x04tags\x18\r \x03(\x0b\x32\x18.qrelay.v1.Job.TagsEntry\x12\x17\n\x0fidempotency_key\x18\x0e \x01(\t\x12\x10\n\x08num_pubs\x18\x0f \x01(\x05\x12\x16\n\x0equeue_position\x18\x10 \x01(\x03\x12\x15\n\rusage_seconds\x18\x11 \x01(\x01\x12\x10\n\x08priority\x18\x12 \x01(\x05\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x82\x01\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12#\n\x06states\x18\x03 \x03(\x0e\x32\x13.qrelay.v1.JobState\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x12\n\nsession_id\x18\x05 \x01(\t\"I\n\x10ListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.qrelay.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"1\n\x0cWatchRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\"\"\n\x10GetResultRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t2\x9d\x04\n\nJobService\x12\x32\n\x06Submit\x12\x18.qrelay.v1.SubmitRequest\x1a\x0e.qrelay.v1.Job\x12/\n\x03Get\x12\x18.qrelay.v1.GetJobRequest\x1a\x0e.qrelay.v1.Job\x12?\n\x04List\x12\x1a.qrelay.v1.ListJobsRequest\x1a\x1b.qrelay.v1.ListJobsResponse\x12\x35\n\x06\x43\x61ncel\x12\x1b.qrelay.v1.CancelJobRequest\x1a\x0e.qrelay.v1.Job\x12\x37\n\x05Watch\x12\x17.qrelay.v1.WatchRequest\x1a\x13.qrelay.v1.JobEvent0\x01\x12>\n\tGetResult\x12\x1b.qrelay.v1.GetResultRequest\x1a\x14.qrelay.v1.JobResult\x12\x36\n\x03Run\x12\x18.qrelay.v1.SubmitRequest\x1a\x13.qrelay.v1.JobEvent0\x01\x12G\n\tRunStream\x12\x1b.qrelay.v1.RunStreamRequest\x1a\x19.qrelay.v1.RunStreamReply(\x01\x30\x01\x12\x38\n\x08GetUsage\x12\x1a.qrelay.v1.GetUsageRequest\x1a\x10.qrelay.v1.Usageb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,32 +36,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_JOB_TAGSENTRY']._loaded_options = None
   _globals['_JOB_TAGSENTRY']._serialized_options = b'8\001'
-  _globals['_RUNSTREAMREQUEST']._serialized_start=91
-  _globals['_RUNSTREAMREQUEST']._serialized_end=164
-  _globals['_RUNSTREAMREPLY']._serialized_start=166
-  _globals['_RUNSTREAMREPLY']._serialized_end=223
-  _globals['_RUNSTREAMITEM']._serialized_start=225
-  _globals['_RUNSTREAMITEM']._serialized_end=346
-  _globals['_RUNSTREAMERROR']._serialized_start=348
-  _globals['_RUNSTREAMERROR']._serialized_end=395
-  _globals['_SUBMITREQUEST']._serialized_start=397
-  _globals['_SUBMITREQUEST']._serialized_end=471
-  _globals['_JOB']._serialized_start=474
-  _globals['_JOB']._serialized_end=988
-  _globals['_JOB_TAGSENTRY']._serialized_start=945
-  _globals['_JOB_TAGSENTRY']._serialized_end=988
-  _globals['_GETJOBREQUEST']._serialized_start=990
-  _globals['_GETJOBREQUEST']._serialized_end=1021
-  _globals['_LISTJOBSREQUEST']._serialized_start=1024
-  _globals['_LISTJOBSREQUEST']._serialized_end=1154
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1156
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1229
-  _globals['_CANCELJOBREQUEST']._serialized_start=1231
-  _globals['_CANCELJOBREQUEST']._serialized_end=1281
-  _globals['_WATCHREQUEST']._serialized_start=1283
-  _globals['_WATCHREQUEST']._serialized_end=1332
-  _globals['_GETRESULTREQUEST']._serialized_start=1334
-  _globals['_GETRESULTREQUEST']._serialized_end=1368
-  _globals['_JOBSERVICE']._serialized_start=1371
-  _globals['_JOBSERVICE']._serialized_end=1854
+  _globals['_GETUSAGEREQUEST']._serialized_start=91
+  _globals['_GETUSAGEREQUEST']._serialized_end=108
+  _globals['_QUOTAS']._serialized_start=111
+  _globals['_QUOTAS']._serialized_end=379
+  _globals['_USAGE']._serialized_start=382
+  _globals['_USAGE']._serialized_end=637
+  _globals['_RUNSTREAMREQUEST']._serialized_start=639
+  _globals['_RUNSTREAMREQUEST']._serialized_end=712
+  _globals['_RUNSTREAMREPLY']._serialized_start=714
+  _globals['_RUNSTREAMREPLY']._serialized_end=771
+  _globals['_RUNSTREAMITEM']._serialized_start=773
+  _globals['_RUNSTREAMITEM']._serialized_end=894
+  _globals['_RUNSTREAMERROR']._serialized_start=896
+  _globals['_RUNSTREAMERROR']._serialized_end=943
+  _globals['_SUBMITREQUEST']._serialized_start=945
+  _globals['_SUBMITREQUEST']._serialized_end=1019
+  _globals['_JOB']._serialized_start=1022
+  _globals['_JOB']._serialized_end=1577
+  _globals['_JOB_TAGSENTRY']._serialized_start=1534
+  _globals['_JOB_TAGSENTRY']._serialized_end=1577
+  _globals['_GETJOBREQUEST']._serialized_start=1579
+  _globals['_GETJOBREQUEST']._serialized_end=1610
+  _globals['_LISTJOBSREQUEST']._serialized_start=1613
+  _globals['_LISTJOBSREQUEST']._serialized_end=1743
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1745
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1818
+  _globals['_CANCELJOBREQUEST']._serialized_start=1820
+  _globals['_CANCELJOBREQUEST']._serialized_end=1870
+  _globals['_WATCHREQUEST']._serialized_start=1872
+  _globals['_WATCHREQUEST']._serialized_end=1921
+  _globals['_GETRESULTREQUEST']._serialized_start=1923
+  _globals['_GETRESULTREQUEST']._serialized_end=1957
+  _globals['_JOBSERVICE']._serialized_start=1960
+  _globals['_JOBSERVICE']._serialized_end=2501
 # @@protoc_insertion_point(module_scope)

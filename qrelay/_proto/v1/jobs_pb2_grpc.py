@@ -76,6 +76,11 @@ class JobServiceStub:
                 request_serializer=qrelay_dot_v1_dot_jobs__pb2.RunStreamRequest.SerializeToString,
                 response_deserializer=qrelay_dot_v1_dot_jobs__pb2.RunStreamReply.FromString,
                 _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/qrelay.v1.JobService/GetUsage',
+                request_serializer=qrelay_dot_v1_dot_jobs__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=qrelay_dot_v1_dot_jobs__pb2.Usage.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -159,6 +164,14 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsage(self, request, context):
+        """The caller's tenant's use in the current quota period and its quotas,
+        like qiskit-ibm-runtime's QiskitRuntimeService.usage().
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -201,6 +214,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.RunStream,
                     request_deserializer=qrelay_dot_v1_dot_jobs__pb2.RunStreamRequest.FromString,
                     response_serializer=qrelay_dot_v1_dot_jobs__pb2.RunStreamReply.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=qrelay_dot_v1_dot_jobs__pb2.GetUsageRequest.FromString,
+                    response_serializer=qrelay_dot_v1_dot_jobs__pb2.Usage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -419,6 +437,33 @@ class JobService:
             '/qrelay.v1.JobService/RunStream',
             qrelay_dot_v1_dot_jobs__pb2.RunStreamRequest.SerializeToString,
             qrelay_dot_v1_dot_jobs__pb2.RunStreamReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qrelay.v1.JobService/GetUsage',
+            qrelay_dot_v1_dot_jobs__pb2.GetUsageRequest.SerializeToString,
+            qrelay_dot_v1_dot_jobs__pb2.Usage.FromString,
             options,
             channel_credentials,
             insecure,

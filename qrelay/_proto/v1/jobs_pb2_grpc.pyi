@@ -80,6 +80,10 @@ class JobServiceStub:
     jobs at once; beyond that the broker reads the next request only as a
     job ends (HTTP/2 flow control then holds the client's writes).
     """
+    GetUsage: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.GetUsageRequest, _jobs_pb2.Usage]
+    """The caller's tenant's use in the current quota period and its quotas,
+    like qiskit-ibm-runtime's QiskitRuntimeService.usage().
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -127,6 +131,10 @@ class JobServiceAsyncStub(JobServiceStub):
     same idempotency_key. A stream follows at most QRELAY_MAX_STREAM_JOBS
     jobs at once; beyond that the broker reads the next request only as a
     job ends (HTTP/2 flow control then holds the client's writes).
+    """
+    GetUsage: _aio.UnaryUnaryMultiCallable[_jobs_pb2.GetUsageRequest, _jobs_pb2.Usage]  # type: ignore[assignment]
+    """The caller's tenant's use in the current quota period and its quotas,
+    like qiskit-ibm-runtime's QiskitRuntimeService.usage().
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -220,6 +228,16 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         same idempotency_key. A stream follows at most QRELAY_MAX_STREAM_JOBS
         jobs at once; beyond that the broker reads the next request only as a
         job ends (HTTP/2 flow control then holds the client's writes).
+        """
+
+    @_abc_1.abstractmethod
+    def GetUsage(
+        self,
+        request: _jobs_pb2.GetUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.Usage, _abc.Awaitable[_jobs_pb2.Usage]]:
+        """The caller's tenant's use in the current quota period and its quotas,
+        like qiskit-ibm-runtime's QiskitRuntimeService.usage().
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
