@@ -350,6 +350,8 @@ class RunningRoom:
         """Whether one more of the tenant's jobs may start now (counts it if so)."""
         if self.limits is None:
             return True
+        if tenant in self.full:  # at its quota, or being claimed for elsewhere
+            return False
         limit = self.limits.limit(tenant)
         n = self.running.get(tenant, 0)
         if limit is not None and n >= limit:
