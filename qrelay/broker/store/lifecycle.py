@@ -189,7 +189,10 @@ def _refuse(tenant: str, quota: str, what: str, limit: float, used: float, advic
 
 
 def _amount(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:.1f}"
+    """12 as "12", 0.001 as "0.001", 12.3456789 as "12.345679"."""
+    if float(value).is_integer():
+        return str(int(value))
+    return f"{value:.6f}".rstrip("0").rstrip(".")
 
 
 def check_submit_quota(tenant: str, quota: Quota, queued: int, executor_seconds: float) -> None:
