@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -138,6 +139,19 @@ class BrokerSettings(BaseSettings):
                 raise ValueError(f"executor_token_file {self.executor_token_file} is empty")
             self.executor_token = text
         return self
+
+    @field_validator("tenant_quotas", mode="before")
+    @classmethod
+    def _quotas_from_json(cls, value: Any) -> Any:
+        if isinstance(value, str):  # the CLI flag; the environment arrives decoded
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(
+                    f"tenant_quotas is not JSON ({exc.msg} at character {exc.pos}); expected "
+                    '{"default": {"max_queued_jobs": 100, ...}, "<tenant>": {...}}'
+                ) from None
+        return value
 
     @field_validator("tenant_weights")
     @classmethod

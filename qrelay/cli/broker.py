@@ -67,6 +67,18 @@ def broker_serve(
     metrics_port: Annotated[
         int | None, typer.Option(help="Prometheus metrics port; 0 for none.")
     ] = None,
+    tenant_quotas: Annotated[
+        str | None,
+        typer.Option(
+            help='Quotas per tenant as JSON: a "default" entry and overrides by tenant, e.g. '
+            '\'{"default": {"max_queued_jobs": 1000, "max_running_jobs": 4}}\' '
+            "(see the README, Quotas and usage)."
+        ),
+    ] = None,
+    quota_period: Annotated[
+        str | None,
+        typer.Option(help="Period of the executor-seconds budget: day or month (UTC)."),
+    ] = None,
 ) -> None:
     """Run a broker until SIGINT/SIGTERM. Every flag is also QRELAY_<NAME> in the environment."""
     from qrelay.broker.server import running_broker
@@ -93,6 +105,8 @@ def broker_serve(
                 max_job_bytes=max_job_bytes,
                 max_queued_per_tenant=max_queued_per_tenant,
                 metrics_port=metrics_port,
+                tenant_quotas=tenant_quotas,
+                quota_period=quota_period,
             )
         )
 
