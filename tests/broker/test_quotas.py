@@ -7,9 +7,11 @@ usage figures are compared with what a client can observe, with a wide margin.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,14 @@ from qrelay.broker.settings import BrokerSettings
 from qrelay.client import AsyncQRelayService
 from qrelay.errors import ResourceExhausted
 from qrelay.executor.agent import running_executor
-from tests.broker.conftest import announce, auth, broker_settings
+from tests.broker.conftest import (
+    FakeExecutor,
+    announce,
+    auth,
+    broker_settings,
+    postgres_schema,
+    until,
+)
 from tests.broker.test_fairness import all_done
 from tests.broker.test_programs import tar_gz, upload_request
 from tests.executor.test_agent import executor_settings
@@ -296,3 +305,60 @@ async def test_priority_out_of_bounds_is_invalid_argument(tmp_path: Path) -> Non
         job = await submit(jobs, A, spec)
         assert (job.priority, job.usage_seconds) == (4, 0.0)
         assert job.state == types_pb2.JOB_STATE_QUEUED
+
+
+async def test_running_quota_holds_across_replicas_sharing_postgresql(tmp_path: Path) -> None:
+    """Two replicas over one PostgreSQL schema, an executor with free slots on
+    each: the tenant never runs more than its 2 jobs at once, and each run's
+    end lets exactly one more start (through either replica)."""
+    async with postgres_schema() as (dsn, schema), AsyncExitStack() as stack:
+        a, b = [
+            await stack.enter_async_context(
+                running_broker(
+                    broker_settings(
+                        tmp_path / f"r{i}",
+                        database_url=dsn,
+                        database_schema=schema,
+                        tenant_quotas={"default": {"max_running_jobs": 2}},
+                        replica_sync_interval_s=0.3,
+                        lease_ttl_s=10.0,
+                    )
+                )
+            )
+            for i in range(2)
+        ]
+        held: list[tuple[FakeExecutor, Any]] = []
+        started = 0
+        peak = 0
+
+        async def serve(fake: FakeExecutor) -> None:
+            nonlocal started, peak
+            while True:
+                assignment = await fake.recv("assignment", within=60)
+                started += 1
+                held.append((fake, assignment))
+                peak = max(peak, len(held))
+
+        async with (
+            FakeExecutor(a.address, executor_id="e-a", slots=4) as on_a,
+            FakeExecutor(b.address, executor_id="e-b", slots=4) as on_b,
+            grpc.aio.insecure_channel(a.address) as chan_a,
+            grpc.aio.insecure_channel(b.address) as chan_b,
+            asyncio.TaskGroup() as tg,
+        ):
+            workers = [tg.create_task(serve(on_a)), tg.create_task(serve(on_b))]
+            stubs = [jobs_pb2_grpc.JobServiceStub(chan_a), jobs_pb2_grpc.JobServiceStub(chan_b)]
+            for i in range(8):
+                await stubs[i % 2].Submit(jobs_pb2.SubmitRequest(spec=sampler_spec("aer")))
+            await until(lambda: started == 2, within=10)
+            # Several sync ticks on both replicas: nothing more may start meanwhile.
+            await asyncio.sleep(1.0)
+            assert started == 2
+            for expected in range(3, 9):
+                fake, assignment = held.pop(0)  # its end is counted before it is sent
+                fake.finish(assignment)
+                await until(lambda n=expected: started == n, within=10)  # type: ignore[misc]
+            await asyncio.sleep(0.5)
+            for worker in workers:
+                worker.cancel()
+        assert (started, peak) == (8, 2)
