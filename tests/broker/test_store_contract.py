@@ -915,8 +915,11 @@ async def test_priorities_reorder_a_tenants_queue_highest_first_then_fifo(
     plain = [await submit(store, new_job("a")) for _ in range(2)]
     high = await submit(store, new_job("a", priority=3))
     higher = await submit(store, new_job("a", priority=7))
-    claimed = [g.job.id for g in await store.claim(["aer"], "e-1", TTL, 5)]
-    assert claimed == [higher, high, *plain, low]
+    # A claim of two takes the two best; then one at a time, best first.
+    claimed = {g.job.id for g in await store.claim(["aer"], "e-1", TTL, 2)}
+    assert claimed == {higher, high}
+    one_by_one = [(await store.claim(["aer"], "e-1", TTL, 1))[0].job.id for _ in range(3)]
+    assert one_by_one == [*plain, low]
     assert (await store.get(higher)).priority == 7
 
 
@@ -944,3 +947,38 @@ async def test_queue_position_counts_own_jobs_ahead_never_other_tenants_backlog(
     alone = [await submit(store, new_job("c", backend="solo")) for _ in range(3)]
     assert [(await store.get(j)).queue_position for j in alone] == [1, 2, 3]
     assert await store.queue_estimates("nobody") == {}
+
+
+async def test_random_priorities_change_a_tenants_order_but_never_the_turns(
+    store: JobStore,
+) -> None:
+    """Seeded (random.Random(12)): A's 30 jobs with priorities in -3..3 beside
+    B's 15 (weight 2 against A's 1). Claimed one at a time, whose turn it is
+    matches the same queue without priorities exactly, and A's jobs come out
+    highest priority first, in submission order within a priority."""
+    import random
+
+    rng = random.Random(12)
+    priorities = [rng.randint(-3, 3) for _ in range(30)]
+
+    async def turns(with_priorities: bool, backend: str) -> tuple[list[str], list[str]]:
+        a_ids = []
+        for i, p in enumerate(priorities):
+            job = new_job("a", backend=backend, priority=p if with_priorities else 0)
+            a_ids.append(await submit(store, job))
+            if i % 2:
+                await submit(store, new_job("b", backend=backend, weight=2.0))
+        tenants, a_claimed = [], []
+        for _ in range(45):
+            (grant,) = await store.claim([backend], "e-1", TTL, 1)
+            tenants.append(grant.job.tenant)
+            if grant.job.tenant == "a":
+                a_claimed.append(grant.job.id)
+        order = sorted(range(30), key=lambda i: (-priorities[i], i))
+        expected = [a_ids[i] for i in order] if with_priorities else a_ids
+        assert a_claimed == expected
+        return tenants, a_claimed
+
+    plain, _ = await turns(False, "plain")
+    ranked, _ = await turns(True, "ranked")
+    assert ranked == plain

@@ -66,10 +66,12 @@ from qrelay.broker.store.base import (
 from qrelay.broker.store.lifecycle import FACT_COLUMNS, JobFacts, Transition
 from qrelay.broker.store.schema import (
     BACKEND_COLUMNS,
+    BETTER_THAN,
     CLAIM_ORDER,
     DEDICATED,
     EVENT_COLUMNS,
     JOB_COLUMNS,
+    KEY_SEP,
     NEW_JOB_COLUMNS,
     OTHERS_FIRST_TAG,
     PRIORITY_ORDER,
@@ -82,6 +84,7 @@ from qrelay.broker.store.schema import (
     SESSION_COLUMNS,
     SESSION_LIVE,
     SESSION_OPEN,
+    TENANT_BACKEND,
     UNFINISHED,
     Dialect,
     Row,
@@ -93,6 +96,7 @@ from qrelay.broker.store.schema import (
     program_record,
     qualified,
     session_record,
+    tenant_backend_key,
     zero_counts,
 )
 from qrelay.errors import NotFound, QRelayError, Unavailable
@@ -169,6 +173,30 @@ _DIALECT = Dialect(
     END $$;
     CREATE TRIGGER jobs_queued_count AFTER INSERT OR DELETE OR UPDATE OF state, tenant, backend
         ON jobs FOR EACH ROW EXECUTE FUNCTION jobs_queued_count();
+    """,
+        # The counters gain scope 'tb' (a tenant's queued jobs on one backend).
+        6: f"""
+    INSERT INTO queued_counts (scope, key, stripe, n)
+        SELECT 'tb', tenant || chr(31) || backend, 0, COUNT(*) FROM jobs
+        WHERE state = {QUEUED} GROUP BY tenant, backend;
+    CREATE OR REPLACE FUNCTION jobs_queued_count() RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE
+        s INTEGER := pg_backend_pid() % 16;
+    BEGIN
+        IF TG_OP IN ('UPDATE', 'DELETE') AND OLD.state = {QUEUED} THEN
+            INSERT INTO queued_counts (scope, key, stripe, n)
+                VALUES ('t', OLD.tenant, s, -1), ('b', OLD.backend, s, -1),
+                    ('tb', OLD.tenant || chr(31) || OLD.backend, s, -1)
+                ON CONFLICT (scope, key, stripe) DO UPDATE SET n = queued_counts.n - 1;
+        END IF;
+        IF TG_OP IN ('UPDATE', 'INSERT') AND NEW.state = {QUEUED} THEN
+            INSERT INTO queued_counts (scope, key, stripe, n)
+                VALUES ('t', NEW.tenant, s, 1), ('b', NEW.backend, s, 1),
+                    ('tb', NEW.tenant || chr(31) || NEW.backend, s, 1)
+                ON CONFLICT (scope, key, stripe) DO UPDATE SET n = queued_counts.n + 1;
+        END IF;
+        RETURN NULL;
+    END $$;
     """,
     },
 )
@@ -375,14 +403,23 @@ class PostgresJobStore(JobStore):
         return float(row["own"]), float(row["active"])
 
     async def _load(
-        self, conn: asyncpg.Connection, job_id: str, tenant: str | None = None
+        self,
+        conn: asyncpg.Connection,
+        job_id: str,
+        tenant: str | None = None,
+        *,
+        ahead: int | None = None,
     ) -> JobRecord:
-        """Load a job with its estimated queue position (`lifecycle.estimated_position`)."""
+        """Load a job with its estimated queue position (`lifecycle.estimated_position`);
+        the tenant's own jobs ahead of it are counted unless the caller knows them."""
         row = await conn.fetchrow(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1", job_id)
         if row is None or (tenant is not None and row["tenant"] != tenant):
             raise NotFound(f"job {job_id!r} not found")
         position = 0
-        if row["state"] == QUEUED:
+        if row["state"] == QUEUED and ahead is not None:
+            own, active = await self._weights(conn, row["tenant"], row["backend"])
+            position = lifecycle.estimated_position(ahead, own, active)
+        elif row["state"] == QUEUED:
             # The tenant's own jobs claimed before it (index jobs_tenant_fair).
             ahead = await conn.fetchval(
                 f"SELECT COUNT(*) FROM jobs WHERE state = {QUEUED} AND tenant = $1 "
@@ -569,7 +606,11 @@ class PostgresJobStore(JobStore):
                 )
             await self._insert_events(t, [event])
             t.notify("q", b=job.backend, n=int(job.kind))
-            return await self._load(conn, job_id), True
+            # A fresh job holds its tenant's last start tag on the backend: all
+            # its other queued jobs there are ahead (a counter, O(1)).
+            key = tenant_backend_key(job.tenant, job.backend)
+            mine = await self._queued(conn, TENANT_BACKEND, key)
+            return await self._load(conn, job_id, ahead=mine - 1), True
 
         return await self._tx(tx)
 
@@ -676,7 +717,7 @@ class PostgresJobStore(JobStore):
             "AND ($2::int[] IS NULL OR j.kind = ANY($2::int[])) "
             "AND NOT (j.tenant = ANY($6::text[])) AND NOT (j.qseq = ANY($5::bigint[]))"
         )
-        picked_columns = "j.qseq, j.session_id, j.tenant, j.backend, j.vt"
+        picked_columns = "j.qseq, j.session_id, j.tenant, j.backend, j.vt, j.priority"
 
         async def tx(t: _Tx) -> list[LeaseGrant]:
             conn = t.conn
@@ -765,7 +806,7 @@ class PostgresJobStore(JobStore):
                 better = await conn.fetchrow(
                     f"SELECT {picked_columns} FROM jobs j WHERE j.state = {QUEUED} "
                     "AND j.tenant = $1 AND j.backend = $2 AND j.session_id = $3 "
-                    "AND j.priority > (SELECT priority FROM jobs WHERE qseq = $4) "
+                    f"AND {BETTER_THAN.format(p='$7', q='$4')} "
                     "AND ($5::int[] IS NULL OR j.kind = ANY($5::int[])) "
                     f"AND NOT (j.qseq = ANY($6::bigint[])) ORDER BY {PRIORITY_ORDER} LIMIT 1 "
                     "FOR UPDATE OF j SKIP LOCKED",
@@ -775,6 +816,7 @@ class PostgresJobStore(JobStore):
                     row["qseq"],
                     kind_list,
                     [r["qseq"] for r in picked],
+                    row["priority"],
                 )
                 if better is not None:
                     await conn.execute(
@@ -1341,15 +1383,20 @@ class PostgresJobStore(JobStore):
 
     async def queue_estimates(self, tenant: str) -> dict[str, int]:
         async def read(conn: asyncpg.Connection) -> dict[str, int]:
+            # The tenant's counters, one per backend: a range of the primary key.
+            prefix = tenant_backend_key(tenant, "")
             rows = await conn.fetch(
-                f"SELECT backend, COUNT(*) AS n FROM jobs WHERE state = {QUEUED} "
-                "AND tenant = $1 GROUP BY backend",
-                tenant,
+                "SELECT key, SUM(n)::bigint AS n FROM queued_counts WHERE scope = $1 "
+                "AND key > $2 AND key < $3 GROUP BY key HAVING SUM(n) > 0",
+                TENANT_BACKEND,
+                prefix,
+                tenant + chr(ord(KEY_SEP) + 1),
             )
             estimates = {}
             for r in rows:
-                own, active = await self._weights(conn, tenant, r["backend"])
-                estimates[r["backend"]] = lifecycle.estimated_length(int(r["n"]), own, active)
+                backend = r["key"][len(prefix) :]
+                own, active = await self._weights(conn, tenant, backend)
+                estimates[backend] = lifecycle.estimated_length(int(r["n"]), own, active)
             return estimates
 
         return await self._read(read)

@@ -63,14 +63,29 @@ NEW_JOB_COLUMNS = (
 #: The order queued jobs are claimed in: fair-share start tag, then age.
 CLAIM_ORDER = "j.vt, j.qseq"
 #: A tenant's best queued job to run in its turn (`JobStore.claim`): highest
-#: priority, then the fair order (index jobs_tenant_priority).
-PRIORITY_ORDER = "j.priority DESC, j.vt, j.qseq"
+#: priority, then the oldest (index jobs_tenant_priority). Start tags only say
+#: when the tenant's turns come; which of its jobs fills a turn goes by this.
+PRIORITY_ORDER = "j.priority DESC, j.qseq"
+#: `j` comes before the job of qseq $q / priority $p in PRIORITY_ORDER (the
+#: `{p}`/`{q}` are the dialect's placeholders for those two values).
+BETTER_THAN = "(j.priority > {p} OR (j.priority = {p} AND j.qseq < {q}))"
 #: The start tag of the earliest queued job of another session or none on the
 #: job `j`'s backend; a dedicated session's jump is bounded by it.
 OTHERS_FIRST_TAG = (
     f"COALESCE((SELECT MIN(q.vt) FROM jobs q WHERE q.state = {QUEUED} "
     "AND q.backend = j.backend AND q.session_id != j.session_id), 1e300)"
 )
+
+
+#: queued_counts scope of a tenant's queued jobs on one backend (schema v6),
+#: keyed `tenant_backend_key(tenant, backend)`: Submit's position stays O(1).
+TENANT_BACKEND = "tb"
+#: The separator of a `tenant_backend_key` (ASCII unit separator, char 31).
+KEY_SEP = "\x1f"
+
+
+def tenant_backend_key(tenant: str, backend: str) -> str:
+    return f"{tenant}{KEY_SEP}{backend}"
 
 
 def page_cursor(page_token: str) -> int:
@@ -304,7 +319,8 @@ MIGRATIONS: dict[int, str] = {
     """,
     # 5 is another change's number (identity); this qrelay skips it as empty.
     5: "",
-    # Quotas, usage and priorities (`qrelay.broker.quotas`): each job's priority
+    # Quotas, usage and priorities (`qrelay.broker.quotas`): queued counters per
+    # tenant and backend (scope 'tb', kept by each dialect's `extra[6]`); each job's priority
     # within its tenant and its executor-seconds; executor-seconds per tenant
     # per UTC day (a period's use is the sum of its days); each tenant's weight
     # beside its fair share (queue-position estimates); indexes that keep a
@@ -315,7 +331,7 @@ MIGRATIONS: dict[int, str] = {
     ALTER TABLE jobs ADD COLUMN usage_s {{real}} NOT NULL DEFAULT 0;
     ALTER TABLE fair_share ADD COLUMN weight {{real}} NOT NULL DEFAULT 1;
     CREATE INDEX jobs_tenant_fair ON jobs (tenant, backend, vt, qseq) WHERE state = {QUEUED};
-    CREATE INDEX jobs_tenant_priority ON jobs (tenant, backend, session_id, priority, vt, qseq)
+    CREATE INDEX jobs_tenant_priority ON jobs (tenant, backend, session_id, priority, qseq)
         WHERE state = {QUEUED};
     CREATE INDEX jobs_tenant_running ON jobs (tenant) WHERE state = {RUNNING};
     CREATE INDEX sessions_tenant ON sessions (tenant, state);

@@ -52,10 +52,12 @@ from qrelay.broker.store.base import (
 from qrelay.broker.store.lifecycle import FACT_COLUMNS, JobFacts, Transition
 from qrelay.broker.store.schema import (
     BACKEND_COLUMNS,
+    BETTER_THAN,
     CLAIM_ORDER,
     DEDICATED,
     EVENT_COLUMNS,
     JOB_COLUMNS,
+    KEY_SEP,
     NEW_JOB_COLUMNS,
     OTHERS_FIRST_TAG,
     PRIORITY_ORDER,
@@ -68,6 +70,7 @@ from qrelay.broker.store.schema import (
     SESSION_COLUMNS,
     SESSION_LIVE,
     SESSION_OPEN,
+    TENANT_BACKEND,
     UNFINISHED,
     Dialect,
     backend_record,
@@ -79,6 +82,7 @@ from qrelay.broker.store.schema import (
     program_record,
     qualified,
     session_record,
+    tenant_backend_key,
     zero_counts,
 )
 from qrelay.errors import NotFound
@@ -134,6 +138,40 @@ _DIALECT = Dialect(
     CREATE TRIGGER jobs_queued_delete AFTER DELETE ON jobs WHEN OLD.state = {QUEUED} BEGIN
         UPDATE queued_counts SET n = n - 1 WHERE scope = 't' AND key = OLD.tenant;
         UPDATE queued_counts SET n = n - 1 WHERE scope = 'b' AND key = OLD.backend;
+    END;
+    """,
+        # The counters gain scope 'tb' (a tenant's queued jobs on one backend).
+        6: f"""
+    INSERT INTO queued_counts (scope, key, n)
+        SELECT 'tb', tenant || char(31) || backend, COUNT(*) FROM jobs WHERE state = {QUEUED}
+        GROUP BY tenant, backend;
+    DROP TRIGGER jobs_queued_insert;
+    DROP TRIGGER jobs_queued_leave;
+    DROP TRIGGER jobs_queued_enter;
+    DROP TRIGGER jobs_queued_delete;
+    CREATE TRIGGER jobs_queued_insert AFTER INSERT ON jobs WHEN NEW.state = {QUEUED} BEGIN
+        INSERT INTO queued_counts (scope, key, n)
+            VALUES ('t', NEW.tenant, 1), ('b', NEW.backend, 1),
+            ('tb', NEW.tenant || char(31) || NEW.backend, 1)
+            ON CONFLICT (scope, key) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER jobs_queued_leave AFTER UPDATE OF state, tenant, backend ON jobs
+    WHEN OLD.state = {QUEUED} BEGIN
+        UPDATE queued_counts SET n = n - 1 WHERE (scope = 't' AND key = OLD.tenant)
+            OR (scope = 'b' AND key = OLD.backend)
+            OR (scope = 'tb' AND key = OLD.tenant || char(31) || OLD.backend);
+    END;
+    CREATE TRIGGER jobs_queued_enter AFTER UPDATE OF state, tenant, backend ON jobs
+    WHEN NEW.state = {QUEUED} BEGIN
+        INSERT INTO queued_counts (scope, key, n)
+            VALUES ('t', NEW.tenant, 1), ('b', NEW.backend, 1),
+            ('tb', NEW.tenant || char(31) || NEW.backend, 1)
+            ON CONFLICT (scope, key) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER jobs_queued_delete AFTER DELETE ON jobs WHEN OLD.state = {QUEUED} BEGIN
+        UPDATE queued_counts SET n = n - 1 WHERE (scope = 't' AND key = OLD.tenant)
+            OR (scope = 'b' AND key = OLD.backend)
+            OR (scope = 'tb' AND key = OLD.tenant || char(31) || OLD.backend);
     END;
     """,
     },
@@ -228,13 +266,24 @@ class SQLiteJobStore(JobStore):
         return float(row[0]), float(row[1])
 
     @classmethod
-    def _load(cls, conn: sqlite3.Connection, job_id: str, tenant: str | None = None) -> JobRecord:
-        """Load a job with its estimated queue position (`lifecycle.estimated_position`)."""
+    def _load(
+        cls,
+        conn: sqlite3.Connection,
+        job_id: str,
+        tenant: str | None = None,
+        *,
+        ahead: int | None = None,
+    ) -> JobRecord:
+        """Load a job with its estimated queue position (`lifecycle.estimated_position`);
+        the tenant's own jobs ahead of it are counted unless the caller knows them."""
         row = conn.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None or (tenant is not None and row["tenant"] != tenant):
             raise NotFound(f"job {job_id!r} not found")
         position = 0
-        if row["state"] == QUEUED:
+        if row["state"] == QUEUED and ahead is not None:
+            own, active = cls._weights(conn, row["tenant"], row["backend"])
+            position = lifecycle.estimated_position(ahead, own, active)
+        elif row["state"] == QUEUED:
             # The tenant's own jobs claimed before it (index jobs_tenant_fair).
             ahead = conn.execute(
                 f"SELECT COUNT(*) FROM jobs WHERE state = {QUEUED} AND tenant = ? AND backend = ? "
@@ -355,7 +404,10 @@ class SQLiteJobStore(JobStore):
                     "UPDATE sessions SET last_job_at = ? WHERE id = ?", (now, job.session_id)
                 )
             self._insert_events(conn, [event])
-            return self._load(conn, job_id), True
+            # A fresh job holds its tenant's last start tag on the backend: all
+            # its other queued jobs there are ahead (a counter, O(1)).
+            mine = self._queued(conn, TENANT_BACKEND, tenant_backend_key(job.tenant, job.backend))
+            return self._load(conn, job_id, ahead=mine - 1), True
 
         return await self._run(tx)
 
@@ -459,7 +511,7 @@ class SQLiteJobStore(JobStore):
             kind_params = [int(k) for k in kinds]
         params: list[Any] = [*backends, *kind_params]
         where = f"j.state = {QUEUED} AND j.backend IN ({_marks(len(backends))}){kind_filter}"
-        columns = f"{qualified(FACT_COLUMNS, 'j')}, j.spec, j.session_id, j.vt, j.qseq"
+        columns = f"{qualified(FACT_COLUMNS, 'j')}, j.spec, j.session_id, j.vt, j.qseq, j.priority"
 
         def tx(conn: sqlite3.Connection) -> list[LeaseGrant]:
             room = lifecycle.RunningRoom(
@@ -517,13 +569,15 @@ class SQLiteJobStore(JobStore):
                 taken = [r["qseq"] for r in rows]
                 better = conn.execute(
                     f"SELECT {columns} FROM jobs j WHERE j.state = {QUEUED} AND j.tenant = ? "
-                    f"AND j.backend = ? AND j.session_id = ? AND j.priority > "
-                    f"(SELECT priority FROM jobs WHERE qseq = ?){kind_filter} "
+                    "AND j.backend = ? AND j.session_id = ? AND "
+                    f"{BETTER_THAN.format(p='?', q='?')}{kind_filter} "
                     f"AND j.qseq NOT IN ({_marks(len(taken))}) ORDER BY {PRIORITY_ORDER} LIMIT 1",
                     (
                         row["tenant"],
                         row["backend"],
                         row["session_id"],
+                        row["priority"],
+                        row["priority"],
                         row["qseq"],
                         *kind_params,
                         *taken,
@@ -1007,13 +1061,16 @@ class SQLiteJobStore(JobStore):
 
     async def queue_estimates(self, tenant: str) -> dict[str, int]:
         def tx(conn: sqlite3.Connection) -> dict[str, int]:
+            # The tenant's counters, one per backend: a range of the primary key.
+            prefix = tenant_backend_key(tenant, "")
             rows = conn.execute(
-                f"SELECT backend, COUNT(*) FROM jobs WHERE state = {QUEUED} AND tenant = ? "
-                "GROUP BY backend",
-                (tenant,),
+                "SELECT key, n FROM queued_counts WHERE scope = ? AND key > ? AND key < ? "
+                "AND n > 0",
+                (TENANT_BACKEND, prefix, tenant + chr(ord(KEY_SEP) + 1)),
             ).fetchall()
             estimates = {}
-            for backend, n in rows:
+            for key, n in rows:
+                backend = key[len(prefix) :]
                 own, active = self._weights(conn, tenant, backend)
                 estimates[backend] = lifecycle.estimated_length(int(n), own, active)
             return estimates
