@@ -367,6 +367,10 @@ async def assert_queued_counts_exact(store: JobStore, tenants: list[str]) -> Non
         queued = await store.list_jobs(tenant, states=[JobState.QUEUED], page_size=1000)
         for job in queued.jobs:
             by_backend[job.backend] = by_backend.get(job.backend, 0) + 1
+        # Its per-backend counters: non-zero exactly where it has queued jobs.
+        estimates = await store.queue_estimates(tenant)
+        assert set(estimates) == {job.backend for job in queued.jobs}
+        assert all(n > 0 for n in estimates.values())
         n = len(queued.jobs)
         # The limit check reports the tenant's counter: exactly n, at limit n.
         with pytest.raises(ResourceExhausted, match=f"already has {n} queued jobs"):
