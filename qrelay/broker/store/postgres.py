@@ -74,6 +74,8 @@ from qrelay.broker.store.schema import (
     KEY_SEP,
     NEW_JOB_COLUMNS,
     OTHERS_FIRST_TAG,
+    OWN_AHEAD,
+    OWN_BELOW,
     PRIORITY_ORDER,
     PROGRAM_COLUMNS,
     QUEUED,
@@ -420,13 +422,12 @@ class PostgresJobStore(JobStore):
             own, active = await self._weights(conn, row["tenant"], row["backend"])
             position = lifecycle.estimated_position(ahead, own, active)
         elif row["state"] == QUEUED:
-            # The tenant's own jobs claimed before it (index jobs_tenant_fair).
+            # The tenant's own jobs its turns take before it (jobs_tenant_order).
             ahead = await conn.fetchval(
-                f"SELECT COUNT(*) FROM jobs WHERE state = {QUEUED} AND tenant = $1 "
-                "AND backend = $2 AND (vt, qseq) < ($3, $4)",
+                OWN_AHEAD.format(t="$1", b="$2", p="$3", q="$4"),
                 row["tenant"],
                 row["backend"],
-                row["vt"],
+                row["priority"],
                 row["qseq"],
             )
             own, active = await self._weights(conn, row["tenant"], row["backend"])
@@ -610,7 +611,10 @@ class PostgresJobStore(JobStore):
             # its other queued jobs there are ahead (a counter, O(1)).
             key = tenant_backend_key(job.tenant, job.backend)
             mine = await self._queued(conn, TENANT_BACKEND, key)
-            return await self._load(conn, job_id, ahead=mine - 1), True
+            below = await conn.fetchval(
+                OWN_BELOW.format(t="$1", b="$2", p="$3"), job.tenant, job.backend, job.priority
+            )
+            return await self._load(conn, job_id, ahead=mine - int(below) - 1), True
 
         return await self._tx(tx)
 
@@ -676,7 +680,7 @@ class PostgresJobStore(JobStore):
                 # One pass over the tenant's own queue there, not one count per job.
                 own, active = await self._weights(conn, tenant, backend)
                 for r in await conn.fetch(
-                    "SELECT id, ROW_NUMBER() OVER (ORDER BY vt, qseq) AS rank FROM jobs "
+                    "SELECT id, ROW_NUMBER() OVER (ORDER BY priority DESC, qseq) AS rank FROM jobs "
                     f"WHERE state = {QUEUED} AND tenant = $1 AND backend = $2",
                     tenant,
                     backend,
@@ -803,21 +807,39 @@ class PostgresJobStore(JobStore):
             # Each turn goes to the tenant's best-priority job, which takes the
             # turn's start tag (and leaves its own to the job it overtakes).
             for i, row in enumerate(picked):
-                better = await conn.fetchrow(
-                    f"SELECT {picked_columns} FROM jobs j WHERE j.state = {QUEUED} "
-                    "AND j.tenant = $1 AND j.backend = $2 AND j.session_id = $3 "
-                    f"AND {BETTER_THAN.format(p='$7', q='$4')} "
-                    "AND ($5::int[] IS NULL OR j.kind = ANY($5::int[])) "
-                    f"AND NOT (j.qseq = ANY($6::bigint[])) ORDER BY {PRIORITY_ORDER} LIMIT 1 "
-                    "FOR UPDATE OF j SKIP LOCKED",
+                common = (
+                    f"FROM jobs j WHERE j.state = {QUEUED} AND j.tenant = $1 AND j.backend = $2 "
+                    "AND j.session_id = $3 AND ($4::int[] IS NULL OR j.kind = ANY($4::int[])) "
+                    "AND NOT (j.qseq = ANY($5::bigint[]))"
+                )
+                args = (
                     row["tenant"],
                     row["backend"],
                     row["session_id"],
-                    row["qseq"],
                     kind_list,
                     [r["qseq"] for r in picked],
                     row["priority"],
                 )
+                better = await conn.fetchrow(
+                    f"SELECT {picked_columns} {common} AND {BETTER_THAN[0].format(p='$6')} "
+                    f"ORDER BY {PRIORITY_ORDER} LIMIT 1 FOR UPDATE OF j SKIP LOCKED",
+                    *args,
+                )
+                if better is None:
+                    # Older jobs of the same priority (overtaken earlier, so holding
+                    # later tags): no LIMIT, which could tempt the planner into
+                    # walking a whole backend's queue by qseq; there are rarely any.
+                    older = await conn.fetch(
+                        f"SELECT j.qseq {common} AND {BETTER_THAN[1].format(p='$6', q='$7')}",
+                        *args,
+                        row["qseq"],
+                    )
+                    if older:
+                        better = await conn.fetchrow(
+                            f"SELECT {picked_columns} FROM jobs j WHERE j.qseq = $1 "
+                            f"AND j.state = {QUEUED} FOR UPDATE OF j SKIP LOCKED",
+                            min(r["qseq"] for r in older),
+                        )
                 if better is not None:
                     await conn.execute(
                         "UPDATE jobs SET vt = $1 WHERE qseq = $2", better["vt"], row["qseq"]

@@ -63,12 +63,28 @@ NEW_JOB_COLUMNS = (
 #: The order queued jobs are claimed in: fair-share start tag, then age.
 CLAIM_ORDER = "j.vt, j.qseq"
 #: A tenant's best queued job to run in its turn (`JobStore.claim`): highest
-#: priority, then the oldest (index jobs_tenant_priority). Start tags only say
+#: priority, then the oldest (index jobs_tenant_order). Start tags only say
 #: when the tenant's turns come; which of its jobs fills a turn goes by this.
 PRIORITY_ORDER = "j.priority DESC, j.qseq"
-#: `j` comes before the job of qseq $q / priority $p in PRIORITY_ORDER (the
-#: `{p}`/`{q}` are the dialect's placeholders for those two values).
-BETTER_THAN = "(j.priority > {p} OR (j.priority = {p} AND j.qseq < {q}))"
+#: The two looks for a job before one of priority {p} and qseq {q} in
+#: PRIORITY_ORDER, tried in turn: a higher priority, then an older job of the
+#: same priority. Each is one seek in jobs_tenant_order ({p}, {q}: the
+#: dialect's placeholders).
+BETTER_THAN = ("j.priority > {p}", "j.priority = {p} AND j.qseq < {q}")
+#: How many of tenant {t}'s queued jobs on backend {b} run before its job of
+#: priority {p} and qseq {q} (PRIORITY_ORDER): two ranges of jobs_tenant_order.
+OWN_AHEAD = (
+    f"SELECT (SELECT COUNT(*) FROM jobs WHERE state = {QUEUED} AND tenant = {{t}} "
+    "AND backend = {b} AND priority > {p}) + "
+    f"(SELECT COUNT(*) FROM jobs WHERE state = {QUEUED} AND tenant = {{t}} "
+    "AND backend = {b} AND priority = {p} AND qseq < {q})"
+)
+#: How many of them have a lower priority than {p}: behind a fresh job of {p}
+#: (a range that is empty while the tenant uses no lower priorities).
+OWN_BELOW = (
+    f"SELECT COUNT(*) FROM jobs WHERE state = {QUEUED} AND tenant = {{t}} "
+    "AND backend = {b} AND priority < {p}"
+)
 #: The start tag of the earliest queued job of another session or none on the
 #: job `j`'s backend; a dedicated session's jump is bounded by it.
 OTHERS_FIRST_TAG = (
@@ -323,17 +339,17 @@ MIGRATIONS: dict[int, str] = {
     # tenant and backend (scope 'tb', kept by each dialect's `extra[6]`); each job's priority
     # within its tenant and its executor-seconds; executor-seconds per tenant
     # per UTC day (a period's use is the sum of its days); each tenant's weight
-    # beside its fair share (queue-position estimates); indexes that keep a
-    # tenant's own queue, its running jobs and its best-priority job cheap to
-    # find however deep the other tenants' queues are.
+    # beside its fair share (queue-position estimates); an index of each
+    # tenant's queue in the order its turns take it (priority, then age), so
+    # its position and its best job are cheap however deep the other tenants'
+    # queues are (it replaces jobs_tenant_queued: no more writes per change).
     6: f"""
     ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE jobs ADD COLUMN usage_s {{real}} NOT NULL DEFAULT 0;
     ALTER TABLE fair_share ADD COLUMN weight {{real}} NOT NULL DEFAULT 1;
-    CREATE INDEX jobs_tenant_fair ON jobs (tenant, backend, vt, qseq) WHERE state = {QUEUED};
-    CREATE INDEX jobs_tenant_priority ON jobs (tenant, backend, session_id, priority, qseq)
+    DROP INDEX jobs_tenant_queued;  -- the counters and jobs_tenant_order serve its uses
+    CREATE INDEX jobs_tenant_order ON jobs (tenant, backend, priority DESC, qseq, session_id)
         WHERE state = {QUEUED};
-    CREATE INDEX jobs_tenant_running ON jobs (tenant) WHERE state = {RUNNING};
     CREATE INDEX sessions_tenant ON sessions (tenant, state);
     CREATE TABLE tenant_usage (
         tenant TEXT NOT NULL,

@@ -60,6 +60,8 @@ from qrelay.broker.store.schema import (
     KEY_SEP,
     NEW_JOB_COLUMNS,
     OTHERS_FIRST_TAG,
+    OWN_AHEAD,
+    OWN_BELOW,
     PRIORITY_ORDER,
     PROGRAM_COLUMNS,
     QUEUED,
@@ -284,11 +286,10 @@ class SQLiteJobStore(JobStore):
             own, active = cls._weights(conn, row["tenant"], row["backend"])
             position = lifecycle.estimated_position(ahead, own, active)
         elif row["state"] == QUEUED:
-            # The tenant's own jobs claimed before it (index jobs_tenant_fair).
+            # The tenant's own jobs its turns take before it (jobs_tenant_order).
             ahead = conn.execute(
-                f"SELECT COUNT(*) FROM jobs WHERE state = {QUEUED} AND tenant = ? AND backend = ? "
-                "AND (vt, qseq) < (?, ?)",
-                (row["tenant"], row["backend"], row["vt"], row["qseq"]),
+                OWN_AHEAD.format(t=":t", b=":b", p=":p", q=":q"),
+                {"t": row["tenant"], "b": row["backend"], "p": row["priority"], "q": row["qseq"]},
             ).fetchone()[0]
             own, active = cls._weights(conn, row["tenant"], row["backend"])
             position = lifecycle.estimated_position(ahead, own, active)
@@ -407,7 +408,11 @@ class SQLiteJobStore(JobStore):
             # A fresh job holds its tenant's last start tag on the backend: all
             # its other queued jobs there are ahead (a counter, O(1)).
             mine = self._queued(conn, TENANT_BACKEND, tenant_backend_key(job.tenant, job.backend))
-            return self._load(conn, job_id, ahead=mine - 1), True
+            below = conn.execute(
+                OWN_BELOW.format(t=":t", b=":b", p=":p"),
+                {"t": job.tenant, "b": job.backend, "p": job.priority},
+            ).fetchone()[0]
+            return self._load(conn, job_id, ahead=mine - below - 1), True
 
         return await self._run(tx)
 
@@ -471,7 +476,7 @@ class SQLiteJobStore(JobStore):
                 # One pass over the tenant's own queue there, not one count per job.
                 own, active = self._weights(conn, tenant, backend)
                 for job_id, rank in conn.execute(
-                    "SELECT id, ROW_NUMBER() OVER (ORDER BY vt, qseq) FROM jobs "
+                    "SELECT id, ROW_NUMBER() OVER (ORDER BY priority DESC, qseq) FROM jobs "
                     f"WHERE state = {QUEUED} AND tenant = ? AND backend = ?",
                     (tenant, backend),
                 ).fetchall():
@@ -567,22 +572,28 @@ class SQLiteJobStore(JobStore):
             # turn's start tag (and leaves its own to the job it overtakes).
             for i, row in enumerate(rows):
                 taken = [r["qseq"] for r in rows]
-                better = conn.execute(
-                    f"SELECT {columns} FROM jobs j WHERE j.state = {QUEUED} AND j.tenant = ? "
-                    "AND j.backend = ? AND j.session_id = ? AND "
-                    f"{BETTER_THAN.format(p='?', q='?')}{kind_filter} "
-                    f"AND j.qseq NOT IN ({_marks(len(taken))}) ORDER BY {PRIORITY_ORDER} LIMIT 1",
-                    (
-                        row["tenant"],
-                        row["backend"],
-                        row["session_id"],
-                        row["priority"],
-                        row["priority"],
-                        row["qseq"],
-                        *kind_params,
-                        *taken,
-                    ),
-                ).fetchone()
+                better = None
+                for condition, values in (
+                    (BETTER_THAN[0], (row["priority"],)),
+                    (BETTER_THAN[1], (row["priority"], row["qseq"])),
+                ):
+                    better = conn.execute(
+                        f"SELECT {columns} FROM jobs j WHERE j.state = {QUEUED} "
+                        "AND j.tenant = ? AND j.backend = ? AND j.session_id = ? "
+                        f"AND {condition.format(p='?', q='?')}{kind_filter} "
+                        f"AND j.qseq NOT IN ({_marks(len(taken))}) "
+                        f"ORDER BY {PRIORITY_ORDER} LIMIT 1",
+                        (
+                            row["tenant"],
+                            row["backend"],
+                            row["session_id"],
+                            *values,
+                            *kind_params,
+                            *taken,
+                        ),
+                    ).fetchone()
+                    if better is not None:
+                        break
                 if better is not None:
                     conn.execute(
                         "UPDATE jobs SET vt = ? WHERE qseq = ?", (better["vt"], row["qseq"])
@@ -621,9 +632,12 @@ class SQLiteJobStore(JobStore):
 
     @staticmethod
     def _running_counts(conn: sqlite3.Connection) -> dict[str, int]:
-        """RUNNING jobs per tenant (index jobs_tenant_running: as many rows as slots)."""
+        """RUNNING jobs per tenant (from the partial index of RUNNING jobs: as many
+        rows as busy slots)."""
         rows = conn.execute(
-            f"SELECT tenant, COUNT(*) FROM jobs WHERE state = {RUNNING} GROUP BY tenant"
+            # INDEXED BY: the planner would rather walk jobs_tenant (every job).
+            "SELECT tenant, COUNT(*) FROM jobs INDEXED BY jobs_lease_expiry "
+            f"WHERE state = {RUNNING} GROUP BY tenant"
         ).fetchall()
         return {r[0]: int(r[1]) for r in rows}
 
@@ -1044,7 +1058,9 @@ class SQLiteJobStore(JobStore):
     async def tenant_usage(self, tenant: str, since_day: str) -> TenantUsage:
         def tx(conn: sqlite3.Connection) -> TenantUsage:
             running = conn.execute(
-                f"SELECT COUNT(*) FROM jobs WHERE state = {RUNNING} AND tenant = ?", (tenant,)
+                "SELECT COUNT(*) FROM jobs INDEXED BY jobs_lease_expiry "
+                f"WHERE state = {RUNNING} AND tenant = ?",
+                (tenant,),
             ).fetchone()[0]
             stored = conn.execute(
                 "SELECT COALESCE(SUM(size_bytes), 0) FROM programs WHERE tenant = ?", (tenant,)
