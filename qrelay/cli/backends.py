@@ -18,10 +18,12 @@ def backends(broker: BrokerAddr = "127.0.0.1:50051", token: Token = None) -> Non
 
     found = _run(fetch)
     table = Table(title=f"backends at {broker}")
-    for column in ("name", "online", "executors", "queued", "qubits", "simulator", "description"):
+    # "your queue": the caller's own queued jobs as its fair share makes them wait.
+    columns = ("name", "online", "executors", "your queue", "qubits", "simulator", "description")
+    for column in columns:
         table.add_column(
             column,
-            justify="right" if column in ("executors", "queued", "qubits") else "left",
+            justify="right" if column in ("executors", "your queue", "qubits") else "left",
             no_wrap=column == "name",
         )
     for b in found:
