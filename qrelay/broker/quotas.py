@@ -60,6 +60,11 @@ class Period:
     def first_day(self) -> str:
         return self.start.strftime("%Y-%m-%d")
 
+    @property
+    def next_day(self) -> str:
+        """The first day of the next period."""
+        return self.end.strftime("%Y-%m-%d")
+
 
 def current_period(kind: str, now: float) -> Period:
     """The calendar "day" or "month" (UTC) holding `now`."""
@@ -99,13 +104,15 @@ class SettingsQuotas:
 
     async def quota(self, tenant: str) -> Quota:
         limits = self.limits(tenant)
+        period = self.period()
         return Quota(
             max_queued_jobs=limits.max_queued_jobs,
             max_running_jobs=limits.max_running_jobs,
             max_sessions=limits.max_sessions,
             max_program_bytes=limits.max_program_bytes,
             max_executor_seconds=limits.max_executor_seconds,
-            period_start=self.period().first_day,
+            period_start=period.first_day,
+            period_end=period.next_day,
         )
 
     async def running_limits(self) -> RunningLimits | None:

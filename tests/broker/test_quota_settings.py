@@ -36,6 +36,7 @@ async def test_a_tenants_entry_overrides_the_default_limit_by_limit() -> None:
         max_running_jobs=4,
         max_executor_seconds=3600.0,
         period_start="2026-11-01",
+        period_end="2026-12-01",
     )
     lab = await quotas.quota("lab")
     # Named limits win (null: none), the rest come from "default".
@@ -50,7 +51,7 @@ async def test_a_tenants_entry_overrides_the_default_limit_by_limit() -> None:
 async def test_no_quotas_means_no_limits_and_no_running_limits() -> None:
     quotas = SettingsQuotas(BrokerSettings())
     quota = await quotas.quota("a")
-    assert quota == Quota(period_start=quota.period_start)
+    assert quota == Quota(period_start=quota.period_start, period_end=quota.period_end)
     assert await quotas.running_limits() is None
 
 

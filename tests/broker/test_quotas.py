@@ -248,7 +248,9 @@ async def test_program_storage_quota_refuses_naming_it(quota_broker: grpc.aio.Ch
         stored += program.size_bytes
     assert error is not None, "the program storage quota never refused an upload"
     assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert f"tenant 'a' has {stored} bytes of programs stored" in error.details()
+    assert f"tenant 'a' has {stored} bytes of programs stored and this upload adds" in (
+        error.details()
+    )
     assert "(max_program_bytes=4000); delete programs it no longer needs" in error.details()
     assert 0 < stored <= 4000
     # Another tenant's storage is its own.

@@ -364,7 +364,12 @@ def test_submit_quota_names_the_quota_its_limit_and_the_use() -> None:
     from qrelay.broker.store.base import Quota
     from qrelay.errors import QuotaExceeded
 
-    quota = Quota(max_queued_jobs=100, max_executor_seconds=60.0, period_start="2026-11-01")
+    quota = Quota(
+        max_queued_jobs=100,
+        max_executor_seconds=60.0,
+        period_start="2026-11-01",
+        period_end="2026-12-01",
+    )
     lifecycle.check_submit_quota("a", quota, queued=99, executor_seconds=59.9)
     with pytest.raises(QuotaExceeded) as queued:
         lifecycle.check_submit_quota("a", quota, queued=100, executor_seconds=0.0)
@@ -378,8 +383,13 @@ def test_submit_quota_names_the_quota_its_limit_and_the_use() -> None:
         100,
     )
     assert isinstance(queued.value, ResourceExhausted)
-    with pytest.raises(QuotaExceeded, match=r"max_executor_seconds=60\b.*2026-11-01|since"):
+    with pytest.raises(QuotaExceeded) as spent:
         lifecycle.check_submit_quota("a", quota, queued=0, executor_seconds=61.5)
+    assert str(spent.value) == (
+        "tenant 'a' used 61.5 executor-seconds since 2026-11-01, its quota of executor-seconds "
+        "per period (max_executor_seconds=60); the budget renews on 2026-12-01 "
+        "(see service.usage())"
+    )
     lifecycle.check_submit_quota("a", Quota(), queued=10**6, executor_seconds=1e9)  # no limits
 
 
@@ -392,7 +402,11 @@ def test_session_and_program_quotas() -> None:
     with pytest.raises(QuotaExceeded, match=r"2 open sessions.*max_sessions=2"):
         lifecycle.check_session_quota("a", quota, 2)
     lifecycle.check_program_quota("a", quota, stored=600, adding=400)
-    with pytest.raises(QuotaExceeded, match=r"600 bytes.*adds 401.*max_program_bytes=1000"):
+    with pytest.raises(
+        QuotaExceeded,
+        match=r"has 600 bytes of programs stored and this upload adds 401, its quota of bytes "
+        r"of programs stored \(max_program_bytes=1000\)",
+    ):
         lifecycle.check_program_quota("a", quota, stored=600, adding=401)
     lifecycle.check_session_quota("a", None, 10**6)
     lifecycle.check_program_quota("a", None, 10**9, 10**9)

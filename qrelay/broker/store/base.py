@@ -226,7 +226,8 @@ class Quota:
     check them inside their transactions (`qrelay.broker.quotas` builds it).
 
     `period_start` is the first UTC day ("YYYY-MM-DD") of the current
-    executor-seconds period: the period's use is the sum of its days."""
+    executor-seconds period: the period's use is the sum of its days;
+    `period_end` the first day of the next one (for messages)."""
 
     max_queued_jobs: int | None = None
     max_running_jobs: int | None = None
@@ -234,6 +235,7 @@ class Quota:
     max_program_bytes: int | None = None
     max_executor_seconds: float | None = None
     period_start: str = ""
+    period_end: str = ""
 
 
 @dataclass(frozen=True)

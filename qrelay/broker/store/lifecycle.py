@@ -177,10 +177,14 @@ def check_queue_room(tenant: str, queued: int, max_queued_per_tenant: int) -> No
         )
 
 
-def _refuse(tenant: str, quota: str, what: str, limit: float, used: float, advice: str) -> None:
+def _refuse(
+    tenant: str, quota: str, what: str, limit: float, used: float, advice: str, *, has: str = ""
+) -> None:
+    """QuotaExceeded as `tenant 'a' has 100 queued jobs, its quota of queued
+    jobs (max_queued_jobs=100); <advice>` (`has` words the use, if not so)."""
+    has = has or f"has {_amount(used)} {what}"
     raise QuotaExceeded(
-        f"tenant {tenant!r} has {_amount(used)} {what}, its quota of {what} "
-        f"({quota}={_amount(limit)}); {advice}",
+        f"tenant {tenant!r} {has}, its quota of {what} ({quota}={_amount(limit)}); {advice}",
         tenant=tenant,
         quota=quota,
         limit=limit,
@@ -208,13 +212,15 @@ def check_submit_quota(tenant: str, quota: Quota, queued: int, executor_seconds:
             "wait for some to finish or cancel some",
         )
     if quota.max_executor_seconds is not None and executor_seconds >= quota.max_executor_seconds:
+        renews = f" on {quota.period_end}" if quota.period_end else " with the next period"
         _refuse(
             tenant,
             "max_executor_seconds",
-            f"executor-seconds used since {quota.period_start}",
+            "executor-seconds per period",
             quota.max_executor_seconds,
             executor_seconds,
-            "the budget renews with the next period (see service.usage())",
+            f"the budget renews{renews} (see service.usage())",
+            has=f"used {_amount(executor_seconds)} executor-seconds since {quota.period_start}",
         )
 
 
@@ -237,10 +243,11 @@ def check_program_quota(tenant: str, quota: Quota | None, stored: int, adding: i
         _refuse(
             tenant,
             "max_program_bytes",
-            f"bytes of programs stored (this upload adds {adding})",
+            "bytes of programs stored",
             limit,
             stored,
             "delete programs it no longer needs",
+            has=f"has {stored} bytes of programs stored and this upload adds {adding}",
         )
 
 
