@@ -19,11 +19,13 @@ from google.protobuf import struct_pb2
 from qiskit.primitives import (
     BaseEstimatorV2,
     BaseSamplerV2,
+    PrimitiveResult,
 )
 
 from qrelay import codec  # type: ignore[attr-defined,unused-ignore]
 from qrelay._proto.v1 import types_pb2
 from qrelay.finished_job import FinishedJob
+from qrelay.pubs import estimator_pubs, sampler_pubs
 
 if TYPE_CHECKING:
     from qrelay.program import ProgramContext
@@ -39,6 +41,11 @@ def _next_id(ctx: ProgramContext) -> str:
 
 #: What `run` returns here: the executor answered before `run` returned.
 LocalJob = FinishedJob
+
+
+def _empty(ctx: ProgramContext) -> LocalJob:
+    """`run([])`: an empty PrimitiveResult and no work, as the reference primitives."""
+    return LocalJob(_next_id(ctx), PrimitiveResult([], metadata={"version": 2}))
 
 
 def _spec(options: Mapping[str, Any]) -> types_pb2.JobSpec:
@@ -58,8 +65,11 @@ class LocalSampler(BaseSamplerV2):  # type: ignore[misc]
         self.options = options
 
     def run(self, pubs: Iterable[Any], *, shots: int | None = None) -> LocalJob:
+        coerced = sampler_pubs(pubs, shots)  # Qiskit's exception classes and messages
+        if not coerced:
+            return _empty(self._ctx)
         spec = _spec(self.options)
-        spec.sampler.CopyFrom(codec.encode_sampler_task(pubs, shots))
+        spec.sampler.CopyFrom(codec.encode_sampler_task(coerced, shots))
         return LocalJob(_next_id(self._ctx), self._ctx._run(spec))
 
 
@@ -71,6 +81,9 @@ class LocalEstimator(BaseEstimatorV2):  # type: ignore[misc]
         self.options = options
 
     def run(self, pubs: Iterable[Any], *, precision: float | None = None) -> LocalJob:
+        coerced = estimator_pubs(pubs, precision)
+        if not coerced:
+            return _empty(self._ctx)
         spec = _spec(self.options)
-        spec.estimator.CopyFrom(codec.encode_estimator_task(pubs, precision))
+        spec.estimator.CopyFrom(codec.encode_estimator_task(coerced, precision))
         return LocalJob(_next_id(self._ctx), self._ctx._run(spec))

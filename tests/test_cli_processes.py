@@ -74,9 +74,9 @@ def test_dev_stack_lists_its_backends_and_stops_cleanly_on_sigint(
     address, proc = dev_stack
     listed = qrelay("backends", "--broker", address)
     assert listed.exit_code == 0, listed.output
-    rows = {line.split()[1]: line for line in listed.output.splitlines() if "│" in line}
-    assert "yes" in rows["aer"]
-    assert "yes" in rows["fake_manila"]
+    rows = {line.split()[0]: line.split() for line in listed.output.splitlines() if line.strip()}
+    assert rows["aer"][1] == "online"
+    assert rows["fake_manila"][1] == "online"
 
     # A job submitted with a raw stub shows up in `jobs list`, `show` and `watch`.
     with grpc.insecure_channel(address) as channel:

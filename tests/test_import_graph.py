@@ -96,7 +96,11 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_qrelay_has_no_import_cycles_at_run_time() -> None:
     graph = import_graph()
-    assert "qrelay.client.primitives" in graph["qrelay.client"], "the graph sees package imports"
+    # qrelay.client and qrelay.executor load their public names lazily (module __getattr__,
+    # so the CLI starts without Qiskit); qrelay.broker.store imports its base eagerly.
+    assert "qrelay.broker.store.base" in graph["qrelay.broker.store"], (
+        "the graph sees package imports"
+    )
     assert cycles(graph) == []
 
 

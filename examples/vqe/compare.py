@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -25,6 +26,7 @@ from rich.table import Table
 
 from examples.vqe import run_client_loop, run_program
 from qrelay.client import QRelayService
+from qrelay.logging import configure_logging
 
 
 @contextlib.contextmanager
@@ -150,6 +152,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--rtt-ms", type=float, default=0.0, help="Added client-broker RTT.")
     args = parser.parse_args()
+    # The in-process broker and executor log here: warnings only, as `make demo` does.
+    configure_logging(os.environ.get("QRELAY_LOG_LEVEL", "warning"))
     with _broker(args.broker) as address, _delayed(address, args.rtt_ms) as via:
         rows = compare(via, args.maxiter, args.seed, args.repeats)
     link = f"loopback + {args.rtt_ms:g} ms RTT" if args.rtt_ms > 0 else "loopback"

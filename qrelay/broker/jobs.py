@@ -131,10 +131,13 @@ class Jobs:
         states: Sequence[int] = (),
         backend: str = "",
         session_id: str = "",
+        program: str = "",
     ) -> JobPage:
         if page_size < 0:
             raise InvalidArgument(f"page_size must be >= 0, got {page_size}")
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        if "\x00" in program:  # PostgreSQL text cannot hold NUL
+            raise InvalidArgument("program must not contain NUL characters")
         try:
             wanted = [JobState(s) for s in states]
         except ValueError:
@@ -144,6 +147,7 @@ class Jobs:
             states=wanted,
             backend=backend,
             session_id=session_id,
+            program=program,
             page_size=size,
             page_token=page_token,
         )

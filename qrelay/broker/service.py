@@ -129,6 +129,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             states=list(request.states),
             backend=request.backend,
             session_id=request.session_id,
+            program=request.program,
         )
         return jobs_pb2.ListJobsResponse(
             jobs=[job_to_proto(j) for j in page.jobs], next_page_token=page.next_page_token
@@ -435,3 +436,19 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
     ) -> sessions_pb2.Session:
         tenant = self._tenant(context)
         return session_to_proto(await self.sessions.cancel(tenant, request.session_id))
+
+    @grpc_errors
+    async def List(
+        self, request: sessions_pb2.ListSessionsRequest, context: Context
+    ) -> sessions_pb2.ListSessionsResponse:
+        page = await self.sessions.page(
+            self._tenant(context),
+            page_size=request.page_size,
+            page_token=request.page_token,
+            states=list(request.states),
+            backend=request.backend,
+        )
+        return sessions_pb2.ListSessionsResponse(
+            sessions=[session_to_proto(s) for s in page.sessions],
+            next_page_token=page.next_page_token,
+        )

@@ -30,17 +30,25 @@ has a program job waiting (that executor could never run it).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import anyio
 import structlog
 
-from qrelay.broker.jobs import Jobs
+from qrelay.broker.jobs import DEFAULT_PAGE_SIZE, Jobs
 from qrelay.broker.quotas import QuotaSource, SettingsQuotas, audited
 from qrelay.broker.scheduler import Scheduler
 from qrelay.broker.settings import BrokerSettings
 from qrelay.broker.store import JobKind, JobState, JobStore
-from qrelay.broker.store.base import NewSession, SessionMode, SessionRecord, SessionState
+from qrelay.broker.store.base import (
+    NewSession,
+    SessionMode,
+    SessionPage,
+    SessionRecord,
+    SessionState,
+)
 from qrelay.errors import InvalidArgument, NotFound
+from qrelay.limits import MAX_PAGE_SIZE
 
 log = structlog.get_logger(__name__)
 
@@ -118,6 +126,36 @@ class Sessions:
         if not session_id:
             raise InvalidArgument("session_id is required")
         return await self.store.get_session(session_id, tenant)
+
+    async def page(
+        self,
+        tenant: str,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        states: Sequence[int] = (),
+        backend: str = "",
+    ) -> SessionPage:
+        """The tenant's sessions and batches, newest first, a page at a time (as ListJobs)."""
+        if page_size < 0:
+            raise InvalidArgument(f"page_size must be >= 0, got {page_size}")
+        for field, value in (("backend", backend), ("page_token", page_token)):
+            if "\x00" in value:  # PostgreSQL text cannot hold NUL
+                raise InvalidArgument(f"{field} must not contain NUL characters")
+        try:
+            wanted = [SessionState(s) for s in states]
+        except ValueError:
+            names = ", ".join(f"{s.name}={s.value}" for s in SessionState)
+            raise InvalidArgument(
+                f"states has an unknown session state in {list(states)} ({names})"
+            ) from None
+        return await self.store.list_sessions(
+            tenant,
+            states=wanted,
+            backend=backend,
+            page_size=min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE),
+            page_token=page_token,
+        )
 
     async def close(self, tenant: str | None, session_id: str) -> SessionRecord:
         """No new jobs; submitted ones finish. Closing a closed session is a no-op."""

@@ -2,8 +2,11 @@
 
 Servers (`broker serve`, `executor serve`, `dev`) run until SIGINT/SIGTERM and
 then shut down cleanly with exit code 0. Client commands (`backends`, `jobs
-...`) take `--broker` (env QRELAY_BROKER) and `--token-file` (env
-QRELAY_TOKEN_FILE, or QRELAY_TOKEN itself) and speak through the client SDK.
+...`, `sessions ...`, `programs ...`) take `--broker` (env QRELAY_BROKER) and
+`--token-file` (env QRELAY_TOKEN_FILE, or QRELAY_TOKEN itself); those that
+only read and manage speak to the broker through `_broker` without importing
+Qiskit (a call costs ~0.3 s, not ~1 s), those that upload or run go through
+the client SDK.
 Secrets are never taken as flags: a process's arguments are readable by
 every user of the host. Errors print `CODE: message` and exit 1;
 bad settings exit 2.
@@ -25,10 +28,11 @@ import typer
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 from qrelay.cli import backends, broker, dev, executor, jobs, programs, sessions
+from qrelay.cli._shared import Typer
 from qrelay.logging import configure_logging
 from qrelay.logging import safe_dsn as _redacted
 
-app = typer.Typer(
+app = Typer(
     name="qrelay",
     help="qrelay: a durable gRPC job broker for Qiskit work.",
     no_args_is_help=True,
@@ -46,13 +50,18 @@ app.add_typer(sessions.sessions_app, name="sessions")
 @app.callback()
 def main(
     log_level: Annotated[
-        str, typer.Option(envvar="QRELAY_LOG_LEVEL", help="debug, info, warning or error.")
+        str,
+        typer.Option(
+            envvar="QRELAY_LOG_LEVEL", metavar="LEVEL", help="debug, info, warning or error."
+        ),
     ] = "info",
     log_json: Annotated[
         bool | None,
         typer.Option(
             "--log-json/--log-pretty",
-            help="Log format; default JSON unless stderr is a terminal (env QRELAY_LOG_JSON).",
+            envvar="QRELAY_LOG_JSON",
+            show_default="JSON unless stderr is a terminal",
+            help="Log format.",
         ),
     ] = None,
 ) -> None:

@@ -10,6 +10,8 @@ import structlog
 import typer
 
 from qrelay.cli._shared import (
+    SettingsCommand,
+    Typer,
     _freeze_startup_heap,
     _given,
     _reported_errors,
@@ -21,10 +23,19 @@ from qrelay.logging import safe_dsn as _redacted
 
 log = structlog.get_logger(__name__)
 
-broker_app = typer.Typer(help="Run a broker.", no_args_is_help=True)
+broker_app = Typer(help="Run a broker.", no_args_is_help=True)
 
 
-@broker_app.command("serve")
+class _Serve(SettingsCommand):
+    settings = "qrelay.broker.settings:BrokerSettings"
+    renamed = {
+        "db": "db_path",
+        "lease_ttl": "lease_ttl_s",
+        "heartbeat_interval": "heartbeat_interval_s",
+    }
+
+
+@broker_app.command("serve", cls=_Serve)
 def broker_serve(
     listen: Annotated[str | None, typer.Option(help="Address to listen on, HOST:PORT.")] = None,
     db: Annotated[Path | None, typer.Option(help="SQLite database file.")] = None,
@@ -80,7 +91,8 @@ def broker_serve(
         typer.Option(help="Period of the executor-seconds budget: day or month (UTC)."),
     ] = None,
 ) -> None:
-    """Run a broker until SIGINT/SIGTERM. Every flag is also QRELAY_<NAME> in the environment."""
+    """Run a broker until SIGINT/SIGTERM. Every setting is also QRELAY_<NAME> in the
+    environment (a flag wins)."""
     from qrelay.broker.server import running_broker
     from qrelay.broker.settings import BrokerSettings
 

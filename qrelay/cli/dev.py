@@ -20,7 +20,8 @@ def dev(
         Path, typer.Option("--dir", help="Where the SQLite database lives.")
     ] = Path(".qrelay"),
     backend: Annotated[
-        list[str] | None, typer.Option(help="Backends of the executor (default: aer, fake_manila).")
+        list[str] | None,
+        typer.Option(metavar="NAME", help="Backends of the executor (default: aer, fake_manila)."),
     ] = None,
     slots: Annotated[int, typer.Option(help="Executor slots.")] = 2,
 ) -> None:

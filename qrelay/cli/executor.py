@@ -10,6 +10,8 @@ import anyio
 import typer
 
 from qrelay.cli._shared import (
+    SettingsCommand,
+    Typer,
     _freeze_startup_heap,
     _given,
     _reported_errors,
@@ -19,7 +21,7 @@ from qrelay.cli._shared import (
 )
 from qrelay.errors import DeadlineExceeded
 
-executor_app = typer.Typer(help="Run an executor beside its backends.", no_args_is_help=True)
+executor_app = Typer(help="Run an executor beside its backends.", no_args_is_help=True)
 
 
 async def _executor_frozen_once_connected(executor: Any) -> None:
@@ -46,7 +48,19 @@ def _executor_settings(**flags: Any) -> Any:
     return ExecutorSettings(**values)
 
 
-@executor_app.command("serve")
+class _Serve(SettingsCommand):
+    settings = "qrelay.executor.settings:ExecutorSettings"
+    renamed = {
+        "backend": "backends",
+        "backend_provider": "backend_providers",
+        "reconnect_initial": "reconnect_initial_s",
+        "reconnect_max": "reconnect_max_s",
+        "connect_timeout": "connect_timeout_s",
+        "max_run_time": "max_run_time_s",
+    }
+
+
+@executor_app.command("serve", cls=_Serve)
 def executor_serve(
     broker: Annotated[
         str | None,
@@ -58,7 +72,8 @@ def executor_serve(
         ),
     ] = None,
     backend: Annotated[
-        list[str] | None, typer.Option(help="Backend to serve (repeat for several).")
+        list[str] | None,
+        typer.Option(metavar="NAME", help="Backend to serve (repeat for several)."),
     ] = None,
     slots: Annotated[int | None, typer.Option(help="Jobs run at once.")] = None,
     executor_id: Annotated[str | None, typer.Option(help="Stable executor id.")] = None,
@@ -105,10 +120,14 @@ def executor_serve(
     ] = None,
     backend_provider: Annotated[
         list[str] | None,
-        typer.Option(help="Extra BackendProvider as module:attribute (repeat for several)."),
+        typer.Option(
+            metavar="MOD:ATTR",
+            help="Extra BackendProvider as module:attribute (repeat for several).",
+        ),
     ] = None,
 ) -> None:
-    """Run an executor until SIGINT/SIGTERM. Every flag is also QRELAY_EXECUTOR_<NAME>."""
+    """Run an executor until SIGINT/SIGTERM. Every setting is also QRELAY_EXECUTOR_<NAME>
+    in the environment (a flag wins)."""
     from qrelay.executor.agent import Executor
 
     if token is not None:

@@ -7,17 +7,32 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.table import Table
 
-from qrelay.cli._shared import DONE, BrokerAddr, Token, _print_rows, _run, _service, _state, console
-from qrelay.cli.jobs import _print_event, _short
-
-programs_app = typer.Typer(
-    help="Upload, list, inspect, delete and run programs.", no_args_is_help=True
+from qrelay.cli._shared import (
+    DONE,
+    BrokerAddr,
+    Token,
+    Typer,
+    _broker,
+    _fail,
+    _print_rows,
+    _run,
+    _service,
+    _state,
+    _ts_short,
+    console,
 )
+from qrelay.cli.jobs import _print_event, _short_json
+
+programs_app = Typer(help="Upload, list, inspect, delete and run programs.", no_args_is_help=True)
 
 
-def _program_rows(p: Any) -> list[tuple[str, str]]:
+def _program_rows(proto: Any) -> list[tuple[str, str]]:
+    from qrelay.client.programs import Program
+
+    p = Program.from_proto(proto)
     created = p.created_at.strftime("%Y-%m-%d %H:%M:%S") if p.created_at else ""
     rows = [
         ("id", p.id),
@@ -71,68 +86,95 @@ def programs_upload(
     )
 
 
+#: Hex digits of a program id (a content hash) shown in tables; `show` prints it whole.
+SHORT_ID = 12
+
+
 @programs_app.command("list")
 def programs_list(
     name: Annotated[
-        str | None, typer.Option(help="Every version of this name instead of the newest of each.")
+        str | None,
+        typer.Option(
+            metavar="NAME", help="Every version of this name instead of the newest of each."
+        ),
     ] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Print only the full ids, one per line.")
+    ] = False,
     broker: BrokerAddr = "127.0.0.1:50051",
     token: Token = None,
 ) -> None:
-    """Your programs: the newest version of each name (or every version of --name)."""
+    """Your programs: the newest version of each name (or every version of --name).
+
+    Ids are content hashes, shown shortened; commands take the name instead
+    (its newest version), `programs show NAME` or --quiet print them whole.
+    """
 
     async def fetch() -> list[Any]:
-        async with _service(broker, token) as service:
-            return await service.programs(name)
+        async with _broker(broker, token) as b:
+            return await b.programs(name or "")
 
     found = _run(fetch)
-    table = Table(title=f"programs at {broker}")
-    for column in ("name", "version", "id", "entry point", "size", "created", "description"):
-        # The id is long (p- + 64 hex digits): fold it rather than squeeze the rest away.
-        table.add_column(
-            column, no_wrap=column == "name", overflow="fold" if column == "id" else "ellipsis"
-        )
+    if quiet:
+        for p in found:
+            console.print(p.id, highlight=False, soft_wrap=True)
+        return
+    if not found:
+        console.print("no programs yet: qrelay programs upload DIR --name NAME")
+        return
+    table = Table(
+        box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, title=f"programs at {broker}"
+    )
+    table.add_column("name", overflow="fold")
+    table.add_column("ver", justify="right", no_wrap=True)
+    table.add_column("id", no_wrap=True)
+    table.add_column("entry point", overflow="fold")
+    table.add_column("bytes", justify="right", no_wrap=True)
+    table.add_column("created", no_wrap=True)
+    table.add_column("description", overflow="ellipsis", no_wrap=True)
     for p in found:
         table.add_row(
             p.name,
             str(p.version),
-            p.id,
+            p.id[: 2 + SHORT_ID] + "…",
             p.entry_point,
             str(p.size_bytes),
-            p.created_at.strftime("%Y-%m-%d %H:%M:%S") if p.created_at else "",
+            _ts_short(p.created_at),
             p.description,
         )
     console.print(table)
-    if not found:
-        console.print("no programs yet: qrelay programs upload DIR --name NAME")
 
 
 @programs_app.command("show")
 def programs_show(
-    program: Annotated[str, typer.Argument(help="Program id, or name for its newest version.")],
+    program: Annotated[
+        str, typer.Argument(metavar="PROGRAM", help="Program id, or name for its newest version.")
+    ],
     broker: BrokerAddr = "127.0.0.1:50051",
     token: Token = None,
 ) -> None:
     """One program version: id, entry point, requirements, input schema."""
 
     async def fetch() -> Any:
-        async with _service(broker, token) as service:
-            return await service.program(program)
+        async with _broker(broker, token) as b:
+            return await b.program(program)
 
     _print_rows(_program_rows(_run(fetch)))
 
 
 @programs_app.command("delete")
 def programs_delete(
-    program: Annotated[str, typer.Argument(help="Program id (one version) or name (all).")],
+    program: Annotated[
+        str, typer.Argument(metavar="PROGRAM", help="Program id (one version) or name (all).")
+    ],
     broker: BrokerAddr = "127.0.0.1:50051",
     token: Token = None,
 ) -> None:
     """Delete one version by id, or every version of a name."""
 
     async def delete() -> int:
-        async with _service(broker, token) as service:
-            return await service.delete_program(program)
+        async with _broker(broker, token) as b:
+            return await b.delete_program(program)
 
     deleted = _run(delete)
     console.print(f"deleted {deleted} version{'s' if deleted != 1 else ''} of {program}")
@@ -181,29 +223,35 @@ async def _follow(handle: Any) -> int:
             raw = event.raw
             if raw is None:
                 continue
-            _print_event(raw, event.data)
+            _print_event(raw, handle.last_known)
             if event.kind == "state":
                 final = raw.state.state
                 status.update(f"{job_id}: {_state(final)}")
             elif event.kind == "interim":
                 interims += 1
-                status.update(f"{job_id}: RUNNING, interim {interims}: {_short(event.data, 60)}")
+                value = _short_json(raw.interim.value_json, 60)
+                status.update(f"{job_id}: RUNNING, interim {interims}: {value}")
     return final
 
 
 @programs_app.command("run")
 def programs_run(
-    program: Annotated[str, typer.Argument(help="Program id, or name for its newest version.")],
+    program: Annotated[
+        str, typer.Argument(metavar="PROGRAM", help="Program id, or name for its newest version.")
+    ],
     backend: Annotated[
-        str | None, typer.Option(help="Backend to run beside (or take the session's).")
+        str | None,
+        typer.Option(metavar="NAME", help="Backend to run beside (or take the session's)."),
     ] = None,
     inputs: Annotated[
         str, typer.Option(help="Keyword arguments as a JSON object, or @FILE holding one.")
     ] = "{}",
     session: Annotated[
-        str | None, typer.Option(help="Run inside this session or batch (id).")
+        str | None, typer.Option(metavar="ID", help="Run inside this session or batch.")
     ] = None,
-    tag: Annotated[list[str] | None, typer.Option(help="KEY=VALUE label (repeatable).")] = None,
+    tag: Annotated[
+        list[str] | None, typer.Option(metavar="KEY=VALUE", help="A label; repeatable.")
+    ] = None,
     watch: Annotated[
         bool, typer.Option("--watch/--no-watch", help="Follow interim values, logs and result.")
     ] = False,
@@ -215,12 +263,22 @@ def programs_run(
     With --watch exits 0 when the job is DONE, 1 when it FAILED or was CANCELLED.
     """
 
+    if not backend and not session:
+        _fail("give --backend NAME to run beside, or --session ID to run in a session", 2)
+
     async def submit() -> tuple[str, int]:
         arguments = _read_inputs(inputs)
         tags = _parse_tags(tag)
         async with _service(broker, token) as service:
             mode = await service.session(session) if session else None
-            handle = await service.run(program, arguments, backend=backend, mode=mode, tags=tags)
+            if mode is not None and backend and backend != mode.backend_name:
+                _fail(
+                    f"--backend {backend} differs from {mode.backend_name}, the backend of "
+                    f"--session {session}; give only one of them",
+                    2,
+                )
+            run_on = None if mode is not None else backend
+            handle = await service.run(program, arguments, backend=run_on, mode=mode, tags=tags)
             console.print(
                 f"submitted {handle.job_id()} ({program} on {handle.backend_name})",
                 highlight=False,

@@ -33,6 +33,8 @@ log = get_logger(__name__)
 #: Items held for one job whose events nobody reads yet; beyond this its
 #: share of the stream is dropped and the job resumes from the store by Watch.
 MAX_BUFFERED_EVENTS = 1000
+# How long closing waits for the stream's cancellation to come back from gRPC.
+_CANCEL_WAIT_S = 2.0
 
 _EOF: Any = grpc.aio.EOF
 #: What a TagCall's queue holds: an event, EOF, or what `read()` raises.
@@ -137,6 +139,10 @@ class RunStreamMux:
         self._closed = True
         if self._call is not None:
             self._call.cancel()
+            # The cancellation completes on gRPC's completion queue; wait for it here,
+            # or it lands after a sync client's loop has closed ("Event loop is closed").
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(self._call.code(), _CANCEL_WAIT_S)
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):

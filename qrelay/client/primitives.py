@@ -13,23 +13,22 @@ never duplicates the job) and returns a `RuntimeJob`.
 
 from __future__ import annotations
 
-import math
 import uuid
-from collections.abc import Callable, Iterable, Mapping
-from numbers import Integral, Real
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal, TypeVar
 
 from qiskit.primitives import BaseEstimatorV2, BaseSamplerV2
-from qiskit.primitives.containers.estimator_pub import EstimatorPub, EstimatorPubLike
-from qiskit.primitives.containers.sampler_pub import SamplerPub, SamplerPubLike
+from qiskit.primitives.containers.estimator_pub import EstimatorPubLike
+from qiskit.primitives.containers.sampler_pub import SamplerPubLike
 
 from qrelay._proto.v1 import types_pb2
 from qrelay.client.backend import QRelayBackend
 from qrelay.client.job import EmptyJob, RuntimeJob
 from qrelay.client.modes import ModeLike, SubmitTarget, default_service
 from qrelay.client.service import QRelayService, wire_tags
-from qrelay.errors import InvalidArgument, InvalidType, QRelayError, invalid_argument
+from qrelay.errors import InvalidArgument
 from qrelay.options import EstimatorOptions, SamplerOptions, options_from_wire, options_to_wire
+from qrelay.pubs import estimator_pubs, sampler_pubs
 
 OptionsT = TypeVar("OptionsT", SamplerOptions, EstimatorOptions)
 
@@ -91,29 +90,6 @@ def _options_struct(
         spec.tags.update(wire_tags(options.environment.job_tags))
 
 
-def _pub_list(pubs: Any) -> list[Any]:
-    """The PUBs as a list. A single PUB without brackets is iterated as Qiskit's
-    primitives iterate it, so its coercion fails with Qiskit's own message."""
-    if isinstance(pubs, str | bytes):
-        raise InvalidType(f"pubs must be an iterable of PUBs, got {type(pubs).__name__}")
-    try:
-        return list(pubs)  # a QuantumCircuit iterates as its instructions, as in Qiskit
-    except TypeError:
-        raise InvalidType(f"pubs must be an iterable of PUBs, got {type(pubs).__name__}") from None
-
-
-def _coerce_each(items: list[Any], coerce: Callable[[Any], Any]) -> list[Any]:
-    out = []
-    for i, pub in enumerate(items):
-        try:
-            out.append(coerce(pub))
-        except QRelayError as exc:
-            raise type(exc)(f"pub {i}: {exc.message}") from None
-        except (ValueError, TypeError, KeyError, IndexError) as exc:
-            raise invalid_argument(exc, f"pub {i}: ") from None
-    return out
-
-
 def _check_width(target: SubmitTarget, circuits: Iterable[Any]) -> None:
     """Refuse, before sending, a circuit the backend cannot hold.
 
@@ -143,28 +119,6 @@ def _check_width(target: SubmitTarget, circuits: Iterable[Any]) -> None:
         )
 
 
-def check_shots(shots: Any) -> None:
-    """Qiskit's rule and messages for `run(pubs, shots=...)`."""
-    if shots is None:
-        return
-    if not isinstance(shots, Integral) or isinstance(shots, bool):
-        raise InvalidType("shots must be an integer")
-    if shots <= 0:
-        raise InvalidArgument("shots must be positive")
-
-
-def check_precision(precision: Any) -> None:
-    """Qiskit's rule and messages for `run(pubs, precision=...)`; 0 asks for exact values."""
-    if precision is None:
-        return
-    if not isinstance(precision, Real) or isinstance(precision, bool):
-        raise InvalidType(f"precision must be a real number, not {type(precision)}.")
-    if not math.isfinite(precision):
-        raise InvalidArgument(f"precision must be a finite number, got {precision}")
-    if precision < 0:
-        raise InvalidArgument("precision must be non-negative")
-
-
 def sampler_spec(
     target: SubmitTarget,
     pubs: Iterable[SamplerPubLike],
@@ -175,8 +129,7 @@ def sampler_spec(
     InvalidArgument (a ValueError) or InvalidType (a TypeError), sends nothing."""
     from qrelay.codec import check_sampler_task, encode_sampler_task
 
-    check_shots(shots)
-    coerced: list[SamplerPub] = _coerce_each(_pub_list(pubs), lambda p: SamplerPub.coerce(p, shots))
+    coerced = sampler_pubs(pubs, shots)
     if not coerced:
         return None
     _check_width(target, (p.circuit for p in coerced))
@@ -199,14 +152,7 @@ def estimator_spec(
     InvalidArgument (a ValueError) or InvalidType (a TypeError), sends nothing."""
     from qrelay.codec import check_estimator_task, encode_estimator_task
 
-    check_precision(precision)
-
-    def coerce(pub: Any) -> EstimatorPub:
-        coerced = EstimatorPub.coerce(pub, precision)
-        check_precision(coerced.precision)
-        return coerced
-
-    coerced: list[EstimatorPub] = _coerce_each(_pub_list(pubs), coerce)
+    coerced = estimator_pubs(pubs, precision)
     if not coerced:
         return None
     _check_width(target, (p.circuit for p in coerced))

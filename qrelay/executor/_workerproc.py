@@ -141,7 +141,10 @@ def zygote_main() -> None:
             _reap(control, children)
             if control.fileno() not in readable:
                 continue
-            data, fds, _, _ = socket.recv_fds(control, CONTROL_PACKET, 1)
+            try:
+                data, fds, _, _ = socket.recv_fds(control, CONTROL_PACKET, 1)
+            except ConnectionResetError:
+                data, fds = b"", []  # the executor went away mid-message: the same as closing
             if not data:
                 return  # the executor closed the control channel: stop everything
             message = json.loads(data)

@@ -67,6 +67,8 @@ MAX_BUFFERED_UPDATES = 10_000
 PROGRESS_AFTER_S = 1.0
 # How long a shutting-down executor spends handing its jobs back to the broker.
 SHUTDOWN_GRACE_S = 3.0
+# How long leaving `running_executor` waits for the executor to stop (grace, sandbox kills).
+STOP_WAIT_S = 30.0
 
 SLOTS = Gauge("qrelay_executor_slots", "Jobs an executor runs at once.", ["executor_id"])
 BUSY_SLOTS = Gauge("qrelay_executor_busy_slots", "Slots in use.", ["executor_id"])
@@ -901,9 +903,14 @@ async def running_executor(
         yield executor
     finally:
         task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                raise
+        # Waited for shielded: a caller being cancelled (Ctrl-C under `qrelay
+        # dev`) would otherwise cancel the executor's task again at every loop
+        # turn, through its shielded clean-up, leaving sandboxes unreaped and
+        # "Event loop is closed" from their transports at exit. The executor's
+        # own stop is bounded (link grace, sandbox kill deadlines).
+        with anyio.CancelScope(shield=True), anyio.move_on_after(STOP_WAIT_S):
+            await asyncio.wait({task})
+        if not task.done():
+            log.warning("executor.stop_abandoned", executor_id=settings.executor_id)
+        elif not task.cancelled() and (error := task.exception()) is not None:
+            raise error

@@ -191,6 +191,84 @@ async def test_another_tenants_session_is_not_found(tmp_path: Path) -> None:
             assert mine.state == sessions_pb2.SESSION_STATE_OPEN
 
 
+async def test_list_sessions_shows_only_the_callers_newest_first_paged(tmp_path: Path) -> None:
+    alice = (("authorization", "Bearer tok-a"),)
+    bob = (("authorization", "Bearer tok-b"),)
+    settings = broker_settings(tmp_path, tokens={"tok-a": "alice", "tok-b": "bob"})
+    async with running_broker(settings) as broker:
+        await announce(broker.address)
+        async with grpc.aio.insecure_channel(broker.address) as channel:
+            stub = sessions_pb2_grpc.SessionServiceStub(channel)
+            mine = [
+                (await create_as(stub, alice, backend=b)).id for b in ("aer", "fake_manila", "aer")
+            ]
+            theirs = (await create_as(stub, bob)).id
+            await stub.Close(sessions_pb2.CloseSessionRequest(session_id=mine[0]), metadata=alice)
+
+            listed = await stub.List(sessions_pb2.ListSessionsRequest(), metadata=alice)
+            assert [s.id for s in listed.sessions] == mine[::-1]
+            assert not listed.next_page_token
+            bobs = await stub.List(sessions_pb2.ListSessionsRequest(), metadata=bob)
+            assert [s.id for s in bobs.sessions] == [theirs]
+
+            first = await stub.List(sessions_pb2.ListSessionsRequest(page_size=2), metadata=alice)
+            rest = await stub.List(
+                sessions_pb2.ListSessionsRequest(page_token=first.next_page_token),
+                metadata=alice,
+            )
+            assert [s.id for s in (*first.sessions, *rest.sessions)] == mine[::-1]
+            # Alice's cursor shows Bob nothing of hers (his one session is newer than it).
+            cursor = await stub.List(
+                sessions_pb2.ListSessionsRequest(page_token=first.next_page_token), metadata=bob
+            )
+            assert not cursor.sessions
+
+            closed = await stub.List(
+                sessions_pb2.ListSessionsRequest(states=[sessions_pb2.SESSION_STATE_CLOSED]),
+                metadata=alice,
+            )
+            assert [s.id for s in closed.sessions] == [mine[0]]
+            assert closed.sessions[0].state == sessions_pb2.SESSION_STATE_CLOSED
+            manila = await stub.List(
+                sessions_pb2.ListSessionsRequest(backend="fake_manila"), metadata=alice
+            )
+            assert [s.id for s in manila.sessions] == [mine[1]]
+
+
+async def test_list_sessions_refuses_bad_requests_with_invalid_argument(
+    sessions: sessions_pb2_grpc.SessionServiceStub,
+) -> None:
+    for request, message in (
+        (sessions_pb2.ListSessionsRequest(page_size=-1), "page_size must be >= 0"),
+        (sessions_pb2.ListSessionsRequest(page_token="garbage"), "page_token 'garbage'"),
+        (sessions_pb2.ListSessionsRequest(page_token="nan/s-x"), "page_token"),
+        (sessions_pb2.ListSessionsRequest(page_token="9" * 5000 + "/s"), "page_token"),
+        (sessions_pb2.ListSessionsRequest(states=[42]), "unknown session state"),  # type: ignore[list-item]
+        (sessions_pb2.ListSessionsRequest(backend="a\x00b"), "backend must not contain NUL"),
+        (sessions_pb2.ListSessionsRequest(page_token="1.0/s\x00"), "page_token must not"),
+    ):
+        await expect_error(sessions.List(request), grpc.StatusCode.INVALID_ARGUMENT, message)
+    assert not (await sessions.List(sessions_pb2.ListSessionsRequest())).sessions
+
+
+async def test_list_jobs_by_program_refuses_nul_with_invalid_argument(
+    jobs: jobs_pb2_grpc.JobServiceStub,
+) -> None:
+    await expect_error(
+        jobs.List(jobs_pb2.ListJobsRequest(program="p-\x00")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "program must not contain NUL",
+    )
+    assert not (await jobs.List(jobs_pb2.ListJobsRequest(program="no-such"))).jobs
+
+
+async def create_as(
+    stub: sessions_pb2_grpc.SessionServiceStub, who: tuple[tuple[str, str], ...], **fields: Any
+) -> sessions_pb2.Session:
+    request = sessions_pb2.CreateSessionRequest(**{"backend": "aer", **fields})
+    return await stub.Create(request, metadata=who)
+
+
 # --- pinning and queue jumping ---------------------------------------------------
 
 

@@ -452,6 +452,41 @@ async def test_list_is_newest_first_paged_and_filtered(store: JobStore) -> None:
         await store.list_jobs("t1", page_token="garbage")
 
 
+async def test_list_filters_by_program_id_or_every_version_of_a_name(store: JobStore) -> None:
+    v1, _ = await store.put_program(new_program())
+    v2, _ = await store.put_program(new_program(content=b"v2"))
+    other, _ = await store.put_program(new_program(name="qaoa"))
+    theirs, _ = await store.put_program(new_program(tenant="t2"))
+
+    def program_job(program_id: str, tenant: str = "t1") -> NewJob:
+        return NewJob(tenant, "aer", JobKind.PROGRAM, b"spec", 0, program_id=program_id)
+
+    first = await submit(store, program_job(v1.id))
+    second = await submit(store, program_job(v2.id))
+    qaoa = await submit(store, program_job(other.id))
+    await submit(store)  # a sampler job: no program
+    their_job = await submit(store, program_job(theirs.id, tenant="t2"))
+
+    by_id = await store.list_jobs("t1", program=v1.id)
+    assert [j.id for j in by_id.jobs] == [first]
+    by_name = await store.list_jobs("t1", program="vqe")
+    assert [j.id for j in by_name.jobs] == [second, first]
+    assert [j.id for j in (await store.list_jobs("t1", program="qaoa")).jobs] == [qaoa]
+    paged = await store.list_jobs("t1", program="vqe", page_size=1)
+    rest = await store.list_jobs("t1", program="vqe", page_token=paged.next_page_token)
+    assert [j.id for j in paged.jobs + rest.jobs] == [second, first]
+    # Another tenant's program of the same name (and content, so id) lists only its jobs.
+    assert [j.id for j in (await store.list_jobs("t2", program=v1.id)).jobs] == [their_job]
+    assert [j.id for j in (await store.list_jobs("t2", program="vqe")).jobs] == [their_job]
+    assert (await store.list_jobs("t1", program="nope")).jobs == []
+    # A program deleted while none of its jobs is unfinished is gone, yet its id still filters.
+    (grant,) = await store.claim(["aer"], "e-1", TTL, 1)
+    await store.apply_update(grant.job.id, grant.job.lease_id, UpdateKind.RESULT, b"")
+    assert grant.job.id == first
+    await store.delete_programs("t1", v1.id)
+    assert [j.id for j in (await store.list_jobs("t1", program=v1.id)).jobs] == [first]
+
+
 async def test_renew_running_leases_gives_restarted_broker_a_grace_period(store: JobStore) -> None:
     await submit(store)
     await store.claim(["aer"], "e-1", 0.0, 1)
@@ -610,6 +645,50 @@ async def test_create_and_get_session_with_counts(store: JobStore) -> None:
         await store.get_session(session.id, "t2")
     with pytest.raises(NotFound):
         await store.get_session("s-nope")
+
+
+async def test_list_sessions_is_newest_first_paged_filtered_and_per_tenant(
+    store: JobStore,
+) -> None:
+    ids = [await new_session(store) for _ in range(4)]
+    batch = await new_session(store, SessionMode.BATCH)
+    theirs = await new_session(store, tenant="t2")
+    other_backend = await store.create_session(
+        NewSession("t1", "fake_manila", SessionMode.DEDICATED, 600, 60)
+    )
+    await store.end_session(ids[1], "t1", SessionState.CLOSED, "closed by the client")
+    await submit(store, new_job(session_id=ids[3]))
+
+    everything = await store.list_sessions("t1")
+    assert [s.id for s in everything.sessions] == [other_backend.id, batch, *reversed(ids)]
+    assert everything.next_page_token == ""
+    assert theirs not in [s.id for s in everything.sessions]
+    assert [s.id for s in (await store.list_sessions("t2")).sessions] == [theirs]
+    # Each record carries its jobs' counts, as get_session's does.
+    counted = {s.id: s for s in everything.sessions}[ids[3]]
+    assert counted.counts[JobState.QUEUED] == 1
+
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = await store.list_sessions("t1", page_size=2, page_token=token)
+        assert len(page.sessions) <= 2
+        seen += [s.id for s in page.sessions]
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == [s.id for s in everything.sessions]
+
+    closed = await store.list_sessions("t1", states=[SessionState.CLOSED])
+    assert [s.id for s in closed.sessions] == [ids[1]]
+    live = await store.list_sessions("t1", states=[SessionState.OPEN, SessionState.ACTIVE])
+    assert ids[1] not in [s.id for s in live.sessions]
+    assert len(live.sessions) == 5
+    on_manila = await store.list_sessions("t1", backend="fake_manila")
+    assert [s.id for s in on_manila.sessions] == [other_backend.id]
+    for bad in ("garbage", "1.5", "nan/s-x", "inf/s-x", "1e999/s-x", "/s-x", "9" * 400 + "/s"):
+        with pytest.raises(InvalidArgument, match="page_token"):
+            await store.list_sessions("t1", page_token=bad)
 
 
 async def test_submit_checks_the_session_in_its_transaction(store: JobStore) -> None:

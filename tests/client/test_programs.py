@@ -137,6 +137,8 @@ def test_run_streams_interims_in_order_and_returns_the_value(
     logs = job.logs()
     assert [line for line in logs if line.startswith("step")] == [f"step {i}" for i in range(4)]
     assert "done printing" in logs
+    # Nothing from the sandbox's own start-up (a SyntaxWarning from it once led every log).
+    assert not [line for line in logs if "Warning" in line or "_jail" in line], logs
 
 
 def test_late_subscriber_sees_every_interim_in_order(
@@ -240,3 +242,51 @@ async def test_program_over_the_size_limit_is_resource_exhausted(tmp_path: Path)
         with pytest.raises(ResourceExhausted, match="per program"):
             await svc.upload_program(src, "big")
         assert await svc.programs() == []
+
+
+BAD_PRIMITIVE_INPUT = """
+from qiskit import QuantumCircuit
+from qiskit.quantum_info import SparsePauliOp
+
+def _raised(call):
+    try:
+        call()
+    except Exception as exc:
+        name = type(exc).__name__
+        return [name, isinstance(exc, ValueError), isinstance(exc, TypeError), str(exc)]
+    return None
+
+def main(ctx):
+    qc = QuantumCircuit(1)
+    qc.h(0)
+    measured = qc.copy()
+    measured.measure_all()
+    sampler, estimator = ctx.sampler(), ctx.estimator()
+    return {
+        "shots_not_int": _raised(lambda: sampler.run([measured], shots=1.5).result()),
+        "shots_negative": _raised(lambda: sampler.run([measured], shots=-1).result()),
+        "unbracketed_pub": _raised(lambda: sampler.run(measured).result()),
+        "precision_negative": _raised(
+            lambda: estimator.run([(qc, SparsePauliOp("Z"))], precision=-1.0).result()
+        ),
+        "observable_too_wide": _raised(
+            lambda: estimator.run([(qc, SparsePauliOp("ZZ"))]).result()
+        ),
+        "empty": sampler.run([]).result().__class__.__name__,
+    }
+"""
+
+
+def test_programs_get_qiskits_exception_classes_from_their_primitives(
+    service: QRelayService, tmp_path: Path
+) -> None:
+    """Bad primitive input inside a program raises what Qiskit's reference primitives raise."""
+    program = service.upload_program(write_program(tmp_path / "bad", BAD_PRIMITIVE_INPUT))
+    got = service.run(program, {}, backend="aer").result(timeout=120)
+    assert got["empty"] == "PrimitiveResult"
+    for case in ("shots_negative", "unbracketed_pub", "precision_negative", "observable_too_wide"):
+        assert got[case] is not None, f"{case} raised nothing"
+        assert got[case][1], f"{case}: {got[case]} is not a ValueError"
+    assert got["shots_not_int"] is not None
+    assert got["shots_not_int"][:3] == ["InvalidType", True, True], "a TypeError and a ValueError"
+    assert "wrap it with `[]`" in got["unbracketed_pub"][3], "Qiskit's own message"

@@ -422,6 +422,7 @@ class ListJobsRequest(_message.Message):
     STATES_FIELD_NUMBER: _builtins.int
     BACKEND_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    PROGRAM_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """At most this many jobs (default 50, at most 1000)."""
     page_token: _builtins.str
@@ -430,6 +431,10 @@ class ListJobsRequest(_message.Message):
     """Only jobs for this backend; empty for all."""
     session_id: _builtins.str
     """Only jobs of this session; empty for all."""
+    program: _builtins.str
+    """Only jobs of this program: a program id (one version) or a name (every
+    version of it still stored); empty for all. (Field 6 is left for tags.)
+    """
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[_types_pb2.JobState.ValueType]:
         """Only jobs in one of these states; empty for all."""
@@ -442,10 +447,11 @@ class ListJobsRequest(_message.Message):
         states: _abc.Iterable[_types_pb2.JobState.ValueType] | None = ...,
         backend: _builtins.str = ...,
         session_id: _builtins.str = ...,
+        program: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "page_size", b"page_size", "page_token", b"page_token", "session_id", b"session_id", "states", b"states"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "page_size", b"page_size", "page_token", b"page_token", "program", b"program", "session_id", b"session_id", "states", b"states"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,17 +26,17 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18qrelay/v1/sessions.proto\x12\tqrelay.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"u\n\x14\x43reateSessionRequest\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12$\n\x04mode\x18\x02 \x01(\x0e\x32\x16.qrelay.v1.SessionMode\x12\x12\n\nmax_time_s\x18\x03 \x01(\x05\x12\x12\n\nmax_idle_s\x18\x04 \x01(\x05\"\x88\x04\n\x07Session\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12$\n\x04mode\x18\x03 \x01(\x0e\x32\x16.qrelay.v1.SessionMode\x12&\n\x05state\x18\x04 \x01(\x0e\x32\x17.qrelay.v1.SessionState\x12\x14\n\x0cstate_reason\x18\x05 \x01(\t\x12\x13\n\x0b\x65xecutor_id\x18\x06 \x01(\t\x12\x12\n\nmax_time_s\x18\x07 \x01(\x05\x12\x12\n\nmax_idle_s\x18\x08 \x01(\x05\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x61\x63tivated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tclosed_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0blast_job_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\njobs_total\x18\r \x01(\x05\x12\x13\n\x0bjobs_queued\x18\x0e \x01(\x05\x12\x14\n\x0cjobs_running\x18\x0f \x01(\x05\x12\x11\n\tjobs_done\x18\x10 \x01(\x05\x12\x13\n\x0bjobs_failed\x18\x11 \x01(\x05\x12\x16\n\x0ejobs_cancelled\x18\x12 \x01(\x05\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"*\n\x14\x43\x61ncelSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t*_\n\x0bSessionMode\x12\x1c\n\x18SESSION_MODE_UNSPECIFIED\x10\x00\x12\x1a\n\x16SESSION_MODE_DEDICATED\x10\x01\x12\x16\n\x12SESSION_MODE_BATCH\x10\x02*\xb1\x01\n\x0cSessionState\x12\x1d\n\x19SESSION_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12SESSION_STATE_OPEN\x10\x01\x12\x18\n\x14SESSION_STATE_ACTIVE\x10\x02\x12\x18\n\x14SESSION_STATE_CLOSED\x10\x03\x12\x1b\n\x17SESSION_STATE_CANCELLED\x10\x04\x12\x19\n\x15SESSION_STATE_EXPIRED\x10\x05\x32\x84\x02\n\x0eSessionService\x12=\n\x06\x43reate\x12\x1f.qrelay.v1.CreateSessionRequest\x1a\x12.qrelay.v1.Session\x12\x37\n\x03Get\x12\x1c.qrelay.v1.GetSessionRequest\x1a\x12.qrelay.v1.Session\x12;\n\x05\x43lose\x12\x1e.qrelay.v1.CloseSessionRequest\x1a\x12.qrelay.v1.Session\x12=\n\x06\x43\x61ncel\x12\x1f.qrelay.v1.CancelSessionRequest\x1a\x12.qrelay.v1.Sessionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18qrelay/v1/sessions.proto\x12\tqrelay.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"u\n\x14\x43reateSessionRequest\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12$\n\x04mode\x18\x02 \x01(\x0e\x32\x16.qrelay.v1.SessionMode\x12\x12\n\nmax_time_s\x18\x03 \x01(\x05\x12\x12\n\nmax_idle_s\x18\x04 \x01(\x05\"\x88\x04\n\x07Session\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12$\n\x04mode\x18\x03 \x01(\x0e\x32\x16.qrelay.v1.SessionMode\x12&\n\x05state\x18\x04 \x01(\x0e\x32\x17.qrelay.v1.SessionState\x12\x14\n\x0cstate_reason\x18\x05 \x01(\t\x12\x13\n\x0b\x65xecutor_id\x18\x06 \x01(\t\x12\x12\n\nmax_time_s\x18\x07 \x01(\x05\x12\x12\n\nmax_idle_s\x18\x08 \x01(\x05\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x61\x63tivated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tclosed_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0blast_job_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\njobs_total\x18\r \x01(\x05\x12\x13\n\x0bjobs_queued\x18\x0e \x01(\x05\x12\x14\n\x0cjobs_running\x18\x0f \x01(\x05\x12\x11\n\tjobs_done\x18\x10 \x01(\x05\x12\x13\n\x0bjobs_failed\x18\x11 \x01(\x05\x12\x16\n\x0ejobs_cancelled\x18\x12 \x01(\x05\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"*\n\x14\x43\x61ncelSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"v\n\x13ListSessionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\'\n\x06states\x18\x03 \x03(\x0e\x32\x17.qrelay.v1.SessionState\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\"U\n\x14ListSessionsResponse\x12$\n\x08sessions\x18\x01 \x03(\x0b\x32\x12.qrelay.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*_\n\x0bSessionMode\x12\x1c\n\x18SESSION_MODE_UNSPECIFIED\x10\x00\x12\x1a\n\x16SESSION_MODE_DEDICATED\x10\x01\x12\x16\n\x12SESSION_MODE_BATCH\x10\x02*\xb1\x01\n\x0cSessionState\x12\x1d\n\x19SESSION_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12SESSION_STATE_OPEN\x10\x01\x12\x18\n\x14SESSION_STATE_ACTIVE\x10\x02\x12\x18\n\x14SESSION_STATE_CLOSED\x10\x03\x12\x1b\n\x17SESSION_STATE_CANCELLED\x10\x04\x12\x19\n\x15SESSION_STATE_EXPIRED\x10\x05\x32\xcd\x02\n\x0eSessionService\x12=\n\x06\x43reate\x12\x1f.qrelay.v1.CreateSessionRequest\x1a\x12.qrelay.v1.Session\x12\x37\n\x03Get\x12\x1c.qrelay.v1.GetSessionRequest\x1a\x12.qrelay.v1.Session\x12;\n\x05\x43lose\x12\x1e.qrelay.v1.CloseSessionRequest\x1a\x12.qrelay.v1.Session\x12=\n\x06\x43\x61ncel\x12\x1f.qrelay.v1.CancelSessionRequest\x1a\x12.qrelay.v1.Session\x12G\n\x04List\x12\x1e.qrelay.v1.ListSessionsRequest\x1a\x1f.qrelay.v1.ListSessionsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'qrelay.v1.sessions_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SESSIONMODE']._serialized_start=842
-  _globals['_SESSIONMODE']._serialized_end=937
-  _globals['_SESSIONSTATE']._serialized_start=940
-  _globals['_SESSIONSTATE']._serialized_end=1117
+  _globals['_SESSIONMODE']._serialized_start=1049
+  _globals['_SESSIONMODE']._serialized_end=1144
+  _globals['_SESSIONSTATE']._serialized_start=1147
+  _globals['_SESSIONSTATE']._serialized_end=1324
   _globals['_CREATESESSIONREQUEST']._serialized_start=72
   _globals['_CREATESESSIONREQUEST']._serialized_end=189
   _globals['_SESSION']._serialized_start=192
@@ -47,6 +47,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLOSESESSIONREQUEST']._serialized_end=796
   _globals['_CANCELSESSIONREQUEST']._serialized_start=798
   _globals['_CANCELSESSIONREQUEST']._serialized_end=840
-  _globals['_SESSIONSERVICE']._serialized_start=1120
-  _globals['_SESSIONSERVICE']._serialized_end=1380
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=842
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=960
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=962
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1047
+  _globals['_SESSIONSERVICE']._serialized_start=1327
+  _globals['_SESSIONSERVICE']._serialized_end=1660
 # @@protoc_insertion_point(module_scope)

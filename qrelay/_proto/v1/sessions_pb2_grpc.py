@@ -55,6 +55,11 @@ class SessionServiceStub:
                 request_serializer=qrelay_dot_v1_dot_sessions__pb2.CancelSessionRequest.SerializeToString,
                 response_deserializer=qrelay_dot_v1_dot_sessions__pb2.Session.FromString,
                 _registered_method=True)
+        self.List = channel.unary_unary(
+                '/qrelay.v1.SessionService/List',
+                request_serializer=qrelay_dot_v1_dot_sessions__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=qrelay_dot_v1_dot_sessions__pb2.ListSessionsResponse.FromString,
+                _registered_method=True)
 
 
 class SessionServiceServicer:
@@ -86,6 +91,13 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def List(self, request, context):
+        """The caller's sessions and batches, newest first, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -108,6 +120,11 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.Cancel,
                     request_deserializer=qrelay_dot_v1_dot_sessions__pb2.CancelSessionRequest.FromString,
                     response_serializer=qrelay_dot_v1_dot_sessions__pb2.Session.SerializeToString,
+            ),
+            'List': grpc.unary_unary_rpc_method_handler(
+                    servicer.List,
+                    request_deserializer=qrelay_dot_v1_dot_sessions__pb2.ListSessionsRequest.FromString,
+                    response_serializer=qrelay_dot_v1_dot_sessions__pb2.ListSessionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -218,6 +235,33 @@ class SessionService:
             '/qrelay.v1.SessionService/Cancel',
             qrelay_dot_v1_dot_sessions__pb2.CancelSessionRequest.SerializeToString,
             qrelay_dot_v1_dot_sessions__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def List(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qrelay.v1.SessionService/List',
+            qrelay_dot_v1_dot_sessions__pb2.ListSessionsRequest.SerializeToString,
+            qrelay_dot_v1_dot_sessions__pb2.ListSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

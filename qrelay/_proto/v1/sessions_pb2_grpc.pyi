@@ -41,6 +41,8 @@ class SessionServiceStub:
     """Lets submitted jobs finish and refuses new ones."""
     Cancel: _grpc.UnaryUnaryMultiCallable[_sessions_pb2.CancelSessionRequest, _sessions_pb2.Session]
     """Closes and cancels every unfinished job of the session."""
+    List: _grpc.UnaryUnaryMultiCallable[_sessions_pb2.ListSessionsRequest, _sessions_pb2.ListSessionsResponse]
+    """The caller's sessions and batches, newest first, a page at a time."""
 
 @_typing.type_check_only
 class SessionServiceAsyncStub(SessionServiceStub):
@@ -51,6 +53,8 @@ class SessionServiceAsyncStub(SessionServiceStub):
     """Lets submitted jobs finish and refuses new ones."""
     Cancel: _aio.UnaryUnaryMultiCallable[_sessions_pb2.CancelSessionRequest, _sessions_pb2.Session]  # type: ignore[assignment]
     """Closes and cancels every unfinished job of the session."""
+    List: _aio.UnaryUnaryMultiCallable[_sessions_pb2.ListSessionsRequest, _sessions_pb2.ListSessionsResponse]  # type: ignore[assignment]
+    """The caller's sessions and batches, newest first, a page at a time."""
 
 class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -82,5 +86,13 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_sessions_pb2.Session, _abc.Awaitable[_sessions_pb2.Session]]:
         """Closes and cancels every unfinished job of the session."""
+
+    @_abc_1.abstractmethod
+    def List(
+        self,
+        request: _sessions_pb2.ListSessionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sessions_pb2.ListSessionsResponse, _abc.Awaitable[_sessions_pb2.ListSessionsResponse]]:
+        """The caller's sessions and batches, newest first, a page at a time."""
 
 def add_SessionServiceServicer_to_server(servicer: SessionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -191,6 +191,12 @@ class JobPage:
 
 
 @dataclass(frozen=True)
+class SessionPage:
+    sessions: list[SessionRecord]
+    next_page_token: str
+
+
+@dataclass(frozen=True)
 class NewProgram:
     """A validated upload; `id` is already the content hash ("p-" + sha256)."""
 
@@ -394,10 +400,12 @@ class JobStore(ABC):
         states: Sequence[JobState] = (),
         backend: str = "",
         session_id: str = "",
+        program: str = "",
         page_size: int = 50,
         page_token: str = "",
     ) -> JobPage:
-        """Newest first."""
+        """Newest first. `program` is a program id, or a name for the jobs of every
+        version of it still stored."""
 
     @abstractmethod
     async def events_after(self, job_id: str, after_seq: int) -> list[StoredEvent]: ...
@@ -512,6 +520,18 @@ class JobStore(ABC):
     @abstractmethod
     async def get_session(self, session_id: str, tenant: str | None = None) -> SessionRecord:
         """With counts. Raises NotFound (also for another tenant's session)."""
+
+    @abstractmethod
+    async def list_sessions(
+        self,
+        tenant: str,
+        *,
+        states: Sequence[SessionState] = (),
+        backend: str = "",
+        page_size: int = 50,
+        page_token: str = "",
+    ) -> SessionPage:
+        """The tenant's sessions, newest first."""
 
     @abstractmethod
     async def end_session(

@@ -56,6 +56,7 @@ from qrelay.broker.store.base import (
     ProgramRecord,
     Quota,
     RunningLimits,
+    SessionPage,
     SessionRecord,
     SessionState,
     StoredEvent,
@@ -71,6 +72,7 @@ from qrelay.broker.store.schema import (
     DEDICATED,
     EVENT_COLUMNS,
     JOB_COLUMNS,
+    JOB_PROGRAM,
     KEY_SEP,
     NEW_JOB_COLUMNS,
     OTHERS_FIRST_TAG,
@@ -82,6 +84,7 @@ from qrelay.broker.store.schema import (
     RUNNING,
     SCHEMA_VERSION,
     SESSION_ACTIVE,
+    SESSION_BEFORE,
     SESSION_CLOSED,
     SESSION_COLUMNS,
     SESSION_LIVE,
@@ -97,6 +100,8 @@ from qrelay.broker.store.schema import (
     page_cursor,
     program_record,
     qualified,
+    session_page_cursor,
+    session_page_token,
     session_record,
     tenant_backend_key,
     zero_counts,
@@ -646,6 +651,7 @@ class PostgresJobStore(JobStore):
         states: Sequence[JobState] = (),
         backend: str = "",
         session_id: str = "",
+        program: str = "",
         page_size: int = 50,
         page_token: str = "",
     ) -> JobPage:
@@ -664,6 +670,8 @@ class PostgresJobStore(JobStore):
             where.append(f"backend = {param(backend)}")
         if session_id:
             where.append(f"session_id = {param(session_id)}")
+        if program:
+            where.append(JOB_PROGRAM.format(param(program), "$1", param(program)))
         limit = param(page_size + 1)
 
         async def read(conn: asyncpg.Connection) -> JobPage:
@@ -1258,6 +1266,43 @@ class PostgresJobStore(JobStore):
 
     async def get_session(self, session_id: str, tenant: str | None = None) -> SessionRecord:
         return await self._read(lambda conn: self._load_session(conn, session_id, tenant))
+
+    async def list_sessions(
+        self,
+        tenant: str,
+        *,
+        states: Sequence[SessionState] = (),
+        backend: str = "",
+        page_size: int = 50,
+        page_token: str = "",
+    ) -> SessionPage:
+        where = ["tenant = $1"]
+        params: list[Any] = [tenant]
+
+        def param(value: Any) -> str:
+            params.append(value)
+            return f"${len(params)}"
+
+        if page_token:
+            created, before = session_page_cursor(page_token)
+            where.append(SESSION_BEFORE.format(param(created), param(created), param(before)))
+        if states:
+            where.append(f"state = ANY({param([int(s) for s in states])}::int[])")
+        if backend:
+            where.append(f"backend = {param(backend)}")
+        limit = param(page_size + 1)
+
+        async def read(conn: asyncpg.Connection) -> SessionPage:
+            rows = await conn.fetch(
+                f"SELECT {SESSION_COLUMNS} FROM sessions WHERE {' AND '.join(where)} "
+                f"ORDER BY created_at DESC, id DESC LIMIT {limit}",
+                *params,
+            )
+            sessions = await self._sessions(conn, rows[:page_size])
+            more = len(rows) > page_size
+            return SessionPage(sessions, session_page_token(sessions[-1]) if more else "")
+
+        return await self._read(read)
 
     async def end_session(
         self, session_id: str, tenant: str | None, state: SessionState, reason: str

@@ -10,6 +10,7 @@ tables only replicas need.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -110,6 +111,35 @@ def page_cursor(page_token: str) -> int:
         return int(page_token)
     except ValueError:
         raise InvalidArgument(f"page_token {page_token!r} is not one this broker issued") from None
+
+
+def session_page_token(session: SessionRecord) -> str:
+    """The token of the page after `session` (sessions are listed newest first)."""
+    return f"{session.created_at!r}/{session.id}"
+
+
+def session_page_cursor(page_token: str) -> tuple[float, str]:
+    """The (created_at, id) a ListSessions page token stands for (the page holds older ones)."""
+    created, sep, session_id = page_token.partition("/")
+    try:
+        when = float(created)
+    except ValueError:
+        when = math.nan
+    if not sep or not session_id or not math.isfinite(when):
+        shown = page_token if len(page_token) <= 64 else page_token[:64] + "..."
+        raise InvalidArgument(f"page_token {shown!r} is not one this broker issued")
+    return when, session_id
+
+
+#: `(created_at, id) < (cursor)` in SQL for a ListSessions page, with three placeholders
+#: (created_at, created_at, id) the dialect fills in.
+SESSION_BEFORE = "(created_at < {0} OR (created_at = {1} AND id < {2}))"
+#: A job's program filter: its id, or the ids of every stored version of a name (placeholders:
+#: program, tenant, program).
+JOB_PROGRAM = (
+    "(program_id = {0} OR program_id IN "
+    "(SELECT id FROM programs WHERE tenant = {1} AND name = {2}))"
+)
 
 
 def qualified(columns: str, alias: str) -> str:

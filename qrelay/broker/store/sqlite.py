@@ -42,6 +42,7 @@ from qrelay.broker.store.base import (
     ProgramRecord,
     Quota,
     RunningLimits,
+    SessionPage,
     SessionRecord,
     SessionState,
     StoredEvent,
@@ -57,6 +58,7 @@ from qrelay.broker.store.schema import (
     DEDICATED,
     EVENT_COLUMNS,
     JOB_COLUMNS,
+    JOB_PROGRAM,
     KEY_SEP,
     NEW_JOB_COLUMNS,
     OTHERS_FIRST_TAG,
@@ -68,6 +70,7 @@ from qrelay.broker.store.schema import (
     RUNNING,
     SCHEMA_VERSION,
     SESSION_ACTIVE,
+    SESSION_BEFORE,
     SESSION_CLOSED,
     SESSION_COLUMNS,
     SESSION_LIVE,
@@ -83,6 +86,8 @@ from qrelay.broker.store.schema import (
     page_cursor,
     program_record,
     qualified,
+    session_page_cursor,
+    session_page_token,
     session_record,
     tenant_backend_key,
     zero_counts,
@@ -444,6 +449,7 @@ class SQLiteJobStore(JobStore):
         states: Sequence[JobState] = (),
         backend: str = "",
         session_id: str = "",
+        program: str = "",
         page_size: int = 50,
         page_token: str = "",
     ) -> JobPage:
@@ -461,6 +467,9 @@ class SQLiteJobStore(JobStore):
         if session_id:
             where.append("session_id = ?")
             params.append(session_id)
+        if program:
+            where.append(JOB_PROGRAM.format("?", "?", "?"))
+            params.extend((program, tenant, program))
 
         def tx(conn: sqlite3.Connection) -> JobPage:
             rows = conn.execute(
@@ -941,6 +950,40 @@ class SQLiteJobStore(JobStore):
 
     async def get_session(self, session_id: str, tenant: str | None = None) -> SessionRecord:
         return await self._run(lambda conn: self._load_session(conn, session_id, tenant))
+
+    async def list_sessions(
+        self,
+        tenant: str,
+        *,
+        states: Sequence[SessionState] = (),
+        backend: str = "",
+        page_size: int = 50,
+        page_token: str = "",
+    ) -> SessionPage:
+        where = ["tenant = ?"]
+        params: list[Any] = [tenant]
+        if page_token:
+            created, before = session_page_cursor(page_token)
+            where.append(SESSION_BEFORE.format("?", "?", "?"))
+            params.extend((created, created, before))
+        if states:
+            where.append(f"state IN ({_marks(len(states))})")
+            params.extend(int(s) for s in states)
+        if backend:
+            where.append("backend = ?")
+            params.append(backend)
+
+        def tx(conn: sqlite3.Connection) -> SessionPage:
+            rows = conn.execute(
+                f"SELECT {SESSION_COLUMNS} FROM sessions WHERE {' AND '.join(where)} "
+                "ORDER BY created_at DESC, id DESC LIMIT ?",
+                (*params, page_size + 1),
+            ).fetchall()
+            sessions = [self._session(conn, r) for r in rows[:page_size]]
+            more = len(rows) > page_size
+            return SessionPage(sessions, session_page_token(sessions[-1]) if more else "")
+
+        return await self._run(tx)
 
     async def end_session(
         self, session_id: str, tenant: str | None, state: SessionState, reason: str

@@ -3,7 +3,7 @@
 ``pip install --target <cache>/envs/<hash>`` and the directory goes on the
 sandbox's sys.path ahead of the executor's site-packages, which the sandbox
 interpreter already has: qiskit, qiskit-aer and qrelay are never reinstalled
-(the DESIGN.md pitfall of --system-site-packages venvs does not arise).
+(a --system-site-packages venv would let pip shadow them with a second copy).
 Concurrency-safe across jobs and executor processes: an flock on
 ``<hash>.lock`` serialises installers, the install goes to a temporary
 directory renamed into place, and a ``.complete`` marker says it finished.

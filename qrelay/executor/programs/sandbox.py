@@ -296,7 +296,17 @@ class Sandbox:
             raise
         finally:
             child_sock.close()
-        channel = await SocketStream.from_socket(parent_sock)
+        try:
+            channel = await SocketStream.from_socket(parent_sock)
+        except BaseException:
+            # Cancelled between start and wrapping (an executor stopping mid-refill):
+            # the process is ours to kill and reap, or it outlives its loop.
+            parent_sock.close()
+            with anyio.CancelScope(shield=True):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                await process.aclose()
+            raise
         return cls(process, channel, uid)
 
     async def wait_ready(self, timeout: float) -> None:  # noqa: ASYNC109 - start deadline
@@ -351,10 +361,28 @@ class Sandbox:
         """SIGKILL the whole process group, reap the sandbox, close its streams."""
         with anyio.CancelScope(shield=True):
             await self.terminate()
+            await self._drain_pipes()
             await self.channel.aclose()
             await self.process.aclose()
             while self.on_close:
                 self.on_close.pop()()
+
+    async def _drain_pipes(self) -> None:
+        """Read a dead sandbox's stdout and stderr to their end.
+
+        A pipe closes its transport only at EOF; one nobody read (an idle
+        sandbox killed at shutdown) would be closed from its finalizer after
+        the event loop has ended, printing "RuntimeError: Event loop is closed".
+        """
+        with anyio.move_on_after(1):
+            for stream in (self.process.stdout, self.process.stderr):
+                if stream is None:
+                    continue
+                with contextlib.suppress(
+                    anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError
+                ):
+                    while True:
+                        await stream.receive()
 
     async def terminate(self) -> None:
         """SIGKILL the whole process group and reap the sandbox.
@@ -479,8 +507,11 @@ class WarmPool:
 
     async def aclose(self) -> None:
         self._closed = True
+        killed = 0
         while self._idle:
             await self._idle.popleft().kill()
+            killed += 1
+        log.debug("sandbox.pool_closed", killed=killed, spawning=self._spawning)
 
     def describe(self) -> dict[str, Any]:
         return {"idle": len(self._idle), "warm": self.warm_starts, "cold": self.cold_starts}
