@@ -212,6 +212,20 @@ def test_backend_name_mode_uses_qrelay_broker_from_the_environment(
         sampler.service.close()
 
 
+def test_a_primitives_priority_reaches_its_jobs_and_is_checked(service: QRelayService) -> None:
+    sampler = Sampler(mode=service.backend("aer"))
+    assert sampler.priority == 0
+    sampler.priority = 7
+    job = sampler.run([one_qubit()], shots=4)
+    job.result()
+    assert service.job(job.job_id()).metrics()["priority"] == 7
+    with pytest.raises(InvalidArgument, match="between -10 and 10, got 11"):
+        sampler.priority = 11
+    with pytest.raises(TypeError, match="must be an int"):
+        sampler.priority = 1.5  # type: ignore[assignment]
+    assert sampler.priority == 7
+
+
 def test_a_program_run_carries_its_priority() -> None:
     from qrelay.client.service import program_spec
 

@@ -40,6 +40,7 @@ from qrelay.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from qrelay.limits import MAX_PRIORITY, MIN_PRIORITY
 
 #: The columns of a job's row that the decisions read (`JobFacts.of`).
 FACT_COLUMNS = (
@@ -373,11 +374,8 @@ class RunningRoom:
         return True
 
 
-#: Bounds of a job's priority within its tenant (JobSpec.priority).
-MIN_PRIORITY, MAX_PRIORITY = -10, 10
-
-
 def check_priority(priority: int) -> None:
+    """JobSpec.priority within `qrelay.limits`' bounds (the SDK checks the same)."""
     if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
         raise InvalidArgument(
             f"priority must be between {MIN_PRIORITY} and {MAX_PRIORITY} (higher runs first "
