@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import pytest
+import structlog
 from typer.testing import CliRunner
 
 from qrelay._proto.v1 import jobs_pb2, jobs_pb2_grpc
@@ -17,6 +20,14 @@ from tests.integration.procs import start_broker
 from tests.integration.rawstubs import BELL_QASM3, sampler_spec
 
 QUOTAS = {"default": {"max_queued_jobs": 5, "max_executor_seconds": 100}}
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """The CLI configures structlog onto CliRunner's temporary stderr; undo that after."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 def test_usage_shows_the_tenants_use_beside_its_quotas(tmp_path: Path) -> None:
