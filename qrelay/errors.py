@@ -69,6 +69,17 @@ class ResourceExhausted(QRelayError):
     code, code_name = 8, "RESOURCE_EXHAUSTED"
 
 
+class QuotaExceeded(ResourceExhausted):
+    """A tenant's quota refused the request; names the quota, its limit and the use."""
+
+    def __init__(self, message: str, *, tenant: str, quota: str, limit: float, used: float) -> None:
+        super().__init__(message)
+        self.tenant = tenant
+        self.quota = quota
+        self.limit = limit
+        self.used = used
+
+
 class FailedPrecondition(QRelayError):
     code, code_name = 9, "FAILED_PRECONDITION"
 

@@ -37,3 +37,7 @@ def tag_problem(tags: dict[str, str]) -> str | None:
                     f"{what} contains the non-printable character {bad!r}; tags are printable text"
                 )
     return None
+
+
+#: Bounds of JobSpec.priority (order among a tenant's own queued jobs).
+MIN_PRIORITY, MAX_PRIORITY = -10, 10

@@ -10,9 +10,18 @@ from qrelay._proto.v1 import backends_pb2, types_pb2
 from qrelay.broker import validation
 from qrelay.broker.audit import audit
 from qrelay.broker.events import EventHub, HubClosed, Subscription, follow
+from qrelay.broker.quotas import QuotaSource, SettingsQuotas, UsageReport, audited, usage_report
 from qrelay.broker.scheduler import Scheduler
 from qrelay.broker.settings import MIB, BrokerSettings
-from qrelay.broker.store import JobKind, JobRecord, JobState, JobStore, NewJob, StoredEvent
+from qrelay.broker.store import (
+    JobKind,
+    JobRecord,
+    JobState,
+    JobStore,
+    NewJob,
+    StoredEvent,
+    lifecycle,
+)
 from qrelay.broker.store.base import JobPage, OtherTenants, new_job_id, state_payload
 from qrelay.errors import (
     FailedPrecondition,
@@ -44,12 +53,14 @@ class Jobs:
         settings: BrokerSettings,
         *,
         program_check: ProgramCheck | None = None,
+        quotas: QuotaSource | None = None,
     ) -> None:
         self.store = store
         self.hub = hub
         self.scheduler = scheduler
         self.settings = settings
         self.program_check = program_check
+        self.quotas = quotas or SettingsQuotas(settings)
 
     async def submit(
         self, tenant: str, spec: types_pb2.JobSpec, idempotency_key: str = "", job_id: str = ""
@@ -68,6 +79,7 @@ class Jobs:
             )
         known = spec.backend in self.scheduler.known_backends
         kind = validation.validate_spec(spec, known, sorted(self.scheduler.known_backends))
+        lifecycle.check_priority(spec.priority)
         program_id = ""
         if kind is JobKind.PROGRAM and self.program_check is not None:
             spec = types_pb2.JobSpec()
@@ -85,19 +97,26 @@ class Jobs:
             program_id=program_id,
             id=job_id,
             weight=self.settings.tenant_weights.get(tenant, 1.0),
+            priority=spec.priority,
         )
         return await self.scheduler.shielded(self._store(new))
 
     async def _store(self, new: NewJob) -> tuple[JobRecord, bool]:
-        job, created = await self.store.submit(
-            new, max_queued_per_tenant=self.settings.max_queued_per_tenant
-        )
+        quota = await self.quotas.quota(new.tenant)
+        with audited("submit"):
+            job, created = await self.store.submit(
+                new, max_queued_per_tenant=self.settings.max_queued_per_tenant, quota=quota
+            )
         if created:
             log.info("job.submitted", job_id=job.id, tenant=job.tenant, backend=job.backend)
             self.scheduler.queued(job.backend, job.kind)
         else:
             log.info("job.resubmitted", job_id=job.id, tenant=job.tenant, key=job.idempotency_key)
         return job, created
+
+    async def usage(self, tenant: str) -> UsageReport:
+        """The tenant's use in the current period beside its quotas."""
+        return await usage_report(self.store, self.quotas, tenant)
 
     async def get(self, tenant: str, job_id: str) -> JobRecord:
         if not job_id:
@@ -272,19 +291,20 @@ class Backends:
         self.store = store
         self.scheduler = scheduler
 
-    async def list(self) -> list[backends_pb2.Backend]:
-        lengths = await self.store.queue_lengths()
+    async def list(self, tenant: str) -> list[backends_pb2.Backend]:
+        """Queue lengths as `tenant` sees them (`JobStore.queue_estimates`)."""
+        lengths = await self.store.queue_estimates(tenant)
         return [
             self.scheduler.backend_proto(record, lengths.get(record.name, 0))
             for record in await self.store.list_backends()
         ]
 
-    async def get(self, name: str) -> backends_pb2.Backend:
+    async def get(self, tenant: str, name: str) -> backends_pb2.Backend:
         if not name:
             raise InvalidArgument("name is required")
         record = await self.store.get_backend(name)
         if record is None:
             known = ", ".join(sorted(self.scheduler.known_backends)) or "none yet"
             raise NotFound(f"unknown backend {name!r}; known: {known}")
-        lengths = await self.store.queue_lengths()
+        lengths = await self.store.queue_estimates(tenant)
         return self.scheduler.backend_proto(record, lengths.get(name, 0))

@@ -33,6 +33,7 @@ import jsonschema
 import structlog
 
 from qrelay._proto.v1 import executor_pb2, types_pb2
+from qrelay.broker.quotas import QuotaSource, SettingsQuotas, audited
 from qrelay.broker.settings import MIB, BrokerSettings
 from qrelay.broker.store import JobStore
 from qrelay.broker.store.base import NewProgram, ProgramRecord
@@ -217,9 +218,12 @@ def check_inputs(inputs_json: str, validator: Any | None) -> None:
 class Programs:
     """Program storage and program-job resolution for one broker."""
 
-    def __init__(self, store: JobStore, settings: BrokerSettings) -> None:
+    def __init__(
+        self, store: JobStore, settings: BrokerSettings, quotas: QuotaSource | None = None
+    ) -> None:
         self.store = store
         self.settings = settings
+        self.quotas = quotas or SettingsQuotas(settings)
         # program id -> its jsonschema validator (None: no schema); ids are immutable.
         self._validators: OrderedDict[str, Any | None] = OrderedDict()
         self._bundles: OrderedDict[tuple[str, str], executor_pb2.ProgramBundle] = OrderedDict()
@@ -257,18 +261,19 @@ class Programs:
             check_archive, archive, entry_point, MAX_UNPACK_FACTOR * limit
         )
         pid = program_id(name, archive, entry_point, reqs, input_schema_json)
-        record, created = await self.store.put_program(
-            NewProgram(
-                id=pid,
-                tenant=tenant,
-                name=name,
-                archive=archive,
-                entry_point=entry_point,
-                requirements=reqs,
-                input_schema_json=input_schema_json,
-                description=description,
-            )
+        new = NewProgram(
+            id=pid,
+            tenant=tenant,
+            name=name,
+            archive=archive,
+            entry_point=entry_point,
+            requirements=reqs,
+            input_schema_json=input_schema_json,
+            description=description,
         )
+        quota = await self.quotas.quota(tenant)
+        with audited("upload_program"):
+            record, created = await self.store.put_program(new, quota)
         log.info(
             "program.uploaded" if created else "program.reuploaded",
             tenant=tenant,

@@ -21,6 +21,7 @@ import structlog
 from qrelay._proto.v1 import backends_pb2, executor_pb2, types_pb2
 from qrelay.broker.events import EventHub, timestamp
 from qrelay.broker.metrics import BrokerMetrics
+from qrelay.broker.quotas import QuotaSource, SettingsQuotas
 from qrelay.broker.settings import BrokerSettings
 from qrelay.broker.store import BackendRecord, JobKind, JobRecord, JobStore, LeaseGrant, UpdateKind
 from qrelay.errors import FailedPrecondition, InvalidArgument, QRelayError
@@ -103,8 +104,13 @@ class Scheduler:
         *,
         program_resolver: ProgramResolver | None = None,
         remote: RemoteExecutors | None = None,
+        quotas: QuotaSource | None = None,
     ) -> None:
         self.store = store
+        self.quotas = quotas or SettingsQuotas(settings)
+        # Runs ended here: with running quotas, an end may let a held-back
+        # tenant's queued jobs start, so it counts as news for idle executors.
+        self._runs_ended = 0
         self.hub = hub
         self.settings = settings
         self.metrics = metrics
@@ -280,6 +286,7 @@ class Scheduler:
         payload = getattr(update, which).SerializeToString()
         outcome = await self.store.apply_update(update.job_id, update.lease_id, kind, payload)
         if kind.final and link.inflight.pop(update.lease_id, None) is not None:
+            self._runs_ended += 1
             self._gauge()
             self.wake()
         if not outcome.accepted:
@@ -308,6 +315,7 @@ class Scheduler:
             self.queued(job.backend, job.kind)
 
     def job_finished(self, job: JobRecord) -> None:
+        self._runs_ended += 1
         if job.finished_at is not None:
             self.metrics.job_latency.labels(job.backend, job.state.name).observe(
                 max(job.finished_at - job.created_at, 0.0)
@@ -344,6 +352,8 @@ class Scheduler:
         """Lease queued jobs to executors with free slots until none fits; returns count."""
         total = 0
         progress = True
+        running = await self.quotas.running_limits()
+        ended = self._runs_ended if running is not None else 0
         while progress:
             progress = False
             for link in sorted(self.executors.values(), key=lambda lk: -lk.free):
@@ -354,7 +364,7 @@ class Scheduler:
                 }
                 if free <= 0:
                     continue
-                generation = sum(self._queued_generations.get(k, 0) for k in wanted)
+                generation = ended + sum(self._queued_generations.get(k, 0) for k in wanted)
                 if generation == link.idle_generation:
                     continue
                 grants = await self.store.claim(
@@ -363,6 +373,7 @@ class Scheduler:
                     self.settings.lease_ttl_s,
                     free,
                     None if any_kind else PRIMITIVE_KINDS,
+                    running,
                 )
                 link.idle_generation = generation if len(grants) < free else -1
                 for grant in grants:

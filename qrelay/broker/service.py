@@ -29,6 +29,7 @@ from qrelay.broker.auth import Authenticator, check_executor_token
 from qrelay.broker.events import timestamp, to_proto
 from qrelay.broker.jobs import Backends, Jobs
 from qrelay.broker.programs import Programs
+from qrelay.broker.quotas import UsageReport
 from qrelay.broker.scheduler import ExecutorLink, Scheduler
 from qrelay.broker.sessions import Sessions
 from qrelay.broker.settings import BrokerSettings
@@ -60,6 +61,8 @@ def job_to_proto(job: JobRecord) -> jobs_pb2.Job:
         idempotency_key=job.idempotency_key,
         num_pubs=job.num_pubs,
         queue_position=job.queue_position,
+        usage_seconds=job.usage_s,
+        priority=job.priority,
     )
     if job.started_at is not None:
         message.started_at.CopyFrom(timestamp(job.started_at))
@@ -68,6 +71,26 @@ def job_to_proto(job: JobRecord) -> jobs_pb2.Job:
     if job.error:
         message.error.ParseFromString(job.error)
     return message
+
+
+def usage_to_proto(report: UsageReport) -> jobs_pb2.Usage:
+    quota, usage = report.quota, report.usage
+    return jobs_pb2.Usage(
+        period_start=timestamp(report.period.start.timestamp()),
+        period_end=timestamp(report.period.end.timestamp()),
+        executor_seconds=usage.executor_seconds,
+        queued_jobs=usage.queued_jobs,
+        running_jobs=usage.running_jobs,
+        open_sessions=usage.open_sessions,
+        program_bytes=usage.program_bytes,
+        quotas=jobs_pb2.Quotas(
+            max_queued_jobs=quota.max_queued_jobs,
+            max_running_jobs=quota.max_running_jobs,
+            max_sessions=quota.max_sessions,
+            max_program_bytes=quota.max_program_bytes,
+            max_executor_seconds=quota.max_executor_seconds,
+        ),
+    )
 
 
 def _stream_item(item: Item) -> jobs_pb2.RunStreamItem:
@@ -173,6 +196,10 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         return job_to_proto(job)
 
     @grpc_errors
+    async def GetUsage(self, request: jobs_pb2.GetUsageRequest, context: Context) -> jobs_pb2.Usage:
+        return usage_to_proto(await self.jobs.usage(self._tenant(context)))
+
+    @grpc_errors
     async def GetResult(
         self, request: jobs_pb2.GetResultRequest, context: Context
     ) -> types_pb2.JobResult:
@@ -189,15 +216,15 @@ class BackendServicer(backends_pb2_grpc.BackendServiceServicer):
     async def List(
         self, request: backends_pb2.ListBackendsRequest, context: Context
     ) -> backends_pb2.ListBackendsResponse:
-        self.auth.tenant(context.invocation_metadata())
-        return backends_pb2.ListBackendsResponse(backends=await self.backends.list())
+        tenant = self.auth.tenant(context.invocation_metadata())
+        return backends_pb2.ListBackendsResponse(backends=await self.backends.list(tenant))
 
     @grpc_errors
     async def Get(
         self, request: backends_pb2.GetBackendRequest, context: Context
     ) -> backends_pb2.Backend:
-        self.auth.tenant(context.invocation_metadata())
-        return await self.backends.get(request.name)
+        tenant = self.auth.tenant(context.invocation_metadata())
+        return await self.backends.get(tenant, request.name)
 
 
 def _check_executor_certificate(context: Context) -> None:

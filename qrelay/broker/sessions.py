@@ -37,6 +37,7 @@ import structlog
 
 from qrelay.broker import validation
 from qrelay.broker.jobs import DEFAULT_PAGE_SIZE, Jobs
+from qrelay.broker.quotas import QuotaSource, SettingsQuotas, audited
 from qrelay.broker.scheduler import Scheduler
 from qrelay.broker.settings import BrokerSettings
 from qrelay.broker.store import JobKind, JobState, JobStore
@@ -59,12 +60,18 @@ class Sessions:
     """Session logic on plain values; `run()` is the expiry/re-pin reaper."""
 
     def __init__(
-        self, store: JobStore, scheduler: Scheduler, jobs: Jobs, settings: BrokerSettings
+        self,
+        store: JobStore,
+        scheduler: Scheduler,
+        jobs: Jobs,
+        settings: BrokerSettings,
+        quotas: QuotaSource | None = None,
     ) -> None:
         self.store = store
         self.scheduler = scheduler
         self.jobs = jobs
         self.settings = settings
+        self.quotas = quotas or SettingsQuotas(settings)
         self._missing_since: dict[str, float] = {}  # pinned executor id -> first seen gone
         self._pins: dict[str, str] = {}  # session id -> executor id last seen pinned
 
@@ -91,19 +98,20 @@ class Sessions:
             known = ", ".join(sorted(self.scheduler.known_backends)) or "none yet"
             raise NotFound(f"unknown backend {backend!r}; known: {known}")
         s = self.settings
-        session = await self.store.create_session(
-            NewSession(
-                tenant=tenant,
-                backend=backend,
-                mode=mode or SessionMode.DEDICATED,
-                max_time_s=self._limit(
-                    max_time_s, "max_time_s", s.session_max_time_s, s.session_max_time_cap_s
-                ),
-                max_idle_s=self._limit(
-                    max_idle_s, "max_idle_s", s.session_max_idle_s, s.session_max_idle_cap_s
-                ),
-            )
+        quota = await self.quotas.quota(tenant)
+        new = NewSession(
+            tenant=tenant,
+            backend=backend,
+            mode=mode or SessionMode.DEDICATED,
+            max_time_s=self._limit(
+                max_time_s, "max_time_s", s.session_max_time_s, s.session_max_time_cap_s
+            ),
+            max_idle_s=self._limit(
+                max_idle_s, "max_idle_s", s.session_max_idle_s, s.session_max_idle_cap_s
+            ),
         )
+        with audited("create_session"):
+            session = await self.store.create_session(new, quota)
         log.info(
             "session.created",
             session_id=session.id,

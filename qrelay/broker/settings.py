@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MIB = 1024 * 1024
@@ -36,6 +37,26 @@ def read_secret_file(path: Path, what: str) -> str:
         return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ValueError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+class QuotaLimits(BaseModel):
+    """One entry of `tenant_quotas`: each limit None (or absent) for none.
+
+    A tenant's entry overrides the "default" entry limit by limit: what it
+    names wins (null included: no limit), the rest come from "default"."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_queued_jobs: int | None = Field(default=None, ge=0)
+    max_running_jobs: int | None = Field(default=None, ge=1)
+    max_sessions: int | None = Field(default=None, ge=0)
+    max_program_bytes: int | None = Field(default=None, ge=0)
+    max_executor_seconds: float | None = Field(default=None, ge=0)
+
+    def over(self, default: QuotaLimits) -> QuotaLimits:
+        """These limits where set, else `default`'s."""
+        named = self.model_dump(include=self.model_fields_set)
+        return default.model_copy(update=named)
 
 
 class BrokerSettings(BaseSettings):
@@ -68,6 +89,13 @@ class BrokerSettings(BaseSettings):
     # Fair share between tenants per backend: a tenant of weight w gets w shares
     # of the slots (absent tenants weigh 1), e.g. QRELAY_TENANT_WEIGHTS='{"lab": 2}'.
     tenant_weights: dict[str, float] = {}
+    # Quotas per tenant: "default" for every tenant, plus overrides by tenant
+    # name, e.g. QRELAY_TENANT_QUOTAS='{"default": {"max_queued_jobs": 1000,
+    # "max_running_jobs": 4}, "lab": {"max_running_jobs": 16}}' (see
+    # `QuotaLimits` and the README's "Quotas and usage").
+    tenant_quotas: dict[str, QuotaLimits] = {}
+    # The executor-seconds budget's period: a calendar "day" or "month", UTC.
+    quota_period: Literal["day", "month"] = "month"
     # JobService.RunStream: jobs one stream follows at once (more wait unread).
     max_stream_jobs: int = 1024
     tokens: Annotated[dict[str, str], NoDecode] = {}
@@ -154,6 +182,19 @@ class BrokerSettings(BaseSettings):
             return self.metrics_host
         host = self.listen.rsplit(":", 1)[0].strip("[]")
         return host or "127.0.0.1"
+
+    @field_validator("tenant_quotas", mode="before")
+    @classmethod
+    def _quotas_from_json(cls, value: Any) -> Any:
+        if isinstance(value, str):  # the CLI flag; the environment arrives decoded
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(
+                    f"tenant_quotas is not JSON ({exc.msg} at character {exc.pos}); expected "
+                    '{"default": {"max_queued_jobs": 100, ...}, "<tenant>": {...}}'
+                ) from None
+        return value
 
     @field_validator("tenant_weights")
     @classmethod

@@ -2,7 +2,7 @@
 
 Servers (`broker serve`, `executor serve`, `dev`) run until SIGINT/SIGTERM and
 then shut down cleanly with exit code 0. Client commands (`backends`, `jobs
-...`, `sessions ...`, `programs ...`) take `--broker` (env QRELAY_BROKER) and
+...`, `sessions ...`, `programs ...`, `usage`) take `--broker` (env QRELAY_BROKER) and
 `--token-file` (env QRELAY_TOKEN_FILE, or QRELAY_TOKEN itself); those that
 only read and manage speak to the broker through `_broker` without importing
 Qiskit (a call costs ~0.3 s, not ~1 s), those that upload or run go through
@@ -13,7 +13,7 @@ every user of the host. Errors print `CODE: message` and exit 1;
 bad settings exit 2.
 
 One module per command group (broker, executor, dev, backends, jobs, programs,
-sessions) over `_shared`; this one assembles them into `app`.
+sessions, usage) over `_shared`; this one assembles them into `app`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import typer
 # "skipping fork() handlers" each time a sandbox starts while calls are live.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
-from qrelay.cli import _shared, backends, broker, dev, executor, jobs, programs, sessions
+from qrelay.cli import _shared, backends, broker, dev, executor, jobs, programs, sessions, usage
 from qrelay.cli._shared import Typer
 from qrelay.logging import configure_logging
 from qrelay.logging import safe_dsn as _redacted
@@ -47,6 +47,7 @@ app.command()(dev.dev)
 app.command()(backends.backends)
 app.add_typer(programs.programs_app, name="programs")
 app.add_typer(sessions.sessions_app, name="sessions")
+app.command()(usage.usage)
 
 
 @app.callback()

@@ -136,6 +136,13 @@ class Broker:
         assert isinstance(resp, backends_pb2.ListBackendsResponse)
         return list(resp.backends)
 
+    # --- usage ----------------------------------------------------------------
+    async def usage(self) -> jobs_pb2.Usage:
+        conn = self.connection
+        resp = await self._call(conn.jobs.GetUsage, jobs_pb2.GetUsageRequest())
+        assert isinstance(resp, jobs_pb2.Usage)
+        return resp
+
     # --- jobs -----------------------------------------------------------------
     async def jobs(
         self,

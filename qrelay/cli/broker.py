@@ -110,6 +110,18 @@ def broker_serve(
             "certificates (clients keep --listen without one)."
         ),
     ] = None,
+    tenant_quotas: Annotated[
+        str | None,
+        typer.Option(
+            help='Quotas per tenant as JSON: a "default" entry and overrides by tenant, e.g. '
+            '\'{"default": {"max_queued_jobs": 1000, "max_running_jobs": 4}}\' '
+            "(see the README, Quotas and usage)."
+        ),
+    ] = None,
+    quota_period: Annotated[
+        str | None,
+        typer.Option(help="Period of the executor-seconds budget: day or month (UTC)."),
+    ] = None,
 ) -> None:
     """Run a broker until SIGINT/SIGTERM. Every setting is also QRELAY_<NAME> in the
     environment (a flag wins)."""
@@ -145,6 +157,8 @@ def broker_serve(
                 tls_key=tls_key,
                 tls_client_ca=tls_client_ca,
                 executor_listen=executor_listen,
+                tenant_quotas=tenant_quotas,
+                quota_period=quota_period,
             )
         )
     danger = exposure(settings.listen, tls=settings.tls, tokens=bool(settings.tokens))

@@ -84,6 +84,8 @@ class QRelayBackend:
 
     @property
     def queue_length(self) -> int:
+        """Jobs you would wait for here: your own queued jobs, scaled by the
+        active tenants' fair shares (other tenants' queues are not shown)."""
         return self._proto.queue_length
 
     @property

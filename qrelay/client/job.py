@@ -599,12 +599,22 @@ class AsyncRuntimeJob:
             "executor_id": job.executor_id,
             "queue_position": job.queue_position,
             "num_pubs": job.num_pubs,
+            "priority": job.priority,
             "usage": {
+                # Executor-seconds charged to the tenant (Runtime's "seconds").
+                "seconds": job.usage_seconds if finished else None,
                 "wall_seconds": (finished - started).total_seconds()
                 if finished and started
-                else None
+                else None,
             },
         }
+
+    async def usage(self) -> float | None:
+        """Executor-seconds of the job's final run (None until it ends), like
+        qiskit-ibm-runtime's RuntimeJobV2.usage(): what the tenant's
+        executor-seconds quota was charged for it."""
+        job = await self.refresh()
+        return job.usage_seconds if job.HasField("finished_at") else None
 
 
 class RuntimeJob(BasePrimitiveJob[Any, JobStatus]):  # type: ignore[misc]
@@ -707,9 +717,9 @@ class RuntimeJob(BasePrimitiveJob[Any, JobStatus]):  # type: ignore[misc]
         return self._loop.call(self._core.metrics)
 
     def usage(self) -> float | None:
-        """Seconds the job's final attempt ran (None before it finished), as Runtime's usage()."""
-        wall: float | None = self.metrics()["usage"]["wall_seconds"]
-        return wall
+        """Executor-seconds of the job's final run (None until it ends), like
+        Runtime's RuntimeJobV2.usage()."""
+        return self._loop.call(self._core.usage)
 
 
 class EmptyJob(FinishedJob):

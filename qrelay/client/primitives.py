@@ -26,7 +26,8 @@ from qrelay.client.backend import QRelayBackend
 from qrelay.client.job import EmptyJob, RuntimeJob, wire_tags
 from qrelay.client.modes import ModeLike, SubmitTarget, default_service
 from qrelay.client.service import QRelayService
-from qrelay.errors import InvalidArgument
+from qrelay.errors import InvalidArgument, InvalidType
+from qrelay.limits import MAX_PRIORITY, MIN_PRIORITY
 from qrelay.options import EstimatorOptions, SamplerOptions, options_from_wire, options_to_wire
 from qrelay.pubs import estimator_pubs, sampler_pubs
 
@@ -169,6 +170,24 @@ class _Primitive:
     """What Sampler and Estimator share: where to submit and how."""
 
     _target: SubmitTarget
+    _priority: int = 0
+
+    @property
+    def priority(self) -> int:
+        """Order of this primitive's jobs among your own queued jobs on the
+        backend: higher first, -10 to 10, default 0 (never your share
+        against other tenants). A qrelay addition; Runtime has none."""
+        return self._priority
+
+    @priority.setter
+    def priority(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidType(f"priority must be an int, got {type(value).__name__}")
+        if not MIN_PRIORITY <= value <= MAX_PRIORITY:
+            raise InvalidArgument(
+                f"priority must be between {MIN_PRIORITY} and {MAX_PRIORITY}, got {value}"
+            )
+        self._priority = value
 
     @property
     def mode(self) -> QRelayBackend:
@@ -185,6 +204,7 @@ class _Primitive:
     def _submit(self, spec: types_pb2.JobSpec | None) -> RuntimeJob | EmptyJob:
         if spec is None:  # run([]): an empty PrimitiveResult, as the reference primitives
             return EmptyJob(self._target.backend.name)
+        spec.priority = self._priority
         # One key per run: every retry names the same job. Run (not Submit):
         # result() then reads the stream already open, one round trip in all.
         return self._target.service.submit_and_follow(spec, idempotency_key=uuid.uuid4().hex)

@@ -97,12 +97,45 @@ def _encoded_inputs(inputs: Mapping[str, Any] | None) -> str:
     return encode_value(dict(inputs))
 
 
+def usage_dict(usage: jobs_pb2.Usage) -> dict[str, Any]:
+    """`GetUsage` as QiskitRuntimeService.usage() shapes it, plus qrelay's quotas."""
+    quotas = usage.quotas
+    limits: dict[str, Any] = {
+        name: getattr(quotas, name) if quotas.HasField(name) else None  # type: ignore[arg-type]
+        for name in (
+            "max_queued_jobs",
+            "max_running_jobs",
+            "max_sessions",
+            "max_program_bytes",
+            "max_executor_seconds",
+        )
+    }
+    budget = limits["max_executor_seconds"]
+    used = usage.executor_seconds
+    return {
+        "period": {
+            "start": usage.period_start.ToDatetime(),
+            "end": usage.period_end.ToDatetime(),
+        },
+        "usage_consumed_seconds": used,
+        "usage_limit_seconds": budget,
+        "usage_remaining_seconds": None if budget is None else max(budget - used, 0.0),
+        "usage_limit_reached": budget is not None and used >= budget,
+        "queued_jobs": usage.queued_jobs,
+        "running_jobs": usage.running_jobs,
+        "open_sessions": usage.open_sessions,
+        "program_bytes": usage.program_bytes,
+        "quotas": limits,
+    }
+
+
 def program_spec(
     program: Program | str,
     inputs: Mapping[str, Any] | None,
     backend: str,
     session_id: str,
     tags: Mapping[str, str] | Iterable[str] | None,
+    priority: int = 0,
 ) -> types_pb2.JobSpec:
     """Validate and encode a program run; raises InvalidArgument, sends nothing."""
     if not backend:
@@ -116,6 +149,7 @@ def program_spec(
         ),
         session_id=session_id,
         tags=wire_tags(tags),
+        priority=priority,
     )
 
 
@@ -485,21 +519,35 @@ class AsyncQRelayService:
         backend: str | QRelayBackend | None = None,
         mode: AsyncSession | None = None,
         tags: Mapping[str, str] | Iterable[str] | None = None,
+        priority: int = 0,
     ) -> AsyncRuntimeJob:
         """Run a program beside `backend` (or in `mode`, a session or batch).
 
         `inputs` become the entry point's keyword arguments (qrelay value
         encoding: JSON types, numpy arrays, Qiskit circuits and operators).
         `result()` is the entry point's return value; interim values arrive
-        through `interim_results()` and `stream()`.
+        through `interim_results()` and `stream()`. `priority` (-10 to 10,
+        higher first) orders it among the tenant's own queued jobs only.
         """
         if mode is not None and not isinstance(mode, AsyncSession):
             raise InvalidArgument(
                 f"mode must be an AsyncSession or AsyncBatch, got {type(mode).__name__}"
             )
         target = _run_backend(backend, mode.backend_name if mode else None)
-        spec = program_spec(program, inputs, target, mode.session_id if mode else "", tags)
+        spec = program_spec(
+            program, inputs, target, mode.session_id if mode else "", tags, priority
+        )
         return await self.submit(spec)
+
+    async def usage(self) -> dict[str, Any]:
+        """The tenant's use in the current quota period and its quotas, like
+        QiskitRuntimeService.usage(): "usage_consumed_seconds" (executor-
+        seconds), "usage_limit_seconds", "usage_remaining_seconds",
+        "usage_limit_reached", "period" {"start", "end"}, plus the counts the
+        other quotas limit and "quotas" (each limit, None for none)."""
+        conn = self.connection
+        reply: jobs_pb2.Usage = await conn.unary(conn.jobs.GetUsage, jobs_pb2.GetUsageRequest())
+        return usage_dict(reply)
 
     # -- sessions ----------------------------------------------------------------
 
@@ -772,6 +820,7 @@ class QRelayService:
         backend: str | QRelayBackend | None = None,
         mode: Session | None = None,
         tags: Mapping[str, str] | Iterable[str] | None = None,
+        priority: int = 0,
     ) -> RuntimeJob:
         """Run a program beside `backend` or in `mode` (a `Session` or `Batch`).
 
@@ -785,8 +834,15 @@ class QRelayService:
                 raise InvalidArgument(f"mode must be a Session or Batch, got {type(mode).__name__}")
             chosen = target()
             session_id, mode_backend = chosen.session_id, chosen.backend.name
-        spec = program_spec(program, inputs, _run_backend(backend, mode_backend), session_id, tags)
+        spec = program_spec(
+            program, inputs, _run_backend(backend, mode_backend), session_id, tags, priority
+        )
         return self.submit(spec)
+
+    def usage(self) -> dict[str, Any]:
+        """The tenant's usage in the current period and its quotas (see the async `usage`)."""
+        report: dict[str, Any] = self._loop.call(self._core.usage)
+        return report
 
     def run_async(self, func: Any, *args: Any) -> Any:
         """Run `await func(*args)` on the service's loop (for code built on the async core)."""

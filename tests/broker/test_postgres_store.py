@@ -245,3 +245,52 @@ async def test_store_survives_the_database_dropping_its_connections(
     again, created = await one.submit(new_job(key="after-drop"), max_queued_per_tenant=10)
     assert created
     assert (await two.get(again.id)).idempotency_key == "after-drop"
+
+
+async def test_a_tenants_position_and_queue_numbers_never_scan_the_jobs_table() -> None:
+    """With 3,000 of A's jobs queued (and analysed), the statements behind B's
+    position, its queue lengths and a claim's running count and priority look-up
+    read indexes or counters, never a sequential scan of jobs."""
+    from qrelay.broker.store.schema import BETTER_THAN, OWN_AHEAD, OWN_BELOW, PRIORITY_ORDER
+
+    async with postgres_schema() as (dsn, schema):
+        store = PostgresJobStore(dsn, schema=schema)
+        await store.open()
+        try:
+            for _ in range(10):
+                await asyncio.gather(
+                    *(
+                        store.submit(
+                            NewJob("a", "aer", JobKind.SAMPLER, b"s", 1),
+                            max_queued_per_tenant=10_000,
+                        )
+                        for _ in range(300)
+                    )
+                )
+            b_job, _ = await store.submit(
+                NewJob("b", "aer", JobKind.SAMPLER, b"s", 1), max_queued_per_tenant=10_000
+            )
+            conn = await asyncpg.connect(dsn, server_settings={"search_path": schema})
+            try:
+                await conn.execute("ANALYZE")
+                qseq = await conn.fetchval("SELECT qseq FROM jobs WHERE id = $1", b_job.id)
+                statements = [
+                    OWN_AHEAD.format(t="'b'", b="'aer'", p="0", q=str(qseq)),
+                    OWN_BELOW.format(t="'b'", b="'aer'", p="0"),
+                    "SELECT COUNT(*) FROM jobs WHERE state = 2 AND tenant = 'b'",
+                    f"SELECT j.qseq FROM jobs j WHERE j.state = 1 AND j.tenant = 'b' "
+                    f"AND j.backend = 'aer' AND j.session_id = '' AND "
+                    f"{BETTER_THAN[0].format(p='0')} ORDER BY {PRIORITY_ORDER} LIMIT 1",
+                    f"SELECT j.qseq FROM jobs j WHERE j.state = 1 AND j.tenant = 'b' "
+                    f"AND j.backend = 'aer' AND j.session_id = '' AND "
+                    f"{BETTER_THAN[1].format(p='0', q=str(qseq))}",
+                ]
+                for sql in statements:
+                    plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {sql}"))
+                    assert "Seq Scan on jobs" not in plan, (sql, plan)
+            finally:
+                await conn.close()
+            assert (await store.get(b_job.id)).queue_position == 1
+            assert await store.queue_estimates("b") == {"aer": 2}
+        finally:
+            await store.close()

@@ -39,10 +39,10 @@ async def test_sqlite_upgrade_to_7_indexes_existing_tags(tmp_path: Path) -> None
     await store.open()
     ids = await _tagged_jobs(store)
     await store.close()
-    with sqlite3.connect(path) as conn:  # back to version 4, jobs kept
+    with sqlite3.connect(path) as conn:  # back to version 6, jobs kept
         conn.execute("DROP TABLE job_tags")
         conn.execute("DROP TABLE deleted_jobs")
-        conn.execute("PRAGMA user_version = 4")
+        conn.execute("PRAGMA user_version = 6")
     upgraded = SQLiteJobStore(path)
     await upgraded.open()
     try:
@@ -58,9 +58,9 @@ async def test_postgres_upgrade_to_7_indexes_existing_tags() -> None:
         ids = await _tagged_jobs(store)
         await store.close()
         conn = await asyncpg.connect(dsn)
-        try:  # back to version 4, jobs kept
+        try:  # back to version 6, jobs kept
             await conn.execute(f'DROP TABLE "{schema}".job_tags, "{schema}".deleted_jobs')
-            await conn.execute(f'DELETE FROM "{schema}".schema_version WHERE version > 4')
+            await conn.execute(f'DELETE FROM "{schema}".schema_version WHERE version > 6')
         finally:
             await conn.close()
         upgraded = PostgresJobStore(dsn, schema=schema)

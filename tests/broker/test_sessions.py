@@ -245,7 +245,10 @@ async def test_list_sessions_refuses_bad_requests_with_invalid_argument(
         (sessions_pb2.ListSessionsRequest(page_token="9" * 5000 + "/s"), "page_token"),
         (sessions_pb2.ListSessionsRequest(states=[42]), "unknown session state"),  # type: ignore[list-item]
         (sessions_pb2.ListSessionsRequest(backend="a\x00b"), "backend contains a NUL character"),
-        (sessions_pb2.ListSessionsRequest(page_token="1.0/s\x00"), "page_token contains a NUL character"),
+        (
+            sessions_pb2.ListSessionsRequest(page_token="1.0/s\x00"),
+            "page_token contains a NUL character",
+        ),
     ):
         await expect_error(sessions.List(request), grpc.StatusCode.INVALID_ARGUMENT, message)
     assert not (await sessions.List(sessions_pb2.ListSessionsRequest())).sessions

@@ -54,6 +54,12 @@ async def test_upgrade_to_v3_counts_the_jobs_already_queued(tmp_path: Path) -> N
     with sqlite3.connect(path) as conn:  # back to a version-2 database with those jobs
         conn.execute("DROP TABLE job_tags")  # version 7: tag index, deleted jobs
         conn.execute("DROP TABLE deleted_jobs")
+        conn.execute("DROP INDEX jobs_tenant_order")  # version 6: quotas, usage, priorities
+        conn.execute("CREATE INDEX jobs_tenant_queued ON jobs (tenant) WHERE state = 1")
+        conn.execute("DROP INDEX sessions_tenant")
+        conn.execute("ALTER TABLE jobs DROP COLUMN priority")
+        conn.execute("ALTER TABLE jobs DROP COLUMN usage_s")
+        conn.execute("DROP TABLE tenant_usage")
         conn.execute("DROP INDEX jobs_fair")  # version 4: fair share
         conn.execute("ALTER TABLE jobs DROP COLUMN vt")
         conn.execute("DROP TABLE fair_share")
@@ -129,5 +135,63 @@ async def test_acknowledged_submits_survive_kill_9(tmp_path: Path) -> None:
             job = await store.get(job_id)
             assert job.state is JobState.QUEUED
             assert job.last_seq == 1
+    finally:
+        await store.close()
+
+
+async def test_a_tenants_positions_and_estimates_never_scan_other_tenants_queues(
+    tmp_path: Path,
+) -> None:
+    """Every statement behind B's submit, get, list and queue lengths (and a
+    claim's running-quota and priority look-ups) searches an index: none scans
+    the jobs table, so A's 2,000 queued jobs cost B nothing."""
+    from qrelay.broker.store import JobKind, NewJob
+    from qrelay.broker.store.base import RunningLimits
+
+    store = SQLiteJobStore(tmp_path / "broker.db")
+    await store.open()
+    try:
+
+        def job(tenant: str) -> NewJob:
+            return NewJob(tenant=tenant, backend="aer", kind=JobKind.SAMPLER, spec=b"s", num_pubs=1)
+
+        for _ in range(2000):
+            await store.submit(job("a"), max_queued_per_tenant=10_000)
+        statements: list[str] = []
+
+        def trace(conn: sqlite3.Connection | None) -> None:
+            assert conn is not None
+            conn.set_trace_callback(statements.append)
+
+        await store._writer.submit(trace, transactional=False)
+        b_job, _ = await store.submit(job("b"), max_queued_per_tenant=10_000)
+        await store.get(b_job.id, "b")
+        await store.list_jobs("b")
+        await store.queue_estimates("b")
+        await store.claim(["aer"], "e-1", 30.0, 1, running=RunningLimits(default=5))
+        await store.tenant_usage("b", "2000-01-01")
+
+        def plans(conn: sqlite3.Connection | None) -> list[tuple[str, str]]:
+            assert conn is not None
+            conn.set_trace_callback(None)
+            found = []
+            for sql in statements:
+                if sql.lstrip().upper().startswith("SELECT") and " jobs" in sql:
+                    for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}").fetchall():
+                        found.append((sql, row[3]))
+            return found
+
+        found = await store._writer.submit(plans, transactional=False)
+        assert found, "no statement was traced"
+        # (Walking the partial index of RUNNING jobs is fine: as many as busy slots.)
+        scans = [
+            (sql, detail)
+            for sql, detail in found
+            if detail.split()[:2] in (["SCAN", "jobs"], ["SCAN", "j"], ["SCAN", "q"])
+            and "jobs_lease_expiry" not in detail
+        ]
+        assert scans == []
+        details = " ".join(detail for _, detail in found)
+        assert "jobs_tenant_order" in details
     finally:
         await store.close()

@@ -20,10 +20,18 @@ from qrelay.broker.store import (
 from qrelay.broker.store.base import (
     NewProgram,
     NewSession,
+    Quota,
+    RunningLimits,
     SessionMode,
     SessionState,
 )
-from qrelay.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from qrelay.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    QuotaExceeded,
+    ResourceExhausted,
+)
 
 TTL = 30.0
 
@@ -359,6 +367,10 @@ async def assert_queued_counts_exact(store: JobStore, tenants: list[str]) -> Non
         queued = await store.list_jobs(tenant, states=[JobState.QUEUED], page_size=1000)
         for job in queued.jobs:
             by_backend[job.backend] = by_backend.get(job.backend, 0) + 1
+        # Its per-backend counters: non-zero exactly where it has queued jobs.
+        estimates = await store.queue_estimates(tenant)
+        assert set(estimates) == {job.backend for job in queued.jobs}
+        assert all(n > 0 for n in estimates.values())
         n = len(queued.jobs)
         # The limit check reports the tenant's counter: exactly n, at limit n.
         with pytest.raises(ResourceExhausted, match=f"already has {n} queued jobs"):
@@ -376,7 +388,8 @@ async def test_queued_counters_stay_exact_across_every_transition(store: JobStor
     assert [g.job.id for g in grants] == a[:2]
     await assert_queued_counts_exact(store, tenants)
     fresh, _ = await store.submit(new_job(tenant="t2"), max_queued_per_tenant=100)
-    assert fresh.queue_position == 3  # at most the rest of aer's queue ahead, and this one
+    # None of t2's own jobs ahead: its first job starts at the clock (fair share).
+    assert fresh.queue_position == 1
     await assert_queued_counts_exact(store, tenants)
     # cancel queued, cancel running
     await store.cancel(a[2], "t1", "x")
@@ -916,3 +929,256 @@ async def test_a_page_token_the_broker_never_issued_is_invalid_argument(
     with pytest.raises(InvalidArgument, match="is not one this broker issued"):
         await store.list_jobs("t1", tags=["k"], page_token=token)
     assert (await store.list_jobs("t1", page_token=str(2**63 - 1))).jobs == []
+
+
+# --- quotas, usage, priorities and queue positions (schema v6) ----------------
+
+
+async def test_queued_jobs_quota_refuses_naming_it_and_spares_other_tenants(
+    store: JobStore,
+) -> None:
+    quota = Quota(max_queued_jobs=3)
+    for _ in range(3):
+        await store.submit(new_job("a"), max_queued_per_tenant=100, quota=quota)
+    with pytest.raises(QuotaExceeded) as refused:
+        await store.submit(new_job("a"), max_queued_per_tenant=100, quota=quota)
+    assert "tenant 'a' has 3 queued jobs" in str(refused.value)
+    assert "(max_queued_jobs=3)" in str(refused.value)
+    assert (refused.value.quota, refused.value.limit, refused.value.used) == (
+        "max_queued_jobs",
+        3,
+        3,
+    )
+    await store.submit(new_job("b"), max_queued_per_tenant=100, quota=quota)
+    # A retried submit of an accepted job is no new job: still answered.
+    keyed = Quota(max_queued_jobs=1)
+    first, _ = await store.submit(new_job("c", key="k"), max_queued_per_tenant=100, quota=keyed)
+    again, created = await store.submit(
+        new_job("c", key="k"), max_queued_per_tenant=100, quota=keyed
+    )
+    assert (again.id, created) == (first.id, False)
+    usage = await store.tenant_usage("a", "2000-01-01")
+    assert usage.queued_jobs == 3
+
+
+async def test_concurrent_submits_never_exceed_the_queued_quota(store: JobStore) -> None:
+    quota = Quota(max_queued_jobs=5)
+    outcomes = await asyncio.gather(
+        *(store.submit(new_job("a"), max_queued_per_tenant=100, quota=quota) for _ in range(12)),
+        return_exceptions=True,
+    )
+    assert sum(not isinstance(o, BaseException) for o in outcomes) == 5
+    assert all(isinstance(o, QuotaExceeded) for o in outcomes if isinstance(o, BaseException))
+
+
+async def run_one(store: JobStore, tenant: str, kind: UpdateKind = UpdateKind.RESULT) -> str:
+    """Submit, claim and end one job of `tenant`; returns its id."""
+    job_id = await submit(store, new_job(tenant, backend=f"solo-{tenant}"))
+    (grant,) = await store.claim([f"solo-{tenant}"], "e-1", TTL, 1)
+    assert grant.job.id == job_id
+    await asyncio.sleep(0.01)  # some run time to charge (no time is asserted)
+    await store.apply_update(job_id, grant.job.lease_id, kind, b"")
+    return job_id
+
+
+async def test_a_finished_run_charges_its_lease_time_to_the_job_and_the_tenants_day(
+    store: JobStore,
+) -> None:
+    before = time.time()
+    done = await run_one(store, "a")
+    failed = await run_one(store, "a", UpdateKind.ERROR)
+    elapsed = time.time() - before
+    jobs = [await store.get(done), await store.get(failed)]
+    assert all(0 < j.usage_s <= elapsed for j in jobs)
+    assert all(j.usage_s == pytest.approx(j.finished_at - j.started_at) for j in jobs)  # type: ignore[operator]
+    today = lifecycle.usage_day(time.time())
+    usage = await store.tenant_usage("a", today)
+    assert usage.executor_seconds == pytest.approx(sum(j.usage_s for j in jobs))
+    assert (await store.tenant_usage("b", today)).executor_seconds == 0.0
+    # A period that starts later holds none of it.
+    assert (await store.tenant_usage("a", "9999-01-01")).executor_seconds == 0.0
+    # A run cancelled while running is charged; a queued job cancelled is not.
+    running = await submit(store, new_job("a", backend="solo-a"))
+    await store.claim(["solo-a"], "e-1", TTL, 1)
+    queued = await submit(store, new_job("a", backend="solo-a"))
+    await store.cancel(running, "a", "stop")
+    await store.cancel(queued, "a", "stop")
+    assert (await store.get(running)).usage_s > 0
+    assert (await store.get(queued)).usage_s == 0
+    total = (await store.tenant_usage("a", today)).executor_seconds
+    assert total == pytest.approx(sum(j.usage_s for j in jobs) + (await store.get(running)).usage_s)
+
+
+async def test_submits_are_refused_once_the_periods_executor_seconds_are_spent(
+    store: JobStore,
+) -> None:
+    today = lifecycle.usage_day(time.time())
+    budget = Quota(max_executor_seconds=1e-6, period_start=today)
+    await store.submit(new_job("a"), max_queued_per_tenant=100, quota=budget)
+    await run_one(store, "a")
+    with pytest.raises(
+        QuotaExceeded, match=r"max_executor_seconds=0\.000001\b.*next period"
+    ) as refused:
+        await store.submit(new_job("a"), max_queued_per_tenant=100, quota=budget)
+    assert refused.value.quota == "max_executor_seconds"
+    assert refused.value.used > 0
+    await store.submit(new_job("b"), max_queued_per_tenant=100, quota=budget)
+    renewed = Quota(max_executor_seconds=1e-6, period_start="9999-01-01")
+    await store.submit(new_job("a"), max_queued_per_tenant=100, quota=renewed)
+
+
+async def test_running_quota_holds_back_a_tenants_jobs_while_others_run(
+    store: JobStore,
+) -> None:
+    limits = RunningLimits(default=None, tenants={"a": 2})
+    a = [await submit(store, new_job("a")) for _ in range(5)]
+    for _ in range(5):
+        await submit(store, new_job("b"))
+    grants = await store.claim(["aer"], "e-1", TTL, 10, running=limits)
+    assert sorted(g.job.tenant for g in grants) == ["a", "a"] + ["b"] * 5
+    assert await store.claim(["aer"], "e-2", TTL, 10, running=limits) == []
+    held = await store.get(a[2])
+    assert held.state is JobState.QUEUED  # held back, not failed
+    # One of A's runs ends: exactly one more of A's starts, the oldest waiting.
+    first = next(g for g in grants if g.job.tenant == "a")
+    await store.apply_update(first.job.id, first.job.lease_id, UpdateKind.RESULT, b"")
+    (next_a,) = await store.claim(["aer"], "e-2", TTL, 10, running=limits)
+    assert next_a.job.id == a[2]
+    assert (await store.tenant_usage("a", "2000-01-01")).running_jobs == 2
+    # Without limits the rest run.
+    assert len(await store.claim(["aer"], "e-2", TTL, 10)) == 2
+
+
+async def test_concurrent_claims_never_exceed_a_running_quota(store: JobStore) -> None:
+    limits = RunningLimits(default=3)
+    for _ in range(12):
+        await submit(store, new_job("a"))
+    batches = await asyncio.gather(
+        *(store.claim(["aer"], f"e-{i}", TTL, 2, running=limits) for i in range(8))
+    )
+    # Never more than the quota; a claim that meets another claiming for the
+    # same tenant (PostgreSQL) leaves that tenant to it, so a later one tops up.
+    assert 1 <= sum(len(b) for b in batches) <= 3
+    await store.claim(["aer"], "e-9", TTL, 10, running=limits)
+    assert (await store.tenant_usage("a", "2000-01-01")).running_jobs == 3
+
+
+async def test_sessions_quota_counts_open_and_active_sessions(store: JobStore) -> None:
+    quota = Quota(max_sessions=2)
+    first = await store.create_session(NewSession("a", "aer", SessionMode.BATCH, 60, 60), quota)
+    await store.create_session(NewSession("a", "aer", SessionMode.DEDICATED, 60, 60), quota)
+    with pytest.raises(QuotaExceeded, match=r"2 open sessions.*max_sessions=2"):
+        await store.create_session(NewSession("a", "aer", SessionMode.BATCH, 60, 60), quota)
+    await store.create_session(NewSession("b", "aer", SessionMode.BATCH, 60, 60), quota)
+    await store.end_session(first.id, "a", SessionState.CLOSED, "done")
+    await store.create_session(NewSession("a", "aer", SessionMode.BATCH, 60, 60), quota)
+    assert (await store.tenant_usage("a", "2000-01-01")).open_sessions == 2
+
+
+async def test_program_storage_quota_counts_every_stored_version(store: JobStore) -> None:
+    quota = Quota(max_program_bytes=30)
+    v1, _ = await store.put_program(new_program(content=b"one"), quota)  # 11 bytes
+    await store.put_program(new_program(content=b"two"), quota)  # 22
+    again, created = await store.put_program(new_program(content=b"one"), quota)
+    assert (again.id, created) == (v1.id, False)  # stored already: adds nothing
+    with pytest.raises(QuotaExceeded, match=r"22 bytes.*adds 11.*max_program_bytes=30"):
+        await store.put_program(new_program(content=b"333"), quota)
+    await store.put_program(new_program(content=b"333", tenant="t2"), quota)
+    await store.delete_programs("t1", v1.id)
+    await store.put_program(new_program(content=b"333"), quota)
+    assert (await store.tenant_usage("t1", "2000-01-01")).program_bytes == 22
+
+
+async def test_a_higher_priority_job_is_its_tenants_next_without_changing_the_share(
+    store: JobStore,
+) -> None:
+    for _ in range(4):
+        await submit(store, new_job("a"))
+        await submit(store, new_job("b"))
+    urgent = await submit(store, new_job("a", priority=5))
+    order = []
+    claimed_a = []
+    for _ in range(9):
+        (grant,) = await store.claim(["aer"], "e-1", TTL, 1)
+        order.append(grant.job.tenant)
+        if grant.job.tenant == "a":
+            claimed_a.append(grant.job.id)
+    # A's first turn already runs the priority-5 job; turns alternate as without it.
+    assert claimed_a[0] == urgent
+    assert order == ["a", "b", "a", "b", "a", "b", "a", "b", "a"]
+
+
+async def test_priorities_reorder_a_tenants_queue_highest_first_then_fifo(
+    store: JobStore,
+) -> None:
+    low = await submit(store, new_job("a", priority=-1))
+    plain = [await submit(store, new_job("a")) for _ in range(2)]
+    high = await submit(store, new_job("a", priority=3))
+    higher = await submit(store, new_job("a", priority=7))
+    # A claim of two takes the two best; then one at a time, best first.
+    claimed = {g.job.id for g in await store.claim(["aer"], "e-1", TTL, 2)}
+    assert claimed == {higher, high}
+    one_by_one = [(await store.claim(["aer"], "e-1", TTL, 1))[0].job.id for _ in range(3)]
+    assert one_by_one == [*plain, low]
+    assert (await store.get(higher)).priority == 7
+
+
+async def test_queue_position_counts_own_jobs_ahead_never_other_tenants_backlog(
+    store: JobStore,
+) -> None:
+    for _ in range(10):
+        await submit(store, new_job("a"), limit=1000)
+    b = [await submit(store, new_job("b"), limit=1000) for _ in range(3)]
+    # Two active tenants of weight 1: each own job ahead stands for two jobs.
+    positions = [(await store.get(j)).queue_position for j in b]
+    assert positions == [1, 3, 5]
+    listed = await store.list_jobs("b")
+    assert sorted(j.queue_position for j in listed.jobs) == [1, 3, 5]
+    estimates = await store.queue_estimates("b")
+    assert estimates == {"aer": 6}
+    for _ in range(300):
+        await submit(store, new_job("a"), limit=1000)
+    assert [(await store.get(j)).queue_position for j in b] == positions
+    assert sorted(j.queue_position for j in (await store.list_jobs("b")).jobs) == [1, 3, 5]
+    assert await store.queue_estimates("b") == estimates
+    fresh, _ = await store.submit(new_job("b"), max_queued_per_tenant=1000)
+    assert fresh.queue_position == 7
+    # A tenant alone on a backend sees its exact place.
+    alone = [await submit(store, new_job("c", backend="solo")) for _ in range(3)]
+    assert [(await store.get(j)).queue_position for j in alone] == [1, 2, 3]
+    assert await store.queue_estimates("nobody") == {}
+
+
+async def test_random_priorities_change_a_tenants_order_but_never_the_turns(
+    store: JobStore,
+) -> None:
+    """Seeded (random.Random(12)): A's 30 jobs with priorities in -3..3 beside
+    B's 15 (weight 2 against A's 1). Claimed one at a time, whose turn it is
+    matches the same queue without priorities exactly, and A's jobs come out
+    highest priority first, in submission order within a priority."""
+    import random
+
+    rng = random.Random(12)
+    priorities = [rng.randint(-3, 3) for _ in range(30)]
+
+    async def turns(with_priorities: bool, backend: str) -> tuple[list[str], list[str]]:
+        a_ids = []
+        for i, p in enumerate(priorities):
+            job = new_job("a", backend=backend, priority=p if with_priorities else 0)
+            a_ids.append(await submit(store, job))
+            if i % 2:
+                await submit(store, new_job("b", backend=backend, weight=2.0))
+        tenants, a_claimed = [], []
+        for _ in range(45):
+            (grant,) = await store.claim([backend], "e-1", TTL, 1)
+            tenants.append(grant.job.tenant)
+            if grant.job.tenant == "a":
+                a_claimed.append(grant.job.id)
+        order = sorted(range(30), key=lambda i: (-priorities[i], i))
+        expected = [a_ids[i] for i in order] if with_priorities else a_ids
+        assert a_claimed == expected
+        return tenants, a_claimed
+
+    plain, _ = await turns(False, "plain")
+    ranked, _ = await turns(True, "ranked")
+    assert ranked == plain

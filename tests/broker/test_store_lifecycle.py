@@ -38,6 +38,8 @@ RUNNING = JobFacts(
     executor_id="x-1",
     backend="sim",
     kind=int(JobKind.SAMPLER),
+    tenant="a",
+    started_at=NOW - 30.0,
 )
 
 
@@ -156,7 +158,9 @@ def test_result_or_error_finishes_the_job_and_drops_the_lease(
         "lease_id": "",
         "lease_expires_at": None,
         "last_seq": 5,
+        "usage_s": 30.0,
     }
+    assert change.usage == lifecycle.Usage("a", lifecycle.usage_day(NOW), 30.0)
     assert [(e.seq, e.terminal) for e in change.events] == [(4, False), (5, True)]
     final = state_change(change.events[1].payload)
     assert (final.state, final.attempt, final.executor_id) == (int(state), 2, "x-1")
@@ -248,6 +252,9 @@ def test_cancel_of_a_running_job_stops_its_executor() -> None:
     assert change.stop == lifecycle.Stop("x-1", "l-1", "cancelled: user asked")
     assert state_change(change.events[0].payload).message == "cancelled: user asked"
     assert change.events[0].terminal
+    # The run so far is charged, as a finished run is.
+    assert change.columns["usage_s"] == 30.0
+    assert change.usage == lifecycle.Usage("a", "1970-01-01", 30.0)
     outcome = lifecycle.cancel_outcome(RUNNING, change, record(RUNNING))
     assert (outcome.lease_id, outcome.executor_id, outcome.events) == ("l-1", "x-1", change.events)
 
@@ -335,3 +342,108 @@ def test_fair_start_begins_at_the_clock_or_where_the_tenant_left_off() -> None:
     assert lifecycle.fair_start(clock=7.0, tenant_last=500.0, weight=1.0) == (500.0, 501.0)
     # Weight w takes 1/w of virtual time per job: three jobs in the time of one.
     assert lifecycle.fair_start(clock=0.0, tenant_last=1.0, weight=3.0)[1] == pytest.approx(4 / 3)
+
+
+# --- quotas, usage, priorities, queue-position estimates ----------------------
+
+
+def test_a_queued_cancel_and_an_expired_lease_charge_nothing() -> None:
+    queued = facts(state=JobState.QUEUED, lease_id="", executor_id="", started_at=None)
+    assert transition(lifecycle.cancel(queued, "", NOW)).usage is None
+    # A vanished executor's lost run is not the tenant's to pay for.
+    assert lifecycle.expire(RUNNING, max_attempts=3, now=NOW).usage is None
+    assert lifecycle.expire(RUNNING, max_attempts=2, now=NOW).usage is None
+
+
+def test_usage_day_is_the_utc_date() -> None:
+    assert lifecycle.usage_day(0.0) == "1970-01-01"
+    assert lifecycle.usage_day(86400.0 * 365 - 1) == "1970-12-31"
+
+
+def test_submit_quota_names_the_quota_its_limit_and_the_use() -> None:
+    from qrelay.broker.store.base import Quota
+    from qrelay.errors import QuotaExceeded
+
+    quota = Quota(
+        max_queued_jobs=100,
+        max_executor_seconds=60.0,
+        period_start="2026-11-01",
+        period_end="2026-12-01",
+    )
+    lifecycle.check_submit_quota("a", quota, queued=99, executor_seconds=59.9)
+    with pytest.raises(QuotaExceeded) as queued:
+        lifecycle.check_submit_quota("a", quota, queued=100, executor_seconds=0.0)
+    assert str(queued.value) == (
+        "tenant 'a' has 100 queued jobs, its quota of queued jobs (max_queued_jobs=100); "
+        "wait for some to finish or cancel some"
+    )
+    assert (queued.value.quota, queued.value.limit, queued.value.used) == (
+        "max_queued_jobs",
+        100,
+        100,
+    )
+    assert isinstance(queued.value, ResourceExhausted)
+    with pytest.raises(QuotaExceeded) as spent:
+        lifecycle.check_submit_quota("a", quota, queued=0, executor_seconds=61.5)
+    assert str(spent.value) == (
+        "tenant 'a' used 61.5 executor-seconds since 2026-11-01, its quota of executor-seconds "
+        "per period (max_executor_seconds=60); the budget renews on 2026-12-01 "
+        "(see service.usage())"
+    )
+    lifecycle.check_submit_quota("a", Quota(), queued=10**6, executor_seconds=1e9)  # no limits
+
+
+def test_session_and_program_quotas() -> None:
+    from qrelay.broker.store.base import Quota
+    from qrelay.errors import QuotaExceeded
+
+    quota = Quota(max_sessions=2, max_program_bytes=1000)
+    lifecycle.check_session_quota("a", quota, 1)
+    with pytest.raises(QuotaExceeded, match=r"2 open sessions.*max_sessions=2"):
+        lifecycle.check_session_quota("a", quota, 2)
+    lifecycle.check_program_quota("a", quota, stored=600, adding=400)
+    with pytest.raises(
+        QuotaExceeded,
+        match=r"has 600 bytes of programs stored and this upload adds 401, its quota of bytes "
+        r"of programs stored \(max_program_bytes=1000\)",
+    ):
+        lifecycle.check_program_quota("a", quota, stored=600, adding=401)
+    lifecycle.check_session_quota("a", None, 10**6)
+    lifecycle.check_program_quota("a", None, 10**9, 10**9)
+
+
+def test_running_room_counts_each_tenants_starts_against_its_limit() -> None:
+    from qrelay.broker.store.base import RunningLimits
+
+    room = lifecycle.RunningRoom(RunningLimits(default=2, tenants={"big": None}), {"a": 1})
+    assert room.blocked() == []
+    assert room.take("a")  # 2 of 2
+    assert room.blocked() == ["a"]
+    assert not room.take("a")
+    assert all(room.take("big") for _ in range(50))  # no limit for "big"
+    assert [room.take("b") for _ in range(3)] == [True, True, False]
+    unlimited = lifecycle.RunningRoom(None, {})
+    assert not unlimited.active
+    assert unlimited.take("a")
+
+
+def test_priority_is_bounded() -> None:
+    lifecycle.check_priority(10)
+    lifecycle.check_priority(-10)
+    with pytest.raises(InvalidArgument, match="between -10 and 10"):
+        lifecycle.check_priority(11)
+
+
+@pytest.mark.parametrize(
+    ("ahead", "own", "active", "position"),
+    [(0, 1.0, 3.0, 1), (4, 1.0, 1.0, 5), (4, 1.0, 2.0, 9), (3, 2.0, 3.0, 6), (5, 1.0, 0.0, 6)],
+)
+def test_estimated_position_scales_own_jobs_ahead_by_the_active_weights(
+    ahead: int, own: float, active: float, position: int
+) -> None:
+    assert lifecycle.estimated_position(ahead, own, active) == position
+
+
+def test_estimated_length_is_zero_without_own_queued_jobs() -> None:
+    assert lifecycle.estimated_length(0, 1.0, 5.0) == 0
+    assert lifecycle.estimated_length(3, 1.0, 2.0) == 6

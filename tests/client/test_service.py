@@ -73,6 +73,29 @@ def test_job_handle_from_id_and_from_listing(service: QRelayService) -> None:
     assert [e.kind for e in events][-2:] == ["result", "state"]
 
 
+def test_usage_of_the_service_and_of_a_job_like_runtimes(service: QRelayService) -> None:
+    before = service.usage()["usage_consumed_seconds"]
+    job = Sampler(mode=service.backend("aer")).run([one_qubit()], shots=4)
+    job.result()
+    seconds = job.usage()
+    assert seconds is not None
+    assert seconds > 0
+    assert job.metrics()["usage"]["seconds"] == seconds
+    report = service.usage()
+    # Other tests of this stack may finish jobs meanwhile: at least this one's.
+    assert report["usage_consumed_seconds"] >= before + seconds - 1e-9
+    assert report["usage_limit_seconds"] is None
+    assert report["usage_limit_reached"] is False
+    assert report["period"]["start"] < report["period"]["end"]
+    assert set(report["quotas"]) == {
+        "max_queued_jobs",
+        "max_running_jobs",
+        "max_sessions",
+        "max_program_bytes",
+        "max_executor_seconds",
+    }
+
+
 def test_stream_can_be_abandoned_midway(service: QRelayService) -> None:
     job = Sampler(mode=service.backend("aer")).run([one_qubit()], shots=4)
     for ev in job.stream():
@@ -187,6 +210,27 @@ def test_backend_name_mode_uses_qrelay_broker_from_the_environment(
         assert sampler.run([one_qubit()], shots=2).result()[0].data.meas.num_shots == 2
     finally:
         sampler.service.close()
+
+
+def test_a_primitives_priority_reaches_its_jobs_and_is_checked(service: QRelayService) -> None:
+    sampler = Sampler(mode=service.backend("aer"))
+    assert sampler.priority == 0
+    sampler.priority = 7
+    job = sampler.run([one_qubit()], shots=4)
+    job.result()
+    assert service.job(job.job_id()).metrics()["priority"] == 7
+    with pytest.raises(InvalidArgument, match="between -10 and 10, got 11"):
+        sampler.priority = 11
+    with pytest.raises(TypeError, match="must be an int"):
+        sampler.priority = 1.5  # type: ignore[assignment]
+    assert sampler.priority == 7
+
+
+def test_a_program_run_carries_its_priority() -> None:
+    from qrelay.client.service import program_spec
+
+    assert program_spec("vqe", {"n": 1}, "aer", "", None, priority=3).priority == 3
+    assert program_spec("vqe", None, "aer", "", None).priority == 0
 
 
 def test_services_closed_one_after_another_leave_no_event_loop_errors(

@@ -105,7 +105,11 @@ class Backend(_message.Message):
     online_executors: _builtins.int
     """Connected executors serving it."""
     queue_length: _builtins.int
-    """Jobs waiting for it."""
+    """Jobs the caller would wait for, estimated from its own queued jobs there
+    as Job.queue_position is (its own queued jobs x the active tenants'
+    weights / its weight); 0 when it has none queued. Other tenants' queue
+    lengths never enter it (operators see them in the broker's metrics).
+    """
     @_builtins.property
     def info(self) -> Global___BackendInfo: ...
     @_builtins.property

@@ -25,6 +25,123 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class GetUsageRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUsageRequest: _TypeAlias = GetUsageRequest  # noqa: Y015
+
+@_typing.final
+class Quotas(_message.Message):
+    """A tenant's quotas: each limit is unset when the tenant has none."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_QUEUED_JOBS_FIELD_NUMBER: _builtins.int
+    MAX_RUNNING_JOBS_FIELD_NUMBER: _builtins.int
+    MAX_SESSIONS_FIELD_NUMBER: _builtins.int
+    MAX_PROGRAM_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_EXECUTOR_SECONDS_FIELD_NUMBER: _builtins.int
+    max_queued_jobs: _builtins.int
+    max_running_jobs: _builtins.int
+    max_sessions: _builtins.int
+    max_program_bytes: _builtins.int
+    max_executor_seconds: _builtins.float
+    def __init__(
+        self,
+        *,
+        max_queued_jobs: _builtins.int | None = ...,
+        max_running_jobs: _builtins.int | None = ...,
+        max_sessions: _builtins.int | None = ...,
+        max_program_bytes: _builtins.int | None = ...,
+        max_executor_seconds: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_executor_seconds", b"_max_executor_seconds", "_max_program_bytes", b"_max_program_bytes", "_max_queued_jobs", b"_max_queued_jobs", "_max_running_jobs", b"_max_running_jobs", "_max_sessions", b"_max_sessions", "max_executor_seconds", b"max_executor_seconds", "max_program_bytes", b"max_program_bytes", "max_queued_jobs", b"max_queued_jobs", "max_running_jobs", b"max_running_jobs", "max_sessions", b"max_sessions"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_executor_seconds", b"_max_executor_seconds", "_max_program_bytes", b"_max_program_bytes", "_max_queued_jobs", b"_max_queued_jobs", "_max_running_jobs", b"_max_running_jobs", "_max_sessions", b"_max_sessions", "max_executor_seconds", b"max_executor_seconds", "max_program_bytes", b"max_program_bytes", "max_queued_jobs", b"max_queued_jobs", "max_running_jobs", b"max_running_jobs", "max_sessions", b"max_sessions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_executor_seconds: _TypeAlias = _typing.Literal["max_executor_seconds"]  # noqa: Y015
+    _WhichOneofArgType__max_executor_seconds: _TypeAlias = _typing.Literal["_max_executor_seconds", b"_max_executor_seconds"]  # noqa: Y015
+    _WhichOneofReturnType__max_program_bytes: _TypeAlias = _typing.Literal["max_program_bytes"]  # noqa: Y015
+    _WhichOneofArgType__max_program_bytes: _TypeAlias = _typing.Literal["_max_program_bytes", b"_max_program_bytes"]  # noqa: Y015
+    _WhichOneofReturnType__max_queued_jobs: _TypeAlias = _typing.Literal["max_queued_jobs"]  # noqa: Y015
+    _WhichOneofArgType__max_queued_jobs: _TypeAlias = _typing.Literal["_max_queued_jobs", b"_max_queued_jobs"]  # noqa: Y015
+    _WhichOneofReturnType__max_running_jobs: _TypeAlias = _typing.Literal["max_running_jobs"]  # noqa: Y015
+    _WhichOneofArgType__max_running_jobs: _TypeAlias = _typing.Literal["_max_running_jobs", b"_max_running_jobs"]  # noqa: Y015
+    _WhichOneofReturnType__max_sessions: _TypeAlias = _typing.Literal["max_sessions"]  # noqa: Y015
+    _WhichOneofArgType__max_sessions: _TypeAlias = _typing.Literal["_max_sessions", b"_max_sessions"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_executor_seconds) -> _WhichOneofReturnType__max_executor_seconds | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_program_bytes) -> _WhichOneofReturnType__max_program_bytes | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_queued_jobs) -> _WhichOneofReturnType__max_queued_jobs | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_running_jobs) -> _WhichOneofReturnType__max_running_jobs | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_sessions) -> _WhichOneofReturnType__max_sessions | None: ...
+
+Global___Quotas: _TypeAlias = Quotas  # noqa: Y015
+
+@_typing.final
+class Usage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PERIOD_START_FIELD_NUMBER: _builtins.int
+    PERIOD_END_FIELD_NUMBER: _builtins.int
+    EXECUTOR_SECONDS_FIELD_NUMBER: _builtins.int
+    QUEUED_JOBS_FIELD_NUMBER: _builtins.int
+    RUNNING_JOBS_FIELD_NUMBER: _builtins.int
+    OPEN_SESSIONS_FIELD_NUMBER: _builtins.int
+    PROGRAM_BYTES_FIELD_NUMBER: _builtins.int
+    QUOTAS_FIELD_NUMBER: _builtins.int
+    executor_seconds: _builtins.float
+    """Executor-seconds of the tenant's runs that ended in the period."""
+    queued_jobs: _builtins.int
+    running_jobs: _builtins.int
+    open_sessions: _builtins.int
+    """Sessions OPEN or ACTIVE."""
+    program_bytes: _builtins.int
+    """Bytes of the tenant's stored program archives (every version kept)."""
+    @_builtins.property
+    def period_start(self) -> _timestamp_pb2.Timestamp:
+        """The executor-seconds period: a calendar day or month, UTC (the broker's
+        QRELAY_QUOTA_PERIOD); the budget renews at period_end.
+        """
+
+    @_builtins.property
+    def period_end(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def quotas(self) -> Global___Quotas: ...
+    def __init__(
+        self,
+        *,
+        period_start: _timestamp_pb2.Timestamp | None = ...,
+        period_end: _timestamp_pb2.Timestamp | None = ...,
+        executor_seconds: _builtins.float = ...,
+        queued_jobs: _builtins.int = ...,
+        running_jobs: _builtins.int = ...,
+        open_sessions: _builtins.int = ...,
+        program_bytes: _builtins.int = ...,
+        quotas: Global___Quotas | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["period_end", b"period_end", "period_start", b"period_start", "quotas", b"quotas"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["executor_seconds", b"executor_seconds", "open_sessions", b"open_sessions", "period_end", b"period_end", "period_start", b"period_start", "program_bytes", b"program_bytes", "queued_jobs", b"queued_jobs", "quotas", b"quotas", "running_jobs", b"running_jobs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Usage: _TypeAlias = Usage  # noqa: Y015
+
+@_typing.final
 class RunStreamRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -202,6 +319,8 @@ class Job(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     NUM_PUBS_FIELD_NUMBER: _builtins.int
     QUEUE_POSITION_FIELD_NUMBER: _builtins.int
+    USAGE_SECONDS_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Broker-assigned id, e.g. "j-8c1f..."."""
     backend: _builtins.str
@@ -218,7 +337,17 @@ class Job(_message.Message):
     num_pubs: _builtins.int
     """Number of PUBs (0 for programs)."""
     queue_position: _builtins.int
-    """Position among the backend's queued jobs (1 = next), 0 when not queued."""
+    """Estimated position in the backend's queue (1 = next), 0 when not queued:
+    1 + the tenant's own queued jobs ahead of it x (sum of the weights of the
+    tenants active on the backend / the tenant's weight), rounded. Other
+    tenants' queue lengths never enter it.
+    """
+    usage_seconds: _builtins.float
+    """Executor-seconds of the job's final run (from its lease to its end), 0
+    until it ends; what the tenant's executor-seconds quota is charged.
+    """
+    priority: _builtins.int
+    """JobSpec.priority."""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -254,10 +383,12 @@ class Job(_message.Message):
         idempotency_key: _builtins.str = ...,
         num_pubs: _builtins.int = ...,
         queue_position: _builtins.int = ...,
+        usage_seconds: _builtins.float = ...,
+        priority: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "backend", b"backend", "created_at", b"created_at", "error", b"error", "executor_id", b"executor_id", "finished_at", b"finished_at", "id", b"id", "idempotency_key", b"idempotency_key", "kind", b"kind", "last_seq", b"last_seq", "num_pubs", b"num_pubs", "queue_position", b"queue_position", "session_id", b"session_id", "started_at", b"started_at", "state", b"state", "tags", b"tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "backend", b"backend", "created_at", b"created_at", "error", b"error", "executor_id", b"executor_id", "finished_at", b"finished_at", "id", b"id", "idempotency_key", b"idempotency_key", "kind", b"kind", "last_seq", b"last_seq", "num_pubs", b"num_pubs", "priority", b"priority", "queue_position", b"queue_position", "session_id", b"session_id", "started_at", b"started_at", "state", b"state", "tags", b"tags", "usage_seconds", b"usage_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

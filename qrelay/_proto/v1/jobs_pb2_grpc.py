@@ -86,6 +86,11 @@ class JobServiceStub:
                 request_serializer=qrelay_dot_v1_dot_jobs__pb2.UpdateTagsRequest.SerializeToString,
                 response_deserializer=qrelay_dot_v1_dot_jobs__pb2.Job.FromString,
                 _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/qrelay.v1.JobService/GetUsage',
+                request_serializer=qrelay_dot_v1_dot_jobs__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=qrelay_dot_v1_dot_jobs__pb2.Usage.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -177,8 +182,9 @@ class JobServiceServicer:
         result, as Qiskit Runtime's delete_job. A QUEUED or RUNNING job is refused
         with FAILED_PRECONDITION naming its state (cancel it first); another
         tenant's job answers NOT_FOUND, as a missing one does. Afterwards the job
-        is NOT_FOUND everywhere, and its idempotency key is free again (a Submit
-        with it creates a new job).
+        is NOT_FOUND everywhere; its idempotency key stays taken, so a late retry
+        of the Submit that made it is refused FAILED_PRECONDITION naming the
+        deleted job rather than running the work twice.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -187,6 +193,14 @@ class JobServiceServicer:
     def UpdateTags(self, request, context):
         """Replaces the job's tags with the given ones, in any state (Runtime's
         job.update_tags). Returns the job as updated.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUsage(self, request, context):
+        """The caller's tenant's use in the current quota period and its quotas,
+        like qiskit-ibm-runtime's QiskitRuntimeService.usage().
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -244,6 +258,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.UpdateTags,
                     request_deserializer=qrelay_dot_v1_dot_jobs__pb2.UpdateTagsRequest.FromString,
                     response_serializer=qrelay_dot_v1_dot_jobs__pb2.Job.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=qrelay_dot_v1_dot_jobs__pb2.GetUsageRequest.FromString,
+                    response_serializer=qrelay_dot_v1_dot_jobs__pb2.Usage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -516,6 +535,33 @@ class JobService:
             '/qrelay.v1.JobService/UpdateTags',
             qrelay_dot_v1_dot_jobs__pb2.UpdateTagsRequest.SerializeToString,
             qrelay_dot_v1_dot_jobs__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qrelay.v1.JobService/GetUsage',
+            qrelay_dot_v1_dot_jobs__pb2.GetUsageRequest.SerializeToString,
+            qrelay_dot_v1_dot_jobs__pb2.Usage.FromString,
             options,
             channel_credentials,
             insecure,

@@ -88,12 +88,17 @@ class JobServiceStub:
     result, as Qiskit Runtime's delete_job. A QUEUED or RUNNING job is refused
     with FAILED_PRECONDITION naming its state (cancel it first); another
     tenant's job answers NOT_FOUND, as a missing one does. Afterwards the job
-    is NOT_FOUND everywhere, and its idempotency key is free again (a Submit
-    with it creates a new job).
+    is NOT_FOUND everywhere; its idempotency key stays taken, so a late retry
+    of the Submit that made it is refused FAILED_PRECONDITION naming the
+    deleted job rather than running the work twice.
     """
     UpdateTags: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.UpdateTagsRequest, _jobs_pb2.Job]
     """Replaces the job's tags with the given ones, in any state (Runtime's
     job.update_tags). Returns the job as updated.
+    """
+    GetUsage: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.GetUsageRequest, _jobs_pb2.Usage]
+    """The caller's tenant's use in the current quota period and its quotas,
+    like qiskit-ibm-runtime's QiskitRuntimeService.usage().
     """
 
 @_typing.type_check_only
@@ -151,12 +156,17 @@ class JobServiceAsyncStub(JobServiceStub):
     result, as Qiskit Runtime's delete_job. A QUEUED or RUNNING job is refused
     with FAILED_PRECONDITION naming its state (cancel it first); another
     tenant's job answers NOT_FOUND, as a missing one does. Afterwards the job
-    is NOT_FOUND everywhere, and its idempotency key is free again (a Submit
-    with it creates a new job).
+    is NOT_FOUND everywhere; its idempotency key stays taken, so a late retry
+    of the Submit that made it is refused FAILED_PRECONDITION naming the
+    deleted job rather than running the work twice.
     """
     UpdateTags: _aio.UnaryUnaryMultiCallable[_jobs_pb2.UpdateTagsRequest, _jobs_pb2.Job]  # type: ignore[assignment]
     """Replaces the job's tags with the given ones, in any state (Runtime's
     job.update_tags). Returns the job as updated.
+    """
+    GetUsage: _aio.UnaryUnaryMultiCallable[_jobs_pb2.GetUsageRequest, _jobs_pb2.Usage]  # type: ignore[assignment]
+    """The caller's tenant's use in the current quota period and its quotas,
+    like qiskit-ibm-runtime's QiskitRuntimeService.usage().
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -265,8 +275,9 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         result, as Qiskit Runtime's delete_job. A QUEUED or RUNNING job is refused
         with FAILED_PRECONDITION naming its state (cancel it first); another
         tenant's job answers NOT_FOUND, as a missing one does. Afterwards the job
-        is NOT_FOUND everywhere, and its idempotency key is free again (a Submit
-        with it creates a new job).
+        is NOT_FOUND everywhere; its idempotency key stays taken, so a late retry
+        of the Submit that made it is refused FAILED_PRECONDITION naming the
+        deleted job rather than running the work twice.
         """
 
     @_abc_1.abstractmethod
@@ -277,6 +288,16 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_jobs_pb2.Job, _abc.Awaitable[_jobs_pb2.Job]]:
         """Replaces the job's tags with the given ones, in any state (Runtime's
         job.update_tags). Returns the job as updated.
+        """
+
+    @_abc_1.abstractmethod
+    def GetUsage(
+        self,
+        request: _jobs_pb2.GetUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.Usage, _abc.Awaitable[_jobs_pb2.Usage]]:
+        """The caller's tenant's use in the current quota period and its quotas,
+        like qiskit-ibm-runtime's QiskitRuntimeService.usage().
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15qrelay/v1/types.proto\x12\tqrelay.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"5\n\x07NDArray\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"3\n\x07\x43ircuit\x12\r\n\x03qpy\x18\x01 \x01(\x0cH\x00\x12\x0f\n\x05qasm3\x18\x02 \x01(\tH\x00\x42\x08\n\x06\x66ormat\"A\n\nObservable\x12\x0e\n\x06paulis\x18\x01 \x03(\t\x12\x0e\n\x06\x63oeffs\x18\x02 \x03(\x01\x12\x13\n\x0b\x63oeffs_imag\x18\x03 \x03(\x01\"J\n\x10ObservablesArray\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\'\n\x08\x65lements\x18\x02 \x03(\x0b\x32\x15.qrelay.v1.Observable\"G\n\x08\x42indings\x12\"\n\x06values\x18\x01 \x01(\x0b\x32\x12.qrelay.v1.NDArray\x12\x17\n\x0fparameter_names\x18\x02 \x03(\t\"~\n\nSamplerPub\x12#\n\x07\x63ircuit\x18\x01 \x01(\x0b\x32\x12.qrelay.v1.Circuit\x12-\n\x10parameter_values\x18\x02 \x01(\x0b\x32\x13.qrelay.v1.Bindings\x12\x12\n\x05shots\x18\x03 \x01(\x03H\x00\x88\x01\x01\x42\x08\n\x06_shots\"\xba\x01\n\x0c\x45stimatorPub\x12#\n\x07\x63ircuit\x18\x01 \x01(\x0b\x32\x12.qrelay.v1.Circuit\x12\x30\n\x0bobservables\x18\x02 \x01(\x0b\x32\x1b.qrelay.v1.ObservablesArray\x12-\n\x10parameter_values\x18\x03 \x01(\x0b\x32\x13.qrelay.v1.Bindings\x12\x16\n\tprecision\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_precision\"P\n\x0bSamplerTask\x12#\n\x04pubs\x18\x01 \x03(\x0b\x32\x15.qrelay.v1.SamplerPub\x12\x12\n\x05shots\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\x08\n\x06_shots\"\\\n\rEstimatorTask\x12%\n\x04pubs\x18\x01 \x03(\x0b\x32\x17.qrelay.v1.EstimatorPub\x12\x16\n\tprecision\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_precision\"3\n\x0bProgramTask\x12\x0f\n\x07program\x18\x01 \x01(\t\x12\x13\n\x0binputs_json\x18\x02 \x01(\t\"\xbe\x02\n\x07JobSpec\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12)\n\x07sampler\x18\x02 \x01(\x0b\x32\x16.qrelay.v1.SamplerTaskH\x00\x12-\n\testimator\x18\x03 \x01(\x0b\x32\x18.qrelay.v1.EstimatorTaskH\x00\x12)\n\x07program\x18\x04 \x01(\x0b\x32\x16.qrelay.v1.ProgramTaskH\x00\x12(\n\x07options\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12*\n\x04tags\x18\x07 \x03(\x0b\x32\x1c.qrelay.v1.JobSpec.TagsEntry\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x06\n\x04work\"J\n\x08JobError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x11\n\ttraceback\x18\x04 \x03(\t\"l\n\tDataField\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x05\x61rray\x18\x02 \x01(\x0b\x32\x12.qrelay.v1.NDArrayH\x00\x12#\n\x04\x62its\x18\x03 \x01(\x0b\x32\x13.qrelay.v1.BitArrayH\x00\x42\x07\n\x05value\"L\n\x08\x42itArray\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x11\n\tnum_shots\x18\x03 \x01(\x03\x12\x10\n\x08num_bits\x18\x04 \x01(\x03\"f\n\tPubResult\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\"\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x14.qrelay.v1.DataField\x12\x15\n\rmetadata_json\x18\x03 \x01(\t\x12\x0f\n\x07sampler\x18\x04 \x01(\x08\"S\n\x0fPrimitiveResult\x12)\n\x0bpub_results\x18\x01 \x03(\x0b\x32\x14.qrelay.v1.PubResult\x12\x15\n\rmetadata_json\x18\x02 \x01(\t\"]\n\tJobResult\x12/\n\tprimitive\x18\x01 \x01(\x0b\x32\x1a.qrelay.v1.PrimitiveResultH\x00\x12\x16\n\x0cprogram_json\x18\x02 \x01(\tH\x00\x42\x07\n\x05value\"h\n\x0bStateChange\x12\"\n\x05state\x18\x01 \x01(\x0e\x32\x13.qrelay.v1.JobState\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x13\n\x0b\x65xecutor_id\x18\x04 \x01(\t\"\x1d\n\x07Interim\x12\x12\n\nvalue_json\x18\x01 \x01(\t\"6\n\x08Progress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x05\x12\r\n\x05total\x18\x03 \x01(\x05\"\xb5\x01\n\x07LogLine\x12\'\n\x05level\x18\x01 \x01(\x0e\x32\x18.qrelay.v1.LogLine.Level\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06stream\x18\x03 \x01(\t\"c\n\x05Level\x12\x15\n\x11LEVEL_UNSPECIFIED\x10\x00\x12\x0f\n\x0bLEVEL_DEBUG\x10\x01\x12\x0e\n\nLEVEL_INFO\x10\x02\x12\x11\n\rLEVEL_WARNING\x10\x03\x12\x0f\n\x0bLEVEL_ERROR\x10\x04\"\xd7\x02\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x05state\x18\x04 \x01(\x0b\x32\x16.qrelay.v1.StateChangeH\x00\x12%\n\x07interim\x18\x05 \x01(\x0b\x32\x12.qrelay.v1.InterimH\x00\x12!\n\x03log\x18\x06 \x01(\x0b\x32\x12.qrelay.v1.LogLineH\x00\x12&\n\x06result\x18\x07 \x01(\x0b\x32\x14.qrelay.v1.JobResultH\x00\x12$\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x13.qrelay.v1.JobErrorH\x00\x12\'\n\x08progress\x18\t \x01(\x0b\x32\x13.qrelay.v1.ProgressH\x00\x12\x0f\n\x07\x61ttempt\x18\n \x01(\x05\x42\t\n\x07payload*g\n\x07JobKind\x12\x18\n\x14JOB_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_KIND_SAMPLER\x10\x01\x12\x16\n\x12JOB_KIND_ESTIMATOR\x10\x02\x12\x14\n\x10JOB_KIND_PROGRAM\x10\x03*\x95\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x12\n\x0eJOB_STATE_DONE\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15qrelay/v1/types.proto\x12\tqrelay.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"5\n\x07NDArray\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"3\n\x07\x43ircuit\x12\r\n\x03qpy\x18\x01 \x01(\x0cH\x00\x12\x0f\n\x05qasm3\x18\x02 \x01(\tH\x00\x42\x08\n\x06\x66ormat\"A\n\nObservable\x12\x0e\n\x06paulis\x18\x01 \x03(\t\x12\x0e\n\x06\x63oeffs\x18\x02 \x03(\x01\x12\x13\n\x0b\x63oeffs_imag\x18\x03 \x03(\x01\"J\n\x10ObservablesArray\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\'\n\x08\x65lements\x18\x02 \x03(\x0b\x32\x15.qrelay.v1.Observable\"G\n\x08\x42indings\x12\"\n\x06values\x18\x01 \x01(\x0b\x32\x12.qrelay.v1.NDArray\x12\x17\n\x0fparameter_names\x18\x02 \x03(\t\"~\n\nSamplerPub\x12#\n\x07\x63ircuit\x18\x01 \x01(\x0b\x32\x12.qrelay.v1.Circuit\x12-\n\x10parameter_values\x18\x02 \x01(\x0b\x32\x13.qrelay.v1.Bindings\x12\x12\n\x05shots\x18\x03 \x01(\x03H\x00\x88\x01\x01\x42\x08\n\x06_shots\"\xba\x01\n\x0c\x45stimatorPub\x12#\n\x07\x63ircuit\x18\x01 \x01(\x0b\x32\x12.qrelay.v1.Circuit\x12\x30\n\x0bobservables\x18\x02 \x01(\x0b\x32\x1b.qrelay.v1.ObservablesArray\x12-\n\x10parameter_values\x18\x03 \x01(\x0b\x32\x13.qrelay.v1.Bindings\x12\x16\n\tprecision\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_precision\"P\n\x0bSamplerTask\x12#\n\x04pubs\x18\x01 \x03(\x0b\x32\x15.qrelay.v1.SamplerPub\x12\x12\n\x05shots\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\x08\n\x06_shots\"\\\n\rEstimatorTask\x12%\n\x04pubs\x18\x01 \x03(\x0b\x32\x17.qrelay.v1.EstimatorPub\x12\x16\n\tprecision\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_precision\"3\n\x0bProgramTask\x12\x0f\n\x07program\x18\x01 \x01(\t\x12\x13\n\x0binputs_json\x18\x02 \x01(\t\"\xd0\x02\n\x07JobSpec\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12)\n\x07sampler\x18\x02 \x01(\x0b\x32\x16.qrelay.v1.SamplerTaskH\x00\x12-\n\testimator\x18\x03 \x01(\x0b\x32\x18.qrelay.v1.EstimatorTaskH\x00\x12)\n\x07program\x18\x04 \x01(\x0b\x32\x16.qrelay.v1.ProgramTaskH\x00\x12(\n\x07options\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12*\n\x04tags\x18\x07 \x03(\x0b\x32\x1c.qrelay.v1.JobSpec.TagsEntry\x12\x10\n\x08priority\x18\x08 \x01(\x05\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x06\n\x04work\"J\n\x08JobError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x11\n\ttraceback\x18\x04 \x03(\t\"l\n\tDataField\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x05\x61rray\x18\x02 \x01(\x0b\x32\x12.qrelay.v1.NDArrayH\x00\x12#\n\x04\x62its\x18\x03 \x01(\x0b\x32\x13.qrelay.v1.BitArrayH\x00\x42\x07\n\x05value\"L\n\x08\x42itArray\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x11\n\tnum_shots\x18\x03 \x01(\x03\x12\x10\n\x08num_bits\x18\x04 \x01(\x03\"f\n\tPubResult\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\"\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x14.qrelay.v1.DataField\x12\x15\n\rmetadata_json\x18\x03 \x01(\t\x12\x0f\n\x07sampler\x18\x04 \x01(\x08\"S\n\x0fPrimitiveResult\x12)\n\x0bpub_results\x18\x01 \x03(\x0b\x32\x14.qrelay.v1.PubResult\x12\x15\n\rmetadata_json\x18\x02 \x01(\t\"]\n\tJobResult\x12/\n\tprimitive\x18\x01 \x01(\x0b\x32\x1a.qrelay.v1.PrimitiveResultH\x00\x12\x16\n\x0cprogram_json\x18\x02 \x01(\tH\x00\x42\x07\n\x05value\"h\n\x0bStateChange\x12\"\n\x05state\x18\x01 \x01(\x0e\x32\x13.qrelay.v1.JobState\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x13\n\x0b\x65xecutor_id\x18\x04 \x01(\t\"\x1d\n\x07Interim\x12\x12\n\nvalue_json\x18\x01 \x01(\t\"6\n\x08Progress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x05\x12\r\n\x05total\x18\x03 \x01(\x05\"\xb5\x01\n\x07LogLine\x12\'\n\x05level\x18\x01 \x01(\x0e\x32\x18.qrelay.v1.LogLine.Level\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06stream\x18\x03 \x01(\t\"c\n\x05Level\x12\x15\n\x11LEVEL_UNSPECIFIED\x10\x00\x12\x0f\n\x0bLEVEL_DEBUG\x10\x01\x12\x0e\n\nLEVEL_INFO\x10\x02\x12\x11\n\rLEVEL_WARNING\x10\x03\x12\x0f\n\x0bLEVEL_ERROR\x10\x04\"\xd7\x02\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x05state\x18\x04 \x01(\x0b\x32\x16.qrelay.v1.StateChangeH\x00\x12%\n\x07interim\x18\x05 \x01(\x0b\x32\x12.qrelay.v1.InterimH\x00\x12!\n\x03log\x18\x06 \x01(\x0b\x32\x12.qrelay.v1.LogLineH\x00\x12&\n\x06result\x18\x07 \x01(\x0b\x32\x14.qrelay.v1.JobResultH\x00\x12$\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x13.qrelay.v1.JobErrorH\x00\x12\'\n\x08progress\x18\t \x01(\x0b\x32\x13.qrelay.v1.ProgressH\x00\x12\x0f\n\x07\x61ttempt\x18\n \x01(\x05\x42\t\n\x07payload*g\n\x07JobKind\x12\x18\n\x14JOB_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_KIND_SAMPLER\x10\x01\x12\x16\n\x12JOB_KIND_ESTIMATOR\x10\x02\x12\x14\n\x10JOB_KIND_PROGRAM\x10\x03*\x95\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x12\n\x0eJOB_STATE_DONE\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,10 +36,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_JOBSPEC_TAGSENTRY']._loaded_options = None
   _globals['_JOBSPEC_TAGSENTRY']._serialized_options = b'8\001'
-  _globals['_JOBKIND']._serialized_start=2561
-  _globals['_JOBKIND']._serialized_end=2664
-  _globals['_JOBSTATE']._serialized_start=2667
-  _globals['_JOBSTATE']._serialized_end=2816
+  _globals['_JOBKIND']._serialized_start=2579
+  _globals['_JOBKIND']._serialized_end=2682
+  _globals['_JOBSTATE']._serialized_start=2685
+  _globals['_JOBSTATE']._serialized_end=2834
   _globals['_NDARRAY']._serialized_start=99
   _globals['_NDARRAY']._serialized_end=152
   _globals['_CIRCUIT']._serialized_start=154
@@ -61,31 +61,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROGRAMTASK']._serialized_start=916
   _globals['_PROGRAMTASK']._serialized_end=967
   _globals['_JOBSPEC']._serialized_start=970
-  _globals['_JOBSPEC']._serialized_end=1288
-  _globals['_JOBSPEC_TAGSENTRY']._serialized_start=1237
-  _globals['_JOBSPEC_TAGSENTRY']._serialized_end=1280
-  _globals['_JOBERROR']._serialized_start=1290
-  _globals['_JOBERROR']._serialized_end=1364
-  _globals['_DATAFIELD']._serialized_start=1366
-  _globals['_DATAFIELD']._serialized_end=1474
-  _globals['_BITARRAY']._serialized_start=1476
-  _globals['_BITARRAY']._serialized_end=1552
-  _globals['_PUBRESULT']._serialized_start=1554
-  _globals['_PUBRESULT']._serialized_end=1656
-  _globals['_PRIMITIVERESULT']._serialized_start=1658
-  _globals['_PRIMITIVERESULT']._serialized_end=1741
-  _globals['_JOBRESULT']._serialized_start=1743
-  _globals['_JOBRESULT']._serialized_end=1836
-  _globals['_STATECHANGE']._serialized_start=1838
-  _globals['_STATECHANGE']._serialized_end=1942
-  _globals['_INTERIM']._serialized_start=1944
-  _globals['_INTERIM']._serialized_end=1973
-  _globals['_PROGRESS']._serialized_start=1975
-  _globals['_PROGRESS']._serialized_end=2029
-  _globals['_LOGLINE']._serialized_start=2032
-  _globals['_LOGLINE']._serialized_end=2213
-  _globals['_LOGLINE_LEVEL']._serialized_start=2114
-  _globals['_LOGLINE_LEVEL']._serialized_end=2213
-  _globals['_JOBEVENT']._serialized_start=2216
-  _globals['_JOBEVENT']._serialized_end=2559
+  _globals['_JOBSPEC']._serialized_end=1306
+  _globals['_JOBSPEC_TAGSENTRY']._serialized_start=1255
+  _globals['_JOBSPEC_TAGSENTRY']._serialized_end=1298
+  _globals['_JOBERROR']._serialized_start=1308
+  _globals['_JOBERROR']._serialized_end=1382
+  _globals['_DATAFIELD']._serialized_start=1384
+  _globals['_DATAFIELD']._serialized_end=1492
+  _globals['_BITARRAY']._serialized_start=1494
+  _globals['_BITARRAY']._serialized_end=1570
+  _globals['_PUBRESULT']._serialized_start=1572
+  _globals['_PUBRESULT']._serialized_end=1674
+  _globals['_PRIMITIVERESULT']._serialized_start=1676
+  _globals['_PRIMITIVERESULT']._serialized_end=1759
+  _globals['_JOBRESULT']._serialized_start=1761
+  _globals['_JOBRESULT']._serialized_end=1854
+  _globals['_STATECHANGE']._serialized_start=1856
+  _globals['_STATECHANGE']._serialized_end=1960
+  _globals['_INTERIM']._serialized_start=1962
+  _globals['_INTERIM']._serialized_end=1991
+  _globals['_PROGRESS']._serialized_start=1993
+  _globals['_PROGRESS']._serialized_end=2047
+  _globals['_LOGLINE']._serialized_start=2050
+  _globals['_LOGLINE']._serialized_end=2231
+  _globals['_LOGLINE_LEVEL']._serialized_start=2132
+  _globals['_LOGLINE_LEVEL']._serialized_end=2231
+  _globals['_JOBEVENT']._serialized_start=2234
+  _globals['_JOBEVENT']._serialized_end=2577
 # @@protoc_insertion_point(module_scope)

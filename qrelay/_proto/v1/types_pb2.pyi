@@ -430,10 +430,17 @@ class JobSpec(_message.Message):
     OPTIONS_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     backend: _builtins.str
     """Backend name as BackendService lists it, e.g. "aer", "fake_manila"."""
     session_id: _builtins.str
     """Session or batch the job belongs to; empty for none."""
+    priority: _builtins.int
+    """Order among the tenant's own queued jobs on the backend: higher first,
+    -10 to 10, default 0. It never changes the tenant's share of the
+    backend against other tenants (a job of priority 5 runs in the tenant's
+    next turn instead of its oldest job, which keeps its place).
+    """
     @_builtins.property
     def sampler(self) -> Global___SamplerTask: ...
     @_builtins.property
@@ -464,10 +471,11 @@ class JobSpec(_message.Message):
         options: _struct_pb2.Struct | None = ...,
         session_id: _builtins.str = ...,
         tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        priority: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["estimator", b"estimator", "options", b"options", "program", b"program", "sampler", b"sampler", "work", b"work"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "estimator", b"estimator", "options", b"options", "program", b"program", "sampler", b"sampler", "session_id", b"session_id", "tags", b"tags", "work", b"work"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "estimator", b"estimator", "options", b"options", "priority", b"priority", "program", b"program", "sampler", b"sampler", "session_id", b"session_id", "tags", b"tags", "work", b"work"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_work: _TypeAlias = _typing.Literal["sampler", "estimator", "program"]  # noqa: Y015
     _WhichOneofArgType_work: _TypeAlias = _typing.Literal["work", b"work"]  # noqa: Y015

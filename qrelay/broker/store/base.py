@@ -77,6 +77,9 @@ class NewJob:
     id: str = ""
     # The tenant's fair-share weight on the backend (`lifecycle.fair_start`).
     weight: float = 1.0
+    # Order among the tenant's own queued jobs (higher first); never changes
+    # the tenant's share against others (`lifecycle` "priorities").
+    priority: int = 0
 
 
 class OtherTenants(NotFound):
@@ -118,7 +121,12 @@ class JobRecord:
     tags: dict[str, str]
     idempotency_key: str
     num_pubs: int
-    queue_position: int = 0  # 1 = next for its backend; 0 when not queued
+    # Estimated place in its backend's queue (1 = next; 0 when not queued),
+    # from the tenant's own jobs ahead and the active tenants' weights only
+    # (`lifecycle.estimated_position`), never other tenants' counts.
+    queue_position: int = 0
+    priority: int = 0
+    usage_s: float = 0.0  # executor-seconds of its final run (0 until it ends)
 
 
 @dataclass(frozen=True)
@@ -231,6 +239,51 @@ class ProgramRecord:
     created_at: float
 
 
+@dataclass(frozen=True)
+class Quota:
+    """A tenant's limits as they apply now (None: no limit), as the stores
+    check them inside their transactions (`qrelay.broker.quotas` builds it).
+
+    `period_start` is the first UTC day ("YYYY-MM-DD") of the current
+    executor-seconds period: the period's use is the sum of its days;
+    `period_end` the first day of the next one (for messages)."""
+
+    max_queued_jobs: int | None = None
+    max_running_jobs: int | None = None
+    max_sessions: int | None = None
+    max_program_bytes: int | None = None
+    max_executor_seconds: float | None = None
+    period_start: str = ""
+    period_end: str = ""
+
+
+@dataclass(frozen=True)
+class RunningLimits:
+    """Running-job quotas for every tenant at claim time: `default` for tenants
+    not in `tenants` (None: unlimited)."""
+
+    default: int | None = None
+    tenants: dict[str, int | None] = field(default_factory=dict)
+
+    def limit(self, tenant: str) -> int | None:
+        return self.tenants.get(tenant, self.default)
+
+    @property
+    def any(self) -> bool:
+        return self.default is not None or any(v is not None for v in self.tenants.values())
+
+
+@dataclass(frozen=True)
+class TenantUsage:
+    """What a tenant uses now: the counts its quotas limit."""
+
+    queued_jobs: int
+    running_jobs: int
+    open_sessions: int
+    program_bytes: int
+    executor_seconds: float  # since the period's first day
+
+
 class SessionMode(enum.IntEnum):
     """Numbered as qrelay.v1.SessionMode."""
 
@@ -325,10 +378,14 @@ class JobStore(ABC):
 
     # --- jobs -------------------------------------------------------------
     @abstractmethod
-    async def submit(self, job: NewJob, *, max_queued_per_tenant: int) -> tuple[JobRecord, bool]:
+    async def submit(
+        self, job: NewJob, *, max_queued_per_tenant: int, quota: Quota | None = None
+    ) -> tuple[JobRecord, bool]:
         """Insert a QUEUED job with its first event, or return the tenant's job
         with the same idempotency key (created=False). Raises ResourceExhausted
-        when the tenant already has `max_queued_per_tenant` queued jobs.
+        when the tenant already has `max_queued_per_tenant` queued jobs, and
+        QuotaExceeded when `quota` refuses it (queued jobs, or the period's
+        executor-seconds spent), checked in the same transaction.
 
         With `job.session_id` set, in the same transaction: the session must be
         the tenant's (else NotFound), on the job's backend (else
@@ -391,6 +448,7 @@ class JobStore(ABC):
         lease_ttl_s: float,
         limit: int,
         kinds: Sequence[JobKind] | None = None,
+        running: RunningLimits | None = None,
     ) -> list[LeaseGrant]:
         """Lease up to `limit` of the oldest QUEUED jobs for these backends (and
         of these kinds; None = any) to the executor: RUNNING, attempts + 1, a
@@ -401,7 +459,14 @@ class JobStore(ABC):
         ACTIVE come first (oldest first), then the rest by age. Claiming a
         job of a session without `activated_at` sets it (and OPEN becomes
         ACTIVE); claiming a job of an unpinned DEDICATED session pins it to
-        this executor (executor_id), so its later jobs go only here."""
+        this executor (executor_id), so its later jobs go only here.
+
+        Running quotas (`running`): a tenant with as many RUNNING jobs as its
+        limit gets none claimed (its jobs stay queued, in place), exactly, also
+        across replicas. Priorities: the fair order picks whose turn it is;
+        that tenant's queued job of the highest priority (same backend and
+        session, a wanted kind) runs in the turn, the two swapping start
+        tags, so the tenant's share is unchanged."""
 
     @abstractmethod
     async def extend_leases(self, lease_ids: Sequence[str], lease_ttl_s: float) -> set[str]:
@@ -438,11 +503,16 @@ class JobStore(ABC):
 
     # --- programs ---------------------------------------------------------
     @abstractmethod
-    async def put_program(self, program: NewProgram) -> tuple[ProgramRecord, bool]:
+    async def put_program(
+        self, program: NewProgram, quota: Quota | None = None
+    ) -> tuple[ProgramRecord, bool]:
         """Store a version, or return the tenant's existing one with this id
         (created=False). A new version of a name is numbered 1 + the highest
         version of that name the tenant has (deleted-but-retained ones count).
-        Uploading the id of a deleted-but-retained version revives it."""
+        Uploading the id of a deleted-but-retained version revives it.
+        A new archive that would take the tenant's stored bytes (every version
+        kept, deleted-but-retained included) over `quota.max_program_bytes`
+        raises QuotaExceeded."""
 
     @abstractmethod
     async def get_program(
@@ -470,8 +540,11 @@ class JobStore(ABC):
 
     # --- sessions ---------------------------------------------------------
     @abstractmethod
-    async def create_session(self, session: NewSession) -> SessionRecord:
-        """Insert an OPEN session with id "s-…"."""
+    async def create_session(
+        self, session: NewSession, quota: Quota | None = None
+    ) -> SessionRecord:
+        """Insert an OPEN session with id "s-…". Raises QuotaExceeded when the
+        tenant already has `quota.max_sessions` OPEN or ACTIVE sessions."""
 
     @abstractmethod
     async def get_session(self, session_id: str, tenant: str | None = None) -> SessionRecord:
@@ -527,6 +600,17 @@ class JobStore(ABC):
 
     @abstractmethod
     async def count_by_state(self) -> dict[JobState, int]: ...
+
+    # --- quotas and usage -------------------------------------------------
+    @abstractmethod
+    async def tenant_usage(self, tenant: str, since_day: str) -> TenantUsage:
+        """The tenant's queued and running jobs, open sessions, stored program
+        bytes, and executor-seconds of jobs finished on `since_day` or later."""
+
+    @abstractmethod
+    async def queue_estimates(self, tenant: str) -> dict[str, int]:
+        """Per backend where the tenant has queued jobs: the estimated queue
+        length it sees (`lifecycle.estimated_length`), never others' counts."""
 
 
 class ReplicaStore(Protocol):

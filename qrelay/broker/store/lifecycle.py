@@ -11,7 +11,8 @@ here, unit-tested without a database.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import datetime as dt
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,8 @@ from qrelay.broker.store.base import (
     JobRecord,
     JobState,
     NewJob,
+    Quota,
+    RunningLimits,
     SessionState,
     StoredEvent,
     UpdateKind,
@@ -33,12 +36,16 @@ from qrelay.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    QuotaExceeded,
     ResourceExhausted,
     Unavailable,
 )
+from qrelay.limits import MAX_PRIORITY, MIN_PRIORITY
 
 #: The columns of a job's row that the decisions read (`JobFacts.of`).
-FACT_COLUMNS = "id, state, lease_id, last_seq, attempts, executor_id, backend, kind"
+FACT_COLUMNS = (
+    "id, state, lease_id, last_seq, attempts, executor_id, backend, kind, tenant, started_at"
+)
 
 #: Why an executor is told to stop a job whose lease expired (it may still run it).
 LEASE_EXPIRED_STOP = "lease expired; the job was requeued"
@@ -66,6 +73,8 @@ class JobFacts:
     executor_id: str
     backend: str
     kind: int
+    tenant: str = ""
+    started_at: float | None = None
 
     @classmethod
     def of(cls, row: Row) -> JobFacts:
@@ -79,6 +88,8 @@ class JobFacts:
             executor_id=row["executor_id"],
             backend=row["backend"],
             kind=row["kind"],
+            tenant=row["tenant"],
+            started_at=row["started_at"],
         )
 
 
@@ -98,7 +109,8 @@ class Transition:
     `columns` are the job row's new values (`last_seq` included whenever
     events are appended); `events` carry their seqs already. `requeued`: the
     job is QUEUED again, so claimers (on any replica) may want it. `stop`: an
-    executor still running the job must be told to stop.
+    executor still running the job must be told to stop. `usage`: executor-
+    seconds to add to the tenant's use of that UTC day (a run ended).
     """
 
     job_id: str
@@ -106,6 +118,16 @@ class Transition:
     events: list[StoredEvent]
     requeued: bool = False
     stop: Stop | None = None
+    usage: Usage | None = None
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Executor-seconds a tenant used, charged to one UTC day (`usage_day`)."""
+
+    tenant: str
+    day: str
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -153,6 +175,80 @@ def check_queue_room(tenant: str, queued: int, max_queued_per_tenant: int) -> No
             f"tenant {tenant!r} already has {queued} queued jobs; this broker "
             f"queues at most {max_queued_per_tenant} per tenant "
             "(QRELAY_MAX_QUEUED_PER_TENANT); wait for some to finish"
+        )
+
+
+def _refuse(
+    tenant: str, quota: str, what: str, limit: float, used: float, advice: str, *, has: str = ""
+) -> None:
+    """QuotaExceeded as `tenant 'a' has 100 queued jobs, its quota of queued
+    jobs (max_queued_jobs=100); <advice>` (`has` words the use, if not so)."""
+    has = has or f"has {_amount(used)} {what}"
+    raise QuotaExceeded(
+        f"tenant {tenant!r} {has}, its quota of {what} ({quota}={_amount(limit)}); {advice}",
+        tenant=tenant,
+        quota=quota,
+        limit=limit,
+        used=used,
+    )
+
+
+def _amount(value: float) -> str:
+    """12 as "12", 0.001 as "0.001", 12.3456789 as "12.345679"."""
+    if float(value).is_integer():
+        return str(int(value))
+    return f"{value:.6f}".rstrip("0").rstrip(".")
+
+
+def check_submit_quota(tenant: str, quota: Quota, queued: int, executor_seconds: float) -> None:
+    """A new job against the tenant's queued-jobs quota and its period's
+    executor-seconds budget; raises QuotaExceeded naming the one it exceeds."""
+    if quota.max_queued_jobs is not None and queued >= quota.max_queued_jobs:
+        _refuse(
+            tenant,
+            "max_queued_jobs",
+            "queued jobs",
+            quota.max_queued_jobs,
+            queued,
+            "wait for some to finish or cancel some",
+        )
+    if quota.max_executor_seconds is not None and executor_seconds >= quota.max_executor_seconds:
+        renews = f" on {quota.period_end}" if quota.period_end else " with the next period"
+        _refuse(
+            tenant,
+            "max_executor_seconds",
+            "executor-seconds per period",
+            quota.max_executor_seconds,
+            executor_seconds,
+            f"the budget renews{renews} (see service.usage())",
+            has=f"used {_amount(executor_seconds)} executor-seconds since {quota.period_start}",
+        )
+
+
+def check_session_quota(tenant: str, quota: Quota | None, open_sessions: int) -> None:
+    if quota is not None and quota.max_sessions is not None and open_sessions >= quota.max_sessions:
+        _refuse(
+            tenant,
+            "max_sessions",
+            "open sessions",
+            quota.max_sessions,
+            open_sessions,
+            "close a session first",
+        )
+
+
+def check_program_quota(tenant: str, quota: Quota | None, stored: int, adding: int) -> None:
+    """A new archive of `adding` bytes on top of the tenant's `stored` bytes."""
+    limit = None if quota is None else quota.max_program_bytes
+    if limit is not None and stored + adding > limit:
+        _refuse(
+            tenant,
+            "max_program_bytes",
+            "bytes of programs stored",
+            limit,
+            stored,
+            "delete programs it no longer needs",
+            has=f"has {stored} bytes of programs stored and this upload adds {adding}",
         )
 
 
@@ -232,6 +328,91 @@ def claim(
     return Transition(job.id, columns, [event])
 
 
+class RunningRoom:
+    """How many more jobs each tenant may start in one claim under its
+    running-jobs quota (`RunningLimits`), given how many it runs now."""
+
+    def __init__(self, limits: RunningLimits | None, running: Mapping[str, int]) -> None:
+        self.limits = limits if limits is not None and limits.any else None
+        self.running = dict(running)
+        self.full: set[str] = set()
+        if self.limits is not None:
+            for tenant, n in self.running.items():
+                limit = self.limits.limit(tenant)
+                if limit is not None and n >= limit:
+                    self.full.add(tenant)
+
+    @property
+    def active(self) -> bool:
+        return self.limits is not None
+
+    def blocked(self) -> list[str]:
+        """Tenants at their quota: the claim's queries leave their jobs out."""
+        return sorted(self.full)
+
+    def set_running(self, tenant: str, n: int) -> None:
+        """A fresh count (PostgreSQL recounts under the tenant's claim lock)."""
+        self.running[tenant] = n
+        limit = None if self.limits is None else self.limits.limit(tenant)
+        if limit is not None and n >= limit:
+            self.full.add(tenant)
+
+    def take(self, tenant: str) -> bool:
+        """Whether one more of the tenant's jobs may start now (counts it if so)."""
+        if self.limits is None:
+            return True
+        if tenant in self.full:  # at its quota, or being claimed for elsewhere
+            return False
+        limit = self.limits.limit(tenant)
+        n = self.running.get(tenant, 0)
+        if limit is not None and n >= limit:
+            self.full.add(tenant)
+            return False
+        self.running[tenant] = n + 1
+        if limit is not None and n + 1 >= limit:
+            self.full.add(tenant)
+        return True
+
+
+def check_priority(priority: int) -> None:
+    """JobSpec.priority within `qrelay.limits`' bounds (the SDK checks the same)."""
+    if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        raise InvalidArgument(
+            f"priority must be between {MIN_PRIORITY} and {MAX_PRIORITY} (higher runs first "
+            f"among the tenant's own queued jobs; default 0), got {priority}"
+        )
+
+
+# --- queue position, without other tenants' counts ---------------------------
+
+
+def estimated_position(own_ahead: int, own_weight: float, active_weight: float) -> int:
+    """A queued job's estimated place in its backend's queue (1 = next).
+
+    Under fair share every active tenant (one with work queued or just
+    started on the backend) gets slots in proportion to its weight, so while
+    the tenant's `own_ahead` jobs run, the others run about `own_ahead *
+    (active weight - own weight) / own weight` of theirs: the estimate is
+    `1 + round(own_ahead * active_weight / own_weight)`. It reads the
+    tenant's own queue and the sum of the active weights only: another
+    tenant's backlog (beyond whether it is active) changes nothing in it.
+    """
+    total = max(active_weight, own_weight)
+    return 1 + _half_up(own_ahead * total / own_weight)
+
+
+def estimated_length(own_queued: int, own_weight: float, active_weight: float) -> int:
+    """The queue length a tenant sees for a backend: its own queued jobs scaled
+    as `estimated_position` scales the jobs ahead (0 when it has none)."""
+    if own_queued <= 0:
+        return 0
+    return _half_up(own_queued * max(active_weight, own_weight) / own_weight)
+
+
+def _half_up(value: float) -> int:
+    return int(value + 0.5)
+
+
 # --- executor updates -------------------------------------------------------
 
 
@@ -261,9 +442,11 @@ def update(
         event = update_payload(kind, payload, job.attempts)
         return _transition(job, _Move({}, [(event, False)]), now)
     if kind is UpdateKind.RESULT:
-        return _transition(job, _finish(job, JobState.DONE, "done", payload, now), now)
+        move = _finish(job, JobState.DONE, "done", payload, now)
+        return _charged(job, move, now)
     if kind is UpdateKind.ERROR:
-        return _transition(job, _finish(job, JobState.FAILED, "failed", payload, now), now)
+        move = _finish(job, JobState.FAILED, "failed", payload, now)
+        return _charged(job, move, now)
     # RELEASED under a valid lease: the executor gave the job back unrun.
     attempts = max(job.attempts - 1, 0)
     message = f"released by executor {job.executor_id}; requeued"
@@ -285,6 +468,30 @@ def _finish(job: JobFacts, state: JobState, message: str, payload: bytes, now: f
             (state_payload(state, message, job.attempts, job.executor_id), True),
         ],
     )
+
+
+def usage_day(now: float) -> str:
+    """The UTC day ("YYYY-MM-DD") executor-seconds ending at `now` count for."""
+    return dt.datetime.fromtimestamp(now, dt.UTC).strftime("%Y-%m-%d")
+
+
+def run_seconds(job: JobFacts, now: float) -> float:
+    """Executor-seconds of the job's current run: from its lease (claim) to now.
+
+    Lease timestamps rather than the executor's own report: the broker's
+    clock is the one every tenant is charged by, an executor cannot
+    under-report, and queueing, transpiling and post-processing on the
+    executor all hold the slot, so they count."""
+    return max(now - job.started_at, 0.0) if job.started_at is not None else 0.0
+
+
+def _charged(job: JobFacts, move: _Move, now: float, **flags: Any) -> Transition:
+    """A run ends (done, failed or cancelled while running): the job's usage is
+    its run time, added to the tenant's use of today."""
+    seconds = run_seconds(job, now)
+    move = _Move({**move.columns, "usage_s": seconds}, move.payloads)
+    usage = Usage(job.tenant, usage_day(now), seconds) if seconds > 0 else None
+    return _transition(job, move, now, usage=usage, **flags)
 
 
 def update_outcome(decision: Transition | Refusal, job: JobRecord | None) -> UpdateOutcome:
@@ -333,11 +540,11 @@ def cancel(job: JobFacts, reason: str, now: float) -> Transition | None:
         {"state": int(JobState.CANCELLED), "finished_at": now, **_NO_LEASE},
         [(state_payload(JobState.CANCELLED, message, job.attempts, job.executor_id), True)],
     )
-    stop = None
     if job.state is JobState.RUNNING:
         why = f"cancelled: {reason}" if reason else "cancelled by the client"
-        stop = Stop(job.executor_id, job.lease_id, why)
-    return _transition(job, move, now, stop=stop)
+        # The run so far used the slot: it is charged as a finished one.
+        return _charged(job, move, now, stop=Stop(job.executor_id, job.lease_id, why))
+    return _transition(job, move, now)
 
 
 def cancel_outcome(before: JobFacts, change: Transition | None, job: JobRecord) -> CancelOutcome:

@@ -54,10 +54,13 @@ from qrelay.broker.store.base import (
     NewSession,
     Presence,
     ProgramRecord,
+    Quota,
+    RunningLimits,
     SessionPage,
     SessionRecord,
     SessionState,
     StoredEvent,
+    TenantUsage,
     UpdateKind,
     UpdateOutcome,
     job_not_found,
@@ -65,13 +68,18 @@ from qrelay.broker.store.base import (
 from qrelay.broker.store.lifecycle import FACT_COLUMNS, JobFacts, Transition
 from qrelay.broker.store.schema import (
     BACKEND_COLUMNS,
+    BETTER_THAN,
     CLAIM_ORDER,
     DEDICATED,
     EVENT_COLUMNS,
     JOB_COLUMNS,
     JOB_PROGRAM,
+    KEY_SEP,
     NEW_JOB_COLUMNS,
     OTHERS_FIRST_TAG,
+    OWN_AHEAD,
+    OWN_BELOW,
+    PRIORITY_ORDER,
     PROGRAM_COLUMNS,
     QUEUED,
     RUNNING,
@@ -82,6 +90,7 @@ from qrelay.broker.store.schema import (
     SESSION_COLUMNS,
     SESSION_LIVE,
     SESSION_OPEN,
+    TENANT_BACKEND,
     UNFINISHED,
     Dialect,
     Row,
@@ -96,6 +105,7 @@ from qrelay.broker.store.schema import (
     session_page_cursor,
     session_page_token,
     session_record,
+    tenant_backend_key,
     zero_counts,
 )
 from qrelay.errors import NotFound, QRelayError, Unavailable
@@ -173,6 +183,30 @@ _DIALECT = Dialect(
     CREATE TRIGGER jobs_queued_count AFTER INSERT OR DELETE OR UPDATE OF state, tenant, backend
         ON jobs FOR EACH ROW EXECUTE FUNCTION jobs_queued_count();
     """,
+        # The counters gain scope 'tb' (a tenant's queued jobs on one backend).
+        6: f"""
+    INSERT INTO queued_counts (scope, key, stripe, n)
+        SELECT 'tb', tenant || chr(31) || backend, 0, COUNT(*) FROM jobs
+        WHERE state = {QUEUED} GROUP BY tenant, backend;
+    CREATE OR REPLACE FUNCTION jobs_queued_count() RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE
+        s INTEGER := pg_backend_pid() % 16;
+    BEGIN
+        IF TG_OP IN ('UPDATE', 'DELETE') AND OLD.state = {QUEUED} THEN
+            INSERT INTO queued_counts (scope, key, stripe, n)
+                VALUES ('t', OLD.tenant, s, -1), ('b', OLD.backend, s, -1),
+                    ('tb', OLD.tenant || chr(31) || OLD.backend, s, -1)
+                ON CONFLICT (scope, key, stripe) DO UPDATE SET n = queued_counts.n - 1;
+        END IF;
+        IF TG_OP IN ('UPDATE', 'INSERT') AND NEW.state = {QUEUED} THEN
+            INSERT INTO queued_counts (scope, key, stripe, n)
+                VALUES ('t', NEW.tenant, s, 1), ('b', NEW.backend, s, 1),
+                    ('tb', NEW.tenant || chr(31) || NEW.backend, s, 1)
+                ON CONFLICT (scope, key, stripe) DO UPDATE SET n = queued_counts.n + 1;
+        END IF;
+        RETURN NULL;
+    END $$;
+    """,
         7: """
     INSERT INTO job_tags (tenant, key, qseq)
         SELECT j.tenant, k, j.qseq FROM jobs j, jsonb_object_keys(j.tags::jsonb) k;
@@ -180,9 +214,12 @@ _DIALECT = Dialect(
     },
 )
 _MIGRATIONS = migrations(_DIALECT)
-_POSITION = (
-    f"CASE WHEN j.state = {QUEUED} THEN (SELECT COUNT(*) FROM jobs q WHERE q.state = {QUEUED} "
-    "AND q.backend = j.backend AND (q.vt, q.qseq) <= (j.vt, j.qseq)) ELSE 0 END AS position"
+#: (the tenant's weight, the sum of the active tenants' weights) on a backend:
+#: active = its fair share ends past the backend's clock. $1 tenant, $2 backend.
+_WEIGHTS = (
+    "SELECT COALESCE(SUM(weight) FILTER (WHERE tenant = $1), 1.0) AS own, "
+    "COALESCE(SUM(weight), 0.0) AS active FROM fair_share WHERE backend = $2 AND (tenant = $1 "
+    "OR finish > COALESCE((SELECT clock FROM fair_clock WHERE backend = $2), 0.0))"
 )
 
 
@@ -273,7 +310,8 @@ class PostgresJobStore(JobStore):
                         f"{SCHEMA_VERSION} (upgrade qrelay)"
                     )
                 for target in pending_migrations(version):
-                    await conn.execute(_MIGRATIONS[target])
+                    if _MIGRATIONS[target].strip():  # a number kept empty runs nothing
+                        await conn.execute(_MIGRATIONS[target])
                     await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", target)
         finally:
             await conn.close()
@@ -372,26 +410,40 @@ class PostgresJobStore(JobStore):
         )
         return 0 if n is None else int(n)
 
+    @staticmethod
+    async def _weights(conn: asyncpg.Connection, tenant: str, backend: str) -> tuple[float, float]:
+        row = await conn.fetchrow(_WEIGHTS, tenant, backend)
+        return float(row["own"]), float(row["active"])
+
     async def _load(
         self,
         conn: asyncpg.Connection,
         job_id: str,
         tenant: str | None = None,
         *,
-        position: int | None = None,
+        ahead: int | None = None,
     ) -> JobRecord:
-        """Load a job; its exact queue position is counted unless the caller knows it."""
-        if position is not None:
-            row = await conn.fetchrow(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1", job_id)
-            if row is None or (tenant is not None and row["tenant"] != tenant):
-                raise NotFound(f"job {job_id!r} not found")
-            return job_record(row, position)
-        row = await conn.fetchrow(
-            f"SELECT {JOB_COLUMNS}, {_POSITION} FROM jobs j WHERE id = $1", job_id
-        )
+        """Load a job with its estimated queue position (`lifecycle.estimated_position`);
+        the tenant's own jobs ahead of it are counted unless the caller knows them."""
+        row = await conn.fetchrow(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1", job_id)
         if row is None or (tenant is not None and row["tenant"] != tenant):
             raise NotFound(f"job {job_id!r} not found")
-        return job_record(row, row["position"])
+        position = 0
+        if row["state"] == QUEUED and ahead is not None:
+            own, active = await self._weights(conn, row["tenant"], row["backend"])
+            position = lifecycle.estimated_position(ahead, own, active)
+        elif row["state"] == QUEUED:
+            # The tenant's own jobs its turns take before it (jobs_tenant_order).
+            ahead = await conn.fetchval(
+                OWN_AHEAD.format(t="$1", b="$2", p="$3", q="$4"),
+                row["tenant"],
+                row["backend"],
+                row["priority"],
+                row["qseq"],
+            )
+            own, active = await self._weights(conn, row["tenant"], row["backend"])
+            position = lifecycle.estimated_position(int(ahead), own, active)
+        return job_record(row, position)
 
     @staticmethod
     async def _insert_events(tx: _Tx, events: Sequence[StoredEvent]) -> None:
@@ -424,6 +476,15 @@ class PostgresJobStore(JobStore):
             change.job_id,
         )
         await self._insert_events(tx, change.events)
+        if change.usage is not None:
+            await tx.conn.execute(
+                "INSERT INTO tenant_usage (tenant, day, seconds) VALUES ($1, $2, $3) "
+                "ON CONFLICT (tenant, day) DO UPDATE "
+                "SET seconds = tenant_usage.seconds + excluded.seconds",
+                change.usage.tenant,
+                change.usage.day,
+                change.usage.seconds,
+            )
         if change.requeued:
             tx.notify("q", b=job.backend, n=job.kind)
         if change.stop is not None:
@@ -470,15 +531,37 @@ class PostgresJobStore(JobStore):
         )
         start, finish = lifecycle.fair_start(clock or 0.0, last or 0.0, job.weight)
         await conn.execute(
-            "INSERT INTO fair_share (tenant, backend, finish) VALUES ($1, $2, $3) "
-            "ON CONFLICT (tenant, backend) DO UPDATE SET finish = excluded.finish",
+            "INSERT INTO fair_share (tenant, backend, finish, weight) VALUES ($1, $2, $3, $4) "
+            "ON CONFLICT (tenant, backend) DO UPDATE SET finish = excluded.finish, "
+            "weight = excluded.weight",
             job.tenant,
             job.backend,
             finish,
+            job.weight,
         )
         return float(start)
 
-    async def submit(self, job: NewJob, *, max_queued_per_tenant: int) -> tuple[JobRecord, bool]:
+    @staticmethod
+    async def _used_seconds(conn: asyncpg.Connection, tenant: str, since_day: str) -> float:
+        value = await conn.fetchval(
+            "SELECT COALESCE(SUM(seconds), 0.0) FROM tenant_usage WHERE tenant = $1 AND day >= $2",
+            tenant,
+            since_day,
+        )
+        return float(value)
+
+    async def _tenant_lock(self, conn: asyncpg.Connection, tenant: str, what: int) -> None:
+        """One transaction at a time per tenant for `what` (1 submit, 4 sessions,
+        5 program storage): keeps a quota's count exact under concurrent calls."""
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, $2))",
+            json.dumps([self.schema, tenant]),
+            what,
+        )
+
+    async def submit(
+        self, job: NewJob, *, max_queued_per_tenant: int, quota: Quota | None = None
+    ) -> tuple[JobRecord, bool]:
         async def tx(t: _Tx) -> tuple[JobRecord, bool]:
             conn = t.conn
             # One submit per tenant at a time keeps the queue limit exact.
@@ -506,16 +589,22 @@ class PostgresJobStore(JobStore):
                     job.session_id,
                 )
                 lifecycle.check_session_accepts(job, session)
-            lifecycle.check_queue_room(
-                job.tenant, await self._queued(conn, "t", job.tenant), max_queued_per_tenant
-            )
+            queued = await self._queued(conn, "t", job.tenant)
+            lifecycle.check_queue_room(job.tenant, queued, max_queued_per_tenant)
+            if quota is not None:
+                used = (
+                    await self._used_seconds(conn, job.tenant, quota.period_start)
+                    if quota.max_executor_seconds is not None
+                    else 0.0
+                )
+                lifecycle.check_submit_quota(job.tenant, quota, queued, used)
             now = time.time()
             new_id = job.id or _new_id("j")
             event = lifecycle.submitted(new_id, now)
             start = await self._fair_start(conn, job)
             inserted = await conn.fetchrow(
                 f"INSERT INTO jobs ({NEW_JOB_COLUMNS}) "
-                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) "
                 "ON CONFLICT (tenant, idempotency_key) DO NOTHING RETURNING id, qseq",
                 new_id,
                 job.tenant,
@@ -531,6 +620,7 @@ class PostgresJobStore(JobStore):
                 job.program_id,
                 event.seq,
                 start,
+                job.priority,
             )
             if inserted is None:  # a concurrent submit with the same key won
                 existing = await conn.fetchval(
@@ -547,9 +637,14 @@ class PostgresJobStore(JobStore):
             await self._insert_tags(conn, job.tenant, inserted["qseq"], job.tags)
             await self._insert_events(t, [event])
             t.notify("q", b=job.backend, n=int(job.kind))
-            # A fresh job is last in its backend's FIFO: its position is the count.
-            position = await self._queued(conn, "b", job.backend)
-            return await self._load(conn, job_id, position=position), True
+            # A fresh job holds its tenant's last start tag on the backend: all
+            # its other queued jobs there are ahead (a counter, O(1)).
+            key = tenant_backend_key(job.tenant, job.backend)
+            mine = await self._queued(conn, TENANT_BACKEND, key)
+            below = await conn.fetchval(
+                OWN_BELOW.format(t="$1", b="$2", p="$3"), job.tenant, job.backend, job.priority
+            )
+            return await self._load(conn, job_id, ahead=mine - int(below) - 1), True
 
         return await self._tx(tx)
 
@@ -625,17 +720,16 @@ class PostgresJobStore(JobStore):
             rows = rows[:page_size]
             positions: dict[str, int] = {}
             queued_backends = sorted({r["backend"] for r in rows if r["state"] == QUEUED})
-            if queued_backends:
-                # One pass over those backends' queues, not one count per job.
-                positions = {
-                    r["id"]: r["position"]
-                    for r in await conn.fetch(
-                        "SELECT id, ROW_NUMBER() OVER (PARTITION BY backend ORDER BY vt, qseq) "
-                        f"AS position FROM jobs WHERE state = {QUEUED} "
-                        "AND backend = ANY($1::text[])",
-                        queued_backends,
-                    )
-                }
+            for backend in queued_backends:
+                # One pass over the tenant's own queue there, not one count per job.
+                own, active = await self._weights(conn, tenant, backend)
+                for r in await conn.fetch(
+                    "SELECT id, ROW_NUMBER() OVER (ORDER BY priority DESC, qseq) AS rank FROM jobs "
+                    f"WHERE state = {QUEUED} AND tenant = $1 AND backend = $2",
+                    tenant,
+                    backend,
+                ):
+                    positions[r["id"]] = lifecycle.estimated_position(r["rank"] - 1, own, active)
             jobs = [job_record(r, positions.get(r["id"], 0)) for r in rows]
             return JobPage(jobs, str(rows[-1]["qseq"]) if more else "")
 
@@ -660,7 +754,7 @@ class PostgresJobStore(JobStore):
             row = await self._facts(conn, job_id, more=", tenant, qseq")
             if row is None or row["tenant"] != tenant:
                 raise job_not_found(job_id, other_tenant=row is not None)
-            job = await self._load(conn, job_id, tenant, position=0)
+            job = await self._load(conn, job_id, tenant, ahead=0)
             lifecycle.check_deletable(job_id, job.state)
             if job.idempotency_key:
                 await conn.execute(
@@ -701,53 +795,143 @@ class PostgresJobStore(JobStore):
         lease_ttl_s: float,
         limit: int,
         kinds: Sequence[JobKind] | None = None,
+        running: RunningLimits | None = None,
     ) -> list[LeaseGrant]:
         if not backends or limit <= 0 or (kinds is not None and not kinds):
             return []
         kind_list = None if kinds is None else [int(k) for k in kinds]
         where = (
             f"j.state = {QUEUED} AND j.backend = ANY($1::text[]) "
-            "AND ($2::int[] IS NULL OR j.kind = ANY($2::int[]))"
+            "AND ($2::int[] IS NULL OR j.kind = ANY($2::int[])) "
+            "AND NOT (j.tenant = ANY($6::text[])) AND NOT (j.qseq = ANY($5::bigint[]))"
         )
+        picked_columns = "j.qseq, j.session_id, j.tenant, j.backend, j.vt, j.priority"
 
         async def tx(t: _Tx) -> list[LeaseGrant]:
             conn = t.conn
+            room = lifecycle.RunningRoom(running, {})
+            if room.active:
+                for r in await conn.fetch(
+                    f"SELECT tenant, COUNT(*) AS n FROM jobs WHERE state = {RUNNING} "
+                    "GROUP BY tenant"
+                ):
+                    room.set_running(r["tenant"], r["n"])
+            counted: set[str] = set()
+            picked: list[dict[str, Any]] = []
+
+            async def admit(tenant: str) -> bool:
+                """Whether one more of the tenant's jobs may start. The first time
+                a tenant comes up, its running jobs are recounted under its claim
+                lock (held to commit), so replicas never start more than its quota
+                together; a tenant another replica is claiming for is skipped."""
+                if not room.active:
+                    return True
+                if tenant not in counted:
+                    counted.add(tenant)
+                    got = await conn.fetchval(
+                        "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 3))",
+                        json.dumps([self.schema, tenant]),
+                    )
+                    if not got:
+                        room.full.add(tenant)
+                        return False
+                    n = await conn.fetchval(
+                        f"SELECT COUNT(*) FROM jobs WHERE state = {RUNNING} AND tenant = $1",
+                        tenant,
+                    )
+                    room.set_running(tenant, int(n))
+                return room.take(tenant)
+
+            async def gather(query: str, *extra: Any) -> None:
+                """Rows in claim order, minus tenants at their running quota."""
+                while len(picked) < limit:
+                    want = limit - len(picked)
+                    batch = await conn.fetch(
+                        query,
+                        list(backends),
+                        kind_list,
+                        executor_id,
+                        want,
+                        [r["qseq"] for r in picked],
+                        room.blocked(),
+                        *extra,
+                    )
+                    refused = False
+                    for r in batch:
+                        if await admit(r["tenant"]):
+                            picked.append(dict(r))
+                        else:
+                            refused = True
+                    if not refused:
+                        return
+
             # SKIP LOCKED: rows another replica is claiming right now are simply
             # not ours; the row locks then cover the seq allocation below.
             # First the jobs of active dedicated sessions pinned here: they jump
             # the queue, but only while within SESSION_JUMP of the first other
             # job waiting on their backend. Then everyone's in fair order, minus
             # jobs pinned elsewhere.
-            picked = list(
-                await conn.fetch(
-                    "SELECT j.qseq, j.session_id FROM sessions s JOIN jobs j "
-                    f"ON j.session_id = s.id WHERE s.executor_id = $3 AND s.mode = {DEDICATED} "
-                    f"AND s.state = {SESSION_ACTIVE} AND {where} "
-                    f"AND j.vt <= {OTHERS_FIRST_TAG} + $5 ORDER BY {CLAIM_ORDER} LIMIT $4 "
-                    "FOR UPDATE OF j SKIP LOCKED",
-                    list(backends),
-                    kind_list,
-                    executor_id,
-                    limit,
-                    lifecycle.SESSION_JUMP,
-                )
+            await gather(
+                f"SELECT {picked_columns} FROM sessions s JOIN jobs j "
+                f"ON j.session_id = s.id WHERE s.executor_id = $3 AND s.mode = {DEDICATED} "
+                f"AND s.state = {SESSION_ACTIVE} AND {where} "
+                f"AND j.vt <= {OTHERS_FIRST_TAG} + $7 ORDER BY {CLAIM_ORDER} LIMIT $4 "
+                "FOR UPDATE OF j SKIP LOCKED",
+                lifecycle.SESSION_JUMP,
             )
-            if len(picked) < limit:
-                picked += await conn.fetch(
-                    "SELECT j.qseq, j.session_id FROM jobs j LEFT JOIN sessions s "
-                    f"ON s.id = j.session_id WHERE {where} AND (s.id IS NULL "
-                    f"OR s.mode <> {DEDICATED} OR s.executor_id = '' "
-                    "OR s.executor_id = $3) "
-                    "AND NOT (j.qseq = ANY($5::bigint[])) "
-                    f"ORDER BY {CLAIM_ORDER} LIMIT $4 FOR UPDATE OF j SKIP LOCKED",
-                    list(backends),
-                    kind_list,
-                    executor_id,
-                    limit - len(picked),
-                    [r["qseq"] for r in picked],
-                )
+            await gather(
+                f"SELECT {picked_columns} FROM jobs j LEFT JOIN sessions s "
+                f"ON s.id = j.session_id WHERE {where} AND (s.id IS NULL "
+                f"OR s.mode <> {DEDICATED} OR s.executor_id = '' "
+                "OR s.executor_id = $3) "
+                f"ORDER BY {CLAIM_ORDER} LIMIT $4 FOR UPDATE OF j SKIP LOCKED"
+            )
             if not picked:
                 return []
+            # Each turn goes to the tenant's best-priority job, which takes the
+            # turn's start tag (and leaves its own to the job it overtakes).
+            for i, row in enumerate(picked):
+                common = (
+                    f"FROM jobs j WHERE j.state = {QUEUED} AND j.tenant = $1 AND j.backend = $2 "
+                    "AND j.session_id = $3 AND ($4::int[] IS NULL OR j.kind = ANY($4::int[])) "
+                    "AND NOT (j.qseq = ANY($5::bigint[]))"
+                )
+                args = (
+                    row["tenant"],
+                    row["backend"],
+                    row["session_id"],
+                    kind_list,
+                    [r["qseq"] for r in picked],
+                    row["priority"],
+                )
+                better = await conn.fetchrow(
+                    f"SELECT {picked_columns} {common} AND {BETTER_THAN[0].format(p='$6')} "
+                    f"ORDER BY {PRIORITY_ORDER} LIMIT 1 FOR UPDATE OF j SKIP LOCKED",
+                    *args,
+                )
+                if better is None:
+                    # Older jobs of the same priority (overtaken earlier, so holding
+                    # later tags): no LIMIT, which could tempt the planner into
+                    # walking a whole backend's queue by qseq; there are rarely any.
+                    older = await conn.fetch(
+                        f"SELECT j.qseq {common} AND {BETTER_THAN[1].format(p='$6', q='$7')}",
+                        *args,
+                        row["qseq"],
+                    )
+                    if older:
+                        better = await conn.fetchrow(
+                            f"SELECT {picked_columns} FROM jobs j WHERE j.qseq = $1 "
+                            f"AND j.state = {QUEUED} FOR UPDATE OF j SKIP LOCKED",
+                            min(r["qseq"] for r in older),
+                        )
+                if better is not None:
+                    await conn.execute(
+                        "UPDATE jobs SET vt = $1 WHERE qseq = $2", better["vt"], row["qseq"]
+                    )
+                    await conn.execute(
+                        "UPDATE jobs SET vt = $1 WHERE qseq = $2", row["vt"], better["qseq"]
+                    )
+                    picked[i] = {**dict(better), "vt": row["vt"]}
             now = time.time()
             chosen = await self._claim_sessions(conn, picked, executor_id, now)
             rows = await conn.fetch(
@@ -929,7 +1113,7 @@ class PostgresJobStore(JobStore):
 
     async def cancel(self, job_id: str, tenant: str | None, reason: str) -> CancelOutcome:
         async def tx(t: _Tx) -> CancelOutcome:
-            row = await self._facts(t.conn, job_id, more=", tenant")
+            row = await self._facts(t.conn, job_id)
             if row is None or (tenant is not None and row["tenant"] != tenant):
                 raise NotFound(f"job {job_id!r} not found")
             job = JobFacts.of(row)
@@ -961,7 +1145,9 @@ class PostgresJobStore(JobStore):
             raise NotFound(f"program {program!r} not found (no such id or name)")
         return program_record(row)
 
-    async def put_program(self, program: NewProgram) -> tuple[ProgramRecord, bool]:
+    async def put_program(
+        self, program: NewProgram, quota: Quota | None = None
+    ) -> tuple[ProgramRecord, bool]:
         async def tx(t: _Tx) -> tuple[ProgramRecord, bool]:
             conn = t.conn
             # Versions of a name are numbered in order: one upload of a name at a time.
@@ -982,6 +1168,15 @@ class PostgresJobStore(JobStore):
                         program.id,
                     )
                 return await self._find_program(conn, program.tenant, program.id, False), False
+            if quota is not None and quota.max_program_bytes is not None:
+                await self._tenant_lock(conn, program.tenant, 5)
+                stored = await conn.fetchval(
+                    "SELECT COALESCE(SUM(size_bytes), 0) FROM programs WHERE tenant = $1",
+                    program.tenant,
+                )
+                lifecycle.check_program_quota(
+                    program.tenant, quota, int(stored), len(program.archive)
+                )
             version = await conn.fetchval(
                 "SELECT COALESCE(MAX(version), 0) + 1 FROM programs WHERE tenant = $1 "
                 "AND name = $2",
@@ -1119,8 +1314,15 @@ class PostgresJobStore(JobStore):
         (record,) = await self._sessions(conn, [row])
         return record
 
-    async def create_session(self, session: NewSession) -> SessionRecord:
+    async def create_session(
+        self, session: NewSession, quota: Quota | None = None
+    ) -> SessionRecord:
         async def tx(t: _Tx) -> SessionRecord:
+            if quota is not None and quota.max_sessions is not None:
+                await self._tenant_lock(t.conn, session.tenant, 4)
+                lifecycle.check_session_quota(
+                    session.tenant, quota, await self._open_sessions(t.conn, session.tenant)
+                )
             session_id = _new_id("s")
             await t.conn.execute(
                 "INSERT INTO sessions (id, tenant, backend, mode, state, max_time_s, max_idle_s, "
@@ -1292,6 +1494,53 @@ class PostgresJobStore(JobStore):
             for r in rows:
                 counts[JobState(r["state"])] = r["n"]
             return counts
+
+        return await self._read(read)
+
+    # --- quotas and usage ---------------------------------------------------
+    @staticmethod
+    async def _open_sessions(conn: asyncpg.Connection, tenant: str) -> int:
+        n = await conn.fetchval(
+            f"SELECT COUNT(*) FROM sessions WHERE tenant = $1 AND state IN {SESSION_LIVE}",
+            tenant,
+        )
+        return int(n)
+
+    async def tenant_usage(self, tenant: str, since_day: str) -> TenantUsage:
+        async def read(conn: asyncpg.Connection) -> TenantUsage:
+            running = await conn.fetchval(
+                f"SELECT COUNT(*) FROM jobs WHERE state = {RUNNING} AND tenant = $1", tenant
+            )
+            stored = await conn.fetchval(
+                "SELECT COALESCE(SUM(size_bytes), 0) FROM programs WHERE tenant = $1", tenant
+            )
+            return TenantUsage(
+                queued_jobs=await self._queued(conn, "t", tenant),
+                running_jobs=int(running),
+                open_sessions=await self._open_sessions(conn, tenant),
+                program_bytes=int(stored),
+                executor_seconds=await self._used_seconds(conn, tenant, since_day),
+            )
+
+        return await self._read(read)
+
+    async def queue_estimates(self, tenant: str) -> dict[str, int]:
+        async def read(conn: asyncpg.Connection) -> dict[str, int]:
+            # The tenant's counters, one per backend: a range of the primary key.
+            prefix = tenant_backend_key(tenant, "")
+            rows = await conn.fetch(
+                "SELECT key, SUM(n)::bigint AS n FROM queued_counts WHERE scope = $1 "
+                "AND key > $2 AND key < $3 GROUP BY key HAVING SUM(n) > 0",
+                TENANT_BACKEND,
+                prefix,
+                tenant + chr(ord(KEY_SEP) + 1),
+            )
+            estimates = {}
+            for r in rows:
+                backend = r["key"][len(prefix) :]
+                own, active = await self._weights(conn, tenant, backend)
+                estimates[backend] = lifecycle.estimated_length(int(r["n"]), own, active)
+            return estimates
 
         return await self._read(read)
 

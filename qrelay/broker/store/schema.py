@@ -44,7 +44,7 @@ SESSION_LIVE = f"({SESSION_OPEN}, {SESSION_ACTIVE})"
 JOB_COLUMNS = (
     "id, tenant, backend, kind, state, attempts, created_at, started_at, finished_at, error, "
     "session_id, executor_id, lease_id, lease_expires_at, last_seq, tags, idempotency_key, "
-    "num_pubs, qseq, vt"
+    "num_pubs, qseq, vt, priority, usage_s"
 )
 PROGRAM_COLUMNS = (
     "id, tenant, name, version, entry_point, requirements, input_schema_json, description, "
@@ -59,10 +59,33 @@ BACKEND_COLUMNS = "name, info, last_seen"
 #: Columns of a new job's INSERT, in `job_values` order.
 NEW_JOB_COLUMNS = (
     "id, tenant, backend, kind, state, created_at, session_id, tags, idempotency_key, "
-    "num_pubs, spec, program_id, last_seq, vt"
+    "num_pubs, spec, program_id, last_seq, vt, priority"
 )
 #: The order queued jobs are claimed in: fair-share start tag, then age.
 CLAIM_ORDER = "j.vt, j.qseq"
+#: A tenant's best queued job to run in its turn (`JobStore.claim`): highest
+#: priority, then the oldest (index jobs_tenant_order). Start tags only say
+#: when the tenant's turns come; which of its jobs fills a turn goes by this.
+PRIORITY_ORDER = "j.priority DESC, j.qseq"
+#: The two looks for a job before one of priority {p} and qseq {q} in
+#: PRIORITY_ORDER, tried in turn: a higher priority, then an older job of the
+#: same priority. Each is one seek in jobs_tenant_order ({p}, {q}: the
+#: dialect's placeholders).
+BETTER_THAN = ("j.priority > {p}", "j.priority = {p} AND j.qseq < {q}")
+#: How many of tenant {t}'s queued jobs on backend {b} run before its job of
+#: priority {p} and qseq {q} (PRIORITY_ORDER): two ranges of jobs_tenant_order.
+OWN_AHEAD = (
+    f"SELECT (SELECT COUNT(*) FROM jobs WHERE state = {QUEUED} AND tenant = {{t}} "
+    "AND backend = {b} AND priority > {p}) + "
+    f"(SELECT COUNT(*) FROM jobs WHERE state = {QUEUED} AND tenant = {{t}} "
+    "AND backend = {b} AND priority = {p} AND qseq < {q})"
+)
+#: How many of them have a lower priority than {p}: behind a fresh job of {p}
+#: (a range that is empty while the tenant uses no lower priorities).
+OWN_BELOW = (
+    f"SELECT COUNT(*) FROM jobs WHERE state = {QUEUED} AND tenant = {{t}} "
+    "AND backend = {b} AND priority < {p}"
+)
 #: The start tag of the earliest queued job of another session or none on the
 #: job `j`'s backend; a dedicated session's jump is bounded by it.
 OTHERS_FIRST_TAG = (
@@ -72,6 +95,15 @@ OTHERS_FIRST_TAG = (
 
 
 _MAX_QSEQ = 2**63 - 1
+#: queued_counts scope of a tenant's queued jobs on one backend (schema v6),
+#: keyed `tenant_backend_key(tenant, backend)`: Submit's position stays O(1).
+TENANT_BACKEND = "tb"
+#: The separator of a `tenant_backend_key` (ASCII unit separator, char 31).
+KEY_SEP = "\x1f"
+
+
+def tenant_backend_key(tenant: str, backend: str) -> str:
+    return f"{tenant}{KEY_SEP}{backend}"
 
 
 def page_cursor(page_token: str) -> int:
@@ -148,6 +180,8 @@ def job_record(row: Row, queue_position: int = 0) -> JobRecord:
         idempotency_key=row["idempotency_key"] or "",
         num_pubs=row["num_pubs"],
         queue_position=queue_position,
+        priority=row["priority"],
+        usage_s=row["usage_s"],
     )
 
 
@@ -334,7 +368,30 @@ MIGRATIONS: dict[int, str] = {
         clock {{real}} NOT NULL
     );
     """,
-    # (5 and 6 belong to other changes.) Tag filtering and deleted jobs:
+    # Quotas, usage and priorities (`qrelay.broker.quotas`): queued counters per
+    # tenant and backend (scope 'tb', kept by each dialect's `extra[6]`); each job's priority
+    # within its tenant and its executor-seconds; executor-seconds per tenant
+    # per UTC day (a period's use is the sum of its days); each tenant's weight
+    # beside its fair share (queue-position estimates); an index of each
+    # tenant's queue in the order its turns take it (priority, then age), so
+    # its position and its best job are cheap however deep the other tenants'
+    # queues are (it replaces jobs_tenant_queued: no more writes per change).
+    6: f"""
+    ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN usage_s {{real}} NOT NULL DEFAULT 0;
+    ALTER TABLE fair_share ADD COLUMN weight {{real}} NOT NULL DEFAULT 1;
+    DROP INDEX jobs_tenant_queued;  -- the counters and jobs_tenant_order serve its uses
+    CREATE INDEX jobs_tenant_order ON jobs (tenant, backend, priority DESC, qseq, session_id)
+        WHERE state = {QUEUED};
+    CREATE INDEX sessions_tenant ON sessions (tenant, state);
+    CREATE TABLE tenant_usage (
+        tenant TEXT NOT NULL,
+        day TEXT NOT NULL,  -- UTC date, YYYY-MM-DD
+        seconds {{real}} NOT NULL,
+        PRIMARY KEY (tenant, day)
+    );
+    """,
+    # Tag filtering and deleted jobs:
     # `job_tags` has one row per tag key of each job, so ListJobs(tags=...)
     # walks the (tenant, key, qseq) index newest first and stops after a page,
     # instead of parsing every job's tags; its rows are filled by each

@@ -40,10 +40,13 @@ from qrelay.broker.store.base import (
     NewProgram,
     NewSession,
     ProgramRecord,
+    Quota,
+    RunningLimits,
     SessionPage,
     SessionRecord,
     SessionState,
     StoredEvent,
+    TenantUsage,
     UpdateKind,
     UpdateOutcome,
     job_not_found,
@@ -51,13 +54,18 @@ from qrelay.broker.store.base import (
 from qrelay.broker.store.lifecycle import FACT_COLUMNS, JobFacts, Transition
 from qrelay.broker.store.schema import (
     BACKEND_COLUMNS,
+    BETTER_THAN,
     CLAIM_ORDER,
     DEDICATED,
     EVENT_COLUMNS,
     JOB_COLUMNS,
     JOB_PROGRAM,
+    KEY_SEP,
     NEW_JOB_COLUMNS,
     OTHERS_FIRST_TAG,
+    OWN_AHEAD,
+    OWN_BELOW,
+    PRIORITY_ORDER,
     PROGRAM_COLUMNS,
     QUEUED,
     RUNNING,
@@ -68,6 +76,7 @@ from qrelay.broker.store.schema import (
     SESSION_COLUMNS,
     SESSION_LIVE,
     SESSION_OPEN,
+    TENANT_BACKEND,
     UNFINISHED,
     Dialect,
     backend_record,
@@ -82,6 +91,7 @@ from qrelay.broker.store.schema import (
     session_page_cursor,
     session_page_token,
     session_record,
+    tenant_backend_key,
     zero_counts,
 )
 from qrelay.errors import NotFound
@@ -137,6 +147,40 @@ _DIALECT = Dialect(
     CREATE TRIGGER jobs_queued_delete AFTER DELETE ON jobs WHEN OLD.state = {QUEUED} BEGIN
         UPDATE queued_counts SET n = n - 1 WHERE scope = 't' AND key = OLD.tenant;
         UPDATE queued_counts SET n = n - 1 WHERE scope = 'b' AND key = OLD.backend;
+    END;
+    """,
+        # The counters gain scope 'tb' (a tenant's queued jobs on one backend).
+        6: f"""
+    INSERT INTO queued_counts (scope, key, n)
+        SELECT 'tb', tenant || char(31) || backend, COUNT(*) FROM jobs WHERE state = {QUEUED}
+        GROUP BY tenant, backend;
+    DROP TRIGGER jobs_queued_insert;
+    DROP TRIGGER jobs_queued_leave;
+    DROP TRIGGER jobs_queued_enter;
+    DROP TRIGGER jobs_queued_delete;
+    CREATE TRIGGER jobs_queued_insert AFTER INSERT ON jobs WHEN NEW.state = {QUEUED} BEGIN
+        INSERT INTO queued_counts (scope, key, n)
+            VALUES ('t', NEW.tenant, 1), ('b', NEW.backend, 1),
+            ('tb', NEW.tenant || char(31) || NEW.backend, 1)
+            ON CONFLICT (scope, key) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER jobs_queued_leave AFTER UPDATE OF state, tenant, backend ON jobs
+    WHEN OLD.state = {QUEUED} BEGIN
+        UPDATE queued_counts SET n = n - 1 WHERE (scope = 't' AND key = OLD.tenant)
+            OR (scope = 'b' AND key = OLD.backend)
+            OR (scope = 'tb' AND key = OLD.tenant || char(31) || OLD.backend);
+    END;
+    CREATE TRIGGER jobs_queued_enter AFTER UPDATE OF state, tenant, backend ON jobs
+    WHEN NEW.state = {QUEUED} BEGIN
+        INSERT INTO queued_counts (scope, key, n)
+            VALUES ('t', NEW.tenant, 1), ('b', NEW.backend, 1),
+            ('tb', NEW.tenant || char(31) || NEW.backend, 1)
+            ON CONFLICT (scope, key) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER jobs_queued_delete AFTER DELETE ON jobs WHEN OLD.state = {QUEUED} BEGIN
+        UPDATE queued_counts SET n = n - 1 WHERE (scope = 't' AND key = OLD.tenant)
+            OR (scope = 'b' AND key = OLD.backend)
+            OR (scope = 'tb' AND key = OLD.tenant || char(31) || OLD.backend);
     END;
     """,
         7: """
@@ -223,27 +267,43 @@ class SQLiteJobStore(JobStore):
         return 0 if row is None else int(row[0])
 
     @staticmethod
+    def _weights(conn: sqlite3.Connection, tenant: str, backend: str) -> tuple[float, float]:
+        """(the tenant's weight, the sum of the active tenants' weights) on a
+        backend: active = its fair share ends past the backend's clock."""
+        row = conn.execute(
+            "SELECT COALESCE(SUM(CASE WHEN tenant = ? THEN weight END), 1.0), "
+            "COALESCE(SUM(weight), 0.0) FROM fair_share WHERE backend = ? AND (tenant = ? "
+            "OR finish > COALESCE((SELECT clock FROM fair_clock WHERE backend = ?), 0.0))",
+            (tenant, backend, tenant, backend),
+        ).fetchone()
+        return float(row[0]), float(row[1])
+
+    @classmethod
     def _load(
+        cls,
         conn: sqlite3.Connection,
         job_id: str,
         tenant: str | None = None,
         *,
-        position: int | None = None,
+        ahead: int | None = None,
     ) -> JobRecord:
-        """Load a job; its exact queue position is counted unless the caller knows it."""
+        """Load a job with its estimated queue position (`lifecycle.estimated_position`);
+        the tenant's own jobs ahead of it are counted unless the caller knows them."""
         row = conn.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None or (tenant is not None and row["tenant"] != tenant):
             raise NotFound(f"job {job_id!r} not found")
-        if position is not None:
-            return job_record(row, position)
         position = 0
-        if row["state"] == QUEUED:
-            position = conn.execute(
-                # Jobs claimed before it, in claim order (fair-share tag, then age).
-                f"SELECT COUNT(*) FROM jobs WHERE state = {QUEUED} AND backend = ? "
-                "AND (vt, qseq) <= (?, ?)",
-                (row["backend"], row["vt"], row["qseq"]),
+        if row["state"] == QUEUED and ahead is not None:
+            own, active = cls._weights(conn, row["tenant"], row["backend"])
+            position = lifecycle.estimated_position(ahead, own, active)
+        elif row["state"] == QUEUED:
+            # The tenant's own jobs its turns take before it (jobs_tenant_order).
+            ahead = conn.execute(
+                OWN_AHEAD.format(t=":t", b=":b", p=":p", q=":q"),
+                {"t": row["tenant"], "b": row["backend"], "p": row["priority"], "q": row["qseq"]},
             ).fetchone()[0]
+            own, active = cls._weights(conn, row["tenant"], row["backend"])
+            position = lifecycle.estimated_position(ahead, own, active)
         return job_record(row, position)
 
     @staticmethod
@@ -265,6 +325,12 @@ class SQLiteJobStore(JobStore):
             f"UPDATE jobs SET {sets} WHERE id = ?", (*change.columns.values(), change.job_id)
         )
         self._insert_events(conn, change.events)
+        if change.usage is not None:
+            conn.execute(
+                "INSERT INTO tenant_usage (tenant, day, seconds) VALUES (?, ?, ?) "
+                "ON CONFLICT (tenant, day) DO UPDATE SET seconds = seconds + excluded.seconds",
+                (change.usage.tenant, change.usage.day, change.usage.seconds),
+            )
 
     @staticmethod
     def _insert_tags(
@@ -290,13 +356,24 @@ class SQLiteJobStore(JobStore):
             clock[0] if clock else 0.0, last[0] if last else 0.0, job.weight
         )
         conn.execute(
-            "INSERT INTO fair_share (tenant, backend, finish) VALUES (?, ?, ?) "
-            "ON CONFLICT (tenant, backend) DO UPDATE SET finish = excluded.finish",
-            (job.tenant, job.backend, finish),
+            "INSERT INTO fair_share (tenant, backend, finish, weight) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (tenant, backend) DO UPDATE SET finish = excluded.finish, "
+            "weight = excluded.weight",
+            (job.tenant, job.backend, finish, job.weight),
         )
         return start
 
-    async def submit(self, job: NewJob, *, max_queued_per_tenant: int) -> tuple[JobRecord, bool]:
+    @staticmethod
+    def _used_seconds(conn: sqlite3.Connection, tenant: str, since_day: str) -> float:
+        row = conn.execute(
+            "SELECT COALESCE(SUM(seconds), 0.0) FROM tenant_usage WHERE tenant = ? AND day >= ?",
+            (tenant, since_day),
+        ).fetchone()
+        return float(row[0])
+
+    async def submit(
+        self, job: NewJob, *, max_queued_per_tenant: int, quota: Quota | None = None
+    ) -> tuple[JobRecord, bool]:
         def tx(conn: sqlite3.Connection) -> tuple[JobRecord, bool]:
             if job.idempotency_key:
                 row = conn.execute(
@@ -315,15 +392,21 @@ class SQLiteJobStore(JobStore):
                     "SELECT tenant, backend, state FROM sessions WHERE id = ?", (job.session_id,)
                 ).fetchone()
                 lifecycle.check_session_accepts(job, session)
-            lifecycle.check_queue_room(
-                job.tenant, self._queued(conn, "t", job.tenant), max_queued_per_tenant
-            )
+            queued = self._queued(conn, "t", job.tenant)
+            lifecycle.check_queue_room(job.tenant, queued, max_queued_per_tenant)
+            if quota is not None:
+                used = (
+                    self._used_seconds(conn, job.tenant, quota.period_start)
+                    if quota.max_executor_seconds is not None
+                    else 0.0
+                )
+                lifecycle.check_submit_quota(job.tenant, quota, queued, used)
             now = time.time()
             job_id = job.id or _new_id("j")
             event = lifecycle.submitted(job_id, now)
             start = self._fair_start(conn, job)
             conn.execute(
-                f"INSERT INTO jobs ({NEW_JOB_COLUMNS}) VALUES ({_marks(14)})",
+                f"INSERT INTO jobs ({NEW_JOB_COLUMNS}) VALUES ({_marks(15)})",
                 (
                     job_id,
                     job.tenant,
@@ -339,6 +422,7 @@ class SQLiteJobStore(JobStore):
                     job.program_id,
                     event.seq,
                     start,
+                    job.priority,
                 ),
             )
             if job.session_id:
@@ -349,8 +433,14 @@ class SQLiteJobStore(JobStore):
                 qseq = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
                 self._insert_tags(conn, job.tenant, qseq, job.tags)
             self._insert_events(conn, [event])
-            # A fresh job is last in its backend's FIFO: its position is the count.
-            return self._load(conn, job_id, position=self._queued(conn, "b", job.backend)), True
+            # A fresh job holds its tenant's last start tag on the backend: all
+            # its other queued jobs there are ahead (a counter, O(1)).
+            mine = self._queued(conn, TENANT_BACKEND, tenant_backend_key(job.tenant, job.backend))
+            below = conn.execute(
+                OWN_BELOW.format(t=":t", b=":b", p=":p"),
+                {"t": job.tenant, "b": job.backend, "p": job.priority},
+            ).fetchone()[0]
+            return self._load(conn, job_id, ahead=mine - below - 1), True
 
         return await self._run(tx)
 
@@ -427,16 +517,15 @@ class SQLiteJobStore(JobStore):
             rows = rows[:page_size]
             positions: dict[str, int] = {}
             queued_backends = sorted({r["backend"] for r in rows if r["state"] == QUEUED})
-            if queued_backends:
-                # One pass over those backends' queues, not one count per job.
-                positions = dict(
-                    conn.execute(
-                        "SELECT id, ROW_NUMBER() OVER (PARTITION BY backend ORDER BY vt, qseq) "
-                        f"FROM jobs WHERE state = {QUEUED} AND backend IN "
-                        f"({_marks(len(queued_backends))})",
-                        queued_backends,
-                    ).fetchall()
-                )
+            for backend in queued_backends:
+                # One pass over the tenant's own queue there, not one count per job.
+                own, active = self._weights(conn, tenant, backend)
+                for job_id, rank in conn.execute(
+                    "SELECT id, ROW_NUMBER() OVER (ORDER BY priority DESC, qseq) FROM jobs "
+                    f"WHERE state = {QUEUED} AND tenant = ? AND backend = ?",
+                    (tenant, backend),
+                ).fetchall():
+                    positions[job_id] = lifecycle.estimated_position(rank - 1, own, active)
             jobs = [job_record(r, positions.get(r["id"], 0)) for r in rows]
             return JobPage(jobs, str(rows[-1]["qseq"]) if more else "")
 
@@ -464,7 +553,7 @@ class SQLiteJobStore(JobStore):
     async def delete_job(self, job_id: str, tenant: str) -> JobRecord:
         def tx(conn: sqlite3.Connection) -> JobRecord:
             qseq = self._owned(conn, job_id, tenant)
-            job = self._load(conn, job_id, tenant, position=0)
+            job = self._load(conn, job_id, tenant, ahead=0)
             lifecycle.check_deletable(job_id, job.state)
             if job.idempotency_key:
                 conn.execute(
@@ -499,41 +588,103 @@ class SQLiteJobStore(JobStore):
         lease_ttl_s: float,
         limit: int,
         kinds: Sequence[JobKind] | None = None,
+        running: RunningLimits | None = None,
     ) -> list[LeaseGrant]:
         if not backends or limit <= 0 or (kinds is not None and not kinds):
             return []
         kind_filter = ""
-        params: list[Any] = list(backends)
+        kind_params: list[Any] = []
         if kinds is not None:
             kind_filter = f" AND j.kind IN ({_marks(len(kinds))})"
-            params.extend(int(k) for k in kinds)
+            kind_params = [int(k) for k in kinds]
+        params: list[Any] = [*backends, *kind_params]
         where = f"j.state = {QUEUED} AND j.backend IN ({_marks(len(backends))}){kind_filter}"
-        columns = f"{qualified(FACT_COLUMNS, 'j')}, j.spec, j.session_id, j.vt, j.qseq"
+        columns = f"{qualified(FACT_COLUMNS, 'j')}, j.spec, j.session_id, j.vt, j.qseq, j.priority"
 
         def tx(conn: sqlite3.Connection) -> list[LeaseGrant]:
+            room = lifecycle.RunningRoom(
+                running, self._running_counts(conn) if running is not None else {}
+            )
+            rows: list[dict[str, Any]] = []
+
+            def gather(select: Callable[[list[str], list[int], int], list[sqlite3.Row]]) -> None:
+                """Rows in claim order, minus tenants at their running quota."""
+                while len(rows) < limit:
+                    want = limit - len(rows)
+                    batch = select(room.blocked(), [r["qseq"] for r in rows], want)
+                    refused = False
+                    for row in batch:
+                        if room.take(row["tenant"]):
+                            rows.append(dict(row))
+                        else:
+                            refused = True
+                    if not refused:
+                        return
+
             # First the jobs of active dedicated sessions pinned here: they jump
             # the queue, but only while within SESSION_JUMP of the first other
             # job waiting on their backend. Then everyone's in fair order, minus
             # jobs pinned elsewhere.
-            rows = conn.execute(
+            def pinned(blocked: list[str], taken: list[int], want: int) -> list[sqlite3.Row]:
                 # CROSS JOIN fixes the order (pinned sessions, then their jobs);
                 # the != '' terms let SQLite use the partial indexes.
-                f"SELECT {columns} FROM sessions s CROSS JOIN jobs j ON j.session_id = s.id "
-                f"WHERE s.executor_id = ? AND s.executor_id != '' AND s.mode = {DEDICATED} "
-                f"AND s.state = {SESSION_ACTIVE} AND j.session_id != '' AND {where} "
-                f"AND j.vt <= {OTHERS_FIRST_TAG} + ? ORDER BY {CLAIM_ORDER} LIMIT ?",
-                (executor_id, *params, lifecycle.SESSION_JUMP, limit),
-            ).fetchall()
-            if len(rows) < limit:
-                taken = [row["qseq"] for row in rows]
-                rows += conn.execute(
+                return conn.execute(
+                    f"SELECT {columns} FROM sessions s CROSS JOIN jobs j ON j.session_id = s.id "
+                    f"WHERE s.executor_id = ? AND s.executor_id != '' AND s.mode = {DEDICATED} "
+                    f"AND s.state = {SESSION_ACTIVE} AND j.session_id != '' AND {where} "
+                    f"AND j.tenant NOT IN ({_marks(len(blocked))}) "
+                    f"AND j.qseq NOT IN ({_marks(len(taken))}) "
+                    f"AND j.vt <= {OTHERS_FIRST_TAG} + ? ORDER BY {CLAIM_ORDER} LIMIT ?",
+                    (executor_id, *params, *blocked, *taken, lifecycle.SESSION_JUMP, want),
+                ).fetchall()
+
+            def fair(blocked: list[str], taken: list[int], want: int) -> list[sqlite3.Row]:
+                return conn.execute(
                     f"SELECT {columns} FROM jobs j LEFT JOIN sessions s ON s.id = j.session_id "
                     f"WHERE {where} AND (s.id IS NULL OR s.mode != {DEDICATED} OR "
                     "s.executor_id = '' OR s.executor_id = ?) "
+                    f"AND j.tenant NOT IN ({_marks(len(blocked))}) "
                     f"AND j.qseq NOT IN ({_marks(len(taken))}) "
                     f"ORDER BY {CLAIM_ORDER} LIMIT ?",
-                    (*params, executor_id, *taken, limit - len(rows)),
+                    (*params, executor_id, *blocked, *taken, want),
                 ).fetchall()
+
+            gather(pinned)
+            gather(fair)
+            # Each turn goes to the tenant's best-priority job, which takes the
+            # turn's start tag (and leaves its own to the job it overtakes).
+            for i, row in enumerate(rows):
+                taken = [r["qseq"] for r in rows]
+                better = None
+                for condition, values in (
+                    (BETTER_THAN[0], (row["priority"],)),
+                    (BETTER_THAN[1], (row["priority"], row["qseq"])),
+                ):
+                    better = conn.execute(
+                        f"SELECT {columns} FROM jobs j WHERE j.state = {QUEUED} "
+                        "AND j.tenant = ? AND j.backend = ? AND j.session_id = ? "
+                        f"AND {condition.format(p='?', q='?')}{kind_filter} "
+                        f"AND j.qseq NOT IN ({_marks(len(taken))}) "
+                        f"ORDER BY {PRIORITY_ORDER} LIMIT 1",
+                        (
+                            row["tenant"],
+                            row["backend"],
+                            row["session_id"],
+                            *values,
+                            *kind_params,
+                            *taken,
+                        ),
+                    ).fetchone()
+                    if better is not None:
+                        break
+                if better is not None:
+                    conn.execute(
+                        "UPDATE jobs SET vt = ? WHERE qseq = ?", (better["vt"], row["qseq"])
+                    )
+                    conn.execute(
+                        "UPDATE jobs SET vt = ? WHERE qseq = ?", (row["vt"], better["qseq"])
+                    )
+                    rows[i] = {**dict(better), "vt": row["vt"]}
             now = time.time()
             grants = []
             for row in rows:
@@ -561,6 +712,17 @@ class SQLiteJobStore(JobStore):
             return grants
 
         return await self._run(tx)
+
+    @staticmethod
+    def _running_counts(conn: sqlite3.Connection) -> dict[str, int]:
+        """RUNNING jobs per tenant (from the partial index of RUNNING jobs: as many
+        rows as busy slots)."""
+        rows = conn.execute(
+            # INDEXED BY: the planner would rather walk jobs_tenant (every job).
+            "SELECT tenant, COUNT(*) FROM jobs INDEXED BY jobs_lease_expiry "
+            f"WHERE state = {RUNNING} GROUP BY tenant"
+        ).fetchall()
+        return {r[0]: int(r[1]) for r in rows}
 
     async def extend_leases(self, lease_ids: Sequence[str], lease_ttl_s: float) -> set[str]:
         if not lease_ids:
@@ -657,7 +819,7 @@ class SQLiteJobStore(JobStore):
     async def cancel(self, job_id: str, tenant: str | None, reason: str) -> CancelOutcome:
         def tx(conn: sqlite3.Connection) -> CancelOutcome:
             row = conn.execute(
-                f"SELECT {FACT_COLUMNS}, tenant FROM jobs WHERE id = ?", (job_id,)
+                f"SELECT {FACT_COLUMNS} FROM jobs WHERE id = ?", (job_id,)
             ).fetchone()
             if row is None or (tenant is not None and row["tenant"] != tenant):
                 raise NotFound(f"job {job_id!r} not found")
@@ -689,7 +851,9 @@ class SQLiteJobStore(JobStore):
             raise NotFound(f"program {program!r} not found (no such id or name)")
         return program_record(row)
 
-    async def put_program(self, program: NewProgram) -> tuple[ProgramRecord, bool]:
+    async def put_program(
+        self, program: NewProgram, quota: Quota | None = None
+    ) -> tuple[ProgramRecord, bool]:
         def tx(conn: sqlite3.Connection) -> tuple[ProgramRecord, bool]:
             row = conn.execute(
                 "SELECT deleted FROM programs WHERE tenant = ? AND id = ?",
@@ -702,6 +866,14 @@ class SQLiteJobStore(JobStore):
                         (program.tenant, program.id),
                     )
                 return self._find_program(conn, program.tenant, program.id, False), False
+            if quota is not None and quota.max_program_bytes is not None:
+                stored = conn.execute(
+                    "SELECT COALESCE(SUM(size_bytes), 0) FROM programs WHERE tenant = ?",
+                    (program.tenant,),
+                ).fetchone()[0]
+                lifecycle.check_program_quota(
+                    program.tenant, quota, int(stored), len(program.archive)
+                )
             version = conn.execute(
                 "SELECT COALESCE(MAX(version), 0) + 1 FROM programs WHERE tenant = ? AND name = ?",
                 (program.tenant, program.name),
@@ -823,8 +995,14 @@ class SQLiteJobStore(JobStore):
             raise NotFound(f"session {session_id!r} not found")
         return self._session(conn, row)
 
-    async def create_session(self, session: NewSession) -> SessionRecord:
+    async def create_session(
+        self, session: NewSession, quota: Quota | None = None
+    ) -> SessionRecord:
         def tx(conn: sqlite3.Connection) -> SessionRecord:
+            if quota is not None and quota.max_sessions is not None:
+                lifecycle.check_session_quota(
+                    session.tenant, quota, self._open_sessions(conn, session.tenant)
+                )
             session_id = _new_id("s")
             conn.execute(
                 "INSERT INTO sessions (id, tenant, backend, mode, state, max_time_s, max_idle_s, "
@@ -981,6 +1159,54 @@ class SQLiteJobStore(JobStore):
             for state, n in rows:
                 counts[JobState(state)] = n
             return counts
+
+        return await self._run(tx)
+
+    # --- quotas and usage ---------------------------------------------------
+    @staticmethod
+    def _open_sessions(conn: sqlite3.Connection, tenant: str) -> int:
+        return int(
+            conn.execute(
+                f"SELECT COUNT(*) FROM sessions WHERE tenant = ? AND state IN {SESSION_LIVE}",
+                (tenant,),
+            ).fetchone()[0]
+        )
+
+    async def tenant_usage(self, tenant: str, since_day: str) -> TenantUsage:
+        def tx(conn: sqlite3.Connection) -> TenantUsage:
+            running = conn.execute(
+                "SELECT COUNT(*) FROM jobs INDEXED BY jobs_lease_expiry "
+                f"WHERE state = {RUNNING} AND tenant = ?",
+                (tenant,),
+            ).fetchone()[0]
+            stored = conn.execute(
+                "SELECT COALESCE(SUM(size_bytes), 0) FROM programs WHERE tenant = ?", (tenant,)
+            ).fetchone()[0]
+            return TenantUsage(
+                queued_jobs=self._queued(conn, "t", tenant),
+                running_jobs=int(running),
+                open_sessions=self._open_sessions(conn, tenant),
+                program_bytes=int(stored),
+                executor_seconds=self._used_seconds(conn, tenant, since_day),
+            )
+
+        return await self._run(tx)
+
+    async def queue_estimates(self, tenant: str) -> dict[str, int]:
+        def tx(conn: sqlite3.Connection) -> dict[str, int]:
+            # The tenant's counters, one per backend: a range of the primary key.
+            prefix = tenant_backend_key(tenant, "")
+            rows = conn.execute(
+                "SELECT key, n FROM queued_counts WHERE scope = ? AND key > ? AND key < ? "
+                "AND n > 0",
+                (TENANT_BACKEND, prefix, tenant + chr(ord(KEY_SEP) + 1)),
+            ).fetchall()
+            estimates = {}
+            for key, n in rows:
+                backend = key[len(prefix) :]
+                own, active = self._weights(conn, tenant, backend)
+                estimates[backend] = lifecycle.estimated_length(int(n), own, active)
+            return estimates
 
         return await self._run(tx)
 
