@@ -233,19 +233,35 @@ class Backends:
         self.store = store
         self.scheduler = scheduler
 
-    async def list(self) -> list[backends_pb2.Backend]:
+    async def list(self, tenant: str | None = None) -> list[backends_pb2.Backend]:
+        """Every backend `tenant` may use (None: every backend): one whose
+        executors are restricted to other tenants is not shown."""
         lengths = await self.store.queue_lengths()
+        visible = await self._visible(tenant)
         return [
             self.scheduler.backend_proto(record, lengths.get(record.name, 0))
             for record in await self.store.list_backends()
+            if visible(record.name)
         ]
 
-    async def get(self, name: str) -> backends_pb2.Backend:
+    async def get(self, name: str, tenant: str | None = None) -> backends_pb2.Backend:
         if not name:
             raise InvalidArgument("name is required")
+        visible = await self._visible(tenant)
         record = await self.store.get_backend(name)
-        if record is None:
-            known = ", ".join(sorted(self.scheduler.known_backends)) or "none yet"
-            raise NotFound(f"unknown backend {name!r}; known: {known}")
+        if record is None or not visible(name):
+            known = ", ".join(sorted(n for n in self.scheduler.known_backends if visible(n)))
+            raise NotFound(f"unknown backend {name!r}; known: {known or 'none yet'}")
         lengths = await self.store.queue_lengths()
         return self.scheduler.backend_proto(record, lengths.get(name, 0))
+
+    async def _visible(self, tenant: str | None) -> Callable[[str], bool]:
+        if tenant is None:
+            return lambda name: True
+        access = await self.store.backend_access()
+
+        def visible(name: str) -> bool:
+            allowed = access.get(name)
+            return name not in access or allowed is None or tenant in allowed
+
+        return visible

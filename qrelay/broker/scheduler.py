@@ -65,6 +65,8 @@ class ExecutorLink:
     # Set when the executor hands a job back under a still-valid lease (it is
     # stopping): it gets nothing more until it reconnects.
     draining: bool = False
+    # Its token restricts it to these tenants' jobs (None: any tenant).
+    tenants: tuple[str, ...] | None = None
 
     @property
     def free(self) -> int:
@@ -173,9 +175,14 @@ class Scheduler:
         self._wake.set()
 
     # --- executors ------------------------------------------------------------
-    async def attach(self, hello: executor_pb2.Hello) -> tuple[ExecutorLink, list[tuple[str, str]]]:
+    async def attach(
+        self, hello: executor_pb2.Hello, *, tenants: tuple[str, ...] | None = None
+    ) -> tuple[ExecutorLink, list[tuple[str, str]]]:
         """Register an executor after its Hello; returns its link and the held
-        leases it must cancel (already queued as CancelJob on the link)."""
+        leases it must cancel (already queued as CancelJob on the link).
+
+        `tenants` (from its token) restricts it to those tenants' jobs, and
+        its backends to those tenants' view."""
         if not hello.executor_id:
             raise InvalidArgument("Hello.executor_id is required")
         if hello.slots <= 0:
@@ -189,6 +196,7 @@ class Scheduler:
         await self.store.upsert_backends(
             [BackendRecord(b.name, b.SerializeToString(), now) for b in hello.backends]
         )
+        await self.store.set_backend_access(hello.executor_id, names, tenants)
         self.known_backends.update(names)
         held = [(h.job_id, h.lease_id) for h in hello.held]
         check = await self.store.check_held(hello.executor_id, held, self.settings.lease_ttl_s)
@@ -198,6 +206,7 @@ class Scheduler:
             slots=hello.slots,
             capabilities=frozenset(hello.capabilities),
             inflight={lease: job for job, lease in check.valid},
+            tenants=tenants,
         )
         old = self.executors.get(hello.executor_id)
         if old is not None:
@@ -363,6 +372,7 @@ class Scheduler:
                     self.settings.lease_ttl_s,
                     free,
                     None if any_kind else PRIMITIVE_KINDS,
+                    link.tenants,
                 )
                 link.idle_generation = generation if len(grants) < free else -1
                 for grant in grants:

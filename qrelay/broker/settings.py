@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MIB = 1024 * 1024
@@ -77,6 +77,11 @@ class BrokerSettings(BaseSettings):
     executor_token: str | None = None
     executor_token_file: Path | None = None
     default_tenant: str = "default"
+    # Identity (`qrelay.broker.identity`): the HMAC key store tokens are hashed
+    # with, from a file or QRELAY_IDENTITY_KEY (never a flag). With SQLite and
+    # neither, `identity.key` beside the database is generated and used.
+    identity_key_file: Path | None = None
+    identity_key: Annotated[str | None, Field(repr=False)] = None
     metrics_port: int = 0
     shutdown_grace_s: float = 10.0
     sqlite_synchronous: str = "NORMAL"

@@ -31,7 +31,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import asyncpg
@@ -54,9 +54,12 @@ from qrelay.broker.store.base import (
     NewSession,
     Presence,
     ProgramRecord,
+    Role,
     SessionRecord,
     SessionState,
     StoredEvent,
+    TenantRecord,
+    TokenRecord,
     UpdateKind,
     UpdateOutcome,
 )
@@ -78,9 +81,12 @@ from qrelay.broker.store.schema import (
     SESSION_COLUMNS,
     SESSION_LIVE,
     SESSION_OPEN,
+    TENANT_COLUMNS,
+    TOKEN_COLUMNS,
     UNFINISHED,
     Dialect,
     Row,
+    access_map,
     backend_record,
     event_record,
     job_record,
@@ -89,9 +95,11 @@ from qrelay.broker.store.schema import (
     program_record,
     qualified,
     session_record,
+    tenant_record,
+    token_record,
     zero_counts,
 )
-from qrelay.errors import NotFound, QRelayError, Unavailable
+from qrelay.errors import AlreadyExists, NotFound, QRelayError, Unavailable
 from qrelay.logging import safe_dsn
 
 log = structlog.get_logger(__name__)
@@ -617,13 +625,18 @@ class PostgresJobStore(JobStore):
         lease_ttl_s: float,
         limit: int,
         kinds: Sequence[JobKind] | None = None,
+        tenants: Sequence[str] | None = None,
     ) -> list[LeaseGrant]:
         if not backends or limit <= 0 or (kinds is not None and not kinds):
             return []
+        if tenants is not None and not tenants:
+            return []
         kind_list = None if kinds is None else [int(k) for k in kinds]
+        tenant_list = None if tenants is None else list(tenants)
         where = (
             f"j.state = {QUEUED} AND j.backend = ANY($1::text[]) "
-            "AND ($2::int[] IS NULL OR j.kind = ANY($2::int[]))"
+            "AND ($2::int[] IS NULL OR j.kind = ANY($2::int[])) "
+            "AND ($6::text[] IS NULL OR j.tenant = ANY($6::text[]))"
         )
 
         async def tx(t: _Tx) -> list[LeaseGrant]:
@@ -646,6 +659,7 @@ class PostgresJobStore(JobStore):
                     executor_id,
                     limit,
                     lifecycle.SESSION_JUMP,
+                    tenant_list,
                 )
             )
             if len(picked) < limit:
@@ -661,6 +675,7 @@ class PostgresJobStore(JobStore):
                     executor_id,
                     limit - len(picked),
                     [r["qseq"] for r in picked],
+                    tenant_list,
                 )
             if not picked:
                 return []
@@ -1151,6 +1166,129 @@ class PostgresJobStore(JobStore):
         async def read(conn: asyncpg.Connection) -> BackendRecord | None:
             r = await conn.fetchrow(f"SELECT {BACKEND_COLUMNS} FROM backends WHERE name = $1", name)
             return None if r is None else backend_record(r)
+
+        return await self._read(read)
+
+    async def set_backend_access(
+        self, executor_id: str, backends: Sequence[str], tenants: Sequence[str] | None
+    ) -> None:
+        allowed = None if tenants is None else sorted(set(tenants))
+
+        async def tx(t: _Tx) -> None:
+            await t.conn.execute("DELETE FROM backend_access WHERE executor_id = $1", executor_id)
+            await t.conn.executemany(
+                "INSERT INTO backend_access (backend, executor_id, tenants) VALUES ($1, $2, $3)",
+                [(b, executor_id, allowed) for b in dict.fromkeys(backends)],
+            )
+
+        await self._tx(tx)
+
+    async def backend_access(self) -> dict[str, frozenset[str] | None]:
+        async def read(conn: asyncpg.Connection) -> dict[str, frozenset[str] | None]:
+            return access_map(await conn.fetch("SELECT backend, tenants FROM backend_access"))
+
+        return await self._read(read)
+
+    # --- identity -------------------------------------------------------------
+    async def create_tenant(self, tenant: TenantRecord) -> TenantRecord:
+        async def tx(t: _Tx) -> TenantRecord:
+            inserted = await t.conn.fetchval(
+                f"INSERT INTO tenants ({TENANT_COLUMNS}) VALUES ($1, $2, $3) "
+                "ON CONFLICT (name) DO NOTHING RETURNING name",
+                tenant.name,
+                tenant.description,
+                tenant.created_at,
+            )
+            if inserted is None:
+                raise AlreadyExists(f"tenant {tenant.name!r} already exists")
+            return tenant
+
+        return await self._tx(tx)
+
+    async def get_tenant(self, name: str) -> TenantRecord | None:
+        async def read(conn: asyncpg.Connection) -> TenantRecord | None:
+            row = await conn.fetchrow(f"SELECT {TENANT_COLUMNS} FROM tenants WHERE name = $1", name)
+            return None if row is None else tenant_record(row)
+
+        return await self._read(read)
+
+    async def list_tenants(self) -> list[TenantRecord]:
+        async def read(conn: asyncpg.Connection) -> list[TenantRecord]:
+            rows = await conn.fetch(f"SELECT {TENANT_COLUMNS} FROM tenants ORDER BY name")
+            return [tenant_record(r) for r in rows]
+
+        return await self._read(read)
+
+    async def create_token(self, token: TokenRecord) -> TokenRecord:
+        allowed = None if token.executor_tenants is None else list(token.executor_tenants)
+
+        async def tx(t: _Tx) -> TokenRecord:
+            inserted = await t.conn.fetchval(
+                f"INSERT INTO api_tokens ({TOKEN_COLUMNS}) VALUES "
+                "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING RETURNING id",
+                token.id,
+                token.prefix,
+                str(token.role),
+                token.tenant,
+                allowed,
+                token.label,
+                token.created_at,
+                token.expires_at,
+                token.revoked_at,
+                token.digest,
+            )
+            if inserted is None:
+                raise AlreadyExists(f"token {token.id} or its prefix already exists")
+            return token
+
+        return await self._tx(tx)
+
+    async def find_token(self, prefix: str) -> TokenRecord | None:
+        async def read(conn: asyncpg.Connection) -> TokenRecord | None:
+            row = await conn.fetchrow(
+                f"SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE prefix = $1", prefix
+            )
+            return None if row is None else token_record(row)
+
+        return await self._read(read)
+
+    async def revoke_token(self, token_id: str, now: float) -> TokenRecord:
+        async def tx(t: _Tx) -> TokenRecord:
+            row = await t.conn.fetchrow(
+                "UPDATE api_tokens SET revoked_at = COALESCE(revoked_at, $1) WHERE id = $2 "
+                f"RETURNING {TOKEN_COLUMNS}",
+                now,
+                token_id,
+            )
+            if row is None:
+                raise NotFound(f"token {token_id!r} not found")
+            return replace(token_record(row), digest=b"")
+
+        return await self._tx(tx)
+
+    async def list_tokens(self, tenant: str | None = None) -> list[TokenRecord]:
+        async def read(conn: asyncpg.Connection) -> list[TokenRecord]:
+            rows = await conn.fetch(
+                f"SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE ($1::text IS NULL OR tenant = $1) "
+                "ORDER BY created_at, id",
+                tenant,
+            )
+            return [replace(token_record(r), digest=b"") for r in rows]
+
+        return await self._read(read)
+
+    async def count_tokens(self, role: Role | None = None) -> int:
+        async def read(conn: asyncpg.Connection) -> int:
+            if role is None:
+                return int(await conn.fetchval("SELECT COUNT(*) FROM api_tokens"))
+            return int(
+                await conn.fetchval(
+                    "SELECT COUNT(*) FROM api_tokens WHERE role = $1 AND revoked_at IS NULL "
+                    "AND (expires_at IS NULL OR expires_at > $2)",
+                    str(role),
+                    time.time(),
+                )
+            )
 
         return await self._read(read)
 

@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,9 +40,12 @@ from qrelay.broker.store.base import (
     NewProgram,
     NewSession,
     ProgramRecord,
+    Role,
     SessionRecord,
     SessionState,
     StoredEvent,
+    TenantRecord,
+    TokenRecord,
     UpdateKind,
     UpdateOutcome,
 )
@@ -64,8 +67,11 @@ from qrelay.broker.store.schema import (
     SESSION_COLUMNS,
     SESSION_LIVE,
     SESSION_OPEN,
+    TENANT_COLUMNS,
+    TOKEN_COLUMNS,
     UNFINISHED,
     Dialect,
+    access_map,
     backend_record,
     event_record,
     event_values,
@@ -75,9 +81,11 @@ from qrelay.broker.store.schema import (
     program_record,
     qualified,
     session_record,
+    tenant_record,
+    token_record,
     zero_counts,
 )
-from qrelay.errors import NotFound
+from qrelay.errors import AlreadyExists, NotFound
 
 log = structlog.get_logger(__name__)
 
@@ -416,14 +424,20 @@ class SQLiteJobStore(JobStore):
         lease_ttl_s: float,
         limit: int,
         kinds: Sequence[JobKind] | None = None,
+        tenants: Sequence[str] | None = None,
     ) -> list[LeaseGrant]:
         if not backends or limit <= 0 or (kinds is not None and not kinds):
+            return []
+        if tenants is not None and not tenants:
             return []
         kind_filter = ""
         params: list[Any] = list(backends)
         if kinds is not None:
             kind_filter = f" AND j.kind IN ({_marks(len(kinds))})"
             params.extend(int(k) for k in kinds)
+        if tenants is not None:
+            kind_filter += f" AND j.tenant IN ({_marks(len(tenants))})"
+            params.extend(tenants)
         where = f"j.state = {QUEUED} AND j.backend IN ({_marks(len(backends))}){kind_filter}"
         columns = f"{qualified(FACT_COLUMNS, 'j')}, j.spec, j.session_id, j.vt, j.qseq"
 
@@ -845,6 +859,132 @@ class SQLiteJobStore(JobStore):
                 f"SELECT {BACKEND_COLUMNS} FROM backends WHERE name = ?", (name,)
             ).fetchone()
             return None if r is None else backend_record(r)
+
+        return await self._run(tx)
+
+    async def set_backend_access(
+        self, executor_id: str, backends: Sequence[str], tenants: Sequence[str] | None
+    ) -> None:
+        allowed = None if tenants is None else json.dumps(sorted(set(tenants)))
+
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM backend_access WHERE executor_id = ?", (executor_id,))
+            conn.executemany(
+                "INSERT INTO backend_access (backend, executor_id, tenants) VALUES (?, ?, ?)",
+                [(b, executor_id, allowed) for b in dict.fromkeys(backends)],
+            )
+
+        await self._run(tx)
+
+    async def backend_access(self) -> dict[str, frozenset[str] | None]:
+        def tx(conn: sqlite3.Connection) -> dict[str, frozenset[str] | None]:
+            return access_map(
+                conn.execute("SELECT backend, tenants FROM backend_access").fetchall()
+            )
+
+        return await self._run(tx)
+
+    # --- identity -------------------------------------------------------------
+    async def create_tenant(self, tenant: TenantRecord) -> TenantRecord:
+        def tx(conn: sqlite3.Connection) -> TenantRecord:
+            try:
+                conn.execute(
+                    f"INSERT INTO tenants ({TENANT_COLUMNS}) VALUES (?, ?, ?)",
+                    (tenant.name, tenant.description, tenant.created_at),
+                )
+            except sqlite3.IntegrityError:
+                raise AlreadyExists(f"tenant {tenant.name!r} already exists") from None
+            return tenant
+
+        return await self._run(tx)
+
+    async def get_tenant(self, name: str) -> TenantRecord | None:
+        def tx(conn: sqlite3.Connection) -> TenantRecord | None:
+            row = conn.execute(
+                f"SELECT {TENANT_COLUMNS} FROM tenants WHERE name = ?", (name,)
+            ).fetchone()
+            return None if row is None else tenant_record(row)
+
+        return await self._run(tx)
+
+    async def list_tenants(self) -> list[TenantRecord]:
+        def tx(conn: sqlite3.Connection) -> list[TenantRecord]:
+            rows = conn.execute(f"SELECT {TENANT_COLUMNS} FROM tenants ORDER BY name").fetchall()
+            return [tenant_record(r) for r in rows]
+
+        return await self._run(tx)
+
+    async def create_token(self, token: TokenRecord) -> TokenRecord:
+        allowed = None if token.executor_tenants is None else json.dumps(token.executor_tenants)
+
+        def tx(conn: sqlite3.Connection) -> TokenRecord:
+            try:
+                conn.execute(
+                    f"INSERT INTO api_tokens ({TOKEN_COLUMNS}) VALUES ({_marks(10)})",
+                    (
+                        token.id,
+                        token.prefix,
+                        str(token.role),
+                        token.tenant,
+                        allowed,
+                        token.label,
+                        token.created_at,
+                        token.expires_at,
+                        token.revoked_at,
+                        token.digest,
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                raise AlreadyExists(f"token {token.id} or its prefix already exists") from None
+            return token
+
+        return await self._run(tx)
+
+    async def find_token(self, prefix: str) -> TokenRecord | None:
+        def tx(conn: sqlite3.Connection) -> TokenRecord | None:
+            row = conn.execute(
+                f"SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE prefix = ?", (prefix,)
+            ).fetchone()
+            return None if row is None else token_record(row)
+
+        return await self._run(tx)
+
+    async def revoke_token(self, token_id: str, now: float) -> TokenRecord:
+        def tx(conn: sqlite3.Connection) -> TokenRecord:
+            conn.execute(
+                "UPDATE api_tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?",
+                (now, token_id),
+            )
+            row = conn.execute(
+                f"SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE id = ?", (token_id,)
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"token {token_id!r} not found")
+            return replace(token_record(row), digest=b"")
+
+        return await self._run(tx)
+
+    async def list_tokens(self, tenant: str | None = None) -> list[TokenRecord]:
+        def tx(conn: sqlite3.Connection) -> list[TokenRecord]:
+            where, params = ("", ()) if tenant is None else (" WHERE tenant = ?", (tenant,))
+            rows = conn.execute(
+                f"SELECT {TOKEN_COLUMNS} FROM api_tokens{where} ORDER BY created_at, id", params
+            ).fetchall()
+            return [replace(token_record(r), digest=b"") for r in rows]
+
+        return await self._run(tx)
+
+    async def count_tokens(self, role: Role | None = None) -> int:
+        def tx(conn: sqlite3.Connection) -> int:
+            if role is None:
+                return int(conn.execute("SELECT COUNT(*) FROM api_tokens").fetchone()[0])
+            return int(
+                conn.execute(
+                    "SELECT COUNT(*) FROM api_tokens WHERE role = ? AND revoked_at IS NULL "
+                    "AND (expires_at IS NULL OR expires_at > ?)",
+                    (str(role), time.time()),
+                ).fetchone()[0]
+            )
 
         return await self._run(tx)
 
