@@ -24,7 +24,7 @@ import typer
 # "skipping fork() handlers" each time a sandbox starts while calls are live.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
-from qrelay.cli import backends, broker, dev, executor, jobs, programs, sessions
+from qrelay.cli import admin, backends, broker, dev, executor, jobs, programs, sessions
 from qrelay.logging import configure_logging
 from qrelay.logging import safe_dsn as _redacted
 
@@ -41,6 +41,7 @@ app.command()(dev.dev)
 app.command()(backends.backends)
 app.add_typer(programs.programs_app, name="programs")
 app.add_typer(sessions.sessions_app, name="sessions")
+app.add_typer(admin.admin_app, name="admin")
 
 
 @app.callback()
