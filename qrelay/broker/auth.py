@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 
+from qrelay.broker.audit import audit
 from qrelay.broker.identity import Identity, Principal, Service
 from qrelay.errors import QRelayError, Unauthenticated
 from qrelay.rpc import capped, status_code
@@ -119,8 +120,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return await continuation(handler_call_details)
         try:
             token = bearer_token(handler_call_details.invocation_metadata)
+        except Unauthenticated as exc:
+            audit("auth.failed", method=method, reason=exc.message)
+            return _refusal(exc)
+        try:
             principal = await self.identity.authenticate(token, service, method)
-        except QRelayError as exc:
+        except QRelayError as exc:  # refused, already audited; or the store is unavailable
             return _refusal(exc)
         handler = await continuation(handler_call_details)
         if handler is None:

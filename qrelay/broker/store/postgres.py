@@ -380,14 +380,11 @@ class PostgresJobStore(JobStore):
         """Load a job; its exact queue position is counted unless the caller knows it."""
         if position is not None:
             row = await conn.fetchrow(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1", job_id)
-            if row is None or (tenant is not None and row["tenant"] != tenant):
-                raise NotFound(f"job {job_id!r} not found")
-            return job_record(row, position)
+            return job_record(lifecycle.check_tenant("job", job_id, row, tenant), position)
         row = await conn.fetchrow(
             f"SELECT {JOB_COLUMNS}, {_POSITION} FROM jobs j WHERE id = $1", job_id
         )
-        if row is None or (tenant is not None and row["tenant"] != tenant):
-            raise NotFound(f"job {job_id!r} not found")
+        row = lifecycle.check_tenant("job", job_id, row, tenant)
         return job_record(row, row["position"])
 
     @staticmethod
@@ -860,9 +857,9 @@ class PostgresJobStore(JobStore):
 
     async def cancel(self, job_id: str, tenant: str | None, reason: str) -> CancelOutcome:
         async def tx(t: _Tx) -> CancelOutcome:
-            row = await self._facts(t.conn, job_id, more=", tenant")
-            if row is None or (tenant is not None and row["tenant"] != tenant):
-                raise NotFound(f"job {job_id!r} not found")
+            row = lifecycle.check_tenant(
+                "job", job_id, await self._facts(t.conn, job_id, more=", tenant"), tenant
+            )
             job = JobFacts.of(row)
             change = lifecycle.cancel(job, reason, time.time())
             if change is not None:
@@ -889,6 +886,14 @@ class PostgresJobStore(JobStore):
                 program,
             )
         if row is None:
+            # Another tenant's program asked for by id: answered as missing, audited.
+            other = await conn.fetchval(
+                "SELECT tenant FROM programs WHERE id = $1 AND tenant <> $2 LIMIT 1",
+                program,
+                tenant,
+            )
+            if other is not None:
+                lifecycle.not_found("program", program, other, tenant)
             raise NotFound(f"program {program!r} not found (no such id or name)")
         return program_record(row)
 
@@ -1045,8 +1050,7 @@ class PostgresJobStore(JobStore):
             + (" FOR UPDATE" if lock else ""),
             session_id,
         )
-        if row is None or (tenant is not None and row["tenant"] != tenant):
-            raise NotFound(f"session {session_id!r} not found")
+        row = lifecycle.check_tenant("session", session_id, row, tenant)
         (record,) = await self._sessions(conn, [row])
         return record
 

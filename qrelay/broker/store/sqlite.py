@@ -229,8 +229,7 @@ class SQLiteJobStore(JobStore):
     ) -> JobRecord:
         """Load a job; its exact queue position is counted unless the caller knows it."""
         row = conn.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        if row is None or (tenant is not None and row["tenant"] != tenant):
-            raise NotFound(f"job {job_id!r} not found")
+        row = lifecycle.check_tenant("job", job_id, row, tenant)
         if position is not None:
             return job_record(row, position)
         position = 0
@@ -590,8 +589,7 @@ class SQLiteJobStore(JobStore):
             row = conn.execute(
                 f"SELECT {FACT_COLUMNS}, tenant FROM jobs WHERE id = ?", (job_id,)
             ).fetchone()
-            if row is None or (tenant is not None and row["tenant"] != tenant):
-                raise NotFound(f"job {job_id!r} not found")
+            row = lifecycle.check_tenant("job", job_id, row, tenant)
             job = JobFacts.of(row)
             change = lifecycle.cancel(job, reason, time.time())
             if change is not None:
@@ -617,6 +615,13 @@ class SQLiteJobStore(JobStore):
                 (tenant, program),
             ).fetchone()
         if row is None:
+            # Another tenant's program asked for by id: answered as missing, audited.
+            other = conn.execute(
+                "SELECT tenant FROM programs WHERE id = ? AND tenant != ? LIMIT 1",
+                (program, tenant),
+            ).fetchone()
+            if other is not None:
+                lifecycle.not_found("program", program, other["tenant"], tenant)
             raise NotFound(f"program {program!r} not found (no such id or name)")
         return program_record(row)
 
@@ -750,9 +755,7 @@ class SQLiteJobStore(JobStore):
         row = conn.execute(
             f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?", (session_id,)
         ).fetchone()
-        if row is None or (tenant is not None and row["tenant"] != tenant):
-            raise NotFound(f"session {session_id!r} not found")
-        return self._session(conn, row)
+        return self._session(conn, lifecycle.check_tenant("session", session_id, row, tenant))
 
     async def create_session(self, session: NewSession) -> SessionRecord:
         def tx(conn: sqlite3.Connection) -> SessionRecord:
