@@ -9,8 +9,13 @@ stops the sender at the stream window). An accepted call runs its real
 handler with the caller's `Principal` in a context variable, which
 servicers read with `caller()`; they never look at metadata themselves.
 
-Health checks are exempt (load balancers and kubelet probes send no token);
-reflection needs a valid token of any role once the broker has tokens.
+Health checks: load balancers and kubelet probes send no token. A health
+Check without a valid token (on a broker that has tokens) is answered from
+the interceptor with the server's overall status, again without reading the
+request (whose service name it therefore ignores: every qrelay service
+shares the server's status anyway); Watch needs a token. With a valid token,
+or on an open dev broker, health is the standard service. Reflection needs a
+valid token of any role once the broker has tokens.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from contextvars import ContextVar
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2
 
 from qrelay.broker.audit import audit
 from qrelay.broker.identity import Identity, Principal, Service
@@ -65,6 +71,20 @@ def _refusal(error: QRelayError) -> grpc.RpcMethodHandler:
     return grpc.stream_unary_rpc_method_handler(refuse)
 
 
+def _probe_answer(serving: Callable[[], bool]) -> grpc.RpcMethodHandler:
+    """A health Check handler answering the server's overall status, request unread."""
+
+    async def check(requests: AsyncIterator[Any], context: Any) -> health_pb2.HealthCheckResponse:
+        status = health_pb2.HealthCheckResponse.SERVING
+        if not serving():
+            status = health_pb2.HealthCheckResponse.NOT_SERVING
+        return health_pb2.HealthCheckResponse(status=status)
+
+    return grpc.stream_unary_rpc_method_handler(
+        check, response_serializer=health_pb2.HealthCheckResponse.SerializeToString
+    )
+
+
 def _as(principal: Principal, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     """`handler` with `principal` set as the caller while its behaviour runs."""
     deserializer, serializer = handler.request_deserializer, handler.response_serializer
@@ -106,8 +126,10 @@ def _as(principal: Principal, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodH
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Authenticate and authorize every call before its request is read (see module)."""
 
-    def __init__(self, identity: Identity) -> None:
+    def __init__(self, identity: Identity, serving: Callable[[], bool]) -> None:
         self.identity = identity
+        # Whether the server is serving, for token-less health checks.
+        self.serving = serving
 
     async def intercept_service(
         self,
@@ -117,7 +139,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         method = str(handler_call_details.method)
         service = Service.of(method)
         if service is Service.HEALTH:
-            return await continuation(handler_call_details)
+            return await self._health(continuation, handler_call_details, method)
         try:
             token = bearer_token(handler_call_details.invocation_metadata)
         except Unauthenticated as exc:
@@ -131,3 +153,21 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return handler
         return _as(principal, handler)
+
+    async def _health(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+        method: str,
+    ) -> grpc.RpcMethodHandler:
+        """Probes are not audited: they come every few seconds, by design without a token."""
+        try:
+            token = bearer_token(handler_call_details.invocation_metadata)
+            admitted = await self.identity.admits(token, Service.HEALTH)
+        except QRelayError:
+            admitted = False
+        if admitted:
+            return await continuation(handler_call_details)
+        if method.endswith("/Check"):
+            return _probe_answer(self.serving)
+        return _refusal(Unauthenticated(f"{method} needs a bearer token; Check does not"))

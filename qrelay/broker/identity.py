@@ -208,6 +208,14 @@ class Identity:
         self._authorize(principal, service, method)
         return principal
 
+    async def admits(self, token: str | None, service: Service) -> bool:
+        """Whether `token` (or no token) identifies someone, without auditing."""
+        try:
+            await self._identify(token, service)
+        except Unauthenticated:
+            return False
+        return True
+
     async def _identify(self, token: str | None, service: Service) -> Principal:
         if token is not None:
             found = self._static_principal(token)
@@ -254,7 +262,9 @@ class Identity:
             return False
         if service is Service.TENANT and self._static:
             return False
-        if service is Service.REFLECTION and (self._static or self._executor_token):
+        if service in (Service.REFLECTION, Service.HEALTH) and (
+            self._static or self._executor_token
+        ):
             return False
         return not await self._tokens_exist()
 

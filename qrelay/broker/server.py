@@ -126,6 +126,8 @@ class Broker:
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = False
+        # What a health Check without a token is told (AuthInterceptor).
+        self.serving = False
 
     async def start(self) -> None:
         await self.store.open()
@@ -146,7 +148,7 @@ class Broker:
         limit = max_message_bytes(self.settings)
         server = grpc.aio.server(
             # Authentication first: a refused call's request is never read.
-            interceptors=[AuthInterceptor(self.identity), DecodeGuard()],
+            interceptors=[AuthInterceptor(self.identity, lambda: self.serving), DecodeGuard()],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -196,6 +198,7 @@ class Broker:
             self._spawn(self._refresh_metrics())
         for name in (*SERVICE_NAMES, ""):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.serving = True
         self.scheduler.wake()
         log.info(
             "broker.started",
@@ -225,6 +228,7 @@ class Broker:
         if self._stopped:
             return
         self._stopped = True
+        self.serving = False
         await self.health.enter_graceful_shutdown()
         # Long-lived streams never end on their own: ask them to, so that the
         # grace period is spent on unary calls in flight.

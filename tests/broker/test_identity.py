@@ -13,6 +13,8 @@ from typing import Any
 import grpc
 import pytest
 import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from qrelay._proto.v1 import (
     admin_pb2,
@@ -393,3 +395,30 @@ async def test_audit_events_for_identity_and_cross_tenant_denials(env: Deploymen
     text = repr(logs)
     for secret in secrets:
         assert secret not in text
+
+
+async def test_health_answers_probes_without_a_token_and_reflection_needs_one(
+    env: Deployment,
+) -> None:
+    health = health_pb2_grpc.HealthStub(env.channel)
+    for service in ("", "qrelay.v1.JobService"):
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    watch = health.Watch(health_pb2.HealthCheckRequest())
+    err = await rpc_error(watch.read())
+    assert err.code() == Code.UNAUTHENTICATED
+    _, secret = await env.token(tenant="alice")
+    # With a token, health is the standard service (which reads the request).
+    err = await rpc_error(
+        health.Check(
+            health_pb2.HealthCheckRequest(service="no.such.Service"), metadata=auth(secret)
+        )
+    )
+    assert err.code() == Code.NOT_FOUND
+    reflect = reflection_pb2_grpc.ServerReflectionStub(env.channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    err = await rpc_error(reflect.ServerReflectionInfo(iter([request])).read())
+    assert err.code() == Code.UNAUTHENTICATED
+    reply = await reflect.ServerReflectionInfo(iter([request]), metadata=auth(secret)).read()
+    names = {s.name for s in reply.list_services_response.service}
+    assert "qrelay.v1.AdminService" in names
