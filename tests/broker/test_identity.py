@@ -3,6 +3,7 @@ roles, revocation on the next call, tenant-restricted executors, audit events.""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -23,6 +24,8 @@ from qrelay._proto.v1 import (
     backends_pb2_grpc,
     jobs_pb2,
     jobs_pb2_grpc,
+    programs_pb2,
+    programs_pb2_grpc,
     sessions_pb2,
     sessions_pb2_grpc,
     types_pb2,
@@ -37,6 +40,7 @@ from tests.broker.conftest import (
     postgres_schema,
     sampler_spec,
 )
+from tests.broker.test_programs import upload_request
 
 Code = grpc.StatusCode
 KEY = "k" * 64
@@ -371,6 +375,12 @@ async def test_audit_events_for_identity_and_cross_tenant_denials(env: Deploymen
         ):
             err = await rpc_error(call)
             assert err.code() == Code.NOT_FOUND
+        programs = programs_pb2_grpc.ProgramServiceStub(env.channel)
+        program = await programs.Upload(upload_request(), metadata=auth(alice))
+        err = await rpc_error(
+            programs.Get(programs_pb2.GetProgramRequest(program=program.id), metadata=auth(bob))
+        )
+        assert err.code() == Code.NOT_FOUND
         missing = await rpc_error(
             env.jobs.Get(jobs_pb2.GetJobRequest(job_id="j-nothere"), metadata=auth(bob))
         )
@@ -390,6 +400,7 @@ async def test_audit_events_for_identity_and_cross_tenant_denials(env: Deploymen
     assert sorted((e["kind"], e["tenant"], e["owner"]) for e in denials) == [
         ("job", "bob", "alice"),
         ("job", "bob", "alice"),
+        ("program", "bob", "alice"),
         ("session", "bob", "alice"),
     ], "one per foreign object asked for; none for a missing one"
     text = repr(logs)
@@ -422,3 +433,30 @@ async def test_health_answers_probes_without_a_token_and_reflection_needs_one(
     reply = await reflect.ServerReflectionInfo(iter([request]), metadata=auth(secret)).read()
     names = {s.name for s in reply.list_services_response.service}
     assert "qrelay.v1.AdminService" in names
+
+
+async def test_an_open_broker_closes_once_a_token_is_bootstrapped(tmp_path: Path) -> None:
+    async with (
+        running_broker(broker_settings(tmp_path)) as broker,
+        grpc.aio.insecure_channel(broker.address) as channel,
+    ):
+        stub = backends_pb2_grpc.BackendServiceStub(channel)
+        await stub.List(backends_pb2.ListBackendsRequest())  # open: anyone is "default"
+        assert broker.identity.key is not None
+        _, admin = await bootstrap_admin(broker.store, broker.identity.key)  # out of band
+
+        async def code() -> grpc.StatusCode:
+            try:
+                await stub.List(backends_pb2.ListBackendsRequest())
+            except grpc.aio.AioRpcError as exc:
+                return exc.code()
+            return Code.OK
+
+        async with asyncio.timeout(10):  # the "no token yet" cache lives <= 1 s
+            answered = await code()
+            while answered == Code.OK:
+                await asyncio.sleep(0.05)
+                answered = await code()
+        assert answered == Code.UNAUTHENTICATED
+        admin_stub = admin_pb2_grpc.AdminServiceStub(channel)
+        await admin_stub.ListTenants(admin_pb2.ListTenantsRequest(), metadata=auth(admin))
