@@ -61,6 +61,12 @@ async def _admin(broker: str, token: Path | None, method: str, request: Any) -> 
         return await connection.unary(getattr(stub, method), request)
 
 
+def _check_out(out: Path | None) -> None:
+    """Refuse an --out that exists before a token is made (it would be lost)."""
+    if out is not None and (out.exists() or out.is_symlink()):
+        _fail(f"--out {out} already exists; a token file is never overwritten", 2)
+
+
 def _deliver(secret: str, token_id: str, out: Path | None) -> None:
     """Show the secret once: on stdout, or only in `out` (0600)."""
     if out is None:
@@ -145,6 +151,7 @@ def token_create(
     """Create an API token; its secret is shown once."""
     if role not in _ROLES:
         _fail(f"--role must be one of {', '.join(_ROLES)}, got {role!r}", 2)
+    _check_out(out)
     request = admin_pb2.CreateTokenRequest(
         role=_ROLES[role],
         tenant=tenant,
@@ -209,6 +216,7 @@ def bootstrap(
     """
     from qrelay.broker.settings import BrokerSettings
 
+    _check_out(out)
     overrides: dict[str, Any] = {}
     if store is not None:
         if store.startswith(("postgresql://", "postgres://")):
