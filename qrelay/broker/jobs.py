@@ -65,8 +65,10 @@ class Jobs:
                 f"job is {size / MIB:.1f} MiB; this broker accepts at most "
                 f"{self.settings.max_job_bytes / MIB:.1f} MiB per job (QRELAY_MAX_JOB_BYTES)"
             )
-        known = spec.backend in self.scheduler.known_backends
-        kind = validation.validate_spec(spec, known, sorted(self.scheduler.known_backends))
+        # Backends only other tenants' executors serve are unknown to this tenant.
+        usable = await self.scheduler.usable(tenant)
+        names = sorted(n for n in self.scheduler.known_backends if usable(n))
+        kind = validation.validate_spec(spec, spec.backend in names, names)
         program_id = ""
         if kind is JobKind.PROGRAM and self.program_check is not None:
             spec = types_pb2.JobSpec()
@@ -237,7 +239,7 @@ class Backends:
         """Every backend `tenant` may use (None: every backend): one whose
         executors are restricted to other tenants is not shown."""
         lengths = await self.store.queue_lengths()
-        visible = await self._visible(tenant)
+        visible = await self.scheduler.usable(tenant, max_age_s=0)
         return [
             self.scheduler.backend_proto(record, lengths.get(record.name, 0))
             for record in await self.store.list_backends()
@@ -247,21 +249,10 @@ class Backends:
     async def get(self, name: str, tenant: str | None = None) -> backends_pb2.Backend:
         if not name:
             raise InvalidArgument("name is required")
-        visible = await self._visible(tenant)
+        visible = await self.scheduler.usable(tenant, max_age_s=0)
         record = await self.store.get_backend(name)
         if record is None or not visible(name):
             known = ", ".join(sorted(n for n in self.scheduler.known_backends if visible(n)))
             raise NotFound(f"unknown backend {name!r}; known: {known or 'none yet'}")
         lengths = await self.store.queue_lengths()
         return self.scheduler.backend_proto(record, lengths.get(name, 0))
-
-    async def _visible(self, tenant: str | None) -> Callable[[str], bool]:
-        if tenant is None:
-            return lambda name: True
-        access = await self.store.backend_access()
-
-        def visible(name: str) -> bool:
-            allowed = access.get(name)
-            return name not in access or allowed is None or tenant in allowed
-
-        return visible

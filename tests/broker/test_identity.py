@@ -276,48 +276,76 @@ async def test_bad_admin_requests_get_clear_statuses(env: Deployment) -> None:
     assert err.code() == Code.NOT_FOUND
 
 
-async def test_restricted_executor_gets_only_its_tenants_jobs_and_backends(
-    env: Deployment,
-) -> None:
+async def test_restricted_executor_never_receives_another_tenants_job(env: Deployment) -> None:
     _, alice = await env.token(tenant="alice")
     _, bob = await env.token(tenant="bob")
     _, runner = await env.token(
         admin_pb2.ROLE_EXECUTOR, restricted=True, executor_tenants=["alice"]
     )
+    _, anyone = await env.token(admin_pb2.ROLE_EXECUTOR)
     async with FakeExecutor(
-        env.broker.address, "e-alice", backends=["qpu_alice"], slots=2, metadata=auth(runner)
+        env.broker.address, "e-any", backends=["qpu"], heartbeat=False, metadata=auth(anyone)
+    ):
+        pass  # "qpu" was announced for everyone; its queue holds both tenants' jobs
+    # Bob's job first: plain FIFO would hand it to the next executor first.
+    bobs = await env.jobs.Submit(
+        jobs_pb2.SubmitRequest(spec=sampler_spec("qpu")), metadata=auth(bob)
+    )
+    alices = await env.jobs.Submit(
+        jobs_pb2.SubmitRequest(spec=sampler_spec("qpu")), metadata=auth(alice)
+    )
+    async with FakeExecutor(
+        env.broker.address, "e-alice", backends=["qpu"], slots=2, metadata=auth(runner)
     ) as executor:
-        # Bob's job first: plain FIFO would hand it to the executor first.
-        bobs = await env.jobs.Submit(
-            jobs_pb2.SubmitRequest(spec=sampler_spec("qpu_alice")), metadata=auth(bob)
-        )
-        alices = await env.jobs.Submit(
-            jobs_pb2.SubmitRequest(spec=sampler_spec("qpu_alice")), metadata=auth(alice)
-        )
         assignment = await executor.recv("assignment")
         assert (assignment.job_id, assignment.tenant) == (alices.id, "alice")
         executor.finish(assignment)
         assert await env.broker.scheduler.dispatch() == 0, "a free slot, and still not bob's"
         job = await env.jobs.Get(jobs_pb2.GetJobRequest(job_id=bobs.id), metadata=auth(bob))
         assert job.state == types_pb2.JOB_STATE_QUEUED
-        assert executor.inbox.empty() or all(
-            m is None or m.WhichOneof("message") != "assignment"
-            for m in list(executor.inbox._queue)  # type: ignore[attr-defined]
-        )
+    async with FakeExecutor(
+        env.broker.address, "e-any", backends=["qpu"], metadata=auth(anyone)
+    ) as unrestricted:
+        assignment = await unrestricted.recv("assignment")
+        assert (assignment.job_id, assignment.tenant) == (bobs.id, "bob")
 
+
+async def test_a_tenant_sees_and_uses_only_backends_served_to_it(env: Deployment) -> None:
+    _, alice = await env.token(tenant="alice")
+    _, bob = await env.token(tenant="bob")
+    _, runner = await env.token(
+        admin_pb2.ROLE_EXECUTOR, restricted=True, executor_tenants=["alice"]
+    )
+    async with FakeExecutor(
+        env.broker.address, "e-alice", backends=["qpu_alice"], metadata=auth(runner)
+    ) as executor:
         seen = {b.info.name for b in (await _list(env, auth(alice))).backends}
         assert seen == {"aer", "qpu_alice"}
         seen = {b.info.name for b in (await _list(env, auth(bob))).backends}
         assert seen == {"aer"}
-        err = await rpc_error(
-            env.backends.Get(backends_pb2.GetBackendRequest(name="qpu_alice"), metadata=auth(bob))
-        )
-        assert err.code() == Code.NOT_FOUND
-        assert "qpu_alice" not in (err.details() or "").split("known:")[1]
         mine = await env.backends.Get(
             backends_pb2.GetBackendRequest(name="qpu_alice"), metadata=auth(alice)
         )
         assert mine.online
+        sessions = sessions_pb2_grpc.SessionServiceStub(env.channel)
+        for call in (
+            env.backends.Get(backends_pb2.GetBackendRequest(name="qpu_alice"), metadata=auth(bob)),
+            env.jobs.Submit(
+                jobs_pb2.SubmitRequest(spec=sampler_spec("qpu_alice")), metadata=auth(bob)
+            ),
+            sessions.Create(
+                sessions_pb2.CreateSessionRequest(backend="qpu_alice"), metadata=auth(bob)
+            ),
+        ):
+            err = await rpc_error(call)
+            assert err.code() == Code.NOT_FOUND
+            details = err.details() or ""
+            assert details.startswith("unknown backend 'qpu_alice'; known: ")
+            assert "qpu_alice" not in details.split("known:")[1], "no other tenant's names"
+        job = await env.jobs.Submit(
+            jobs_pb2.SubmitRequest(spec=sampler_spec("qpu_alice")), metadata=auth(alice)
+        )
+        assert (await executor.recv("assignment")).job_id == job.id
 
 
 async def test_admin_tokens_list_without_secrets(env: Deployment) -> None:
