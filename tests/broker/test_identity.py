@@ -39,6 +39,7 @@ from tests.broker.conftest import (
     broker_settings,
     postgres_schema,
     sampler_spec,
+    until,
 )
 from tests.broker.test_programs import upload_request
 
@@ -95,6 +96,7 @@ async def deployment(kind: str, tmp_path: Path) -> AsyncIterator[Deployment]:
             broker.address, "e-shared", backends=["aer"], heartbeat=False, metadata=auth(executor)
         ):
             pass  # "aer" is known, offline, served to any tenant
+        await until(lambda: not broker.scheduler.executors)
         yield env
 
 
@@ -287,6 +289,7 @@ async def test_restricted_executor_never_receives_another_tenants_job(env: Deplo
         env.broker.address, "e-any", backends=["qpu"], heartbeat=False, metadata=auth(anyone)
     ):
         pass  # "qpu" was announced for everyone; its queue holds both tenants' jobs
+    await until(lambda: not env.broker.scheduler.executors)
     # Bob's job first: plain FIFO would hand it to the next executor first.
     bobs = await env.jobs.Submit(
         jobs_pb2.SubmitRequest(spec=sampler_spec("qpu")), metadata=auth(bob)
