@@ -4,6 +4,7 @@ flat), and token secrets reach neither its logs nor its store."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import os
@@ -89,7 +90,7 @@ def broker_process(tmp_path: Path) -> Iterator[BrokerProcess]:
             proc.wait()
 
 
-def test_unauthenticated_40_mib_requests_are_refused_and_broker_rss_stays_flat(
+async def test_unauthenticated_40_mib_requests_are_refused_and_broker_rss_stays_flat(
     broker_process: BrokerProcess,
 ) -> None:
     payload = os.urandom(40 * MIB)
@@ -103,19 +104,17 @@ def test_unauthenticated_40_mib_requests_are_refused_and_broker_rss_stays_flat(
     )
     assert big.ByteSize() > 40 * MIB
     options = [("grpc.max_send_message_length", 64 * MIB)]
-    with grpc.insecure_channel(broker_process.address, options=options) as channel:
+    async with grpc.aio.insecure_channel(broker_process.address, options=options) as channel:
         stub = jobs_pb2_grpc.JobServiceStub(channel)
-        grpc.channel_ready_future(channel).result(timeout=10)
+        await asyncio.wait_for(channel.channel_ready(), 10)
         before = broker_process.rss_kib()
         wrong = (("authorization", "Bearer qrl_" + "x" * 43),)
-        calls = [
-            stub.Submit.future(big, timeout=60, metadata=wrong if i % 2 else ()) for i in range(16)
-        ]
-        for call in calls:
-            with pytest.raises(grpc.RpcError) as err:
-                call.result()
-            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, err.value.details()
+        calls = [stub.Submit(big, timeout=60, metadata=wrong if i % 2 else ()) for i in range(16)]
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
         peak = broker_process.rss_kib("VmHWM")
+    for outcome in outcomes:
+        assert isinstance(outcome, grpc.aio.AioRpcError), outcome
+        assert outcome.code() == grpc.StatusCode.UNAUTHENTICATED, outcome.details()
     growth_mb = (peak - before) / 1024
     # 16 requests of 40 MiB read in full would be 640 MiB; refused unread they cost
     # at most HTTP/2 stream windows.
@@ -123,19 +122,18 @@ def test_unauthenticated_40_mib_requests_are_refused_and_broker_rss_stays_flat(
     assert broker_process.proc.poll() is None, "the broker still runs"
 
 
-def test_token_less_40_mib_health_checks_are_answered_unread_and_rss_stays_flat(
+async def test_token_less_40_mib_health_checks_are_answered_unread_and_rss_stays_flat(
     broker_process: BrokerProcess,
 ) -> None:
     big = health_pb2.HealthCheckRequest(service="x" * (40 * MIB))
     options = [("grpc.max_send_message_length", 64 * MIB)]
-    with grpc.insecure_channel(broker_process.address, options=options) as channel:
+    async with grpc.aio.insecure_channel(broker_process.address, options=options) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        grpc.channel_ready_future(channel).result(timeout=10)
+        await asyncio.wait_for(channel.channel_ready(), 10)
         before = broker_process.rss_kib()
-        calls = [stub.Check.future(big, timeout=60) for _ in range(16)]
-        replies = [call.result() for call in calls]
+        replies = await asyncio.gather(*(stub.Check(big, timeout=60) for _ in range(16)))
         peak = broker_process.rss_kib("VmHWM")
-        probe = stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+        probe = await stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
     assert {r.status for r in replies} == {health_pb2.HealthCheckResponse.SERVING}
     assert probe.status == health_pb2.HealthCheckResponse.SERVING
     growth_mb = (peak - before) / 1024
