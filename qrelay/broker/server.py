@@ -96,7 +96,8 @@ class Broker:
             remote=remote,
         )
         self.reaper = LeaseReaper(self.store, self.hub, self.scheduler, settings)
-        # Authenticates every call (AuthInterceptor); the key is read at start.
+        # Who may call what (AuthInterceptor); with SQLite and no key configured,
+        # load_server_key makes identity.key beside the database.
         self.identity = Identity(
             self.store,
             load_server_key(settings),
