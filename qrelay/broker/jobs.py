@@ -77,8 +77,10 @@ class Jobs:
                 f"job is {size / MIB:.1f} MiB; this broker accepts at most "
                 f"{self.settings.max_job_bytes / MIB:.1f} MiB per job (QRELAY_MAX_JOB_BYTES)"
             )
-        known = spec.backend in self.scheduler.known_backends
-        kind = validation.validate_spec(spec, known, sorted(self.scheduler.known_backends))
+        # Backends only other tenants' executors serve are unknown to this tenant.
+        usable = await self.scheduler.usable(tenant)
+        names = sorted(n for n in self.scheduler.known_backends if usable(n))
+        kind = validation.validate_spec(spec, spec.backend in names, names)
         lifecycle.check_priority(spec.priority)
         program_id = ""
         if kind is JobKind.PROGRAM and self.program_check is not None:
@@ -292,19 +294,23 @@ class Backends:
         self.scheduler = scheduler
 
     async def list(self, tenant: str) -> list[backends_pb2.Backend]:
-        """Queue lengths as `tenant` sees them (`JobStore.queue_estimates`)."""
+        """Every backend `tenant` may use (one whose executors are restricted to other
+        tenants is not shown), with queue lengths as it sees them (`queue_estimates`)."""
         lengths = await self.store.queue_estimates(tenant)
+        visible = await self.scheduler.usable(tenant, max_age_s=0)
         return [
             self.scheduler.backend_proto(record, lengths.get(record.name, 0))
             for record in await self.store.list_backends()
+            if visible(record.name)
         ]
 
     async def get(self, tenant: str, name: str) -> backends_pb2.Backend:
         if not name:
             raise InvalidArgument("name is required")
+        visible = await self.scheduler.usable(tenant, max_age_s=0)
         record = await self.store.get_backend(name)
-        if record is None:
-            known = ", ".join(sorted(self.scheduler.known_backends)) or "none yet"
-            raise NotFound(f"unknown backend {name!r}; known: {known}")
+        if record is None or not visible(name):
+            known = ", ".join(sorted(n for n in self.scheduler.known_backends if visible(n)))
+            raise NotFound(f"unknown backend {name!r}; known: {known or 'none yet'}")
         lengths = await self.store.queue_estimates(tenant)
         return self.scheduler.backend_proto(record, lengths.get(name, 0))

@@ -31,6 +31,10 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 # Executors without the "program" capability (no sandbox) only get primitive jobs.
 PRIMITIVE_KINDS = (JobKind.SAMPLER, JobKind.ESTIMATOR)
+# How stale `Scheduler.usable()` may be for Submit and session creation (a
+# backend a restricted executor just announced may stay usable to others that
+# long; their jobs would only wait). BackendService reads it fresh.
+ACCESS_MAX_AGE_S = 1.0
 STALE_LEASE = "lease is no longer valid (expired, cancelled or finished)"
 # Resolves a program job's bundle at assignment time (`Programs.bundle`).
 ProgramResolver = Callable[[types_pb2.JobSpec, str], Awaitable[executor_pb2.ProgramBundle | None]]
@@ -66,6 +70,8 @@ class ExecutorLink:
     # Set when the executor hands a job back under a still-valid lease (it is
     # stopping): it gets nothing more until it reconnects.
     draining: bool = False
+    # Its token restricts it to these tenants' jobs (None: any tenant).
+    tenants: tuple[str, ...] | None = None
 
     @property
     def free(self) -> int:
@@ -128,6 +134,29 @@ class Scheduler:
         # executor, not per backend: with sessions pinned to one executor, a
         # short claim by another says nothing about what the pinned one may take.)
         self._queued_generations: dict[tuple[str, bool], int] = {}
+        # `usable()`'s copy of the store's backend access table, and when read.
+        self._access: dict[str, frozenset[str] | None] | None = None
+        self._access_at = 0.0
+
+    async def usable(
+        self, tenant: str | None, *, max_age_s: float = ACCESS_MAX_AGE_S
+    ) -> Callable[[str], bool]:
+        """Whether `tenant` (None: anyone) may use a backend: not when every
+        executor that announced it is restricted to other tenants. The access
+        table is read at most every `max_age_s` (0: now)."""
+        if tenant is None:
+            return lambda name: True
+        now = time.monotonic()
+        if self._access is None or now - self._access_at >= max_age_s:
+            self._access = await self.store.backend_access()
+            self._access_at = now
+        access = self._access
+
+        def usable(name: str) -> bool:
+            allowed = access.get(name)
+            return name not in access or allowed is None or tenant in allowed
+
+        return usable
 
     async def load(self) -> None:
         """Remember every backend ever announced (submit checks names against it)."""
@@ -179,9 +208,14 @@ class Scheduler:
         self._wake.set()
 
     # --- executors ------------------------------------------------------------
-    async def attach(self, hello: executor_pb2.Hello) -> tuple[ExecutorLink, list[tuple[str, str]]]:
+    async def attach(
+        self, hello: executor_pb2.Hello, *, tenants: tuple[str, ...] | None = None
+    ) -> tuple[ExecutorLink, list[tuple[str, str]]]:
         """Register an executor after its Hello; returns its link and the held
-        leases it must cancel (already queued as CancelJob on the link)."""
+        leases it must cancel (already queued as CancelJob on the link).
+
+        `tenants` (from its token) restricts it to those tenants' jobs, and
+        its backends to those tenants' view."""
         if not hello.executor_id:
             raise InvalidArgument("Hello.executor_id is required")
         if hello.slots <= 0:
@@ -195,6 +229,8 @@ class Scheduler:
         await self.store.upsert_backends(
             [BackendRecord(b.name, b.SerializeToString(), now) for b in hello.backends]
         )
+        await self.store.set_backend_access(hello.executor_id, names, tenants)
+        self._access = None
         self.known_backends.update(names)
         held = [(h.job_id, h.lease_id) for h in hello.held]
         check = await self.store.check_held(hello.executor_id, held, self.settings.lease_ttl_s)
@@ -204,6 +240,7 @@ class Scheduler:
             slots=hello.slots,
             capabilities=frozenset(hello.capabilities),
             inflight={lease: job for job, lease in check.valid},
+            tenants=tenants,
         )
         old = self.executors.get(hello.executor_id)
         if old is not None:
@@ -374,6 +411,7 @@ class Scheduler:
                     free,
                     None if any_kind else PRIMITIVE_KINDS,
                     running,
+                    link.tenants,
                 )
                 link.idle_generation = generation if len(grants) < free else -1
                 for grant in grants:

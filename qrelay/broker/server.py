@@ -20,6 +20,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from qrelay._proto.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
     backends_pb2,
     backends_pb2_grpc,
     executor_pb2,
@@ -32,9 +34,11 @@ from qrelay._proto.v1 import (
     sessions_pb2_grpc,
 )
 from qrelay.broker import validation
-from qrelay.broker.auth import Authenticator
+from qrelay.broker.admin import AdminServicer
+from qrelay.broker.auth import AuthInterceptor
 from qrelay.broker.events import EventHub
 from qrelay.broker.fanout import ReplicaFanout
+from qrelay.broker.identity import Identity, load_server_key
 from qrelay.broker.jobs import Backends, Jobs
 from qrelay.broker.leases import LeaseReaper
 from qrelay.broker.metrics import BrokerMetrics
@@ -64,6 +68,7 @@ SERVICE_NAMES = (
     executor_pb2.DESCRIPTOR.services_by_name["ExecutorService"].full_name,
     programs_pb2.DESCRIPTOR.services_by_name["ProgramService"].full_name,
     sessions_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
 )
 METRICS_REFRESH_S = 2.0
 # How long start() waits for the replica fan-out to listen before serving anyway.
@@ -93,7 +98,15 @@ class Broker:
             remote=remote,
         )
         self.reaper = LeaseReaper(self.store, self.hub, self.scheduler, settings)
-        self.auth = Authenticator(settings.tokens, settings.default_tenant)
+        # Who may call what (AuthInterceptor); with SQLite and no key configured,
+        # load_server_key makes identity.key beside the database.
+        self.identity = Identity(
+            self.store,
+            load_server_key(settings),
+            default_tenant=settings.default_tenant,
+            static_tokens=settings.tokens,
+            executor_token=settings.executor_token,
+        )
         self.jobs = Jobs(
             self.store, self.hub, self.scheduler, settings, program_check=self.programs.check_job
         )
@@ -118,9 +131,17 @@ class Broker:
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = False
+        # What a health Check without a token is told (AuthInterceptor).
+        self.serving = False
 
     async def start(self) -> None:
         await self.store.open()
+        if self.identity.key is None:
+            log.warning(
+                "identity.no_key",
+                hint="set QRELAY_IDENTITY_KEY_FILE (the same on every replica) to use "
+                "tokens from the store; file tokens still work",
+            )
         renewed = await self.store.renew_running_leases(self.settings.lease_ttl_s)
         await self.scheduler.load()
         if self.fanout is not None:
@@ -131,7 +152,11 @@ class Broker:
                 log.warning("fanout.not_listening", waited_s=FANOUT_CONNECT_S)
         limit = max_message_bytes(self.settings)
         server = grpc.aio.server(
-            interceptors=[DecodeGuard(check=validation.nul_problem)],
+            # Authentication first: a refused call's request is never read.
+            interceptors=[
+                AuthInterceptor(self.identity, lambda: self.serving),
+                DecodeGuard(check=validation.nul_problem),
+            ],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -142,21 +167,20 @@ class Broker:
             ],
         )
         streams = RunStreams(self.jobs, self.settings.max_stream_jobs)
-        jobs_pb2_grpc.add_JobServiceServicer_to_server(
-            JobServicer(self.jobs, self.auth, streams), server
-        )
+        jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.jobs, streams), server)
         backends_pb2_grpc.add_BackendServiceServicer_to_server(
-            BackendServicer(self.backends, self.auth), server
+            BackendServicer(self.backends), server
         )
         executor_pb2_grpc.add_ExecutorServiceServicer_to_server(
             ExecutorServicer(self.scheduler, self.settings, self.broker_id), server
         )
         programs_pb2_grpc.add_ProgramServiceServicer_to_server(
-            ProgramServicer(self.programs, self.auth), server
+            ProgramServicer(self.programs), server
         )
         sessions_pb2_grpc.add_SessionServiceServicer_to_server(
-            SessionServicer(self.sessions, self.auth), server
+            SessionServicer(self.sessions), server
         )
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.identity), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -184,6 +208,7 @@ class Broker:
             self._spawn(self._refresh_metrics())
         for name in (*SERVICE_NAMES, ""):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.serving = True
         self.scheduler.wake()
         log.info(
             "broker.started",
@@ -231,6 +256,7 @@ class Broker:
         if self._stopped:
             return
         self._stopped = True
+        self.serving = False
         await self.health.enter_graceful_shutdown()
         # Long-lived streams never end on their own: ask them to, so that the
         # grace period is spent on unary calls in flight.

@@ -25,7 +25,7 @@ from qrelay._proto.v1 import (
 )
 from qrelay.broker import validation
 from qrelay.broker.audit import audit
-from qrelay.broker.auth import Authenticator, check_executor_token
+from qrelay.broker.auth import caller
 from qrelay.broker.events import timestamp, to_proto
 from qrelay.broker.jobs import Backends, Jobs
 from qrelay.broker.programs import Programs
@@ -103,13 +103,12 @@ def _stream_item(item: Item) -> jobs_pb2.RunStreamItem:
 
 
 class JobServicer(jobs_pb2_grpc.JobServiceServicer):
-    def __init__(self, jobs: Jobs, auth: Authenticator, streams: RunStreams) -> None:
+    def __init__(self, jobs: Jobs, streams: RunStreams) -> None:
         self.jobs = jobs
-        self.auth = auth
         self.streams = streams
 
     def _tenant(self, context: Context) -> str:
-        return self.auth.tenant(context.invocation_metadata())
+        return caller().tenant
 
     @grpc_errors
     async def Submit(self, request: jobs_pb2.SubmitRequest, context: Context) -> jobs_pb2.Job:
@@ -208,23 +207,20 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
 
 class BackendServicer(backends_pb2_grpc.BackendServiceServicer):
-    def __init__(self, backends: Backends, auth: Authenticator) -> None:
+    def __init__(self, backends: Backends) -> None:
         self.backends = backends
-        self.auth = auth
 
     @grpc_errors
     async def List(
         self, request: backends_pb2.ListBackendsRequest, context: Context
     ) -> backends_pb2.ListBackendsResponse:
-        tenant = self.auth.tenant(context.invocation_metadata())
-        return backends_pb2.ListBackendsResponse(backends=await self.backends.list(tenant))
+        return backends_pb2.ListBackendsResponse(backends=await self.backends.list(caller().tenant))
 
     @grpc_errors
     async def Get(
         self, request: backends_pb2.GetBackendRequest, context: Context
     ) -> backends_pb2.Backend:
-        tenant = self.auth.tenant(context.invocation_metadata())
-        return await self.backends.get(tenant, request.name)
+        return await self.backends.get(caller().tenant, request.name)
 
 
 def _check_executor_certificate(context: Context) -> None:
@@ -264,7 +260,6 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         # Checked after the Hello has arrived: answering before the executor's
         # first send completes can surface on its side as a send failure
         # (INTERNAL) instead of our UNAUTHENTICATED.
-        check_executor_token(self.settings.executor_token, context.invocation_metadata())
         if self.settings.tls_client_ca is not None:
             _check_executor_certificate(context)
         if first.WhichOneof("message") != "hello":
@@ -272,7 +267,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
                 f"executor stream must start with Hello, got {first.WhichOneof('message')}"
             )
         validation.check_no_nul(first.hello, "hello")
-        link, _ = await self.scheduler.attach(first.hello)
+        link, _ = await self.scheduler.attach(first.hello, tenants=caller().executor_tenants)
         try:
             await context.write(
                 executor_pb2.BrokerMessage(
@@ -355,12 +350,11 @@ def program_to_proto(record: ProgramRecord) -> programs_pb2.Program:
 class ProgramServicer(programs_pb2_grpc.ProgramServiceServicer):
     """Thin: authenticate, call `Programs`, encode."""
 
-    def __init__(self, programs: Programs, auth: Authenticator) -> None:
+    def __init__(self, programs: Programs) -> None:
         self.programs = programs
-        self.auth = auth
 
     def _tenant(self, context: Context) -> str:
-        return self.auth.tenant(context.invocation_metadata())
+        return caller().tenant
 
     @grpc_errors
     async def Upload(
@@ -433,12 +427,11 @@ def session_to_proto(session: SessionRecord) -> sessions_pb2.Session:
 class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
     """Thin: authenticate, call `Sessions`, encode."""
 
-    def __init__(self, sessions: Sessions, auth: Authenticator) -> None:
+    def __init__(self, sessions: Sessions) -> None:
         self.sessions = sessions
-        self.auth = auth
 
     def _tenant(self, context: Context) -> str:
-        return self.auth.tenant(context.invocation_metadata())
+        return caller().tenant
 
     @grpc_errors
     async def Create(

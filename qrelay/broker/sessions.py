@@ -94,9 +94,10 @@ class Sessions:
         default; values above the broker's caps are lowered to them."""
         if not backend:
             raise InvalidArgument("backend is required (a backend name as BackendService lists it)")
-        if backend not in self.scheduler.known_backends:
-            known = ", ".join(sorted(self.scheduler.known_backends)) or "none yet"
-            raise NotFound(f"unknown backend {backend!r}; known: {known}")
+        usable = await self.scheduler.usable(tenant)
+        if backend not in self.scheduler.known_backends or not usable(backend):
+            known = ", ".join(sorted(n for n in self.scheduler.known_backends if usable(n)))
+            raise NotFound(f"unknown backend {backend!r}; known: {known or 'none yet'}")
         s = self.settings
         quota = await self.quotas.quota(tenant)
         new = NewSession(

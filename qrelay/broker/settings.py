@@ -115,6 +115,11 @@ class BrokerSettings(BaseSettings):
     executor_listen: str | None = None
     # Prometheus: HOST defaults to the listen host (never 0.0.0.0 unless asked);
     # with a token (file or QRELAY_METRICS_TOKEN) scrapes need `Authorization: Bearer`.
+    # Identity (`qrelay.broker.identity`): the HMAC key store tokens are hashed
+    # with, from a file or QRELAY_IDENTITY_KEY (never a flag). With SQLite and
+    # neither, `identity.key` beside the database is generated and used.
+    identity_key_file: Path | None = None
+    identity_key: Annotated[str | None, Field(repr=False)] = None
     metrics_port: int = 0
     metrics_host: str | None = None
     metrics_token: str | None = None

@@ -29,7 +29,18 @@ import typer
 # "skipping fork() handlers" each time a sandbox starts while calls are live.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
-from qrelay.cli import _shared, backends, broker, dev, executor, jobs, programs, sessions, usage
+from qrelay.cli import (
+    _shared,
+    admin,
+    backends,
+    broker,
+    dev,
+    executor,
+    jobs,
+    programs,
+    sessions,
+    usage,
+)
 from qrelay.cli._shared import Typer
 from qrelay.logging import configure_logging
 from qrelay.logging import safe_dsn as _redacted
@@ -48,6 +59,7 @@ app.command()(backends.backends)
 app.add_typer(programs.programs_app, name="programs")
 app.add_typer(sessions.sessions_app, name="sessions")
 app.command()(usage.usage)
+app.add_typer(admin.admin_app, name="admin")
 
 
 @app.callback()

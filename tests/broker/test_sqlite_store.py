@@ -60,6 +60,8 @@ async def test_upgrade_to_v3_counts_the_jobs_already_queued(tmp_path: Path) -> N
         conn.execute("ALTER TABLE jobs DROP COLUMN priority")
         conn.execute("ALTER TABLE jobs DROP COLUMN usage_s")
         conn.execute("DROP TABLE tenant_usage")
+        for table in ("tenants", "api_tokens", "backend_access"):  # version 5: identity
+            conn.execute(f"DROP TABLE {table}")
         conn.execute("DROP INDEX jobs_fair")  # version 4: fair share
         conn.execute("ALTER TABLE jobs DROP COLUMN vt")
         conn.execute("DROP TABLE fair_share")

@@ -21,11 +21,15 @@ from qrelay.broker.store.base import (
     NewProgram,
     NewSession,
     Quota,
+    Role,
     RunningLimits,
     SessionMode,
     SessionState,
+    TenantRecord,
+    TokenRecord,
 )
 from qrelay.errors import (
+    AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -1182,3 +1186,112 @@ async def test_random_priorities_change_a_tenants_order_but_never_the_turns(
     plain, _ = await turns(False, "plain")
     ranked, _ = await turns(True, "ranked")
     assert ranked == plain
+
+
+# --- identity: tenants, tokens, tenant-restricted executors ----------------------------
+
+
+def token(
+    n: int,
+    role: Role = Role.USER,
+    tenant: str = "alice",
+    executor_tenants: tuple[str, ...] | None = None,
+    expires_at: float | None = None,
+) -> TokenRecord:
+    return TokenRecord(
+        id=f"tok-{n}",
+        prefix=f"qrl_pref{n:04d}",
+        role=role,
+        tenant=tenant,
+        executor_tenants=executor_tenants,
+        label=f"label {n}",
+        created_at=1000.0 + n,
+        expires_at=expires_at,
+        revoked_at=None,
+        digest=bytes([n]) * 32,
+    )
+
+
+def tenant_job(tenant: str) -> NewJob:
+    return NewJob(tenant=tenant, backend="aer", kind=JobKind.SAMPLER, spec=b"s", num_pubs=1)
+
+
+async def test_tenants_are_created_once_and_listed_by_name(store: JobStore) -> None:
+    await store.create_tenant(TenantRecord("bob", "B", 2.0))
+    await store.create_tenant(TenantRecord("alice", "A", 1.0))
+    with pytest.raises(AlreadyExists, match="tenant 'bob' already exists"):
+        await store.create_tenant(TenantRecord("bob", "again", 3.0))
+    assert [t.name for t in await store.list_tenants()] == ["alice", "bob"]
+    assert await store.get_tenant("bob") == TenantRecord("bob", "B", 2.0)
+    assert await store.get_tenant("carol") is None
+
+
+async def test_tokens_are_found_by_prefix_with_their_digest_and_listed_without(
+    store: JobStore,
+) -> None:
+    assert await store.count_tokens() == 0
+    await store.create_token(token(1))
+    await store.create_token(token(2, Role.EXECUTOR, "", executor_tenants=("alice", "bob")))
+    await store.create_token(token(3, Role.ADMIN, ""))
+    with pytest.raises(AlreadyExists):
+        await store.create_token(token(1))
+    found = await store.find_token("qrl_pref0002")
+    assert found == token(2, Role.EXECUTOR, "", executor_tenants=("alice", "bob"))
+    assert found is not None
+    assert found.digest == bytes([2]) * 32
+    assert await store.find_token("qrl_nothere") is None
+    listed = await store.list_tokens()
+    assert [t.id for t in listed] == ["tok-1", "tok-2", "tok-3"]
+    assert all(t.digest == b"" for t in listed)
+    assert [t.id for t in await store.list_tokens("alice")] == ["tok-1"]
+    assert await store.count_tokens() == 3
+    assert await store.count_tokens(Role.ADMIN) == 1
+
+
+async def test_revoked_and_expired_tokens_are_not_live_admins(store: JobStore) -> None:
+    await store.create_token(token(1, Role.ADMIN, "", expires_at=time.time() - 1))
+    await store.create_token(token(2, Role.ADMIN, ""))
+    assert await store.count_tokens(Role.ADMIN) == 1
+    revoked = await store.revoke_token("tok-2", 5000.0)
+    assert revoked.revoked_at == 5000.0
+    again = await store.revoke_token("tok-2", 6000.0)
+    assert again.revoked_at == 5000.0, "the first revocation time is kept"
+    assert await store.count_tokens(Role.ADMIN) == 0
+    assert await store.count_tokens() == 2
+    found = await store.find_token("qrl_pref0002")
+    assert found is not None
+    assert found.revoked_at == 5000.0
+    with pytest.raises(NotFound, match="token 'tok-9' not found"):
+        await store.revoke_token("tok-9", 1.0)
+
+
+async def test_claim_restricted_to_tenants_never_takes_another_tenants_job(
+    store: JobStore,
+) -> None:
+    bobs, _ = await store.submit(tenant_job("bob"), max_queued_per_tenant=10)
+    alices, _ = await store.submit(tenant_job("alice"), max_queued_per_tenant=10)
+    grants = await store.claim(["aer"], "e-a", TTL, 5, tenants=["alice"])
+    assert [g.job.id for g in grants] == [alices.id]
+    assert await store.claim(["aer"], "e-a", TTL, 5, tenants=["alice"]) == []
+    assert await store.claim(["aer"], "e-none", TTL, 5, tenants=[]) == []
+    (grant,) = await store.claim(["aer"], "e-any", TTL, 5)
+    assert grant.job.id == bobs.id
+
+
+async def test_backend_access_folds_executors_per_backend(store: JobStore) -> None:
+    assert await store.backend_access() == {}
+    await store.set_backend_access("e-a", ["aer", "qpu"], ["alice"])
+    await store.set_backend_access("e-b", ["qpu"], ["bob"])
+    assert await store.backend_access() == {
+        "aer": frozenset({"alice"}),
+        "qpu": frozenset({"alice", "bob"}),
+    }
+    await store.set_backend_access("e-any", ["aer"], None)
+    assert (await store.backend_access())["aer"] is None
+    # An executor announcing again replaces what it announced before.
+    await store.set_backend_access("e-a", ["qpu"], ["alice"])
+    await store.set_backend_access("e-any", ["other"], None)
+    assert await store.backend_access() == {
+        "qpu": frozenset({"alice", "bob"}),
+        "other": None,
+    }

@@ -351,6 +351,42 @@ class Presence:
     last_seen: float
 
 
+class Role(enum.StrEnum):
+    """What a token may do: `user` speaks the tenant services as its tenant,
+    `executor` only ExecutorService, `admin` AdminService (and the tenant
+    services when it names a tenant)."""
+
+    ADMIN = "admin"
+    USER = "user"
+    EXECUTOR = "executor"
+
+
+@dataclass(frozen=True)
+class TenantRecord:
+    name: str
+    description: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """An API token's row. `digest` is HMAC-SHA256(server key, token), never the
+    token; `prefix` is its first characters, not secret, the lookup key.
+    `executor_tenants` restricts an executor token to these tenants' jobs
+    (None: any tenant)."""
+
+    id: str
+    prefix: str
+    role: Role
+    tenant: str
+    executor_tenants: tuple[str, ...] | None
+    label: str
+    created_at: float
+    expires_at: float | None
+    revoked_at: float | None
+    digest: bytes = field(default=b"", repr=False)
+
+
 class JobStore(ABC):
     """Durable state of the broker. Implementations: `SQLiteJobStore` (embedded)
     and `PostgresJobStore` (shared by replicas); the lifecycle rules both
@@ -449,10 +485,12 @@ class JobStore(ABC):
         limit: int,
         kinds: Sequence[JobKind] | None = None,
         running: RunningLimits | None = None,
+        tenants: Sequence[str] | None = None,
     ) -> list[LeaseGrant]:
         """Lease up to `limit` of the oldest QUEUED jobs for these backends (and
-        of these kinds; None = any) to the executor: RUNNING, attempts + 1, a
-        new lease id, a StateChange event.
+        of these kinds; None = any; and of these tenants, None = any: an
+        executor token restricted to tenants) to the executor: RUNNING,
+        attempts + 1, a new lease id, a StateChange event.
 
         Sessions: a job of a DEDICATED session pinned to another executor is
         never claimed. Jobs of DEDICATED sessions pinned to this executor and
@@ -593,6 +631,51 @@ class JobStore(ABC):
 
     @abstractmethod
     async def get_backend(self, name: str) -> BackendRecord | None: ...
+
+    @abstractmethod
+    async def set_backend_access(
+        self, executor_id: str, backends: Sequence[str], tenants: Sequence[str] | None
+    ) -> None:
+        """Record which tenants this executor serves its backends to (None: any),
+        replacing what it announced before."""
+
+    @abstractmethod
+    async def backend_access(self) -> dict[str, frozenset[str] | None]:
+        """Per backend with recorded access: the tenants its executors serve
+        (None: some executor serves anyone). Backends absent serve anyone."""
+
+    # --- identity ---------------------------------------------------------
+    @abstractmethod
+    async def create_tenant(self, tenant: TenantRecord) -> TenantRecord:
+        """Raises AlreadyExists."""
+
+    @abstractmethod
+    async def get_tenant(self, name: str) -> TenantRecord | None: ...
+
+    @abstractmethod
+    async def list_tenants(self) -> list[TenantRecord]:
+        """By name."""
+
+    @abstractmethod
+    async def create_token(self, token: TokenRecord) -> TokenRecord:
+        """Insert a token row (its id and prefix unique; AlreadyExists otherwise)."""
+
+    @abstractmethod
+    async def find_token(self, prefix: str) -> TokenRecord | None:
+        """The token with this lookup prefix, digest included (revoked ones too)."""
+
+    @abstractmethod
+    async def revoke_token(self, token_id: str, now: float) -> TokenRecord:
+        """Set revoked_at (kept if already set). Raises NotFound."""
+
+    @abstractmethod
+    async def list_tokens(self, tenant: str | None = None) -> list[TokenRecord]:
+        """Every token (or those of one tenant), oldest first, without digests."""
+
+    @abstractmethod
+    async def count_tokens(self, role: Role | None = None) -> int:
+        """How many tokens exist (of this role), revoked and expired ones included
+        unless `role` is given (then only live ones: not revoked, not expired)."""
 
     @abstractmethod
     async def queue_lengths(self) -> dict[str, int]:

@@ -14,8 +14,9 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
+from qrelay.broker.audit import audit
 from qrelay.broker.store.base import (
     CancelOutcome,
     JobRecord,
@@ -41,6 +42,25 @@ from qrelay.errors import (
     Unavailable,
 )
 from qrelay.limits import MAX_PRIORITY, MIN_PRIORITY
+
+R = TypeVar("R", bound=Row)
+
+
+def not_found(kind: str, object_id: str, owner: str | None, tenant: str | None) -> NotFound:
+    """The NotFound for `tenant` asking for a `kind` ("job", "session", …) whose
+    row has tenant `owner` (None: no such row). Another tenant's object is
+    answered exactly as a missing one (no existence oracle) but audited."""
+    if owner is not None and tenant is not None and owner != tenant:
+        audit("cross_tenant.denied", kind=kind, id=object_id, tenant=tenant, owner=owner)
+    return NotFound(f"{kind} {object_id!r} not found")
+
+
+def check_tenant(kind: str, object_id: str, row: R | None, tenant: str | None) -> R:
+    """`row` if it exists and (with `tenant`) is that tenant's; else `not_found`."""
+    if row is None or (tenant is not None and row["tenant"] != tenant):
+        raise not_found(kind, object_id, None if row is None else row["tenant"], tenant)
+    return row
+
 
 #: The columns of a job's row that the decisions read (`JobFacts.of`).
 FACT_COLUMNS = (
@@ -255,8 +275,8 @@ def check_program_quota(tenant: str, quota: Quota | None, stored: int, adding: i
 def check_session_accepts(job: NewJob, session: Row | None) -> None:
     """Whether a job may join its session, given the session's row (its
     tenant, backend and state; None when there is no such session)."""
-    if session is None or session["tenant"] != job.tenant:
-        raise NotFound(f"session {job.session_id!r} not found")
+    check_tenant("session", job.session_id, session, job.tenant)
+    assert session is not None
     if session["backend"] != job.backend:
         raise InvalidArgument(
             f"job backend {job.backend!r} differs from the backend {session['backend']!r} of "

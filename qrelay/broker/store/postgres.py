@@ -31,7 +31,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import asyncpg
@@ -55,12 +55,15 @@ from qrelay.broker.store.base import (
     Presence,
     ProgramRecord,
     Quota,
+    Role,
     RunningLimits,
     SessionPage,
     SessionRecord,
     SessionState,
     StoredEvent,
+    TenantRecord,
     TenantUsage,
+    TokenRecord,
     UpdateKind,
     UpdateOutcome,
     job_not_found,
@@ -91,9 +94,12 @@ from qrelay.broker.store.schema import (
     SESSION_LIVE,
     SESSION_OPEN,
     TENANT_BACKEND,
+    TENANT_COLUMNS,
+    TOKEN_COLUMNS,
     UNFINISHED,
     Dialect,
     Row,
+    access_map,
     backend_record,
     event_record,
     job_record,
@@ -106,9 +112,11 @@ from qrelay.broker.store.schema import (
     session_page_token,
     session_record,
     tenant_backend_key,
+    tenant_record,
+    token_record,
     zero_counts,
 )
-from qrelay.errors import NotFound, QRelayError, Unavailable
+from qrelay.errors import AlreadyExists, NotFound, QRelayError, Unavailable
 from qrelay.logging import safe_dsn
 
 log = structlog.get_logger(__name__)
@@ -426,8 +434,7 @@ class PostgresJobStore(JobStore):
         """Load a job with its estimated queue position (`lifecycle.estimated_position`);
         the tenant's own jobs ahead of it are counted unless the caller knows them."""
         row = await conn.fetchrow(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1", job_id)
-        if row is None or (tenant is not None and row["tenant"] != tenant):
-            raise NotFound(f"job {job_id!r} not found")
+        row = lifecycle.check_tenant("job", job_id, row, tenant)
         position = 0
         if row["state"] == QUEUED and ahead is not None:
             own, active = await self._weights(conn, row["tenant"], row["backend"])
@@ -796,14 +803,19 @@ class PostgresJobStore(JobStore):
         limit: int,
         kinds: Sequence[JobKind] | None = None,
         running: RunningLimits | None = None,
+        tenants: Sequence[str] | None = None,
     ) -> list[LeaseGrant]:
         if not backends or limit <= 0 or (kinds is not None and not kinds):
             return []
+        if tenants is not None and not tenants:
+            return []
         kind_list = None if kinds is None else [int(k) for k in kinds]
+        tenant_list = None if tenants is None else list(tenants)
         where = (
             f"j.state = {QUEUED} AND j.backend = ANY($1::text[]) "
             "AND ($2::int[] IS NULL OR j.kind = ANY($2::int[])) "
-            "AND NOT (j.tenant = ANY($6::text[])) AND NOT (j.qseq = ANY($5::bigint[]))"
+            "AND NOT (j.tenant = ANY($6::text[])) AND NOT (j.qseq = ANY($5::bigint[])) "
+            "AND ($7::text[] IS NULL OR j.tenant = ANY($7::text[]))"
         )
         picked_columns = "j.qseq, j.session_id, j.tenant, j.backend, j.vt, j.priority"
 
@@ -854,6 +866,7 @@ class PostgresJobStore(JobStore):
                         want,
                         [r["qseq"] for r in picked],
                         room.blocked(),
+                        tenant_list,
                         *extra,
                     )
                     refused = False
@@ -875,7 +888,7 @@ class PostgresJobStore(JobStore):
                 f"SELECT {picked_columns} FROM sessions s JOIN jobs j "
                 f"ON j.session_id = s.id WHERE s.executor_id = $3 AND s.mode = {DEDICATED} "
                 f"AND s.state = {SESSION_ACTIVE} AND {where} "
-                f"AND j.vt <= {OTHERS_FIRST_TAG} + $7 ORDER BY {CLAIM_ORDER} LIMIT $4 "
+                f"AND j.vt <= {OTHERS_FIRST_TAG} + $8 ORDER BY {CLAIM_ORDER} LIMIT $4 "
                 "FOR UPDATE OF j SKIP LOCKED",
                 lifecycle.SESSION_JUMP,
             )
@@ -1113,9 +1126,9 @@ class PostgresJobStore(JobStore):
 
     async def cancel(self, job_id: str, tenant: str | None, reason: str) -> CancelOutcome:
         async def tx(t: _Tx) -> CancelOutcome:
-            row = await self._facts(t.conn, job_id)
-            if row is None or (tenant is not None and row["tenant"] != tenant):
-                raise NotFound(f"job {job_id!r} not found")
+            row = lifecycle.check_tenant(
+                "job", job_id, await self._facts(t.conn, job_id, more=", tenant"), tenant
+            )
             job = JobFacts.of(row)
             change = lifecycle.cancel(job, reason, time.time())
             if change is not None:
@@ -1142,6 +1155,14 @@ class PostgresJobStore(JobStore):
                 program,
             )
         if row is None:
+            # Another tenant's program asked for by id: answered as missing, audited.
+            other = await conn.fetchval(
+                "SELECT tenant FROM programs WHERE id = $1 AND tenant <> $2 LIMIT 1",
+                program,
+                tenant,
+            )
+            if other is not None:
+                lifecycle.not_found("program", program, other, tenant)
             raise NotFound(f"program {program!r} not found (no such id or name)")
         return program_record(row)
 
@@ -1309,8 +1330,7 @@ class PostgresJobStore(JobStore):
             + (" FOR UPDATE" if lock else ""),
             session_id,
         )
-        if row is None or (tenant is not None and row["tenant"] != tenant):
-            raise NotFound(f"session {session_id!r} not found")
+        row = lifecycle.check_tenant("session", session_id, row, tenant)
         (record,) = await self._sessions(conn, [row])
         return record
 
@@ -1474,6 +1494,129 @@ class PostgresJobStore(JobStore):
         async def read(conn: asyncpg.Connection) -> BackendRecord | None:
             r = await conn.fetchrow(f"SELECT {BACKEND_COLUMNS} FROM backends WHERE name = $1", name)
             return None if r is None else backend_record(r)
+
+        return await self._read(read)
+
+    async def set_backend_access(
+        self, executor_id: str, backends: Sequence[str], tenants: Sequence[str] | None
+    ) -> None:
+        allowed = None if tenants is None else sorted(set(tenants))
+
+        async def tx(t: _Tx) -> None:
+            await t.conn.execute("DELETE FROM backend_access WHERE executor_id = $1", executor_id)
+            await t.conn.executemany(
+                "INSERT INTO backend_access (backend, executor_id, tenants) VALUES ($1, $2, $3)",
+                [(b, executor_id, allowed) for b in dict.fromkeys(backends)],
+            )
+
+        await self._tx(tx)
+
+    async def backend_access(self) -> dict[str, frozenset[str] | None]:
+        async def read(conn: asyncpg.Connection) -> dict[str, frozenset[str] | None]:
+            return access_map(await conn.fetch("SELECT backend, tenants FROM backend_access"))
+
+        return await self._read(read)
+
+    # --- identity -------------------------------------------------------------
+    async def create_tenant(self, tenant: TenantRecord) -> TenantRecord:
+        async def tx(t: _Tx) -> TenantRecord:
+            inserted = await t.conn.fetchval(
+                f"INSERT INTO tenants ({TENANT_COLUMNS}) VALUES ($1, $2, $3) "
+                "ON CONFLICT (name) DO NOTHING RETURNING name",
+                tenant.name,
+                tenant.description,
+                tenant.created_at,
+            )
+            if inserted is None:
+                raise AlreadyExists(f"tenant {tenant.name!r} already exists")
+            return tenant
+
+        return await self._tx(tx)
+
+    async def get_tenant(self, name: str) -> TenantRecord | None:
+        async def read(conn: asyncpg.Connection) -> TenantRecord | None:
+            row = await conn.fetchrow(f"SELECT {TENANT_COLUMNS} FROM tenants WHERE name = $1", name)
+            return None if row is None else tenant_record(row)
+
+        return await self._read(read)
+
+    async def list_tenants(self) -> list[TenantRecord]:
+        async def read(conn: asyncpg.Connection) -> list[TenantRecord]:
+            rows = await conn.fetch(f"SELECT {TENANT_COLUMNS} FROM tenants ORDER BY name")
+            return [tenant_record(r) for r in rows]
+
+        return await self._read(read)
+
+    async def create_token(self, token: TokenRecord) -> TokenRecord:
+        allowed = None if token.executor_tenants is None else list(token.executor_tenants)
+
+        async def tx(t: _Tx) -> TokenRecord:
+            inserted = await t.conn.fetchval(
+                f"INSERT INTO api_tokens ({TOKEN_COLUMNS}) VALUES "
+                "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING RETURNING id",
+                token.id,
+                token.prefix,
+                str(token.role),
+                token.tenant,
+                allowed,
+                token.label,
+                token.created_at,
+                token.expires_at,
+                token.revoked_at,
+                token.digest,
+            )
+            if inserted is None:
+                raise AlreadyExists(f"token {token.id} or its prefix already exists")
+            return token
+
+        return await self._tx(tx)
+
+    async def find_token(self, prefix: str) -> TokenRecord | None:
+        async def read(conn: asyncpg.Connection) -> TokenRecord | None:
+            row = await conn.fetchrow(
+                f"SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE prefix = $1", prefix
+            )
+            return None if row is None else token_record(row)
+
+        return await self._read(read)
+
+    async def revoke_token(self, token_id: str, now: float) -> TokenRecord:
+        async def tx(t: _Tx) -> TokenRecord:
+            row = await t.conn.fetchrow(
+                "UPDATE api_tokens SET revoked_at = COALESCE(revoked_at, $1) WHERE id = $2 "
+                f"RETURNING {TOKEN_COLUMNS}",
+                now,
+                token_id,
+            )
+            if row is None:
+                raise NotFound(f"token {token_id!r} not found")
+            return replace(token_record(row), digest=b"")
+
+        return await self._tx(tx)
+
+    async def list_tokens(self, tenant: str | None = None) -> list[TokenRecord]:
+        async def read(conn: asyncpg.Connection) -> list[TokenRecord]:
+            rows = await conn.fetch(
+                f"SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE ($1::text IS NULL OR tenant = $1) "
+                "ORDER BY created_at, id",
+                tenant,
+            )
+            return [replace(token_record(r), digest=b"") for r in rows]
+
+        return await self._read(read)
+
+    async def count_tokens(self, role: Role | None = None) -> int:
+        async def read(conn: asyncpg.Connection) -> int:
+            if role is None:
+                return int(await conn.fetchval("SELECT COUNT(*) FROM api_tokens"))
+            return int(
+                await conn.fetchval(
+                    "SELECT COUNT(*) FROM api_tokens WHERE role = $1 AND revoked_at IS NULL "
+                    "AND (expires_at IS NULL OR expires_at > $2)",
+                    str(role),
+                    time.time(),
+                )
+            )
 
         return await self._read(read)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -21,10 +21,13 @@ from qrelay.broker.store.base import (
     JobRecord,
     JobState,
     ProgramRecord,
+    Role,
     SessionMode,
     SessionRecord,
     SessionState,
     StoredEvent,
+    TenantRecord,
+    TokenRecord,
 )
 from qrelay.errors import InvalidArgument
 
@@ -368,6 +371,35 @@ MIGRATIONS: dict[int, str] = {
         clock {{real}} NOT NULL
     );
     """,
+    # Identity (`qrelay.broker.identity`): tenants, API tokens stored as
+    # HMAC-SHA256 digests under a short lookup prefix, and which tenants the
+    # executors serving each backend accept (NULL: any).
+    5: """
+    CREATE TABLE tenants (
+        name TEXT PRIMARY KEY,
+        description TEXT NOT NULL DEFAULT '',
+        created_at {real} NOT NULL
+    );
+    CREATE TABLE api_tokens (
+        id TEXT PRIMARY KEY,
+        prefix TEXT NOT NULL UNIQUE,
+        digest {blob} NOT NULL,
+        role TEXT NOT NULL,
+        tenant TEXT NOT NULL DEFAULT '',
+        executor_tenants {strings},
+        label TEXT NOT NULL DEFAULT '',
+        created_at {real} NOT NULL,
+        expires_at {real},
+        revoked_at {real}
+    );
+    CREATE INDEX api_tokens_tenant ON api_tokens (tenant);
+    CREATE TABLE backend_access (
+        backend TEXT NOT NULL,
+        executor_id TEXT NOT NULL,
+        tenants {strings},
+        PRIMARY KEY (backend, executor_id)
+    );
+    """,
     # Quotas, usage and priorities (`qrelay.broker.quotas`): queued counters per
     # tenant and backend (scope 'tb', kept by each dialect's `extra[6]`); each job's priority
     # within its tenant and its executor-seconds; executor-seconds per tenant
@@ -422,6 +454,53 @@ def pending_migrations(current: int) -> list[int]:
     """The versions a store at version `current` still has to apply, in order
     (numbers may have gaps: each change owns its number)."""
     return sorted(v for v in MIGRATIONS if v > current)
+
+
+TENANT_COLUMNS = "name, description, created_at"
+TOKEN_COLUMNS = (
+    "id, prefix, role, tenant, executor_tenants, label, created_at, expires_at, revoked_at, digest"
+)
+
+
+def tenant_record(row: Row) -> TenantRecord:
+    return TenantRecord(row["name"], row["description"], row["created_at"])
+
+
+def _strings(value: Any) -> tuple[str, ...] | None:
+    """A strings column: NULL, a JSON list (SQLite) or an array (PostgreSQL)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = json.loads(value)
+    return tuple(value)
+
+
+def token_record(row: Row) -> TokenRecord:
+    return TokenRecord(
+        id=row["id"],
+        prefix=row["prefix"],
+        role=Role(row["role"]),
+        tenant=row["tenant"],
+        executor_tenants=_strings(row["executor_tenants"]),
+        label=row["label"],
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+        revoked_at=row["revoked_at"],
+        digest=bytes(row["digest"]),
+    )
+
+
+def access_map(rows: Sequence[Row]) -> dict[str, frozenset[str] | None]:
+    """`backend_access` rows (backend, tenants) folded per backend: None once any
+    executor of it serves anyone, else the union of the tenants."""
+    access: dict[str, frozenset[str] | None] = {}
+    for row in rows:
+        name, tenants = row["backend"], _strings(row["tenants"])
+        if tenants is None or (name in access and access[name] is None):
+            access[name] = None
+        else:
+            access[name] = (access.get(name) or frozenset()) | frozenset(tenants)
+    return access
 
 
 def migrations(dialect: Dialect) -> dict[int, str]:

@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,12 +41,15 @@ from qrelay.broker.store.base import (
     NewSession,
     ProgramRecord,
     Quota,
+    Role,
     RunningLimits,
     SessionPage,
     SessionRecord,
     SessionState,
     StoredEvent,
+    TenantRecord,
     TenantUsage,
+    TokenRecord,
     UpdateKind,
     UpdateOutcome,
     job_not_found,
@@ -77,8 +80,11 @@ from qrelay.broker.store.schema import (
     SESSION_LIVE,
     SESSION_OPEN,
     TENANT_BACKEND,
+    TENANT_COLUMNS,
+    TOKEN_COLUMNS,
     UNFINISHED,
     Dialect,
+    access_map,
     backend_record,
     event_record,
     event_values,
@@ -92,9 +98,11 @@ from qrelay.broker.store.schema import (
     session_page_token,
     session_record,
     tenant_backend_key,
+    tenant_record,
+    token_record,
     zero_counts,
 )
-from qrelay.errors import NotFound
+from qrelay.errors import AlreadyExists, NotFound
 
 log = structlog.get_logger(__name__)
 
@@ -290,8 +298,7 @@ class SQLiteJobStore(JobStore):
         """Load a job with its estimated queue position (`lifecycle.estimated_position`);
         the tenant's own jobs ahead of it are counted unless the caller knows them."""
         row = conn.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        if row is None or (tenant is not None and row["tenant"] != tenant):
-            raise NotFound(f"job {job_id!r} not found")
+        row = lifecycle.check_tenant("job", job_id, row, tenant)
         position = 0
         if row["state"] == QUEUED and ahead is not None:
             own, active = cls._weights(conn, row["tenant"], row["backend"])
@@ -589,14 +596,20 @@ class SQLiteJobStore(JobStore):
         limit: int,
         kinds: Sequence[JobKind] | None = None,
         running: RunningLimits | None = None,
+        tenants: Sequence[str] | None = None,
     ) -> list[LeaseGrant]:
         if not backends or limit <= 0 or (kinds is not None and not kinds):
+            return []
+        if tenants is not None and not tenants:
             return []
         kind_filter = ""
         kind_params: list[Any] = []
         if kinds is not None:
             kind_filter = f" AND j.kind IN ({_marks(len(kinds))})"
             kind_params = [int(k) for k in kinds]
+        if tenants is not None:  # an executor restricted to these tenants
+            kind_filter += f" AND j.tenant IN ({_marks(len(tenants))})"
+            kind_params.extend(tenants)
         params: list[Any] = [*backends, *kind_params]
         where = f"j.state = {QUEUED} AND j.backend IN ({_marks(len(backends))}){kind_filter}"
         columns = f"{qualified(FACT_COLUMNS, 'j')}, j.spec, j.session_id, j.vt, j.qseq, j.priority"
@@ -821,8 +834,7 @@ class SQLiteJobStore(JobStore):
             row = conn.execute(
                 f"SELECT {FACT_COLUMNS} FROM jobs WHERE id = ?", (job_id,)
             ).fetchone()
-            if row is None or (tenant is not None and row["tenant"] != tenant):
-                raise NotFound(f"job {job_id!r} not found")
+            row = lifecycle.check_tenant("job", job_id, row, tenant)
             job = JobFacts.of(row)
             change = lifecycle.cancel(job, reason, time.time())
             if change is not None:
@@ -848,6 +860,13 @@ class SQLiteJobStore(JobStore):
                 (tenant, program),
             ).fetchone()
         if row is None:
+            # Another tenant's program asked for by id: answered as missing, audited.
+            other = conn.execute(
+                "SELECT tenant FROM programs WHERE id = ? AND tenant != ? LIMIT 1",
+                (program, tenant),
+            ).fetchone()
+            if other is not None:
+                lifecycle.not_found("program", program, other["tenant"], tenant)
             raise NotFound(f"program {program!r} not found (no such id or name)")
         return program_record(row)
 
@@ -991,9 +1010,7 @@ class SQLiteJobStore(JobStore):
         row = conn.execute(
             f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?", (session_id,)
         ).fetchone()
-        if row is None or (tenant is not None and row["tenant"] != tenant):
-            raise NotFound(f"session {session_id!r} not found")
-        return self._session(conn, row)
+        return self._session(conn, lifecycle.check_tenant("session", session_id, row, tenant))
 
     async def create_session(
         self, session: NewSession, quota: Quota | None = None
@@ -1140,6 +1157,132 @@ class SQLiteJobStore(JobStore):
                 f"SELECT {BACKEND_COLUMNS} FROM backends WHERE name = ?", (name,)
             ).fetchone()
             return None if r is None else backend_record(r)
+
+        return await self._run(tx)
+
+    async def set_backend_access(
+        self, executor_id: str, backends: Sequence[str], tenants: Sequence[str] | None
+    ) -> None:
+        allowed = None if tenants is None else json.dumps(sorted(set(tenants)))
+
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM backend_access WHERE executor_id = ?", (executor_id,))
+            conn.executemany(
+                "INSERT INTO backend_access (backend, executor_id, tenants) VALUES (?, ?, ?)",
+                [(b, executor_id, allowed) for b in dict.fromkeys(backends)],
+            )
+
+        await self._run(tx)
+
+    async def backend_access(self) -> dict[str, frozenset[str] | None]:
+        def tx(conn: sqlite3.Connection) -> dict[str, frozenset[str] | None]:
+            return access_map(
+                conn.execute("SELECT backend, tenants FROM backend_access").fetchall()
+            )
+
+        return await self._run(tx)
+
+    # --- identity -------------------------------------------------------------
+    async def create_tenant(self, tenant: TenantRecord) -> TenantRecord:
+        def tx(conn: sqlite3.Connection) -> TenantRecord:
+            try:
+                conn.execute(
+                    f"INSERT INTO tenants ({TENANT_COLUMNS}) VALUES (?, ?, ?)",
+                    (tenant.name, tenant.description, tenant.created_at),
+                )
+            except sqlite3.IntegrityError:
+                raise AlreadyExists(f"tenant {tenant.name!r} already exists") from None
+            return tenant
+
+        return await self._run(tx)
+
+    async def get_tenant(self, name: str) -> TenantRecord | None:
+        def tx(conn: sqlite3.Connection) -> TenantRecord | None:
+            row = conn.execute(
+                f"SELECT {TENANT_COLUMNS} FROM tenants WHERE name = ?", (name,)
+            ).fetchone()
+            return None if row is None else tenant_record(row)
+
+        return await self._run(tx)
+
+    async def list_tenants(self) -> list[TenantRecord]:
+        def tx(conn: sqlite3.Connection) -> list[TenantRecord]:
+            rows = conn.execute(f"SELECT {TENANT_COLUMNS} FROM tenants ORDER BY name").fetchall()
+            return [tenant_record(r) for r in rows]
+
+        return await self._run(tx)
+
+    async def create_token(self, token: TokenRecord) -> TokenRecord:
+        allowed = None if token.executor_tenants is None else json.dumps(token.executor_tenants)
+
+        def tx(conn: sqlite3.Connection) -> TokenRecord:
+            try:
+                conn.execute(
+                    f"INSERT INTO api_tokens ({TOKEN_COLUMNS}) VALUES ({_marks(10)})",
+                    (
+                        token.id,
+                        token.prefix,
+                        str(token.role),
+                        token.tenant,
+                        allowed,
+                        token.label,
+                        token.created_at,
+                        token.expires_at,
+                        token.revoked_at,
+                        token.digest,
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                raise AlreadyExists(f"token {token.id} or its prefix already exists") from None
+            return token
+
+        return await self._run(tx)
+
+    async def find_token(self, prefix: str) -> TokenRecord | None:
+        def tx(conn: sqlite3.Connection) -> TokenRecord | None:
+            row = conn.execute(
+                f"SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE prefix = ?", (prefix,)
+            ).fetchone()
+            return None if row is None else token_record(row)
+
+        return await self._run(tx)
+
+    async def revoke_token(self, token_id: str, now: float) -> TokenRecord:
+        def tx(conn: sqlite3.Connection) -> TokenRecord:
+            conn.execute(
+                "UPDATE api_tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?",
+                (now, token_id),
+            )
+            row = conn.execute(
+                f"SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE id = ?", (token_id,)
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"token {token_id!r} not found")
+            return replace(token_record(row), digest=b"")
+
+        return await self._run(tx)
+
+    async def list_tokens(self, tenant: str | None = None) -> list[TokenRecord]:
+        def tx(conn: sqlite3.Connection) -> list[TokenRecord]:
+            where, params = ("", ()) if tenant is None else (" WHERE tenant = ?", (tenant,))
+            rows = conn.execute(
+                f"SELECT {TOKEN_COLUMNS} FROM api_tokens{where} ORDER BY created_at, id", params
+            ).fetchall()
+            return [replace(token_record(r), digest=b"") for r in rows]
+
+        return await self._run(tx)
+
+    async def count_tokens(self, role: Role | None = None) -> int:
+        def tx(conn: sqlite3.Connection) -> int:
+            if role is None:
+                return int(conn.execute("SELECT COUNT(*) FROM api_tokens").fetchone()[0])
+            return int(
+                conn.execute(
+                    "SELECT COUNT(*) FROM api_tokens WHERE role = ? AND revoked_at IS NULL "
+                    "AND (expires_at IS NULL OR expires_at > ?)",
+                    (str(role), time.time()),
+                ).fetchone()[0]
+            )
 
         return await self._run(tx)
 
