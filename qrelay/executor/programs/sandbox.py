@@ -15,6 +15,7 @@ missing unless `allow_weak_sandbox` is set.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import resource
@@ -136,33 +137,75 @@ class Isolation:
 
 
 class UidPool:
-    """Hands each sandbox a uid of the range that no live process of this host uses.
+    """Hands each sandbox a uid of the range that nobody else on this host uses.
+
+    Two guards: no live process of the host has the uid, and this pool holds
+    an exclusive `flock` on `<lock_dir>/<uid>.lock` for as long as the
+    sandbox lives. Every executor on the host locks in the same directory, so
+    two executors configured with overlapping ranges (or a uid whose warm
+    sandbox has not started its process yet) never hand one uid to two
+    tenants' jobs; a lock held by another executor is skipped. The kernel
+    drops the lock when its holder dies, SIGKILL included, so a crashed
+    executor's uids come back without clean-up. Lock files are never deleted
+    (deleting one could let two holders lock two different inodes of it).
 
     Round robin, so a uid comes back only after the rest of the range was
     used. A uid is safe to reuse once no process has it: an isolated job can
     write only to its own tmpfs, which is gone with its namespace.
     """
 
-    def __init__(self, uids: range) -> None:
+    def __init__(self, uids: range, lock_dir: Path) -> None:
         self._uids = uids
-        self._held: set[int] = set()
+        self._lock_dir = lock_dir
+        self._held: dict[int, int] = {}  # uid -> the fd holding its lock
         self._next = 0
+        try:
+            lock_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FailedPrecondition(
+                f"cannot create the sandbox uid lock directory {lock_dir} ({exc.strerror}); "
+                "set QRELAY_SANDBOX_UID_LOCK_DIR to a directory every executor on this host shares"
+            ) from None
 
     def acquire(self) -> int:
-        busy = self._held | _uids_with_processes()
+        busy = set(self._held) | _uids_with_processes()
         for i in range(len(self._uids)):
             uid = self._uids[(self._next + i) % len(self._uids)]
-            if uid not in busy:
-                self._held.add(uid)
-                self._next = (self._next + i + 1) % len(self._uids)
-                return uid
+            if uid in busy:
+                continue
+            fd = self._lock(uid)
+            if fd is None:
+                continue  # another executor on this host holds it
+            self._held[uid] = fd
+            self._next = (self._next + i + 1) % len(self._uids)
+            return uid
         raise ResourceExhausted(
-            f"all {len(self._uids)} sandbox uids from {self._uids.start} are in use; "
-            "raise QRELAY_SANDBOX_UID_RANGE_SIZE"
+            f"all {len(self._uids)} sandbox uids from {self._uids.start} are in use on this "
+            "host (by this or another executor); raise QRELAY_SANDBOX_UID_RANGE_SIZE or give "
+            "executors sharing the host disjoint ranges"
         )
 
+    def _lock(self, uid: int) -> int | None:
+        path = self._lock_dir / f"{uid}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
     def release(self, uid: int) -> None:
-        self._held.discard(uid)
+        fd = self._held.pop(uid, None)
+        if fd is not None:
+            os.close(fd)  # closing the last descriptor drops the lock
+
+    def close(self) -> None:
+        for uid in list(self._held):
+            self.release(uid)
 
 
 def _uids_with_processes() -> set[int]:
@@ -414,7 +457,9 @@ class WarmPool:
     def __init__(self, settings: SandboxSettings, isolation: Isolation, python: str) -> None:
         self._settings = settings
         self._isolation = isolation
-        self._uids = UidPool(isolation.uids) if isolation.uids is not None else None
+        self._uids = (
+            UidPool(isolation.uids, settings.uid_lock_dir) if isolation.uids is not None else None
+        )
         self._python = python
         # Replacements import at low priority, so a job that just took a warm
         # sandbox is not slowed by the next one's imports (measured: they cost

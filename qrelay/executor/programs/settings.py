@@ -58,11 +58,17 @@ class SandboxSettings(BaseSettings):
         200_000,
         ge=1000,
         description="First uid of the range sandboxes run as (one uid per sandbox, so per job, "
-        "when the executor runs as root). The uids need no passwd entry; executors sharing a "
-        "host should get disjoint ranges.",
+        "when the executor runs as root). The uids need no passwd entry. Executors sharing a "
+        "host may share a range: each uid is claimed with a lock in uid_lock_dir.",
     )
     uid_range_size: int = Field(
         1000, ge=1, description="How many uids from uid_range_start sandboxes may use."
+    )
+    uid_lock_dir: Path = Field(
+        Path("/run/qrelay/uids"),
+        description="Host-wide directory of per-uid lock files (`<uid>.lock`, an exclusive "
+        "flock held for the life of each sandbox), so executors on one host never hand the "
+        "same uid to two jobs. Containers on one host must share it (a host path volume).",
     )
     extra_read_only_paths: list[str] = Field(
         default_factory=list,
