@@ -4,7 +4,7 @@ Started by `_jail` (in the sandbox's namespaces, still root there when
 isolated): imports qiskit and the program runtime ahead of need, says READY
 on the channel (fd), then waits for exactly one JOB. For the job it mounts the
 job's program and environment and becomes the job's uid (`enter_job`, from `_jail`,
-when isolated), enters the work
+when isolated), installs the seccomp filter (`_seccomp`), enters the work
 directory, applies the resource limits, puts the program and its
 requirements on sys.path, imports the entry point, calls it with a
 `ProgramContext`, reports DONE or FAILED and exits. It never runs twice.
@@ -220,6 +220,15 @@ def main(argv: list[str], enter_job: Callable[[dict[str, Any]], None] | None = N
         if enter_job is None:
             os._exit(72)  # an isolated job reached a sandbox started without _jail
         enter_job(job)
+    if job.get("seccomp"):
+        # Last step before user code: the jail is set up, privileges are gone.
+        from qrelay.executor.programs import _seccomp
+
+        try:
+            _seccomp.install()
+        except OSError as exc:
+            host.fail(13, f"the sandbox could not install its seccomp filter: {exc}")
+            os._exit(0)
     try:
         _run_job(host, job)
     except _ipc.ChannelClosed:

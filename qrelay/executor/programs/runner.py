@@ -156,6 +156,7 @@ class ProgramRunner:
             size=self.settings.warm_pool_size,
             uids=str(isolation.uids) if isolation.uids is not None else "the executor's",
             namespaces=isolation.namespaces,
+            seccomp=isolation.seccomp,
             python=python,
         )
 
@@ -234,6 +235,7 @@ class ProgramRunner:
             job = {
                 "job_id": job_id,
                 **paths,
+                "seccomp": self.isolation.seccomp,
                 "entry_point": bundle.entry_point,
                 "inputs_json": inputs_json,
                 "backend_info": base64.b64encode(backend_info.SerializeToString()).decode(),

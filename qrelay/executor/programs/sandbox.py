@@ -76,6 +76,7 @@ _EXECUTOR_SITE = [p for p in site.getsitepackages() if os.path.isdir(p)]
 # while other threads are busy, which crashed the child before exec now and
 # then ("sandbox failed to start: exit status -11").
 _JAIL = str(Path(__file__).with_name("_jail.py"))
+_SECCOMP = str(Path(__file__).with_name("_seccomp.py"))
 
 
 def _shown_paths(python: str, extra: list[str]) -> list[str]:
@@ -93,6 +94,8 @@ class Isolation:
     uids: range | None  # a uid per sandbox from this range (root executor), else None
     namespaces: bool  # PID, mount, network, IPC and UTS namespaces and private mounts
     refused: str = ""  # why namespaces are unavailable
+    seccomp: bool = False  # the sandbox's seccomp filter (`_seccomp`) loads and answers
+    seccomp_refused: str = "not probed"
 
     @classmethod
     async def probe(cls, settings: SandboxSettings) -> Isolation:
@@ -102,21 +105,18 @@ class Isolation:
             if root
             else None
         )
+        no_seccomp = await _probe_script(_SECCOMP, "--probe")
         if not root:
-            return cls(uids, False, "the executor is not root")
-        proc = await anyio.run_process(
-            [sys.executable, "-I", "-S", "-B", _JAIL, "--probe", str(settings.cache_dir)],
-            check=False,
-            stdin=subprocess.DEVNULL,
-        )
-        if proc.returncode != 0:
-            why = proc.stderr.decode("utf-8", "replace").strip()[-500:]
-            return cls(uids, False, f"the kernel refused namespaces ({why})")
-        return cls(uids, True)
+            namespaces, refused = False, "the executor is not root"
+        elif why := await _probe_script(_JAIL, "--probe", str(settings.cache_dir)):
+            namespaces, refused = False, f"the kernel refused namespaces ({why})"
+        else:
+            namespaces, refused = True, ""
+        return cls(uids, namespaces, refused, seccomp=not no_seccomp, seccomp_refused=no_seccomp)
 
     @property
     def complete(self) -> bool:
-        return self.uids is not None and self.namespaces
+        return self.uids is not None and self.namespaces and self.seccomp
 
     def missing(self) -> list[str]:
         """Each protection this host cannot give, with what it means for tenants."""
@@ -133,7 +133,25 @@ class Isolation:
                 "command lines are visible; kill reaches only the process group, not "
                 "setsid descendants; program and requirement caches readable by every job",
             ]
+        if not self.seccomp:
+            out += [
+                f"a seccomp filter ({self.seccomp_refused}): programs may call mount, unshare, "
+                "ptrace, bpf, keyctl, perf_event_open and the other system calls the filter "
+                "refuses, so the kernel's whole attack surface is theirs",
+            ]
         return out
+
+
+async def _probe_script(script: str, *args: str) -> str:
+    """Run a probe script (stdlib only) in a throwaway process: "" if it passed, else why not."""
+    proc = await anyio.run_process(
+        [sys.executable, "-I", "-S", "-B", script, *args],
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    if proc.returncode == 0:
+        return ""
+    return proc.stderr.decode("utf-8", "replace").strip()[-500:] or f"exit {proc.returncode}"
 
 
 class UidPool:
