@@ -105,7 +105,8 @@ def _apply_limits(limits: dict[str, Any]) -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 2))
     resource.setrlimit(resource.RLIMIT_AS, (_vm_bytes() + int(limits["memory_mb"]) * _MiB,) * 2)
     resource.setrlimit(resource.RLIMIT_NOFILE, (int(limits["max_open_files"]),) * 2)
-    resource.setrlimit(resource.RLIMIT_NPROC, (int(limits["max_processes"]),) * 2)
+    if limits["max_processes"] is not None:  # else the job's cgroup counts them
+        resource.setrlimit(resource.RLIMIT_NPROC, (int(limits["max_processes"]),) * 2)
     # Python ignores SIGXFSZ: a write past the limit fails with EFBIG (OSError).
     resource.setrlimit(resource.RLIMIT_FSIZE, (int(limits["file_size_mb"]) * _MiB,) * 2)
 

@@ -38,7 +38,8 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 import qrelay
 from qrelay.errors import FailedPrecondition, Internal, ResourceExhausted
-from qrelay.executor.programs import _ipc, _jail
+from qrelay.executor.programs import _cgroups, _ipc, _jail
+from qrelay.executor.programs._cgroups import Cgroups, SandboxCgroup
 from qrelay.executor.programs.settings import SandboxSettings
 
 log = structlog.get_logger(__name__)
@@ -96,6 +97,8 @@ class Isolation:
     refused: str = ""  # why namespaces are unavailable
     seccomp: bool = False  # the sandbox's seccomp filter (`_seccomp`) loads and answers
     seccomp_refused: str = "not probed"
+    cgroups: Cgroups | None = None  # a cgroup per sandbox (memory, pids, CPU, kill)
+    cgroups_refused: str = "not probed"
 
     @classmethod
     async def probe(cls, settings: SandboxSettings) -> Isolation:
@@ -112,11 +115,22 @@ class Isolation:
             namespaces, refused = False, f"the kernel refused namespaces ({why})"
         else:
             namespaces, refused = True, ""
-        return cls(uids, namespaces, refused, seccomp=not no_seccomp, seccomp_refused=no_seccomp)
+        cgroups, no_cgroups = await _probe_cgroups(settings)
+        return cls(
+            uids,
+            namespaces,
+            refused,
+            seccomp=not no_seccomp,
+            seccomp_refused=no_seccomp,
+            cgroups=cgroups,
+            cgroups_refused=no_cgroups,
+        )
 
     @property
     def complete(self) -> bool:
-        return self.uids is not None and self.namespaces and self.seccomp
+        return (
+            self.uids is not None and self.namespaces and self.seccomp and self.cgroups is not None
+        )
 
     def missing(self) -> list[str]:
         """Each protection this host cannot give, with what it means for tenants."""
@@ -132,6 +146,13 @@ class Isolation:
                 "directory and no disk limit; the network is reachable; other processes' "
                 "command lines are visible; kill reaches only the process group, not "
                 "setsid descendants; program and requirement caches readable by every job",
+            ]
+        if self.cgroups is None:
+            out += [
+                f"a cgroup per job ({self.cgroups_refused}): memory is limited per process only "
+                "(RLIMIT_AS) and tmpfs files use memory outside any limit; processes are "
+                "limited per uid (RLIMIT_NPROC); no CPU share, so one job's busy program can "
+                "starve another's and the executor",
             ]
         if not self.seccomp:
             out += [
@@ -152,6 +173,33 @@ async def _probe_script(script: str, *args: str) -> str:
     if proc.returncode == 0:
         return ""
     return proc.stderr.decode("utf-8", "replace").strip()[-500:] or f"exit {proc.returncode}"
+
+
+def sandbox_limits(settings: SandboxSettings) -> _cgroups.CgroupLimits:
+    """A sandbox cgroup's limits while warm: room to import qiskit; pids for the job
+    (its processes and threads, plus the sandbox's own outer and init processes)."""
+    return _cgroups.CgroupLimits(
+        memory_bytes=settings.warm_memory_mb << 20,
+        pids=settings.max_processes + 2,
+        cpu_weight=settings.cpu_weight,
+        cpu_quota=settings.cpu_quota,
+    )
+
+
+async def _probe_cgroups(settings: SandboxSettings) -> tuple[Cgroups | None, str]:
+    """The cgroup driver if this host lets the executor make limited cgroups, else why not."""
+    try:
+        found = await anyio.to_thread.run_sync(_cgroups.detect, settings.cgroup_parent)
+    except OSError as exc:
+        return None, f"cannot read this process's cgroups: {exc}"
+    if isinstance(found, str):
+        return None, found
+    try:
+        await anyio.to_thread.run_sync(found.reap_stale)
+        await found.probe(sandbox_limits(settings))
+    except OSError as exc:
+        return None, f"cgroup v{found.version} at {found.where}: {exc}"
+    return found, ""
 
 
 class UidPool:
@@ -298,8 +346,15 @@ class SandboxUser:
 class Sandbox:
     """One started sandbox process, the uid it runs its job as, and its channel."""
 
-    def __init__(self, process: Process, channel: SocketStream, uid: int | None = None) -> None:
+    def __init__(
+        self,
+        process: Process,
+        channel: SocketStream,
+        uid: int | None = None,
+        cgroup: SandboxCgroup | None = None,
+    ) -> None:
         self.process = process
+        self.cgroup = cgroup
         self.channel = channel
         self.frames = BufferedByteReceiveStream(channel)
         self.ready = False
@@ -316,9 +371,11 @@ class Sandbox:
         python: str,
         uid: int | None,
         nice: int = 0,
+        cgroup: SandboxCgroup | None = None,
     ) -> Sandbox:
-        """Start one sandbox; it lowers its own priority by `nice` before importing."""
+        """Start one sandbox; it joins `cgroup` and lowers its priority by `nice` first."""
         config = {
+            "cgroup_procs": cgroup.procs_files if cgroup is not None else [],
             "parent": os.getpid(),
             "namespaces": isolation.namespaces,
             "uid": uid,
@@ -368,7 +425,7 @@ class Sandbox:
                     os.killpg(process.pid, signal.SIGKILL)
                 await process.aclose()
             raise
-        return cls(process, channel, uid)
+        return cls(process, channel, uid, cgroup)
 
     async def wait_ready(self, timeout: float) -> None:  # noqa: ASYNC109 - start deadline
         """Wait for READY (normally already in the socket buffer for a warm sandbox)."""
@@ -425,6 +482,8 @@ class Sandbox:
             await self._drain_pipes()
             await self.channel.aclose()
             await self.process.aclose()
+            if self.cgroup is not None:
+                await self.cgroup.destroy()
             while self.on_close:
                 self.on_close.pop()()
 
@@ -459,6 +518,13 @@ class Sandbox:
                 pass
             except PermissionError:
                 log.warning("sandbox.kill_denied", pid=self.process.pid)
+            if self.cgroup is not None:
+                try:  # what left the group (none can leave the namespace) dies here
+                    await self.cgroup.kill()
+                except OSError as exc:
+                    log.warning(
+                        "sandbox.cgroup_kill_failed", cgroup=self.cgroup.name, error=str(exc)
+                    )
             with anyio.move_on_after(5):
                 await self.process.wait()
 
@@ -544,11 +610,18 @@ class WarmPool:
     async def _spawn(self, nice: int) -> Sandbox:
         """A new sandbox holding a uid of its own until it is killed."""
         uid = self._uids.acquire() if self._uids is not None else None
+        cgroup: SandboxCgroup | None = None
         try:
-            sandbox = await Sandbox.spawn(self._settings, self._isolation, self._python, uid, nice)
+            if self._isolation.cgroups is not None:
+                cgroup = self._isolation.cgroups.create(sandbox_limits(self._settings))
+            sandbox = await Sandbox.spawn(
+                self._settings, self._isolation, self._python, uid, nice, cgroup
+            )
         except BaseException:
             if uid is not None and self._uids is not None:
                 self._uids.release(uid)
+            if cgroup is not None:
+                await cgroup.destroy()
             raise
         if uid is not None and self._uids is not None:
             pool = self._uids
