@@ -9,6 +9,7 @@ available here), plus the detection logic on recorded /proc texts.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -364,3 +365,18 @@ async def test_cpu_hog_does_not_stop_another_job_from_finishing(
     assert int(throttled["nr_throttled"]) > 0, "B was held to its quota of half a CPU"
     assert survivors == [], "a spinning child outlived its job"
     assert _pids_named(marker) == []
+
+
+def test_empty_groups_of_dead_executors_are_reaped_and_live_ones_kept(tmp_path: Path) -> None:
+    root = _fake_v2_root(tmp_path / "cg")
+    dead = max(int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()) + 100_000
+    (root / f"qrelay-{dead}-abc123" / "sb-1").mkdir(parents=True)
+    (root / f"qrelay-{dead}-abc123-executor").mkdir()
+    (root / f"qrelay-{os.getpid()}-def456" / "sb-1").mkdir(parents=True)  # a live executor's
+    (root / "system.slice").mkdir()
+    driver = CgroupsV2(root)
+    assert driver.reap_stale() == 3
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == [
+        f"qrelay-{os.getpid()}-def456",
+        "system.slice",
+    ]

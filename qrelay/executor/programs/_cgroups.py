@@ -219,7 +219,7 @@ class Cgroups(ABC):
                 os.rmdir(path)
 
     def reap_stale(self) -> int:
-        """Remove groups of executors that died (their sandboxes died with them); count."""
+        """Remove the empty groups of executors that died (their sandboxes died with them)."""
         removed = 0
         for parent in {p.parent for p in self._group_dirs()}:
             with contextlib.suppress(OSError):
@@ -237,10 +237,14 @@ def _stale(name: str, ours: str) -> bool:
 
 
 def _remove_tree(path: Path) -> int:
-    """SIGKILL whatever is left in a dead executor's group and rmdir it bottom-up."""
+    """rmdir a dead executor's group bottom-up, where empty.
+
+    Nothing is killed: its sandboxes died with it (parent-death signal), and a
+    group that still holds processes may belong to a live executor in another
+    PID namespace sharing `cgroup_parent`; rmdir fails on those.
+    """
     removed = 0
     for dirpath, _, _ in sorted(os.walk(path), key=lambda w: -len(w[0])):
-        _kill_all(_pids_in(Path(dirpath, "cgroup.procs")))
         with contextlib.suppress(OSError):
             os.rmdir(dirpath)
             removed += 1
