@@ -380,3 +380,36 @@ def test_empty_groups_of_dead_executors_are_reaped_and_live_ones_kept(tmp_path: 
         f"qrelay-{os.getpid()}-def456",
         "system.slice",
     ]
+
+
+async def test_cleanup_that_cannot_remove_the_cgroup_never_raises(tmp_path: Path) -> None:
+    root = _fake_v2_root(tmp_path / "cg")
+    driver = CgroupsV2(root)
+    driver.setup()
+    cgroup = driver.create(LIMITS)  # a fake directory with files in it: rmdir fails
+    (cgroup.paths[0] / "cgroup.kill").write_text("")
+    assert await cgroup.destroy() is False
+    assert (cgroup.paths[0] / "cgroup.kill").read_text() == "1", "it was killed all the same"
+    assert await cgroup.destroy() is False, "a second clean-up (a race) is harmless too"
+
+
+async def test_host_without_cgroups_reports_it_and_refuses_programs(
+    sandbox_root: Path, gates: Gates, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qrelay.errors import FailedPrecondition
+    from qrelay.executor.programs import ProgramRunner, SandboxSettings
+    from qrelay.executor.programs.sandbox import Isolation
+
+    uids = range(200_500, 200_510) if os.geteuid() == 0 else None
+
+    async def no_cgroups(cls: type[Isolation], settings: SandboxSettings) -> Isolation:
+        return Isolation(uids, True, seccomp=True, seccomp_refused="", cgroups_refused="test")
+
+    monkeypatch.setattr(Isolation, "probe", classmethod(no_cgroups))
+    settings = SandboxSettings(cache_dir=sandbox_root / "cache", warm_pool_size=0)
+    runner = ProgramRunner(settings, gates.run_primitive)
+    with pytest.raises(FailedPrecondition) as info:
+        await runner.start()
+    await runner.aclose()
+    assert "a cgroup per job (test): memory is limited per process only" in info.value.message
+    assert "tenant programs are refused" in info.value.message
