@@ -4,7 +4,7 @@ Started by `_jail` (in the sandbox's namespaces, still root there when
 isolated): imports qiskit and the program runtime ahead of need, says READY
 on the channel (fd), then waits for exactly one JOB. For the job it mounts the
 job's program and environment and becomes the job's uid (`enter_job`, from `_jail`,
-when isolated), enters the work
+when isolated), installs the seccomp filter (`_seccomp`), enters the work
 directory, applies the resource limits, puts the program and its
 requirements on sys.path, imports the entry point, calls it with a
 `ProgramContext`, reports DONE or FAILED and exits. It never runs twice.
@@ -105,7 +105,8 @@ def _apply_limits(limits: dict[str, Any]) -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 2))
     resource.setrlimit(resource.RLIMIT_AS, (_vm_bytes() + int(limits["memory_mb"]) * _MiB,) * 2)
     resource.setrlimit(resource.RLIMIT_NOFILE, (int(limits["max_open_files"]),) * 2)
-    resource.setrlimit(resource.RLIMIT_NPROC, (int(limits["max_processes"]),) * 2)
+    if limits["max_processes"] is not None:  # else the job's cgroup counts them
+        resource.setrlimit(resource.RLIMIT_NPROC, (int(limits["max_processes"]),) * 2)
     # Python ignores SIGXFSZ: a write past the limit fails with EFBIG (OSError).
     resource.setrlimit(resource.RLIMIT_FSIZE, (int(limits["file_size_mb"]) * _MiB,) * 2)
 
@@ -220,6 +221,15 @@ def main(argv: list[str], enter_job: Callable[[dict[str, Any]], None] | None = N
         if enter_job is None:
             os._exit(72)  # an isolated job reached a sandbox started without _jail
         enter_job(job)
+    if job.get("seccomp"):
+        # Last step before user code: the jail is set up, privileges are gone.
+        from qrelay.executor.programs import _seccomp
+
+        try:
+            _seccomp.install()
+        except OSError as exc:
+            host.fail(13, f"the sandbox could not install its seccomp filter: {exc}")
+            os._exit(0)
     try:
         _run_job(host, job)
     except _ipc.ChannelClosed:

@@ -15,7 +15,8 @@ privilege before any user code runs. It also needs nothing installed: a
 fresh CI machine needs only a kernel with namespaces and a root executor.
 
 Process tree of an isolated sandbox (all in the executor's new session, so
-one `killpg` from the executor reaches each of them)::
+one `killpg` from the executor reaches each of them, and all in the
+sandbox's own cgroup, which outer joins first thing: `_cgroups`)::
 
     outer   host PID namespace; parent-death signal = SIGKILL (executor dies ->
       |     it dies); waits for init and exits the way init's worker did
@@ -298,6 +299,10 @@ def main(argv: list[str]) -> None:
     die_with_parent()
     if os.getppid() != config["parent"]:
         os._exit(1)  # the executor died before the line above
+    # Into the sandbox's cgroup before anything else: all it starts is born inside.
+    for procs in config.get("cgroup_procs", []):
+        with open(procs, "w", encoding="ascii") as f:
+            f.write(str(os.getpid()))
     import resource
 
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))

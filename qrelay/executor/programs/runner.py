@@ -156,6 +156,12 @@ class ProgramRunner:
             size=self.settings.warm_pool_size,
             uids=str(isolation.uids) if isolation.uids is not None else "the executor's",
             namespaces=isolation.namespaces,
+            seccomp=isolation.seccomp,
+            cgroups=(
+                f"v{isolation.cgroups.version} {isolation.cgroups.where}"
+                if isolation.cgroups is not None
+                else None
+            ),
             python=python,
         )
 
@@ -179,6 +185,8 @@ class ProgramRunner:
         """Kill the idle sandboxes; running jobs end with their own `run` calls."""
         if self._pool is not None:
             await self._pool.aclose()
+        if self._isolation is not None and self._isolation.cgroups is not None:
+            self._isolation.cgroups.close()  # once its last running job has ended, else next start
 
     async def __aenter__(self) -> ProgramRunner:
         await self.start()
@@ -234,6 +242,7 @@ class ProgramRunner:
             job = {
                 "job_id": job_id,
                 **paths,
+                "seccomp": self.isolation.seccomp,
                 "entry_point": bundle.entry_point,
                 "inputs_json": inputs_json,
                 "backend_info": base64.b64encode(backend_info.SerializeToString()).decode(),
@@ -241,7 +250,8 @@ class ProgramRunner:
                     "cpu_seconds": self.settings.cpu_seconds,
                     "memory_mb": self.settings.memory_mb,
                     "max_open_files": self.settings.max_open_files,
-                    "max_processes": self.settings.max_processes,
+                    # With a cgroup, pids.max counts the job's processes; else its uid's.
+                    "max_processes": None if sandbox.cgroup else self.settings.max_processes,
                     "file_size_mb": self.settings.file_size_mb,
                 },
             }
@@ -286,18 +296,31 @@ class ProgramRunner:
             tg.start_soon(_pump_output, sandbox.process.stdout, "stdout", logs)
             tg.start_soon(_pump_output, sandbox.process.stderr, "stderr", logs)
             with anyio.move_on_after(self.settings.wall_timeout_s) as deadline:
+                self._limit_memory(sandbox)
                 await sandbox.send(_ipc.JOB, json.dumps(job).encode())
                 await self.pool.fill()  # the replacement, now that the job is on its way
-                outcome = await self._serve(sandbox, backend_info, emit, logs)
+                async with anyio.create_task_group() as serving:
+                    serving.start_soon(_end_on_oom, sandbox, serving.cancel_scope)
+                    outcome = await self._serve(sandbox, backend_info, emit, logs)
+                    serving.cancel_scope.cancel()
             timed_out = deadline.cancelled_caught
             if outcome is not None and not timed_out:
                 # It exits right after its last frame; let its final output drain.
                 with anyio.move_on_after(2):
                     await sandbox.process.wait()
             await sandbox.terminate()  # the whole group: stray children, fork bombs
+            oom_kills = self._oom_kills(sandbox)
             # Output readers end at EOF; a process that escaped the group could
             # hold the pipes open, so they get a deadline too.
             tg.cancel_scope.deadline = anyio.current_time() + 2
+        if oom_kills:
+            # As cgroup v2's memory.oom.group: a job whose memory ran out fails whole.
+            raise ProgramFailed.of(
+                _EXHAUSTED,
+                f"memory limit of {self.settings.memory_mb} MB exceeded (the job's processes "
+                "and the files it wrote to its tmpfs, together): the kernel killed "
+                f"{oom_kills} of its processes",
+            )
         if timed_out:
             raise ProgramFailed.of(
                 _DEADLINE, f"wall-clock time limit of {self.settings.wall_timeout_s:g} s exceeded"
@@ -307,6 +330,27 @@ class ProgramRunner:
         if isinstance(outcome, types_pb2.JobError):
             raise ProgramFailed(outcome)
         raise ProgramFailed(self._death_error(sandbox.process.returncode))
+
+    def _limit_memory(self, sandbox: Sandbox) -> None:
+        """Tighten the cgroup from warm-up room to what the sandbox uses now + memory_mb."""
+        if sandbox.cgroup is None:
+            return
+        try:
+            usage = sandbox.cgroup.memory_usage()
+            sandbox.cgroup.set_memory_limit(usage + (self.settings.memory_mb << 20))
+        except OSError as exc:  # fail closed: no job runs without its limit
+            raise ProgramFailed.of(
+                _INTERNAL, f"could not set the sandbox's memory limit: {exc}"
+            ) from None
+
+    @staticmethod
+    def _oom_kills(sandbox: Sandbox) -> int:
+        if sandbox.cgroup is None:
+            return 0
+        try:
+            return sandbox.cgroup.oom_kills()
+        except OSError:
+            return 0
 
     async def _serve(
         self,
@@ -390,6 +434,20 @@ class ProgramRunner:
             code=_UNKNOWN,
             message=f"program exited with status {returncode} without returning a result",
         )
+
+
+async def _end_on_oom(sandbox: Sandbox, serving: anyio.CancelScope) -> None:
+    """Stop serving once the kernel killed a process of the job for memory.
+
+    cgroup v2 (`memory.oom.group`) kills the whole job itself; v1 kills one
+    process, which can leave the rest waiting for it forever. A read of one
+    small file every quarter second.
+    """
+    if sandbox.cgroup is None:
+        return
+    while not ProgramRunner._oom_kills(sandbox):  # noqa: ASYNC110 - polling cgroupfs
+        await anyio.sleep(0.25)
+    serving.cancel()
 
 
 async def _pump_output(stream: ByteReceiveStream, name: str, logs: _LogBudget) -> None:

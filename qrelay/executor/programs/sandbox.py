@@ -15,6 +15,7 @@ missing unless `allow_weak_sandbox` is set.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import resource
@@ -37,7 +38,8 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 import qrelay
 from qrelay.errors import FailedPrecondition, Internal, ResourceExhausted
-from qrelay.executor.programs import _ipc, _jail
+from qrelay.executor.programs import _cgroups, _ipc, _jail
+from qrelay.executor.programs._cgroups import Cgroups, SandboxCgroup
 from qrelay.executor.programs.settings import SandboxSettings
 
 log = structlog.get_logger(__name__)
@@ -75,6 +77,7 @@ _EXECUTOR_SITE = [p for p in site.getsitepackages() if os.path.isdir(p)]
 # while other threads are busy, which crashed the child before exec now and
 # then ("sandbox failed to start: exit status -11").
 _JAIL = str(Path(__file__).with_name("_jail.py"))
+_SECCOMP = str(Path(__file__).with_name("_seccomp.py"))
 
 
 def _shown_paths(python: str, extra: list[str]) -> list[str]:
@@ -92,6 +95,10 @@ class Isolation:
     uids: range | None  # a uid per sandbox from this range (root executor), else None
     namespaces: bool  # PID, mount, network, IPC and UTS namespaces and private mounts
     refused: str = ""  # why namespaces are unavailable
+    seccomp: bool = False  # the sandbox's seccomp filter (`_seccomp`) loads and answers
+    seccomp_refused: str = "not probed"
+    cgroups: Cgroups | None = None  # a cgroup per sandbox (memory, pids, CPU, kill)
+    cgroups_refused: str = "not probed"
 
     @classmethod
     async def probe(cls, settings: SandboxSettings) -> Isolation:
@@ -101,21 +108,29 @@ class Isolation:
             if root
             else None
         )
+        no_seccomp = await _probe_script(_SECCOMP, "--probe")
         if not root:
-            return cls(uids, False, "the executor is not root")
-        proc = await anyio.run_process(
-            [sys.executable, "-I", "-S", "-B", _JAIL, "--probe", str(settings.cache_dir)],
-            check=False,
-            stdin=subprocess.DEVNULL,
+            namespaces, refused = False, "the executor is not root"
+        elif why := await _probe_script(_JAIL, "--probe", str(settings.cache_dir)):
+            namespaces, refused = False, f"the kernel refused namespaces ({why})"
+        else:
+            namespaces, refused = True, ""
+        cgroups, no_cgroups = await _probe_cgroups(settings)
+        return cls(
+            uids,
+            namespaces,
+            refused,
+            seccomp=not no_seccomp,
+            seccomp_refused=no_seccomp,
+            cgroups=cgroups,
+            cgroups_refused=no_cgroups,
         )
-        if proc.returncode != 0:
-            why = proc.stderr.decode("utf-8", "replace").strip()[-500:]
-            return cls(uids, False, f"the kernel refused namespaces ({why})")
-        return cls(uids, True)
 
     @property
     def complete(self) -> bool:
-        return self.uids is not None and self.namespaces
+        return (
+            self.uids is not None and self.namespaces and self.seccomp and self.cgroups is not None
+        )
 
     def missing(self) -> list[str]:
         """Each protection this host cannot give, with what it means for tenants."""
@@ -132,37 +147,131 @@ class Isolation:
                 "command lines are visible; kill reaches only the process group, not "
                 "setsid descendants; program and requirement caches readable by every job",
             ]
+        if self.cgroups is None:
+            out += [
+                f"a cgroup per job ({self.cgroups_refused}): memory is limited per process only "
+                "(RLIMIT_AS) and tmpfs files use memory outside any limit; processes are "
+                "limited per uid (RLIMIT_NPROC); no CPU share, so one job's busy program can "
+                "starve another's and the executor",
+            ]
+        if not self.seccomp:
+            out += [
+                f"a seccomp filter ({self.seccomp_refused}): programs may call mount, unshare, "
+                "ptrace, bpf, keyctl, perf_event_open and the other system calls the filter "
+                "refuses, so the kernel's whole attack surface is theirs",
+            ]
         return out
 
 
+async def _probe_script(script: str, *args: str) -> str:
+    """Run a probe script (stdlib only) in a throwaway process: "" if it passed, else why not."""
+    proc = await anyio.run_process(
+        [sys.executable, "-I", "-S", "-B", script, *args],
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    if proc.returncode == 0:
+        return ""
+    return proc.stderr.decode("utf-8", "replace").strip()[-500:] or f"exit {proc.returncode}"
+
+
+def sandbox_limits(settings: SandboxSettings) -> _cgroups.CgroupLimits:
+    """A sandbox cgroup's limits while warm: room to import qiskit; pids for the job
+    (its processes and threads, plus the sandbox's own outer and init processes)."""
+    return _cgroups.CgroupLimits(
+        memory_bytes=settings.warm_memory_mb << 20,
+        pids=settings.max_processes + 2,
+        cpu_weight=settings.cpu_weight,
+        cpu_quota=settings.cpu_quota,
+    )
+
+
+async def _probe_cgroups(settings: SandboxSettings) -> tuple[Cgroups | None, str]:
+    """The cgroup driver if this host lets the executor make limited cgroups, else why not."""
+    try:
+        found = await anyio.to_thread.run_sync(_cgroups.detect, settings.cgroup_parent)
+    except OSError as exc:
+        return None, f"cannot read this process's cgroups: {exc}"
+    if isinstance(found, str):
+        return None, found
+    try:
+        await anyio.to_thread.run_sync(found.reap_stale)
+        await found.probe(sandbox_limits(settings))
+    except OSError as exc:
+        return None, f"cgroup v{found.version} at {found.where}: {exc}"
+    return found, ""
+
+
 class UidPool:
-    """Hands each sandbox a uid of the range that no live process of this host uses.
+    """Hands each sandbox a uid of the range that nobody else on this host uses.
+
+    Two guards: no live process of the host has the uid, and this pool holds
+    an exclusive `flock` on `<lock_dir>/<uid>.lock` for as long as the
+    sandbox lives. Every executor on the host locks in the same directory, so
+    two executors configured with overlapping ranges (or a uid whose warm
+    sandbox has not started its process yet) never hand one uid to two
+    tenants' jobs; a lock held by another executor is skipped. The kernel
+    drops the lock when its holder dies, SIGKILL included, so a crashed
+    executor's uids come back without clean-up. Lock files are never deleted
+    (deleting one could let two holders lock two different inodes of it).
 
     Round robin, so a uid comes back only after the rest of the range was
     used. A uid is safe to reuse once no process has it: an isolated job can
     write only to its own tmpfs, which is gone with its namespace.
     """
 
-    def __init__(self, uids: range) -> None:
+    def __init__(self, uids: range, lock_dir: Path) -> None:
         self._uids = uids
-        self._held: set[int] = set()
+        self._lock_dir = lock_dir
+        self._held: dict[int, int] = {}  # uid -> the fd holding its lock
         self._next = 0
+        try:
+            lock_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FailedPrecondition(
+                f"cannot create the sandbox uid lock directory {lock_dir} ({exc.strerror}); "
+                "set QRELAY_SANDBOX_UID_LOCK_DIR to a directory every executor on this host shares"
+            ) from None
 
     def acquire(self) -> int:
-        busy = self._held | _uids_with_processes()
+        busy = set(self._held) | _uids_with_processes()
         for i in range(len(self._uids)):
             uid = self._uids[(self._next + i) % len(self._uids)]
-            if uid not in busy:
-                self._held.add(uid)
-                self._next = (self._next + i + 1) % len(self._uids)
-                return uid
+            if uid in busy:
+                continue
+            fd = self._lock(uid)
+            if fd is None:
+                continue  # another executor on this host holds it
+            self._held[uid] = fd
+            self._next = (self._next + i + 1) % len(self._uids)
+            return uid
         raise ResourceExhausted(
-            f"all {len(self._uids)} sandbox uids from {self._uids.start} are in use; "
-            "raise QRELAY_SANDBOX_UID_RANGE_SIZE"
+            f"all {len(self._uids)} sandbox uids from {self._uids.start} are in use on this "
+            "host (by this or another executor); raise QRELAY_SANDBOX_UID_RANGE_SIZE or give "
+            "executors sharing the host disjoint ranges"
         )
 
+    def _lock(self, uid: int) -> int | None:
+        path = self._lock_dir / f"{uid}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
     def release(self, uid: int) -> None:
-        self._held.discard(uid)
+        fd = self._held.pop(uid, None)
+        if fd is not None:
+            os.close(fd)  # closing the last descriptor drops the lock
+
+    def close(self) -> None:
+        for uid in list(self._held):
+            self.release(uid)
 
 
 def _uids_with_processes() -> set[int]:
@@ -237,8 +346,15 @@ class SandboxUser:
 class Sandbox:
     """One started sandbox process, the uid it runs its job as, and its channel."""
 
-    def __init__(self, process: Process, channel: SocketStream, uid: int | None = None) -> None:
+    def __init__(
+        self,
+        process: Process,
+        channel: SocketStream,
+        uid: int | None = None,
+        cgroup: SandboxCgroup | None = None,
+    ) -> None:
         self.process = process
+        self.cgroup = cgroup
         self.channel = channel
         self.frames = BufferedByteReceiveStream(channel)
         self.ready = False
@@ -255,9 +371,11 @@ class Sandbox:
         python: str,
         uid: int | None,
         nice: int = 0,
+        cgroup: SandboxCgroup | None = None,
     ) -> Sandbox:
-        """Start one sandbox; it lowers its own priority by `nice` before importing."""
+        """Start one sandbox; it joins `cgroup` and lowers its priority by `nice` first."""
         config = {
+            "cgroup_procs": cgroup.procs_files if cgroup is not None else [],
             "parent": os.getpid(),
             "namespaces": isolation.namespaces,
             "uid": uid,
@@ -307,7 +425,7 @@ class Sandbox:
                     os.killpg(process.pid, signal.SIGKILL)
                 await process.aclose()
             raise
-        return cls(process, channel, uid)
+        return cls(process, channel, uid, cgroup)
 
     async def wait_ready(self, timeout: float) -> None:  # noqa: ASYNC109 - start deadline
         """Wait for READY (normally already in the socket buffer for a warm sandbox)."""
@@ -364,6 +482,8 @@ class Sandbox:
             await self._drain_pipes()
             await self.channel.aclose()
             await self.process.aclose()
+            if self.cgroup is not None:
+                await self.cgroup.destroy()
             while self.on_close:
                 self.on_close.pop()()
 
@@ -398,6 +518,13 @@ class Sandbox:
                 pass
             except PermissionError:
                 log.warning("sandbox.kill_denied", pid=self.process.pid)
+            if self.cgroup is not None:
+                try:  # what left the group (none can leave the namespace) dies here
+                    await self.cgroup.kill()
+                except OSError as exc:
+                    log.warning(
+                        "sandbox.cgroup_kill_failed", cgroup=self.cgroup.name, error=str(exc)
+                    )
             with anyio.move_on_after(5):
                 await self.process.wait()
 
@@ -414,7 +541,9 @@ class WarmPool:
     def __init__(self, settings: SandboxSettings, isolation: Isolation, python: str) -> None:
         self._settings = settings
         self._isolation = isolation
-        self._uids = UidPool(isolation.uids) if isolation.uids is not None else None
+        self._uids = (
+            UidPool(isolation.uids, settings.uid_lock_dir) if isolation.uids is not None else None
+        )
         self._python = python
         # Replacements import at low priority, so a job that just took a warm
         # sandbox is not slowed by the next one's imports (measured: they cost
@@ -481,11 +610,18 @@ class WarmPool:
     async def _spawn(self, nice: int) -> Sandbox:
         """A new sandbox holding a uid of its own until it is killed."""
         uid = self._uids.acquire() if self._uids is not None else None
+        cgroup: SandboxCgroup | None = None
         try:
-            sandbox = await Sandbox.spawn(self._settings, self._isolation, self._python, uid, nice)
+            if self._isolation.cgroups is not None:
+                cgroup = self._isolation.cgroups.create(sandbox_limits(self._settings))
+            sandbox = await Sandbox.spawn(
+                self._settings, self._isolation, self._python, uid, nice, cgroup
+            )
         except BaseException:
             if uid is not None and self._uids is not None:
                 self._uids.release(uid)
+            if cgroup is not None:
+                await cgroup.destroy()
             raise
         if uid is not None and self._uids is not None:
             pool = self._uids

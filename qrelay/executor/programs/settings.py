@@ -22,13 +22,42 @@ class SandboxSettings(BaseSettings):
     memory_mb: int = Field(
         2048,
         gt=0,
-        description="Address space a program may add on top of the warm interpreter (RLIMIT_AS).",
+        description="Memory a job may add on top of its warm interpreter: its cgroup's limit "
+        "(every process of the job and the files it writes to its tmpfs, together) and each "
+        "process's address space (RLIMIT_AS).",
+    )
+    warm_memory_mb: int = Field(
+        1024,
+        gt=0,
+        description="Memory limit of a sandbox's cgroup while it imports qiskit and waits for "
+        "a job; when a job is assigned the limit becomes what it uses then + memory_mb.",
+    )
+    cpu_weight: int = Field(
+        100,
+        ge=1,
+        le=10000,
+        description="CPU weight of each sandbox's cgroup (cgroup v2 scale, 100 = default; v1 "
+        "cpu.shares = weight x 1024 / 100): busy jobs share the CPU equally whatever their "
+        "process counts, and all sandboxes together form one group beside the executor.",
+    )
+    cpu_quota: float | None = Field(
+        None,
+        gt=0,
+        description="CPUs one sandbox may use at most (1.0 = one core; cpu.max or "
+        "cpu.cfs_quota_us); unset: no cap beyond the weight.",
+    )
+    cgroup_parent: str = Field(
+        "",
+        description="cgroup (a path inside each hierarchy, e.g. /qrelay.slice) under which "
+        "sandbox cgroups are made; empty: the executor's own cgroup. It must be writable by "
+        "the executor (root, or a delegated cgroup).",
     )
     max_open_files: int = Field(256, gt=16, description="Open file descriptors (RLIMIT_NOFILE).")
     max_processes: int = Field(
         64,
         gt=1,
-        description="Processes and threads of one job (RLIMIT_NPROC of the job's own uid).",
+        description="Processes and threads of one job (its cgroup's pids.max; without "
+        "cgroups RLIMIT_NPROC of the job's own uid).",
     )
     file_size_mb: int = Field(
         1024, gt=0, description="Largest file a program may write (RLIMIT_FSIZE)."
@@ -58,11 +87,17 @@ class SandboxSettings(BaseSettings):
         200_000,
         ge=1000,
         description="First uid of the range sandboxes run as (one uid per sandbox, so per job, "
-        "when the executor runs as root). The uids need no passwd entry; executors sharing a "
-        "host should get disjoint ranges.",
+        "when the executor runs as root). The uids need no passwd entry. Executors sharing a "
+        "host may share a range: each uid is claimed with a lock in uid_lock_dir.",
     )
     uid_range_size: int = Field(
         1000, ge=1, description="How many uids from uid_range_start sandboxes may use."
+    )
+    uid_lock_dir: Path = Field(
+        Path("/run/qrelay/uids"),
+        description="Host-wide directory of per-uid lock files (`<uid>.lock`, an exclusive "
+        "flock held for the life of each sandbox), so executors on one host never hand the "
+        "same uid to two jobs. Containers on one host must share it (a host path volume).",
     )
     extra_read_only_paths: list[str] = Field(
         default_factory=list,
