@@ -14,12 +14,25 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+import structlog
 
 from qrelay.testing import LocalStack, local_stack, local_stack_in_thread
 
 # The CLI run in-process (CliRunner) must not freeze this process's loggers: later
 # tests capture log events with structlog.testing.capture_logs.
 os.environ["QRELAY_LOG_CACHE"] = "0"
+
+#: structlog as the test session found it: every test ends with it again, so a
+#: test that ran the CLI in-process (which configures logging onto CliRunner's
+#: stream, at the level its flags say) leaves nothing to the next one.
+_STRUCTLOG_BASELINE = structlog.get_config()
+
+
+@pytest.fixture(autouse=True)
+def _structlog_restored() -> Iterator[None]:
+    yield
+    structlog.configure(**_STRUCTLOG_BASELINE)
+
 
 # Short lease/heartbeat so that failure tests finish quickly.
 FAST_BROKER: dict[str, Any] = {"lease_ttl_s": 2.0, "heartbeat_interval_s": 0.25}

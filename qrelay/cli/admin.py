@@ -20,6 +20,7 @@ from qrelay._proto.v1 import admin_pb2, admin_pb2_grpc
 from qrelay.cli._shared import (
     BrokerAddr,
     Token,
+    Typer,
     _fail,
     _run,
     _service,
@@ -29,12 +30,12 @@ from qrelay.cli._shared import (
     refuse_secret_flag,
 )
 
-admin_app = typer.Typer(
+admin_app = Typer(
     help="Tenants and API tokens (needs an admin token); `bootstrap` makes the first.",
     no_args_is_help=True,
 )
-tenant_app = typer.Typer(help="Create and list tenants.", no_args_is_help=True)
-token_app = typer.Typer(help="Create, revoke and list API tokens.", no_args_is_help=True)
+tenant_app = Typer(help="Create and list tenants.", no_args_is_help=True)
+token_app = Typer(help="Create, revoke and list API tokens.", no_args_is_help=True)
 admin_app.add_typer(tenant_app, name="tenant")
 admin_app.add_typer(token_app, name="token")
 

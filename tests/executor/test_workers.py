@@ -464,7 +464,7 @@ async def test_a_long_job_reports_progress_and_a_tiny_one_does_not(
         running_executor(executor_settings(broker.address, slots=2)),
     ):
         jobs = jobs_stub(broker.address)
-        spec = sampler_spec("aer", LONG, shots=100)
+        spec = sampler_spec("aer", LONGER, shots=100)
         spec.sampler.pubs.extend([sampler_spec("aer", BELL_QASM3).sampler.pubs[0]] * 2)
         long_id = await submit(jobs, spec)
         tiny_id = await submit(jobs, sampler_spec("aer", BELL_QASM3, shots=10))
