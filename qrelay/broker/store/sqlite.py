@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import functools
 import json
 import queue
 import sqlite3
@@ -1452,7 +1454,11 @@ class _GroupCommitThread:
         if not self._thread.is_alive():
             raise RuntimeError("store is not open")
         loop = asyncio.get_running_loop()
-        op = _Op(fn, transactional, loop, loop.create_future())
+        # `fn` runs in a copy of the caller's context, so what it logs (an audit
+        # of a cross-tenant denial) carries what the call bound (its user), as
+        # it does on PostgreSQL, where a transaction runs in the caller's task.
+        call = functools.partial(contextvars.copy_context().run, fn)
+        op = _Op(call, transactional, loop, loop.create_future())
         self._queue.put(op)
         return await op.future  # type: ignore[no-any-return]
 
