@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import functools
 import json
 import queue
 import sqlite3
@@ -1457,7 +1456,11 @@ class _GroupCommitThread:
         # `fn` runs in a copy of the caller's context, so what it logs (an audit
         # of a cross-tenant denial) carries what the call bound (its user), as
         # it does on PostgreSQL, where a transaction runs in the caller's task.
-        call = functools.partial(contextvars.copy_context().run, fn)
+        context = contextvars.copy_context()
+
+        def call(conn: Any) -> T:
+            return context.run(fn, conn)
+
         op = _Op(call, transactional, loop, loop.create_future())
         self._queue.put(op)
         return await op.future  # type: ignore[no-any-return]
