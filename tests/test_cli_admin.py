@@ -35,6 +35,9 @@ def _restore_logging() -> Iterator[None]:
         ["admin", "token", "create"],
         ["admin", "token", "revoke"],
         ["admin", "token", "list"],
+        ["admin", "user", "create"],
+        ["admin", "user", "list"],
+        ["admin", "user", "disable"],
     ],
     ids=" ".join,
 )

@@ -1,5 +1,5 @@
-"""AdminService: tenants and API tokens (admin tokens only; the interceptor checks
-the role). Thin: decode, call `Identity`, encode."""
+"""AdminService: tenants, users and API tokens (admin tokens only; the
+interceptor checks the role). Thin: decode, call `Identity`, encode."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from qrelay._proto.v1 import admin_pb2, admin_pb2_grpc
 from qrelay.broker.auth import caller
 from qrelay.broker.events import timestamp
 from qrelay.broker.identity import Identity
-from qrelay.broker.store.base import Role, TenantRecord, TokenRecord
+from qrelay.broker.store.base import Role, TenantRecord, TokenRecord, UserRecord
 from qrelay.errors import InvalidArgument
 from qrelay.rpc import grpc_errors
 
@@ -39,12 +39,34 @@ def token_to_proto(record: TokenRecord) -> admin_pb2.ApiToken:
         restricted=record.executor_tenants is not None,
         label=record.label,
         created_at=timestamp(record.created_at),
+        user=record.user or "",
     )
     if record.expires_at is not None:
         message.expires_at.CopyFrom(timestamp(record.expires_at))
     if record.revoked_at is not None:
         message.revoked_at.CopyFrom(timestamp(record.revoked_at))
     return message
+
+
+def user_to_proto(record: UserRecord) -> admin_pb2.User:
+    message = admin_pb2.User(
+        name=record.name,
+        tenant=record.tenant,
+        role=_ROLE_NUMBERS[record.role],
+        created_at=timestamp(record.created_at),
+    )
+    if record.disabled_at is not None:
+        message.disabled_at.CopyFrom(timestamp(record.disabled_at))
+    return message
+
+
+def _role(number: admin_pb2.Role.ValueType) -> Role:
+    role = _ROLES.get(number)
+    if role is None:
+        raise InvalidArgument(
+            f"role {number} is not one of ROLE_ADMIN=1, ROLE_USER=2, ROLE_EXECUTOR=3"
+        )
+    return role
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
@@ -69,11 +91,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def CreateToken(
         self, request: admin_pb2.CreateTokenRequest, context: Context
     ) -> admin_pb2.CreateTokenResponse:
-        role = _ROLES.get(request.role)
-        if role is None:
-            raise InvalidArgument(
-                f"role {request.role} is not one of ROLE_ADMIN=1, ROLE_USER=2, ROLE_EXECUTOR=3"
-            )
+        role = _role(request.role)
         if request.executor_tenants and not request.restricted:
             raise InvalidArgument("executor_tenants needs restricted=true")
         record, secret = await self.identity.create_token(
@@ -83,6 +101,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             executor_tenants=list(request.executor_tenants) if request.restricted else None,
             label=request.label,
             ttl_s=request.ttl_s or None,
+            user=request.user,
         )
         return admin_pb2.CreateTokenResponse(token=token_to_proto(record), secret=secret)
 
@@ -98,3 +117,29 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.ListTokensResponse:
         records = await self.identity.list_tokens(request.tenant)
         return admin_pb2.ListTokensResponse(tokens=[token_to_proto(r) for r in records])
+
+    @grpc_errors
+    async def CreateUser(
+        self, request: admin_pb2.CreateUserRequest, context: Context
+    ) -> admin_pb2.User:
+        role = Role.USER if request.role == admin_pb2.ROLE_UNSPECIFIED else _role(request.role)
+        record = await self.identity.create_user(
+            caller(), tenant=request.tenant, name=request.name, role=role
+        )
+        return user_to_proto(record)
+
+    @grpc_errors
+    async def ListUsers(
+        self, request: admin_pb2.ListUsersRequest, context: Context
+    ) -> admin_pb2.ListUsersResponse:
+        records = await self.identity.list_users(request.tenant)
+        return admin_pb2.ListUsersResponse(users=[user_to_proto(r) for r in records])
+
+    @grpc_errors
+    async def DisableUser(
+        self, request: admin_pb2.DisableUserRequest, context: Context
+    ) -> admin_pb2.User:
+        record = await self.identity.disable_user(
+            caller(), tenant=request.tenant, name=request.name
+        )
+        return user_to_proto(record)

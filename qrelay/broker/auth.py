@@ -25,6 +25,7 @@ from contextvars import ContextVar
 from typing import Any
 
 import grpc
+import structlog
 from grpc_health.v1 import health_pb2
 
 from qrelay.broker.audit import audit
@@ -85,6 +86,15 @@ def _probe_answer(serving: Callable[[], bool]) -> grpc.RpcMethodHandler:
     )
 
 
+def _enter(principal: Principal) -> None:
+    """Make `principal` the caller of the call being served, in its own context
+    (each call runs in a task of its own): servicers read it with `caller()`,
+    and every log line of the call, audit lines included, names its user."""
+    _principal.set(principal)
+    if principal.user:
+        structlog.contextvars.bind_contextvars(user=principal.user)
+
+
 def _as(principal: Principal, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     """`handler` with `principal` set as the caller while its behaviour runs."""
     deserializer, serializer = handler.request_deserializer, handler.response_serializer
@@ -92,7 +102,7 @@ def _as(principal: Principal, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodH
         unary_unary = handler.unary_unary
 
         async def unary(request: Any, context: Any) -> Any:
-            _principal.set(principal)
+            _enter(principal)
             return await unary_unary(request, context)
 
         return grpc.unary_unary_rpc_method_handler(unary, deserializer, serializer)
@@ -100,7 +110,7 @@ def _as(principal: Principal, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodH
         unary_stream = handler.unary_stream
 
         async def server_stream(request: Any, context: Any) -> AsyncIterator[Any]:
-            _principal.set(principal)
+            _enter(principal)
             async for item in unary_stream(request, context):
                 yield item
 
@@ -109,14 +119,14 @@ def _as(principal: Principal, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodH
         stream_unary = handler.stream_unary
 
         async def client_stream(requests: AsyncIterator[Any], context: Any) -> Any:
-            _principal.set(principal)
+            _enter(principal)
             return await stream_unary(requests, context)
 
         return grpc.stream_unary_rpc_method_handler(client_stream, deserializer, serializer)
     stream_stream = handler.stream_stream
 
     async def bidi(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
-        _principal.set(principal)
+        _enter(principal)
         async for item in stream_stream(requests, context):
             yield item
 

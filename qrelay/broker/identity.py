@@ -21,6 +21,13 @@ refused on its next call, on every replica, with no cache to wait out. The
 one cached fact is whether the store holds any token at all (open mode), for
 at most `OPEN_MODE_TTL_S`, and only while it holds none.
 
+Users: a token may belong to a user of its tenant (`alice@lab`), so lists
+and audit lines name its holder rather than a free-text label. A user's role
+is a ceiling: a `user` user cannot be given an `admin` token. Disabling a
+user refuses all its tokens from their next call on, on every replica: the
+token's lookup reads its user's `disabled_at` in the same query, uncached.
+Executor tokens and bootstrap admin tokens belong to no user.
+
 Static tokens (`tokens_file`, `executor_token_file`) keep working as before:
 a file token is a `user` of its tenant, the executor token an unrestricted
 `executor`.
@@ -43,7 +50,7 @@ import structlog
 from qrelay.broker.audit import audit
 from qrelay.broker.settings import BrokerSettings
 from qrelay.broker.store import JobStore
-from qrelay.broker.store.base import Role, TenantRecord, TokenRecord
+from qrelay.broker.store.base import Role, TenantRecord, TokenRecord, UserRecord
 from qrelay.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -62,6 +69,11 @@ OPEN_MODE_TTL_S = 1.0
 KEY_FILE_NAME = "identity.key"
 _MIN_KEY_CHARS = 32
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+#: A user name may also hold '@' and '+' (`alice@lab`, `ci+nightly`).
+_USER_CHARS = _NAME_CHARS | frozenset("@+")
+MAX_USER_CHARS = 128
+#: The role ceilings a user may have (executors are machines, not users).
+USER_ROLES = (Role.USER, Role.ADMIN)
 
 
 class Service(enum.Enum):
@@ -95,12 +107,14 @@ class Principal:
     `token_id` names the token (never its secret): a store token's id,
     "file:<tenant>" / "file:executor" for static ones, "" when anonymous
     (open mode). `executor_tenants` restricts an executor (None: any tenant).
+    `user` names the token's user in `tenant` ("" for a token of no user).
     """
 
     role: Role
     tenant: str
     token_id: str
     executor_tenants: tuple[str, ...] | None = None
+    user: str = ""
 
     @property
     def anonymous(self) -> bool:
@@ -125,6 +139,18 @@ def check_name(what: str, name: str) -> str:
     if not name or len(name) > 64 or not set(name) <= _NAME_CHARS:
         raise InvalidArgument(
             f"{what} must be 1-64 characters of letters, digits, '-', '_' or '.', got {name[:80]!r}"
+        )
+    return name
+
+
+def check_user_name(name: str) -> str:
+    """A user name: 1-128 of letters, digits, '-', '_', '.', '@', '+' (no spaces,
+    no control characters: it is shown in lists and audit lines verbatim)."""
+    if not name or len(name) > MAX_USER_CHARS or not set(name) <= _USER_CHARS:
+        shown = name[:80] + ("…" if len(name) > 80 else "")
+        raise InvalidArgument(
+            f"user name must be 1-{MAX_USER_CHARS} characters of letters, digits, "
+            f"'-', '_', '.', '@' or '+', got {shown!r} ({len(name)} characters)"
         )
     return name
 
@@ -202,6 +228,16 @@ class Identity:
         each audited."""
         try:
             principal = await self._identify(token, service)
+        except DisabledUser as exc:
+            audit(
+                "auth.failed",
+                method=method,
+                reason=exc.message,
+                prefix=_shown_prefix(token),
+                tenant=exc.tenant,
+                user=exc.user,
+            )
+            raise
         except Unauthenticated as exc:
             audit("auth.failed", method=method, reason=exc.message, prefix=_shown_prefix(token))
             raise
@@ -253,7 +289,11 @@ class Identity:
             raise Unauthenticated(f"token {record.prefix}… was revoked")
         if record.expires_at is not None and record.expires_at <= time.time():
             raise Unauthenticated(f"token {record.prefix}… has expired")
-        return Principal(record.role, record.tenant, record.id, record.executor_tenants)
+        if record.user is not None and record.user_disabled_at is not None:
+            raise DisabledUser(record.tenant, record.user, record.prefix)
+        return Principal(
+            record.role, record.tenant, record.id, record.executor_tenants, record.user or ""
+        )
 
     async def _open(self, service: Service) -> bool:
         """Whether `service` may be called without a token: nothing configured
@@ -301,6 +341,7 @@ class Identity:
             role=str(role),
             tenant=principal.tenant,
             token_id=principal.token_id,
+            **_user_of(principal),
         )
         if service is Service.ADMIN:
             raise PermissionDenied(
@@ -321,7 +362,7 @@ class Identity:
     async def create_tenant(self, actor: Principal, name: str, description: str) -> TenantRecord:
         check_name("tenant name", name)
         record = await self.store.create_tenant(TenantRecord(name, description, time.time()))
-        audit("tenant.created", tenant=name, by=actor.token_id)
+        audit("tenant.created", tenant=name, by=actor.token_id, **_by_user(actor))
         return record
 
     async def list_tenants(self) -> list[TenantRecord]:
@@ -336,9 +377,16 @@ class Identity:
         executor_tenants: Sequence[str] | None = None,
         label: str = "",
         ttl_s: float | None = None,
+        user: str = "",
     ) -> tuple[TokenRecord, str]:
-        """A new token and its secret (shown once: only its digest is kept)."""
+        """A new token and its secret (shown once: only its digest is kept).
+
+        With `user`, the token is that user's: its tenant is the user's
+        (`tenant` must name it), its role at most the user's ceiling, and the
+        user must exist and not be disabled."""
         key = self._require_key()
+        if user:
+            await self._token_user(user, tenant, role)
         if role is Role.USER and not tenant:
             raise InvalidArgument("a user token needs a tenant")
         if role is Role.EXECUTOR and tenant:
@@ -368,6 +416,7 @@ class Identity:
             expires_at=None if ttl_s is None else now + ttl_s,
             revoked_at=None,
             digest=token_digest(key, secret),
+            user=user or None,
         )
         await self.store.create_token(record)
         self._store_closed = True
@@ -379,19 +428,103 @@ class Identity:
             tenant=tenant,
             executor_tenants=list(executor_tenants) if executor_tenants is not None else None,
             expires_at=record.expires_at,
+            user=user,
             by=actor.token_id,
+            **_by_user(actor),
         )
         return record, secret
+
+    async def _token_user(self, user: str, tenant: str, role: Role) -> None:
+        """Check that a token of `role` may be made for `user` of `tenant`."""
+        check_user_name(user)
+        if role is Role.EXECUTOR:
+            raise InvalidArgument(
+                "an executor token belongs to no user; leave `user` empty for executors"
+            )
+        if not tenant:
+            raise InvalidArgument(
+                f"a user token needs the user's tenant: user names are unique within a "
+                f"tenant only (give the tenant of {user!r})"
+            )
+        check_name("tenant", tenant)
+        record = await self.store.get_user(tenant, user)
+        if record is None:
+            raise NotFound(
+                f"user {user!r} not found in tenant {tenant!r} (create it with `admin user create`)"
+            )
+        if record.disabled_at is not None:
+            raise FailedPrecondition(f"user {user!r} of tenant {tenant!r} is disabled")
+        if role is Role.ADMIN and record.role is not Role.ADMIN:
+            raise PermissionDenied(
+                f"user {user!r} of tenant {tenant!r} has role ceiling {record.role}: "
+                "it cannot hold an admin token (create the user with role admin)"
+            )
 
     async def revoke_token(self, actor: Principal, token_id: str) -> TokenRecord:
         if not token_id:
             raise InvalidArgument("token_id is required")
         record = await self.store.revoke_token(token_id, time.time())
-        audit("token.revoked", token_id=record.id, prefix=record.prefix, by=actor.token_id)
+        audit(
+            "token.revoked",
+            token_id=record.id,
+            prefix=record.prefix,
+            tenant=record.tenant,
+            user=record.user or "",
+            by=actor.token_id,
+            **_by_user(actor),
+        )
         return record
 
     async def list_tokens(self, tenant: str = "") -> list[TokenRecord]:
         return await self.store.list_tokens(tenant or None)
+
+    async def create_user(
+        self, actor: Principal, *, tenant: str, name: str, role: Role = Role.USER
+    ) -> UserRecord:
+        """A user of `tenant` (which must exist), its tokens at most `role`."""
+        check_user_name(name)
+        if not tenant:
+            raise InvalidArgument("a user needs a tenant")
+        check_name("tenant", tenant)
+        if role not in USER_ROLES:
+            raise InvalidArgument(
+                f"a user's role ceiling is user or admin, not {role} "
+                "(executor tokens belong to no user)"
+            )
+        if await self.store.get_tenant(tenant) is None:
+            raise NotFound(f"tenant {tenant!r} not found (create it with `admin tenant create`)")
+        record = await self.store.create_user(UserRecord(tenant, name, role, time.time()))
+        audit(
+            "user.created",
+            tenant=tenant,
+            user=name,
+            role=str(role),
+            by=actor.token_id,
+            **_by_user(actor),
+        )
+        return record
+
+    async def list_users(self, tenant: str = "") -> list[UserRecord]:
+        if tenant:
+            check_name("tenant", tenant)
+        return await self.store.list_users(tenant or None)
+
+    async def disable_user(self, actor: Principal, *, tenant: str, name: str) -> UserRecord:
+        """Disable a user: every token of it is refused from its next call on."""
+        check_user_name(name)
+        if not tenant:
+            raise InvalidArgument("the user's tenant is required: user names are unique per tenant")
+        check_name("tenant", tenant)
+        record = await self.store.disable_user(tenant, name, time.time())
+        audit(
+            "user.disabled",
+            tenant=tenant,
+            user=name,
+            disabled_at=record.disabled_at,
+            by=actor.token_id,
+            **_by_user(actor),
+        )
+        return record
 
     def _require_key(self) -> bytes:
         if self.key is None:
@@ -401,6 +534,25 @@ class Identity:
                 "PostgreSQL needs the same key"
             )
         return self.key
+
+
+class DisabledUser(Unauthenticated):
+    """A valid token whose user is disabled (audited with the user's name)."""
+
+    def __init__(self, tenant: str, user: str, prefix: str) -> None:
+        super().__init__(f"token {prefix}… belongs to user {user!r}, which is disabled")
+        self.tenant = tenant
+        self.user = user
+
+
+def _user_of(principal: Principal) -> dict[str, str]:
+    """`user=` for an audit line about `principal`, when it has a user."""
+    return {"user": principal.user} if principal.user else {}
+
+
+def _by_user(actor: Principal) -> dict[str, str]:
+    """`by_user=` for an audit line about what `actor` did, when it has a user."""
+    return {"by_user": actor.user} if actor.user else {}
 
 
 def _shown_prefix(token: str | None) -> str:

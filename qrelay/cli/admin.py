@@ -1,6 +1,7 @@
-"""`qrelay admin tenant create|list`, `qrelay admin token create|revoke|list`
-(AdminService, with an admin token) and `qrelay admin bootstrap` (the first
-admin token, written straight into the store).
+"""`qrelay admin tenant create|list`, `qrelay admin user create|list|disable`,
+`qrelay admin token create|revoke|list` (AdminService, with an admin token)
+and `qrelay admin bootstrap` (the first admin token, written straight into
+the store).
 
 A token's secret is printed once (or written to `--out`, mode 0600) and never
 again: the broker keeps only its HMAC.
@@ -31,12 +32,16 @@ from qrelay.cli._shared import (
 )
 
 admin_app = Typer(
-    help="Tenants and API tokens (needs an admin token); `bootstrap` makes the first.",
+    help="Tenants, users and API tokens (needs an admin token); `bootstrap` makes the first.",
     no_args_is_help=True,
 )
 tenant_app = Typer(help="Create and list tenants.", no_args_is_help=True)
+user_app = Typer(
+    help="Create, list and disable users (the holders of tokens).", no_args_is_help=True
+)
 token_app = Typer(help="Create, revoke and list API tokens.", no_args_is_help=True)
 admin_app.add_typer(tenant_app, name="tenant")
+admin_app.add_typer(user_app, name="user")
 admin_app.add_typer(token_app, name="token")
 
 _ROLES = {
@@ -85,8 +90,17 @@ def _deliver(secret: str, token_id: str, out: Path | None) -> None:
 
 def _print_tokens(tokens: list[admin_pb2.ApiToken]) -> None:
     table = Table(title="API tokens")
-    for column in ("id", "prefix", "role", "tenant", "executor tenants", "label", "created"):
-        table.add_column(column, no_wrap=column in ("id", "prefix"))
+    for column in (
+        "id",
+        "prefix",
+        "role",
+        "tenant",
+        "user",
+        "executor tenants",
+        "label",
+        "created",
+    ):
+        table.add_column(column, no_wrap=column in ("id", "prefix", "user"))
     table.add_column("expires")
     table.add_column("revoked")
     for t in tokens:
@@ -96,6 +110,7 @@ def _print_tokens(tokens: list[admin_pb2.ApiToken]) -> None:
             t.prefix + "…",
             _ROLE_NAMES.get(t.role, str(t.role)),
             t.tenant,
+            t.user,
             ", ".join(t.executor_tenants) if t.restricted else serves,
             t.label,
             _ts(t.created_at),
@@ -130,10 +145,75 @@ def tenant_list(broker: BrokerAddr = "127.0.0.1:50051", token: Token = None) -> 
     console.print(table)
 
 
+_USER_ROLES = ("user", "admin")
+
+
+@user_app.command("create")
+def user_create(
+    name: Annotated[str, typer.Argument(help="User name, unique in its tenant (e.g. alice@lab).")],
+    tenant: Annotated[str, typer.Option(help="The user's tenant (must exist).")],
+    role: Annotated[
+        str, typer.Option(help="The ceiling of the user's tokens: user or admin.")
+    ] = "user",
+    broker: BrokerAddr = "127.0.0.1:50051",
+    token: Token = None,
+) -> None:
+    """Create a user of a tenant; make its tokens with `token create --user`."""
+    if role not in _USER_ROLES:
+        _fail(f"--role must be user or admin, got {role!r}", 2)
+    request = admin_pb2.CreateUserRequest(name=name, tenant=tenant, role=_ROLES[role])
+    user = _run(lambda: _admin(broker, token, "CreateUser", request))
+    console.print(f"user {user.name} of tenant {user.tenant} created (role {role})")
+
+
+@user_app.command("list")
+def user_list(
+    tenant: Annotated[str, typer.Option(help="Only this tenant's users.")] = "",
+    broker: BrokerAddr = "127.0.0.1:50051",
+    token: Token = None,
+) -> None:
+    """List users (disabled ones too, with the time they were disabled)."""
+    request = admin_pb2.ListUsersRequest(tenant=tenant)
+    reply = _run(lambda: _admin(broker, token, "ListUsers", request))
+    table = Table(title="users")
+    for column in ("tenant", "name", "role", "created", "disabled"):
+        table.add_column(column, no_wrap=column == "name")
+    for u in reply.users:
+        table.add_row(
+            u.tenant,
+            u.name,
+            _ROLE_NAMES.get(u.role, str(u.role)),
+            _ts(u.created_at),
+            _ts(u.disabled_at) if u.HasField("disabled_at") else "",
+        )
+    console.print(table)
+
+
+@user_app.command("disable")
+def user_disable(
+    name: Annotated[str, typer.Argument(help="The user's name.")],
+    tenant: Annotated[str, typer.Option(help="The user's tenant.")],
+    broker: BrokerAddr = "127.0.0.1:50051",
+    token: Token = None,
+) -> None:
+    """Disable a user: all its tokens are refused from their next call, on every replica."""
+    request = admin_pb2.DisableUserRequest(name=name, tenant=tenant)
+    user = _run(lambda: _admin(broker, token, "DisableUser", request))
+    console.print(f"user {user.name} of tenant {user.tenant} disabled; its tokens are refused")
+
+
 @token_app.command("create")
 def token_create(
     role: Annotated[str, typer.Option(help="admin, user or executor.")] = "user",
-    tenant: Annotated[str, typer.Option(help="The tenant of a user (or admin) token.")] = "",
+    tenant: Annotated[
+        str, typer.Option(help="The tenant of a user (or admin) token; with --user, the user's.")
+    ] = "",
+    user: Annotated[
+        str,
+        typer.Option(
+            help="Make the token this user's (see `admin user create`); needs --tenant.",
+        ),
+    ] = "",
     executor_tenant: Annotated[
         list[str] | None,
         typer.Option(
@@ -160,6 +240,7 @@ def token_create(
         restricted=bool(executor_tenant),
         label=label,
         ttl_s=ttl_s or 0.0,
+        user=user,
     )
     reply = _run(lambda: _admin(broker, token, "CreateToken", request))
     _deliver(reply.secret, reply.token.id, out)

@@ -12,8 +12,13 @@ import asyncpg
 
 from qrelay.broker.store.schema import QUEUED
 
-#: Undo of versions 7, 6 and 5, newest first (SQL common to both stores).
+#: Undo of versions 8, 7, 6 and 5, newest first (SQL common to both stores).
 _UNDO: dict[int, list[str]] = {
+    8: [
+        "DROP INDEX {s}api_tokens_user",
+        "ALTER TABLE {s}api_tokens DROP COLUMN user_name",
+        "DROP TABLE {s}users",
+    ],
     7: ["DROP TABLE {s}job_tags", "DROP TABLE {s}deleted_jobs"],
     6: [
         "DROP INDEX {s}jobs_tenant_order",

@@ -10,9 +10,11 @@ import pytest
 
 from qrelay.broker.identity import (
     LOOKUP_CHARS,
+    MAX_USER_CHARS,
     Identity,
     Principal,
     Service,
+    check_user_name,
     load_server_key,
     lookup_prefix,
     new_token,
@@ -20,7 +22,13 @@ from qrelay.broker.identity import (
 from qrelay.broker.settings import BrokerSettings
 from qrelay.broker.store.base import Role
 from qrelay.broker.store.sqlite import SQLiteJobStore
-from qrelay.errors import FailedPrecondition, PermissionDenied, Unauthenticated
+from qrelay.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
 
 
 def test_tokens_are_random_with_a_public_lookup_prefix() -> None:
@@ -119,3 +127,43 @@ async def test_a_made_token_authenticates_with_its_role_and_restriction(
     forged = secret[:-1] + ("B" if secret.endswith("A") else "A")  # same prefix
     with pytest.raises(Unauthenticated, match="unknown bearer token"):
         await identity.authenticate(forged, Service.EXECUTOR, "/m")
+
+
+def test_user_names_allow_mail_like_names_and_refuse_the_rest() -> None:
+    for good in ("alice@lab", "ci+nightly", "a.b-c_d", "u" * MAX_USER_CHARS):
+        assert check_user_name(good) == good
+    for bad in ("", "a b", "a\x00b", "a\nb", "ålice", "a/b", "u" * (MAX_USER_CHARS + 1)):
+        with pytest.raises(InvalidArgument, match="user name must be 1-128 characters") as err:
+            check_user_name(bad)
+        assert len(err.value.message) < 300, "an overlong name is shown shortened"
+
+
+async def test_a_user_token_carries_its_user_until_the_user_is_disabled(
+    store: SQLiteJobStore,
+) -> None:
+    from qrelay.broker.store.base import TenantRecord
+
+    identity = Identity(store, b"k" * 32)
+    await store.create_tenant(TenantRecord("lab", "", 0.0))
+    admin = Principal(Role.ADMIN, "", "tok-admin")
+    user = await identity.create_user(admin, tenant="lab", name="alice@lab")
+    assert (user.role, user.disabled_at) == (Role.USER, None)
+    record, secret = await identity.create_token(
+        admin, role=Role.USER, tenant="lab", user="alice@lab"
+    )
+    assert (record.tenant, record.user) == ("lab", "alice@lab")
+    principal = await identity.authenticate(secret, Service.TENANT, "/m")
+    assert principal == Principal(Role.USER, "lab", record.id, None, "alice@lab")
+    with pytest.raises(PermissionDenied, match="role ceiling user"):
+        await identity.create_token(admin, role=Role.ADMIN, tenant="lab", user="alice@lab")
+    with pytest.raises(InvalidArgument, match="belongs to no user"):
+        await identity.create_token(admin, role=Role.EXECUTOR, user="alice@lab")
+    with pytest.raises(InvalidArgument, match="role ceiling is user or admin"):
+        await identity.create_user(admin, tenant="lab", name="bot", role=Role.EXECUTOR)
+    with pytest.raises(NotFound, match="tenant 'nowhere' not found"):
+        await identity.create_user(admin, tenant="nowhere", name="bob")
+    await identity.disable_user(admin, tenant="lab", name="alice@lab")
+    with pytest.raises(Unauthenticated, match="which is disabled"):
+        await identity.authenticate(secret, Service.TENANT, "/m")
+    with pytest.raises(FailedPrecondition, match="is disabled"):
+        await identity.create_token(admin, role=Role.USER, tenant="lab", user="alice@lab")

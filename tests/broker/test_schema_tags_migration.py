@@ -11,6 +11,7 @@ import asyncpg
 from qrelay.broker.store import JobKind, JobStore, NewJob
 from qrelay.broker.store.postgres import PostgresJobStore
 from qrelay.broker.store.sqlite import SQLiteJobStore
+from tests.broker import downgrade
 from tests.broker.conftest import postgres_schema
 
 
@@ -40,9 +41,7 @@ async def test_sqlite_upgrade_to_7_indexes_existing_tags(tmp_path: Path) -> None
     ids = await _tagged_jobs(store)
     await store.close()
     with sqlite3.connect(path) as conn:  # back to version 6, jobs kept
-        conn.execute("DROP TABLE job_tags")
-        conn.execute("DROP TABLE deleted_jobs")
-        conn.execute("PRAGMA user_version = 6")
+        downgrade.sqlite_to(conn, 6)
     upgraded = SQLiteJobStore(path)
     await upgraded.open()
     try:
@@ -59,8 +58,7 @@ async def test_postgres_upgrade_to_7_indexes_existing_tags() -> None:
         await store.close()
         conn = await asyncpg.connect(dsn)
         try:  # back to version 6, jobs kept
-            await conn.execute(f'DROP TABLE "{schema}".job_tags, "{schema}".deleted_jobs')
-            await conn.execute(f'DELETE FROM "{schema}".schema_version WHERE version > 6')
+            await downgrade.postgres_to(conn, schema, 6)
         finally:
             await conn.close()
         upgraded = PostgresJobStore(dsn, schema=schema)

@@ -52,6 +52,7 @@ async def test_upgrade_to_v3_counts_the_jobs_already_queued(tmp_path: Path) -> N
         )
     await store.close()
     with sqlite3.connect(path) as conn:  # back to a version-2 database with those jobs
+        conn.execute("DROP TABLE users")  # version 8: users (api_tokens goes below)
         conn.execute("DROP TABLE job_tags")  # version 7: tag index, deleted jobs
         conn.execute("DROP TABLE deleted_jobs")
         conn.execute("DROP INDEX jobs_tenant_order")  # version 6: quotas, usage, priorities

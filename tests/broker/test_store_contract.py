@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -27,6 +28,7 @@ from qrelay.broker.store.base import (
     SessionState,
     TenantRecord,
     TokenRecord,
+    UserRecord,
 )
 from qrelay.errors import (
     AlreadyExists,
@@ -1295,3 +1297,61 @@ async def test_backend_access_folds_executors_per_backend(store: JobStore) -> No
         "qpu": frozenset({"alice", "bob"}),
         "other": None,
     }
+
+
+# --- identity: users --------------------------------------------------------------------
+
+
+async def test_a_user_name_is_unique_within_its_tenant_only(store: JobStore) -> None:
+    alice = UserRecord("lab", "alice@lab", Role.USER, 1.0)
+    assert await store.create_user(alice) == alice
+    with pytest.raises(AlreadyExists, match="user 'alice@lab' already exists in tenant 'lab'"):
+        await store.create_user(UserRecord("lab", "alice@lab", Role.ADMIN, 2.0))
+    elsewhere = UserRecord("other", "alice@lab", Role.ADMIN, 3.0)
+    await store.create_user(elsewhere)
+    assert await store.get_user("lab", "alice@lab") == alice, "the first one is unchanged"
+    assert await store.get_user("other", "alice@lab") == elsewhere
+    assert await store.get_user("lab", "bob@lab") is None
+
+
+async def test_users_are_listed_per_tenant_by_name(store: JobStore) -> None:
+    for tenant, name in (("lab", "carol"), ("other", "zed"), ("lab", "alice"), ("other", "bob")):
+        await store.create_user(UserRecord(tenant, name, Role.USER, 1.0))
+    everyone = await store.list_users()
+    assert [(u.tenant, u.name) for u in everyone] == [
+        ("lab", "alice"),
+        ("lab", "carol"),
+        ("other", "bob"),
+        ("other", "zed"),
+    ]
+    assert [u.name for u in await store.list_users("lab")] == ["alice", "carol"]
+    assert await store.list_users("nobody") == []
+
+
+async def test_disabling_a_user_keeps_the_first_time_and_shows_on_its_tokens(
+    store: JobStore,
+) -> None:
+    await store.create_user(UserRecord("alice", "al", Role.USER, 1.0))
+    await store.create_user(UserRecord("bob", "al", Role.USER, 1.0))
+    await store.create_token(replace(token(1), user="al"))
+    await store.create_token(replace(token(2, tenant="bob"), user="al"))
+    await store.create_token(token(3))
+    found = await store.find_token("qrl_pref0001")
+    assert found is not None
+    assert (found.user, found.user_disabled_at) == ("al", None)
+    disabled = await store.disable_user("alice", "al", 5000.0)
+    assert disabled.disabled_at == 5000.0
+    again = await store.disable_user("alice", "al", 6000.0)
+    assert again.disabled_at == 5000.0, "the first disabling time is kept"
+    found = await store.find_token("qrl_pref0001")
+    assert found is not None
+    assert found.user_disabled_at == 5000.0
+    same_name = await store.find_token("qrl_pref0002")
+    assert same_name is not None
+    assert same_name.user_disabled_at is None, "another tenant's user of that name is untouched"
+    no_user = await store.find_token("qrl_pref0003")
+    assert no_user is not None
+    assert (no_user.user, no_user.user_disabled_at) == (None, None)
+    assert [t.user for t in await store.list_tokens("alice")] == ["al", None]
+    with pytest.raises(NotFound, match="user 'al' not found in tenant 'carol'"):
+        await store.disable_user("carol", "al", 1.0)

@@ -26,15 +26,15 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15qrelay/v1/admin.proto\x12\tqrelay.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"[\n\x06Tenant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"8\n\x13\x43reateTenantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"\x14\n\x12ListTenantsRequest\"9\n\x13ListTenantsResponse\x12\"\n\x07tenants\x18\x01 \x03(\x0b\x32\x11.qrelay.v1.Tenant\"\xa2\x02\n\x08\x41piToken\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06prefix\x18\x02 \x01(\t\x12\x1d\n\x04role\x18\x03 \x01(\x0e\x32\x0f.qrelay.v1.Role\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12\x18\n\x10\x65xecutor_tenants\x18\x05 \x03(\t\x12\x12\n\nrestricted\x18\x06 \x01(\x08\x12\r\n\x05label\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8f\x01\n\x12\x43reateTokenRequest\x12\x1d\n\x04role\x18\x01 \x01(\x0e\x32\x0f.qrelay.v1.Role\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x18\n\x10\x65xecutor_tenants\x18\x03 \x03(\t\x12\x12\n\nrestricted\x18\x04 \x01(\x08\x12\r\n\x05label\x18\x05 \x01(\t\x12\r\n\x05ttl_s\x18\x06 \x01(\x01\"I\n\x13\x43reateTokenResponse\x12\"\n\x05token\x18\x01 \x01(\x0b\x32\x13.qrelay.v1.ApiToken\x12\x0e\n\x06secret\x18\x02 \x01(\t\"&\n\x12RevokeTokenRequest\x12\x10\n\x08token_id\x18\x01 \x01(\t\"#\n\x11ListTokensRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"9\n\x12ListTokensResponse\x12#\n\x06tokens\x18\x01 \x03(\x0b\x32\x13.qrelay.v1.ApiToken*N\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0e\n\nROLE_ADMIN\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x11\n\rROLE_EXECUTOR\x10\x03\x32\xfb\x02\n\x0c\x41\x64minService\x12\x41\n\x0c\x43reateTenant\x12\x1e.qrelay.v1.CreateTenantRequest\x1a\x11.qrelay.v1.Tenant\x12L\n\x0bListTenants\x12\x1d.qrelay.v1.ListTenantsRequest\x1a\x1e.qrelay.v1.ListTenantsResponse\x12L\n\x0b\x43reateToken\x12\x1d.qrelay.v1.CreateTokenRequest\x1a\x1e.qrelay.v1.CreateTokenResponse\x12\x41\n\x0bRevokeToken\x12\x1d.qrelay.v1.RevokeTokenRequest\x1a\x13.qrelay.v1.ApiToken\x12I\n\nListTokens\x12\x1c.qrelay.v1.ListTokensRequest\x1a\x1d.qrelay.v1.ListTokensResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15qrelay/v1/admin.proto\x12\tqrelay.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"[\n\x06Tenant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"8\n\x13\x43reateTenantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"\x14\n\x12ListTenantsRequest\"9\n\x13ListTenantsResponse\x12\"\n\x07tenants\x18\x01 \x03(\x0b\x32\x11.qrelay.v1.Tenant\"\xb0\x02\n\x08\x41piToken\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06prefix\x18\x02 \x01(\t\x12\x1d\n\x04role\x18\x03 \x01(\x0e\x32\x0f.qrelay.v1.Role\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12\x18\n\x10\x65xecutor_tenants\x18\x05 \x03(\t\x12\x12\n\nrestricted\x18\x06 \x01(\x08\x12\r\n\x05label\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04user\x18\x0b \x01(\t\"\x9d\x01\n\x12\x43reateTokenRequest\x12\x1d\n\x04role\x18\x01 \x01(\x0e\x32\x0f.qrelay.v1.Role\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x18\n\x10\x65xecutor_tenants\x18\x03 \x03(\t\x12\x12\n\nrestricted\x18\x04 \x01(\x08\x12\r\n\x05label\x18\x05 \x01(\t\x12\r\n\x05ttl_s\x18\x06 \x01(\x01\x12\x0c\n\x04user\x18\x07 \x01(\t\"I\n\x13\x43reateTokenResponse\x12\"\n\x05token\x18\x01 \x01(\x0b\x32\x13.qrelay.v1.ApiToken\x12\x0e\n\x06secret\x18\x02 \x01(\t\"&\n\x12RevokeTokenRequest\x12\x10\n\x08token_id\x18\x01 \x01(\t\"#\n\x11ListTokensRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"9\n\x12ListTokensResponse\x12#\n\x06tokens\x18\x01 \x03(\x0b\x32\x13.qrelay.v1.ApiToken\"\xa4\x01\n\x04User\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x1d\n\x04role\x18\x03 \x01(\x0e\x32\x0f.qrelay.v1.Role\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x64isabled_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"P\n\x11\x43reateUserRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x1d\n\x04role\x18\x03 \x01(\x0e\x32\x0f.qrelay.v1.Role\"\"\n\x10ListUsersRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"3\n\x11ListUsersResponse\x12\x1e\n\x05users\x18\x01 \x03(\x0b\x32\x0f.qrelay.v1.User\"2\n\x12\x44isableUserRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t*N\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0e\n\nROLE_ADMIN\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x11\n\rROLE_EXECUTOR\x10\x03\x32\xbf\x04\n\x0c\x41\x64minService\x12\x41\n\x0c\x43reateTenant\x12\x1e.qrelay.v1.CreateTenantRequest\x1a\x11.qrelay.v1.Tenant\x12L\n\x0bListTenants\x12\x1d.qrelay.v1.ListTenantsRequest\x1a\x1e.qrelay.v1.ListTenantsResponse\x12L\n\x0b\x43reateToken\x12\x1d.qrelay.v1.CreateTokenRequest\x1a\x1e.qrelay.v1.CreateTokenResponse\x12\x41\n\x0bRevokeToken\x12\x1d.qrelay.v1.RevokeTokenRequest\x1a\x13.qrelay.v1.ApiToken\x12I\n\nListTokens\x12\x1c.qrelay.v1.ListTokensRequest\x1a\x1d.qrelay.v1.ListTokensResponse\x12;\n\nCreateUser\x12\x1c.qrelay.v1.CreateUserRequest\x1a\x0f.qrelay.v1.User\x12\x46\n\tListUsers\x12\x1b.qrelay.v1.ListUsersRequest\x1a\x1c.qrelay.v1.ListUsersResponse\x12=\n\x0b\x44isableUser\x12\x1d.qrelay.v1.DisableUserRequest\x1a\x0f.qrelay.v1.Userb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'qrelay.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=951
-  _globals['_ROLE']._serialized_end=1029
+  _globals['_ROLE']._serialized_start=1369
+  _globals['_ROLE']._serialized_end=1447
   _globals['_TENANT']._serialized_start=69
   _globals['_TENANT']._serialized_end=160
   _globals['_CREATETENANTREQUEST']._serialized_start=162
@@ -44,17 +44,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTTENANTSRESPONSE']._serialized_start=242
   _globals['_LISTTENANTSRESPONSE']._serialized_end=299
   _globals['_APITOKEN']._serialized_start=302
-  _globals['_APITOKEN']._serialized_end=592
-  _globals['_CREATETOKENREQUEST']._serialized_start=595
-  _globals['_CREATETOKENREQUEST']._serialized_end=738
-  _globals['_CREATETOKENRESPONSE']._serialized_start=740
-  _globals['_CREATETOKENRESPONSE']._serialized_end=813
-  _globals['_REVOKETOKENREQUEST']._serialized_start=815
-  _globals['_REVOKETOKENREQUEST']._serialized_end=853
-  _globals['_LISTTOKENSREQUEST']._serialized_start=855
-  _globals['_LISTTOKENSREQUEST']._serialized_end=890
-  _globals['_LISTTOKENSRESPONSE']._serialized_start=892
-  _globals['_LISTTOKENSRESPONSE']._serialized_end=949
-  _globals['_ADMINSERVICE']._serialized_start=1032
-  _globals['_ADMINSERVICE']._serialized_end=1411
+  _globals['_APITOKEN']._serialized_end=606
+  _globals['_CREATETOKENREQUEST']._serialized_start=609
+  _globals['_CREATETOKENREQUEST']._serialized_end=766
+  _globals['_CREATETOKENRESPONSE']._serialized_start=768
+  _globals['_CREATETOKENRESPONSE']._serialized_end=841
+  _globals['_REVOKETOKENREQUEST']._serialized_start=843
+  _globals['_REVOKETOKENREQUEST']._serialized_end=881
+  _globals['_LISTTOKENSREQUEST']._serialized_start=883
+  _globals['_LISTTOKENSREQUEST']._serialized_end=918
+  _globals['_LISTTOKENSRESPONSE']._serialized_start=920
+  _globals['_LISTTOKENSRESPONSE']._serialized_end=977
+  _globals['_USER']._serialized_start=980
+  _globals['_USER']._serialized_end=1144
+  _globals['_CREATEUSERREQUEST']._serialized_start=1146
+  _globals['_CREATEUSERREQUEST']._serialized_end=1226
+  _globals['_LISTUSERSREQUEST']._serialized_start=1228
+  _globals['_LISTUSERSREQUEST']._serialized_end=1262
+  _globals['_LISTUSERSRESPONSE']._serialized_start=1264
+  _globals['_LISTUSERSRESPONSE']._serialized_end=1315
+  _globals['_DISABLEUSERREQUEST']._serialized_start=1317
+  _globals['_DISABLEUSERREQUEST']._serialized_end=1367
+  _globals['_ADMINSERVICE']._serialized_start=1450
+  _globals['_ADMINSERVICE']._serialized_end=2025
 # @@protoc_insertion_point(module_scope)

@@ -60,6 +60,21 @@ class AdminServiceStub:
                 request_serializer=qrelay_dot_v1_dot_admin__pb2.ListTokensRequest.SerializeToString,
                 response_deserializer=qrelay_dot_v1_dot_admin__pb2.ListTokensResponse.FromString,
                 _registered_method=True)
+        self.CreateUser = channel.unary_unary(
+                '/qrelay.v1.AdminService/CreateUser',
+                request_serializer=qrelay_dot_v1_dot_admin__pb2.CreateUserRequest.SerializeToString,
+                response_deserializer=qrelay_dot_v1_dot_admin__pb2.User.FromString,
+                _registered_method=True)
+        self.ListUsers = channel.unary_unary(
+                '/qrelay.v1.AdminService/ListUsers',
+                request_serializer=qrelay_dot_v1_dot_admin__pb2.ListUsersRequest.SerializeToString,
+                response_deserializer=qrelay_dot_v1_dot_admin__pb2.ListUsersResponse.FromString,
+                _registered_method=True)
+        self.DisableUser = channel.unary_unary(
+                '/qrelay.v1.AdminService/DisableUser',
+                request_serializer=qrelay_dot_v1_dot_admin__pb2.DisableUserRequest.SerializeToString,
+                response_deserializer=qrelay_dot_v1_dot_admin__pb2.User.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -96,6 +111,26 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateUser(self, request, context):
+        """A user of a tenant: tokens made for it name it and are at most its role.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListUsers(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DisableUser(self, request, context):
+        """Refuses every token of the user from its next call on, on every replica.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -123,6 +158,21 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListTokens,
                     request_deserializer=qrelay_dot_v1_dot_admin__pb2.ListTokensRequest.FromString,
                     response_serializer=qrelay_dot_v1_dot_admin__pb2.ListTokensResponse.SerializeToString,
+            ),
+            'CreateUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateUser,
+                    request_deserializer=qrelay_dot_v1_dot_admin__pb2.CreateUserRequest.FromString,
+                    response_serializer=qrelay_dot_v1_dot_admin__pb2.User.SerializeToString,
+            ),
+            'ListUsers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUsers,
+                    request_deserializer=qrelay_dot_v1_dot_admin__pb2.ListUsersRequest.FromString,
+                    response_serializer=qrelay_dot_v1_dot_admin__pb2.ListUsersResponse.SerializeToString,
+            ),
+            'DisableUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.DisableUser,
+                    request_deserializer=qrelay_dot_v1_dot_admin__pb2.DisableUserRequest.FromString,
+                    response_serializer=qrelay_dot_v1_dot_admin__pb2.User.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -260,6 +310,87 @@ class AdminService:
             '/qrelay.v1.AdminService/ListTokens',
             qrelay_dot_v1_dot_admin__pb2.ListTokensRequest.SerializeToString,
             qrelay_dot_v1_dot_admin__pb2.ListTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qrelay.v1.AdminService/CreateUser',
+            qrelay_dot_v1_dot_admin__pb2.CreateUserRequest.SerializeToString,
+            qrelay_dot_v1_dot_admin__pb2.User.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUsers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qrelay.v1.AdminService/ListUsers',
+            qrelay_dot_v1_dot_admin__pb2.ListUsersRequest.SerializeToString,
+            qrelay_dot_v1_dot_admin__pb2.ListUsersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DisableUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qrelay.v1.AdminService/DisableUser',
+            qrelay_dot_v1_dot_admin__pb2.DisableUserRequest.SerializeToString,
+            qrelay_dot_v1_dot_admin__pb2.User.FromString,
             options,
             channel_credentials,
             insecure,

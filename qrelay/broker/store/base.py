@@ -385,6 +385,25 @@ class TokenRecord:
     expires_at: float | None
     revoked_at: float | None
     digest: bytes = field(default=b"", repr=False)
+    # The user (of `tenant`) holding the token; None for executor tokens and
+    # bootstrap or other admin tokens issued to no one in particular.
+    user: str | None = None
+    # When the token's user was disabled, as `find_token` reads it with the
+    # token in one query (None: not disabled, or no user; lists leave it None).
+    user_disabled_at: float | None = None
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    """A user of a tenant: `name` is unique within `tenant`; `role` is the
+    ceiling of the tokens made for it (`user` or `admin`). Disabling a user
+    (`disabled_at`) refuses all its tokens from their next call on."""
+
+    tenant: str
+    name: str
+    role: Role
+    created_at: float
+    disabled_at: float | None = None
 
 
 class JobStore(ABC):
@@ -662,7 +681,8 @@ class JobStore(ABC):
 
     @abstractmethod
     async def find_token(self, prefix: str) -> TokenRecord | None:
-        """The token with this lookup prefix, digest included (revoked ones too)."""
+        """The token with this lookup prefix, digest included (revoked ones too),
+        with its user's `disabled_at` read in the same query."""
 
     @abstractmethod
     async def revoke_token(self, token_id: str, now: float) -> TokenRecord:
@@ -676,6 +696,21 @@ class JobStore(ABC):
     async def count_tokens(self, role: Role | None = None) -> int:
         """How many tokens exist (of this role), revoked and expired ones included
         unless `role` is given (then only live ones: not revoked, not expired)."""
+
+    @abstractmethod
+    async def create_user(self, user: UserRecord) -> UserRecord:
+        """Raises AlreadyExists for a name its tenant already has."""
+
+    @abstractmethod
+    async def get_user(self, tenant: str, name: str) -> UserRecord | None: ...
+
+    @abstractmethod
+    async def list_users(self, tenant: str | None = None) -> list[UserRecord]:
+        """Every user (or those of one tenant), by tenant, then name."""
+
+    @abstractmethod
+    async def disable_user(self, tenant: str, name: str, now: float) -> UserRecord:
+        """Set disabled_at (kept if already set). Raises NotFound."""
 
     @abstractmethod
     async def queue_lengths(self) -> dict[str, int]:

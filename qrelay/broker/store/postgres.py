@@ -66,6 +66,7 @@ from qrelay.broker.store.base import (
     TokenRecord,
     UpdateKind,
     UpdateOutcome,
+    UserRecord,
     job_not_found,
 )
 from qrelay.broker.store.lifecycle import FACT_COLUMNS, JobFacts, Transition
@@ -75,6 +76,7 @@ from qrelay.broker.store.schema import (
     CLAIM_ORDER,
     DEDICATED,
     EVENT_COLUMNS,
+    FIND_TOKEN,
     JOB_COLUMNS,
     JOB_PROGRAM,
     KEY_SEP,
@@ -97,11 +99,13 @@ from qrelay.broker.store.schema import (
     TENANT_COLUMNS,
     TOKEN_COLUMNS,
     UNFINISHED,
+    USER_COLUMNS,
     Dialect,
     Row,
     access_map,
     backend_record,
     event_record,
+    found_token,
     job_record,
     migrations,
     page_cursor,
@@ -114,6 +118,7 @@ from qrelay.broker.store.schema import (
     tenant_backend_key,
     tenant_record,
     token_record,
+    user_record,
     zero_counts,
 )
 from qrelay.errors import AlreadyExists, NotFound, QRelayError, Unavailable
@@ -1553,7 +1558,8 @@ class PostgresJobStore(JobStore):
         async def tx(t: _Tx) -> TokenRecord:
             inserted = await t.conn.fetchval(
                 f"INSERT INTO api_tokens ({TOKEN_COLUMNS}) VALUES "
-                "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING RETURNING id",
+                "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) "
+                "ON CONFLICT DO NOTHING RETURNING id",
                 token.id,
                 token.prefix,
                 str(token.role),
@@ -1564,6 +1570,7 @@ class PostgresJobStore(JobStore):
                 token.expires_at,
                 token.revoked_at,
                 token.digest,
+                token.user,
             )
             if inserted is None:
                 raise AlreadyExists(f"token {token.id} or its prefix already exists")
@@ -1573,10 +1580,8 @@ class PostgresJobStore(JobStore):
 
     async def find_token(self, prefix: str) -> TokenRecord | None:
         async def read(conn: asyncpg.Connection) -> TokenRecord | None:
-            row = await conn.fetchrow(
-                f"SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE prefix = $1", prefix
-            )
-            return None if row is None else token_record(row)
+            row = await conn.fetchrow(FIND_TOKEN.format("$1"), prefix)
+            return None if row is None else found_token(row)
 
         return await self._read(read)
 
@@ -1619,6 +1624,58 @@ class PostgresJobStore(JobStore):
             )
 
         return await self._read(read)
+
+    async def create_user(self, user: UserRecord) -> UserRecord:
+        async def tx(t: _Tx) -> UserRecord:
+            inserted = await t.conn.fetchval(
+                f"INSERT INTO users ({USER_COLUMNS}) VALUES ($1, $2, $3, $4, $5) "
+                "ON CONFLICT (tenant, name) DO NOTHING RETURNING name",
+                user.tenant,
+                user.name,
+                str(user.role),
+                user.created_at,
+                user.disabled_at,
+            )
+            if inserted is None:
+                raise AlreadyExists(f"user {user.name!r} already exists in tenant {user.tenant!r}")
+            return user
+
+        return await self._tx(tx)
+
+    async def get_user(self, tenant: str, name: str) -> UserRecord | None:
+        async def read(conn: asyncpg.Connection) -> UserRecord | None:
+            row = await conn.fetchrow(
+                f"SELECT {USER_COLUMNS} FROM users WHERE tenant = $1 AND name = $2", tenant, name
+            )
+            return None if row is None else user_record(row)
+
+        return await self._read(read)
+
+    async def list_users(self, tenant: str | None = None) -> list[UserRecord]:
+        async def read(conn: asyncpg.Connection) -> list[UserRecord]:
+            rows = await conn.fetch(
+                f"SELECT {USER_COLUMNS} FROM users WHERE ($1::text IS NULL OR tenant = $1) "
+                "ORDER BY tenant, name",
+                tenant,
+            )
+            return [user_record(r) for r in rows]
+
+        return await self._read(read)
+
+    async def disable_user(self, tenant: str, name: str, now: float) -> UserRecord:
+        async def tx(t: _Tx) -> UserRecord:
+            row = await t.conn.fetchrow(
+                "UPDATE users SET disabled_at = COALESCE(disabled_at, $1) "
+                f"WHERE tenant = $2 AND name = $3 RETURNING {USER_COLUMNS}",
+                now,
+                tenant,
+                name,
+            )
+            if row is None:
+                raise NotFound(f"user {name!r} not found in tenant {tenant!r}")
+            return user_record(row)
+
+        return await self._tx(tx)
 
     async def queue_lengths(self) -> dict[str, int]:
         async def read(conn: asyncpg.Connection) -> dict[str, int]:

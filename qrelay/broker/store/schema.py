@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from qrelay.broker.store.base import (
@@ -28,6 +28,7 @@ from qrelay.broker.store.base import (
     StoredEvent,
     TenantRecord,
     TokenRecord,
+    UserRecord,
 )
 from qrelay.errors import InvalidArgument
 
@@ -446,6 +447,24 @@ MIGRATIONS: dict[int, str] = {
         PRIMARY KEY (tenant, idempotency_key)
     );
     """,
+    # Users (`qrelay.broker.identity`): a name unique within its tenant, the
+    # role ceiling of its tokens, and when it was disabled (its tokens are
+    # refused from then on). A token may belong to one user of its tenant;
+    # executor and bootstrap admin tokens have none (NULL). The column is
+    # `user_name`, not `user`: `user` is reserved in PostgreSQL, where an
+    # unquoted `SELECT user` quietly answers the session's role name.
+    8: """
+    CREATE TABLE users (
+        tenant TEXT NOT NULL,
+        name TEXT NOT NULL,
+        role TEXT NOT NULL,
+        created_at {real} NOT NULL,
+        disabled_at {real},
+        PRIMARY KEY (tenant, name)
+    );
+    ALTER TABLE api_tokens ADD COLUMN user_name TEXT;
+    CREATE INDEX api_tokens_user ON api_tokens (tenant, user_name) WHERE user_name IS NOT NULL;
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -458,7 +477,17 @@ def pending_migrations(current: int) -> list[int]:
 
 TENANT_COLUMNS = "name, description, created_at"
 TOKEN_COLUMNS = (
-    "id, prefix, role, tenant, executor_tenants, label, created_at, expires_at, revoked_at, digest"
+    "id, prefix, role, tenant, executor_tenants, label, created_at, expires_at, revoked_at, "
+    "digest, user_name"
+)
+USER_COLUMNS = "tenant, name, role, created_at, disabled_at"
+#: A token by its lookup prefix ({0}: the dialect's placeholder) with its
+#: user's disabled_at, in one query: a disabled user's tokens are refused on
+#: their next call, on every replica, with nothing cached.
+FIND_TOKEN = (
+    f"SELECT {qualified(TOKEN_COLUMNS, 't')}, u.disabled_at AS user_disabled_at "
+    "FROM api_tokens t LEFT JOIN users u ON u.tenant = t.tenant AND u.name = t.user_name "
+    "WHERE t.prefix = {0}"
 )
 
 
@@ -487,6 +516,22 @@ def token_record(row: Row) -> TokenRecord:
         expires_at=row["expires_at"],
         revoked_at=row["revoked_at"],
         digest=bytes(row["digest"]),
+        user=row["user_name"],
+    )
+
+
+def found_token(row: Row) -> TokenRecord:
+    """A `FIND_TOKEN` row: the token, digest and its user's disabled_at."""
+    return replace(token_record(row), user_disabled_at=row["user_disabled_at"])
+
+
+def user_record(row: Row) -> UserRecord:
+    return UserRecord(
+        tenant=row["tenant"],
+        name=row["name"],
+        role=Role(row["role"]),
+        created_at=row["created_at"],
+        disabled_at=row["disabled_at"],
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import queue
 import sqlite3
@@ -52,6 +53,7 @@ from qrelay.broker.store.base import (
     TokenRecord,
     UpdateKind,
     UpdateOutcome,
+    UserRecord,
     job_not_found,
 )
 from qrelay.broker.store.lifecycle import FACT_COLUMNS, JobFacts, Transition
@@ -61,6 +63,7 @@ from qrelay.broker.store.schema import (
     CLAIM_ORDER,
     DEDICATED,
     EVENT_COLUMNS,
+    FIND_TOKEN,
     JOB_COLUMNS,
     JOB_PROGRAM,
     KEY_SEP,
@@ -83,11 +86,13 @@ from qrelay.broker.store.schema import (
     TENANT_COLUMNS,
     TOKEN_COLUMNS,
     UNFINISHED,
+    USER_COLUMNS,
     Dialect,
     access_map,
     backend_record,
     event_record,
     event_values,
+    found_token,
     job_record,
     migrations,
     page_cursor,
@@ -100,6 +105,7 @@ from qrelay.broker.store.schema import (
     tenant_backend_key,
     tenant_record,
     token_record,
+    user_record,
     zero_counts,
 )
 from qrelay.errors import AlreadyExists, NotFound
@@ -1218,7 +1224,7 @@ class SQLiteJobStore(JobStore):
         def tx(conn: sqlite3.Connection) -> TokenRecord:
             try:
                 conn.execute(
-                    f"INSERT INTO api_tokens ({TOKEN_COLUMNS}) VALUES ({_marks(10)})",
+                    f"INSERT INTO api_tokens ({TOKEN_COLUMNS}) VALUES ({_marks(11)})",
                     (
                         token.id,
                         token.prefix,
@@ -1230,6 +1236,7 @@ class SQLiteJobStore(JobStore):
                         token.expires_at,
                         token.revoked_at,
                         token.digest,
+                        token.user,
                     ),
                 )
             except sqlite3.IntegrityError:
@@ -1240,10 +1247,8 @@ class SQLiteJobStore(JobStore):
 
     async def find_token(self, prefix: str) -> TokenRecord | None:
         def tx(conn: sqlite3.Connection) -> TokenRecord | None:
-            row = conn.execute(
-                f"SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE prefix = ?", (prefix,)
-            ).fetchone()
-            return None if row is None else token_record(row)
+            row = conn.execute(FIND_TOKEN.format("?"), (prefix,)).fetchone()
+            return None if row is None else found_token(row)
 
         return await self._run(tx)
 
@@ -1283,6 +1288,56 @@ class SQLiteJobStore(JobStore):
                     (str(role), time.time()),
                 ).fetchone()[0]
             )
+
+        return await self._run(tx)
+
+    async def create_user(self, user: UserRecord) -> UserRecord:
+        def tx(conn: sqlite3.Connection) -> UserRecord:
+            try:
+                conn.execute(
+                    f"INSERT INTO users ({USER_COLUMNS}) VALUES ({_marks(5)})",
+                    (user.tenant, user.name, str(user.role), user.created_at, user.disabled_at),
+                )
+            except sqlite3.IntegrityError:
+                raise AlreadyExists(
+                    f"user {user.name!r} already exists in tenant {user.tenant!r}"
+                ) from None
+            return user
+
+        return await self._run(tx)
+
+    async def get_user(self, tenant: str, name: str) -> UserRecord | None:
+        def tx(conn: sqlite3.Connection) -> UserRecord | None:
+            row = conn.execute(
+                f"SELECT {USER_COLUMNS} FROM users WHERE tenant = ? AND name = ?", (tenant, name)
+            ).fetchone()
+            return None if row is None else user_record(row)
+
+        return await self._run(tx)
+
+    async def list_users(self, tenant: str | None = None) -> list[UserRecord]:
+        def tx(conn: sqlite3.Connection) -> list[UserRecord]:
+            where, params = ("", ()) if tenant is None else (" WHERE tenant = ?", (tenant,))
+            rows = conn.execute(
+                f"SELECT {USER_COLUMNS} FROM users{where} ORDER BY tenant, name", params
+            ).fetchall()
+            return [user_record(r) for r in rows]
+
+        return await self._run(tx)
+
+    async def disable_user(self, tenant: str, name: str, now: float) -> UserRecord:
+        def tx(conn: sqlite3.Connection) -> UserRecord:
+            conn.execute(
+                "UPDATE users SET disabled_at = COALESCE(disabled_at, ?) "
+                "WHERE tenant = ? AND name = ?",
+                (now, tenant, name),
+            )
+            row = conn.execute(
+                f"SELECT {USER_COLUMNS} FROM users WHERE tenant = ? AND name = ?", (tenant, name)
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"user {name!r} not found in tenant {tenant!r}")
+            return user_record(row)
 
         return await self._run(tx)
 
@@ -1398,7 +1453,15 @@ class _GroupCommitThread:
         if not self._thread.is_alive():
             raise RuntimeError("store is not open")
         loop = asyncio.get_running_loop()
-        op = _Op(fn, transactional, loop, loop.create_future())
+        # `fn` runs in a copy of the caller's context, so what it logs (an audit
+        # of a cross-tenant denial) carries what the call bound (its user), as
+        # it does on PostgreSQL, where a transaction runs in the caller's task.
+        context = contextvars.copy_context()
+
+        def call(conn: Any) -> T:
+            return context.run(fn, conn)
+
+        op = _Op(call, transactional, loop, loop.create_future())
         self._queue.put(op)
         return await op.future  # type: ignore[no-any-return]
 
