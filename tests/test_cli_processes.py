@@ -7,7 +7,6 @@ process across many short-lived event loops is not a supported pattern).
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -20,33 +19,17 @@ import grpc
 import pytest
 
 from qrelay._proto.v1 import jobs_pb2, jobs_pb2_grpc
+from tests.dev_process import qrelay_dev
 from tests.integration.rawstubs import BELL_QASM3, sampler_spec
 
 pytestmark = pytest.mark.slow
-
-ADDRESS = re.compile(r"broker on (127\.0\.0\.1:\d+)")
 
 
 @pytest.fixture
 def dev_stack(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     """`qrelay dev --port 0` in its own process; yields the address it printed."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "qrelay", "dev", "--port", "0", "--dir", str(tmp_path / "q")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, "QRELAY_LOG_LEVEL": "warning", "COLUMNS": "200"},
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()  # printed once broker and executor are up
-        match = ADDRESS.search(line)
-        assert match, f"qrelay dev printed {line!r} (exit code {proc.poll()})"
-        yield match.group(1), proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
+    with qrelay_dev(tmp_path / "q") as running:
+        yield running
 
 
 @dataclass

@@ -9,10 +9,7 @@ a gRPC thread) after a few such commands.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,35 +19,16 @@ import structlog
 from typer.testing import CliRunner
 
 from qrelay.cli import app
+from tests.dev_process import qrelay_dev
 
 runner = CliRunner()
-ADDRESS = re.compile(r"broker on (127\.0\.0\.1:\d+)")
 
 
 @pytest.fixture(scope="module")
 def dev_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`qrelay dev --port 0` (broker + aer/fake_manila executor); yields its address."""
-    directory = tmp_path_factory.mktemp("dev")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "qrelay", "dev", "--port", "0", "--dir", str(directory)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, "QRELAY_LOG_LEVEL": "warning", "COLUMNS": "200"},
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()  # printed once broker and executor are up
-        match = ADDRESS.search(line)
-        assert match, f"qrelay dev printed {line!r} (exit code {proc.poll()})"
-        yield match.group(1)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+    with qrelay_dev(tmp_path_factory.mktemp("dev")) as (address, _):
+        yield address
 
 
 PROGRAM = """

@@ -28,10 +28,10 @@ from typer.testing import CliRunner
 
 from qrelay._proto.v1 import jobs_pb2, jobs_pb2_grpc, types_pb2
 from qrelay.cli import app
+from tests.dev_process import qrelay_dev
 from tests.integration.rawstubs import BELL_QASM3, TERMINAL, array, sampler_spec
 
 runner = CliRunner()
-ADDRESS = re.compile(r"broker on (127\.0\.0\.1:\d+)")
 JOB_ID = re.compile(r"j-[0-9a-f]{32}")
 HEAVY = ("qiskit", "qiskit_aer", "qiskit_ibm_runtime")
 
@@ -59,28 +59,9 @@ def main(ctx, pause=0.0):
 
 @pytest.fixture(scope="module")
 def dev_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`qrelay dev --port 0`; yields its address."""
-    directory = tmp_path_factory.mktemp("dev")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "qrelay", "dev", "--port", "0", "--dir", str(directory)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, "QRELAY_LOG_LEVEL": "warning", "COLUMNS": "200"},
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()  # printed once broker and executor are up
-        match = ADDRESS.search(line)
-        assert match, f"qrelay dev printed {line!r} (exit code {proc.poll()})"
-        yield match.group(1)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+    """`qrelay dev --port 0` (broker + aer/fake_manila executor); yields its address."""
+    with qrelay_dev(tmp_path_factory.mktemp("dev")) as (address, _):
+        yield address
 
 
 @pytest.fixture(autouse=True)
