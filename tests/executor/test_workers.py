@@ -172,7 +172,7 @@ def test_memory_estimate_counts_active_qubits_and_spares_clifford_circuits() -> 
 async def test_jobs_longer_than_five_ttls_finish_on_attempt_one_while_list_answers(
     tmp_path: Path, jobs_stub: Any
 ) -> None:
-    settings = broker_settings(tmp_path, lease_ttl_s=1.0, heartbeat_interval_s=0.25)
+    settings = broker_settings(tmp_path, lease_ttl_s=0.5, heartbeat_interval_s=0.125)
     async with (
         running_broker(settings) as broker,
         running_executor(executor_settings(broker.address, slots=2)),
