@@ -124,7 +124,8 @@ class RunStreamMux:
             try:
                 await call.write(jobs_pb2.RunStreamRequest(tag=tag, submit=request))
             except grpc.aio.AioRpcError as exc:
-                self._broken(call, exc)  # this job too: its read() raises exc
+                # this job too: its read() raises the stream's own status
+                self._broken(call, await _status_error(call, exc))
             except BaseException:
                 tag_call.cancel()
                 if call.done():
@@ -194,3 +195,25 @@ class RunStreamMux:
         tags, self._tags = self._tags, {}
         for tag_call in tags.values():
             tag_call._end(last)
+
+
+async def _status_error(call: Any, fallback: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError:
+    """The status the broker ended the stream with, when a write failed because of it.
+
+    A broker that refuses a stream at once (a bad token: its interceptor
+    answers before reading) can end it while the first write is still being
+    sent; the write then fails INTERNAL ("Internal error from Core") although
+    the stream's status says why.
+    """
+    try:
+        code = await asyncio.wait_for(call.code(), _CANCEL_WAIT_S)
+        if code is None or code in (grpc.StatusCode.OK, fallback.code()):
+            return fallback
+        return grpc.aio.AioRpcError(
+            code,
+            await call.initial_metadata(),
+            await call.trailing_metadata(),
+            details=await call.details(),
+        )
+    except (Exception, asyncio.CancelledError):  # noqa: BLE001 - keep the write's own error
+        return fallback

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -222,10 +223,11 @@ async def test_queue_limit_refuses_the_overflowing_submission_only(tmp_path: Pat
 async def test_unknown_token_fails_the_whole_stream(broker: Broker) -> None:
     async with grpc.aio.insecure_channel(broker.address) as ch:
         call = jobs_pb2_grpc.JobServiceStub(ch).RunStream(metadata=auth("tok-zzz"))
-        await call.write(request("t", sampler_spec()))
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            await call.read()
-        assert err.value.code() == Code.UNAUTHENTICATED
+        # The broker refuses from the metadata alone, so the stream may be over
+        # before this first write is sent (the write then fails, INTERNAL).
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            await call.write(request("t", sampler_spec()))
+        assert await call.code() == Code.UNAUTHENTICATED
 
 
 async def test_a_stream_follows_at_most_max_stream_jobs_and_reads_on_as_jobs_end(

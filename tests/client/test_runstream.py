@@ -82,3 +82,18 @@ async def test_a_broker_without_runstream_is_served_by_run(monkeypatch: pytest.M
             {"1": 5},
         ]
         assert not svc._runs.supported
+
+
+async def test_a_refused_token_on_the_stream_is_unauthenticated_every_time() -> None:
+    """The broker refuses a bad token before reading the stream, which can end it
+    while the first write is still being sent; the SDK reports the stream's status
+    (UNAUTHENTICATED), never the failed write's INTERNAL."""
+    from qrelay.errors import Unauthenticated
+
+    spec = types_pb2.JobSpec(backend="aer", sampler=encode_sampler_task([one_qubit()], 4))
+    async with local_stack(backends=("aer",), broker={"tokens": {"tok-a": "a"}}) as stack:
+        for _ in range(12):  # a fresh stream each time: the race has many chances
+            async with AsyncQRelayService(stack.address, "wrong") as svc:
+                with pytest.raises(Unauthenticated):
+                    job = await svc.submit_and_follow(spec, idempotency_key="k")
+                    await job.result()
