@@ -95,5 +95,9 @@ async def test_a_refused_token_on_the_stream_is_unauthenticated_every_time() -> 
         for _ in range(12):  # a fresh stream each time: the race has many chances
             async with AsyncQRelayService(stack.address, "wrong") as svc:
                 with pytest.raises(Unauthenticated):
-                    job = await svc.submit_and_follow(spec, idempotency_key="k")
-                    await job.result()
+                    await _submit_and_wait(svc, spec)
+
+
+async def _submit_and_wait(svc: AsyncQRelayService, spec: types_pb2.JobSpec) -> None:
+    job = await svc.submit_and_follow(spec, idempotency_key="k")
+    await job.result()
