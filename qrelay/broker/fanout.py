@@ -106,9 +106,8 @@ class ReplicaFanout:
                 backoff = 0.1
 
     async def _listen_once(self) -> None:
-        conn = await asyncio.wait_for(
-            asyncpg.connect(**self.store.connect_kwargs()), _PING_TIMEOUT_S
-        )
+        async with asyncio.timeout(_PING_TIMEOUT_S):
+            conn = await asyncpg.connect(**self.store.connect_kwargs())
         lost = asyncio.Event()
         conn.add_termination_listener(lambda _conn: lost.set())
         try:
@@ -120,15 +119,18 @@ class ReplicaFanout:
             await self._resync()
             while not lost.is_set():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(lost.wait(), self.sync_interval_s)
+                    async with asyncio.timeout(self.sync_interval_s):
+                        await lost.wait()
                 if not lost.is_set():
                     # A silently dead link would never report: ping it with a deadline.
-                    await asyncio.wait_for(conn.fetchval("SELECT 1"), _PING_TIMEOUT_S)
+                    async with asyncio.timeout(_PING_TIMEOUT_S):
+                        await conn.fetchval("SELECT 1")
             raise ConnectionError("listening connection to PostgreSQL was lost")
         finally:
             self.connected.clear()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.close(), _PING_TIMEOUT_S)
+                async with asyncio.timeout(_PING_TIMEOUT_S):
+                    await conn.close()
             if not conn.is_closed():
                 conn.terminate()
 
@@ -193,8 +195,11 @@ class ReplicaFanout:
     async def _presence_forever(self) -> None:
         """Publish this replica's executors on change, and refresh them every tick."""
         while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+            # cancellation that races the event, and this loop then never ends.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.remote.changed.wait(), self.sync_interval_s)
+                async with asyncio.timeout(self.sync_interval_s):
+                    await self.remote.changed.wait()
             self.remote.changed.clear()
             executors = [
                 (link.executor_id, link.backends, link.slots)

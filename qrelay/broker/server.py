@@ -147,7 +147,8 @@ class Broker:
         if self.fanout is not None:
             self._spawn(self.fanout.run())
             try:
-                await asyncio.wait_for(self.fanout.connected.wait(), FANOUT_CONNECT_S)
+                async with asyncio.timeout(FANOUT_CONNECT_S):
+                    await self.fanout.connected.wait()
             except TimeoutError:
                 log.warning("fanout.not_listening", waited_s=FANOUT_CONNECT_S)
         limit = max_message_bytes(self.settings)

@@ -254,7 +254,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     ) -> None:
         incoming = aiter(request_iterator)
         try:
-            first = await asyncio.wait_for(anext(incoming), self._silence_limit)
+            async with asyncio.timeout(self._silence_limit):
+                first = await anext(incoming)
         except (TimeoutError, StopAsyncIteration):
             raise InvalidArgument("executor stream must start with Hello") from None
         # Checked after the Hello has arrived: answering before the executor's

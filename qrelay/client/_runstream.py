@@ -142,8 +142,9 @@ class RunStreamMux:
             self._call.cancel()
             # The cancellation completes on gRPC's completion queue; wait for it here,
             # or it lands after a sync client's loop has closed ("Event loop is closed").
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.wait_for(self._call.code(), _CANCEL_WAIT_S)
+            with contextlib.suppress(Exception):  # TimeoutError, or the call's own error
+                async with asyncio.timeout(_CANCEL_WAIT_S):
+                    await self._call.code()
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -206,7 +207,8 @@ async def _status_error(call: Any, fallback: grpc.aio.AioRpcError) -> grpc.aio.A
     the stream's status says why.
     """
     try:
-        code = await asyncio.wait_for(call.code(), _CANCEL_WAIT_S)
+        async with asyncio.timeout(_CANCEL_WAIT_S):
+            code = await call.code()
         if code is None or code in (grpc.StatusCode.OK, fallback.code()):
             return fallback
         return grpc.aio.AioRpcError(
@@ -215,5 +217,5 @@ async def _status_error(call: Any, fallback: grpc.aio.AioRpcError) -> grpc.aio.A
             await call.trailing_metadata(),
             details=await call.details(),
         )
-    except (Exception, asyncio.CancelledError):  # noqa: BLE001 - keep the write's own error
+    except Exception:  # noqa: BLE001 - keep the write's own error
         return fallback
