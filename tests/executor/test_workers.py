@@ -46,8 +46,9 @@ pytestmark = pytest.mark.slow
 
 # 20 qubits, one pub: a single Aer call of several seconds that holds its
 # process's interpreter lock throughout (the failure mode of the old executor).
-LONG = heavy_qasm3(num_qubits=20, layers=24)
-# Two of these at once outlive five 1-second leases even on an idle machine.
+# About 2 s on an idle machine: long enough to be caught running or past a 1 s limit.
+LONG = heavy_qasm3(num_qubits=20, layers=48)
+# About 4 s on an idle machine: two at once outlive five 0.5 s leases.
 LONGER = heavy_qasm3(num_qubits=21, layers=30)
 # A pub long enough to be caught running, short enough not to matter if it is not.
 MEDIUM = heavy_qasm3(num_qubits=18, layers=40)
