@@ -13,7 +13,6 @@ broker the same way. Results are summarised from the wire by
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from types import TracebackType
@@ -29,13 +28,12 @@ from qrelay._proto.v1 import (
     sessions_pb2,
     types_pb2,
 )
-from qrelay.client._connection import Connection, RetryPolicy, is_resumable
-from qrelay.client.accounts import resolve_account
+from qrelay.client._connection import Connection, is_resumable
 from qrelay.client.session import duration_seconds
 from qrelay.errors import Unavailable
 from qrelay.limits import MAX_PAGE_SIZE
 from qrelay.rpc import error_from_rpc
-from qrelay.tls import HandshakeFailed, client_tls
+from qrelay.tls import HandshakeFailed
 
 FINAL_STATES = frozenset(
     {types_pb2.JOB_STATE_DONE, types_pb2.JOB_STATE_FAILED, types_pb2.JOB_STATE_CANCELLED}
@@ -87,21 +85,8 @@ class Broker:
         tls_options: Mapping[str, Any] | None = None,
     ) -> None:
         """`tls_options`: AsyncQRelayService's TLS keywords (tls, tls_ca, tls_cert, ...)."""
-        account = resolve_account(address, token)
-        opts = dict(tls_options or {})
-        target, transport = client_tls(
-            account.broker,
-            tls=opts.get("tls"),
-            ca=opts.get("tls_ca"),
-            cert=opts.get("tls_cert"),
-            key=opts.get("tls_key"),
-            server_name=opts.get("tls_server_name"),
-            env=os.environ,
-        )
-        self.address = target
-        self.connection = Connection(
-            target, account.token, timeout=timeout, retry=RetryPolicy(), tls=transport
-        )
+        self.connection = Connection.to(address, token, timeout=timeout, **(tls_options or {}))
+        self.address = self.connection.address
 
     async def __aenter__(self) -> Broker:
         return self

@@ -7,6 +7,7 @@ the grpc-status → `qrelay.errors` translation live in exactly one place.
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -25,11 +26,13 @@ from qrelay._proto.v1 import (
     types_pb2,
 )
 from qrelay.client._log import get_logger
+from qrelay.client.accounts import resolve_account
 from qrelay.errors import InvalidArgument, QRelayError, Unavailable
 from qrelay.rpc import error_from_rpc
 from qrelay.tls import (
     ClientTLS,
     HandshakeFailed,
+    client_tls,
     explain_failure,
     secure_channel,
     split_scheme,
@@ -125,6 +128,38 @@ class Connection:
         self.programs = programs_pb2_grpc.ProgramServiceStub(self.channel)
         self.sessions = sessions_pb2_grpc.SessionServiceStub(self.channel)
         self._closed = False
+
+    @classmethod
+    def to(
+        cls,
+        address: str | None,
+        token: str | None,
+        *,
+        name: str | None = None,
+        timeout: float,
+        retry: RetryPolicy | None = None,
+        tls: bool | None = None,
+        tls_ca: str | os.PathLike[str] | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
+        tls_server_name: str | None = None,
+    ) -> Connection:
+        """A connection to `address` (else the account `name`, QRELAY_BROKER or the saved
+        default) with its token and TLS from the arguments, the address's scheme or the
+        QRELAY_TLS* environment: what the SDK and the CLI both dial."""
+        account = resolve_account(address, token, name)
+        target, transport = client_tls(
+            account.broker,
+            tls=tls,
+            ca=tls_ca,
+            cert=tls_cert,
+            key=tls_key,
+            server_name=tls_server_name,
+            env=os.environ,
+        )
+        return cls(
+            target, account.token, timeout=timeout, retry=retry or RetryPolicy(), tls=transport
+        )
 
     async def unary(
         self,

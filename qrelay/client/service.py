@@ -62,7 +62,6 @@ from qrelay.errors import (
     Unavailable,
 )
 from qrelay.limits import MAX_PAGE_SIZE as _MAX_PAGE
-from qrelay.tls import client_tls
 from qrelay.values import encode_value
 
 if TYPE_CHECKING:
@@ -226,22 +225,17 @@ class AsyncQRelayService:
     ) -> None:
         if timeout <= 0:
             raise InvalidArgument(f"timeout must be > 0 seconds, got {timeout}")
-        account = resolve_account(address, token, name)
-        target, transport = client_tls(
-            account.broker,
-            tls=tls,
-            ca=tls_ca,
-            cert=tls_cert,
-            key=tls_key,
-            server_name=tls_server_name,
-            env=os.environ,
-        )
-        self.connection = Connection(
-            target,
-            account.token,
+        self.connection = Connection.to(
+            address,
+            token,
+            name=name,
             timeout=timeout,
-            retry=retry or RetryPolicy(),
-            tls=transport,
+            retry=retry,
+            tls=tls,
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_server_name=tls_server_name,
         )
         self._open_runs = 0
         # Every submit-and-follow shares one RunStream (Run on brokers without it).
